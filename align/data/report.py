@@ -1,0 +1,68 @@
+"""The row report: every row read is kept, truncated, or dropped for a named reason."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from align.data.loading import DataError
+
+
+@dataclass
+class RowProblem:
+    source: str
+    row: int
+    field: str
+    message: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}, row {self.row}, field '{self.field}': {self.message}"
+
+
+@dataclass
+class RowReport:
+    name: str
+    read: int = 0
+    kept: int = 0  # kept whole
+    truncated: int = 0  # kept after truncation
+    dropped: Counter = field(default_factory=Counter)  # reason -> rows
+    problems: list[RowProblem] = field(default_factory=list)  # bad rows (not truncation drops)
+
+    @property
+    def used(self) -> int:
+        return self.kept + self.truncated
+
+    def drop(self, problem: RowProblem, bad_row: bool) -> None:
+        self.dropped[problem.reason] += 1
+        if bad_row:
+            self.problems.append(problem)
+
+    def check_balanced(self) -> None:
+        assert self.read == self.kept + self.truncated + sum(self.dropped.values()), self
+
+    def raise_if_bad(self, limit: int = 10) -> None:
+        """Strict mode: stop before training, naming file, row and field of the bad rows."""
+        if not self.problems:
+            return
+        shown = "\n".join(f"  - {p}" for p in self.problems[:limit])
+        more = f"\n  ... and {len(self.problems) - limit} more" if len(self.problems) > limit else ""
+        raise DataError(
+            f"{self.name}: {len(self.problems)} bad row(s) out of {self.read}:\n{shown}{more}\n"
+            "Fix them, or set data.on_bad_rows=skip to drop and count them."
+        )
+
+    def summary(self) -> str:
+        dropped = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.dropped.items())) or "none"
+        return (
+            f"{self.name}: read {self.read} = kept {self.kept} + truncated {self.truncated} "
+            f"+ dropped {sum(self.dropped.values())} ({dropped})"
+        )
+
+    def as_dict(self) -> dict:
+        return {
+            "read": self.read,
+            "kept": self.kept,
+            "truncated": self.truncated,
+            "dropped": dict(self.dropped),
+        }

@@ -1,0 +1,81 @@
+"""SFT data: files -> validated conversations -> token ids with prompt-masked labels + row report."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from align.data.formats import RowError, detect_format, to_messages
+from align.data.loading import DataError, read_records
+from align.data.report import RowProblem, RowReport
+from align.data.templating import Encoded, encode_conversation, end_of_turn_ids
+from align.recipe import DataConfig
+
+# Drops that come from the length budget, not from a broken row: counted, never fatal.
+LENGTH_REASONS = {"prompt_too_long", "no_trained_tokens"}
+
+
+@dataclass
+class SFTData:
+    train: list[Encoded]
+    eval: list[Encoded]
+    reports: list[RowReport]
+
+
+def encode_files(paths: list[str], tokenizer, cfg: DataConfig, name: str) -> tuple[list[Encoded], RowReport]:
+    """Read, validate and encode every row of ``paths``; the report accounts for each row."""
+    report = RowReport(name=name)
+    examples: list[Encoded] = []
+    eot_ids = end_of_turn_ids(tokenizer)
+    for path in paths:
+        fmt = None if cfg.format == "auto" else cfg.format
+        for record in read_records(path):
+            report.read += 1
+            if record.error:
+                report.drop(RowProblem(record.source, record.row, "<row>", record.error, "unreadable"), bad_row=True)
+                continue
+            if fmt is None:
+                fmt = detect_format(record.data)
+                if fmt is None:
+                    raise DataError(
+                        f"{record.where}: cannot tell the format from keys {sorted(record.data)}; expected "
+                        "'messages', 'prompt'+'completion', or 'instruction'+'output' (or set data.format)"
+                    )
+            try:
+                messages = to_messages(record.data, fmt, cfg.system_prompt)
+                encoded = encode_conversation(tokenizer, messages, cfg.max_length, eot_ids)
+            except RowError as err:
+                problem = RowProblem(record.source, record.row, err.field, str(err), err.reason)
+                report.drop(problem, bad_row=err.reason not in LENGTH_REASONS)
+                continue
+            examples.append(encoded)
+            if encoded.truncated:
+                report.truncated += 1
+            else:
+                report.kept += 1
+    report.check_balanced()
+    return examples, report
+
+
+def load_sft_data(cfg: DataConfig, tokenizer, seed: int) -> SFTData:
+    """Train and held-out examples; raises DataError before training on bad rows or empty data."""
+    if not cfg.train:
+        raise DataError("data.train is empty: name at least one training file")
+    train, train_report = encode_files(cfg.train, tokenizer, cfg, "train")
+    reports = [train_report]
+    random.Random(seed).shuffle(train)
+    if cfg.eval:
+        held_out, eval_report = encode_files(cfg.eval, tokenizer, cfg, "eval")
+        reports.append(eval_report)
+    else:
+        held_out, train = train[: cfg.eval_rows], train[cfg.eval_rows:]
+    if cfg.max_rows:
+        train = train[: cfg.max_rows]
+    if cfg.max_eval_rows:
+        held_out = held_out[: cfg.max_eval_rows]
+    if cfg.on_bad_rows == "error":
+        for report in reports:
+            report.raise_if_bad()
+    if not train:
+        raise DataError(f"no training rows left ({train_report.summary()}): nothing would be supervised")
+    return SFTData(train=train, eval=held_out, reports=reports)

@@ -1,0 +1,269 @@
+"""Recipe schema: one pydantic model per stage, loaded from YAML with dotted overrides.
+
+A recipe file has shared sections at the top (model, quantization, adapter, lora, train, data,
+tracking, seed) and an ordered ``stages:`` map. A stage's resolved config is the shared sections
+deep-merged with that stage's own section, then the command line's ``key=value`` overrides.
+Unknown keys are errors with a suggestion; YAML is read with ``yaml.safe_load`` only.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class RecipeError(ValueError):
+    """A recipe (or an override) that cannot be used; the message says where and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    name: str = Field("smollm2-135m-instruct", description="alias, local folder, .gguf file, or hub id already in the local cache")
+    revision: str | None = Field(None, description="hub revision, for hub ids only")
+    trust_remote_code: bool = Field(False, description="run Python code shipped with the model; off unless you trust its author")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="compute precision; auto = bf16 where the hardware has it, else fp32")
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel passed to transformers")
+    chat_template: str | None = Field(None, description="'chatml' or a .jinja file, used when the tokenizer has no chat template")
+
+
+class QuantizationConfig(_Strict):
+    mode: Literal["none", "nf4", "fp4", "int8"] = Field("nf4", description="bitsandbytes quantization of the frozen base; none for LoRA or full fine-tuning")
+    double_quant: bool = Field(True, description="quantize the 4-bit quantization constants too (QLoRA)")
+
+
+class AdapterConfig(_Strict):
+    method: Literal["lora", "ia3", "vera", "loha", "lokr", "oft", "adalora", "full"] = Field("lora", description="peft method, or full to train every weight")
+    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="module names to adapt, or all-linear")
+    options: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the peft config of this method")
+
+
+class LoraConfig(_Strict):
+    r: int = Field(16, gt=0, description="adapter rank (also used by vera, loha, lokr, adalora)")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator: scale = alpha / r (alpha / sqrt(r) with rslora)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter input")
+    use_rslora: bool = Field(False, description="rank-stabilised scaling alpha / sqrt(r)")
+    use_dora: bool = Field(False, description="weight-decomposed LoRA (DoRA)")
+    loraplus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: learning rate of B = ratio x learning rate of A")
+
+
+class DataConfig(_Strict):
+    train: list[str] = Field(default_factory=list, description="training files or HF dataset folders (json, jsonl, parquet, csv)")
+    eval: list[str] = Field(default_factory=list, description="held-out files; if empty, eval_rows are held out from train")
+    eval_rows: int = Field(0, ge=0, description="rows held out from train for evaluation when no eval file is given")
+    format: Literal["auto", "messages", "prompt_completion", "alpaca"] = Field("auto", description="row format; auto detects it from the keys of the first row")
+    system_prompt: str | None = Field(None, description="system message added to rows that have none")
+    max_length: int = Field(1024, gt=8, description="tokens per example; longer rows are truncated, or dropped when nothing trainable is left")
+    max_rows: int | None = Field(None, gt=0, description="use at most this many training rows (after shuffling)")
+    max_eval_rows: int | None = Field(None, gt=0, description="use at most this many held-out rows")
+    packing: bool = Field(False, description="pack several examples into one row of max_length tokens (no attention across examples)")
+    on_bad_rows: Literal["error", "skip"] = Field("error", description="error: stop before training, naming file, row and field; skip: drop and count")
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class TrainConfig(_Strict):
+    lr: float = Field(2e-4, gt=0, description="peak learning rate")
+    epochs: float = Field(1.0, gt=0, description="passes over the training data (ignored when max_steps is set)")
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
+    batch_size: int = Field(4, gt=0, description="examples per device per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step; the loss is normalised by the tokens of the whole step")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="fraction of steps with linear warm-up")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine", description="learning-rate schedule")
+    optim: str = Field("adamw_torch", description="transformers optimizer name: adamw_torch, adamw_torch_fused, paged_adamw_8bit, sgd, ...")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm (0 disables)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, about 30% slower")
+    logging_steps: int = Field(1, gt=0, description="log metrics every N optimizer steps")
+    save_steps: int = Field(100, gt=0, description="write a resumable checkpoint every N optimizer steps")
+    save_total_limit: int = Field(2, gt=0, description="checkpoints kept on disk")
+    eval_steps: int | None = Field(None, gt=0, description="evaluate on the held-out rows every N steps (always before the first step and after the last)")
+
+
+class TrackingConfig(_Strict):
+    wandb: bool = Field(False, description="also log to Weights & Biases (offline unless a key is configured)")
+    project: str = Field("align", description="wandb project")
+
+
+class StageConfig(_Strict):
+    """Sections every stage has. ``kind`` picks the stage's schema."""
+
+    kind: str
+    seed: int = Field(0, description="seed for data order, adapter init and sampling")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+class SFTConfig(StageConfig):
+    """Supervised fine-tuning with prompt-masked labels."""
+
+    kind: Literal["sft"] = "sft"
+
+
+# Stage kinds that exist; later stages (rm, dpo, ppo, grpo, eval) register here.
+STAGE_SCHEMAS: dict[str, type[StageConfig]] = {"sft": SFTConfig}
+SHARED_SECTIONS = [name for name in StageConfig.model_fields if name != "kind"]
+
+
+class Recipe(_Strict):
+    name: str
+    description: str = ""
+    path: Path | None = None
+    shared: dict[str, Any] = Field(default_factory=dict)
+    stages: dict[str, dict[str, Any]]
+
+    def stage_kind(self, stage: str) -> str:
+        return self.stages[stage].get("kind", stage)
+
+    def resolve(self, stage: str, overrides: list[str] | None = None) -> StageConfig:
+        """The stage's config: shared sections, then its own section, then ``key=value`` overrides."""
+        if stage not in self.stages:
+            raise RecipeError(f"{self._where()}: no stage '{stage}' (stages: {', '.join(self.stages) or 'none'})")
+        merged = deep_merge(self.shared, self.stages[stage])
+        merged.setdefault("kind", stage)
+        for override in overrides or []:
+            apply_override(merged, override)
+        kind = merged["kind"]
+        schema = STAGE_SCHEMAS.get(kind)
+        if schema is None:
+            raise RecipeError(
+                f"{self._where()}: stage '{stage}' has kind '{kind}', which this version of align does not "
+                f"implement yet (available: {', '.join(STAGE_SCHEMAS)})"
+            )
+        return validate(schema, merged, where=f"{self._where()}, stage '{stage}'")
+
+    def validate_all(self) -> dict[str, StageConfig]:
+        return {stage: self.resolve(stage) for stage in self.stages}
+
+    def _where(self) -> str:
+        return str(self.path) if self.path else f"recipe '{self.name}'"
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
+    return recipe_from_dict(raw, path=path)
+
+
+def recipe_from_dict(raw: dict[str, Any], path: Path | None = None) -> Recipe:
+    raw = dict(raw)
+    where = str(path) if path else "recipe"
+    name = raw.pop("name", path.stem if path else "recipe")
+    description = raw.pop("description", "")
+    stages = raw.pop("stages", None)
+    if not isinstance(stages, dict) or not stages:
+        raise RecipeError(f"{where}: a recipe needs a non-empty 'stages:' mapping (e.g. stages: {{sft: {{}}}})")
+    for key in raw:
+        if key not in SHARED_SECTIONS:
+            raise RecipeError(f"{where}: unknown key '{key}'{_suggest(key, _known_keys(StageConfig) + ['name', 'description', 'stages'])}")
+    stages = {stage: (section or {}) for stage, section in stages.items()}
+    recipe = Recipe(name=str(name), description=str(description), path=path, shared=raw, stages=stages)
+    recipe.validate_all()
+    return recipe
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = {k: (deep_merge(v, {}) if isinstance(v, dict) else v) for k, v in base.items()}
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_override(config: dict[str, Any], override: str) -> None:
+    """Apply ``a.b.c=value``; the value is parsed as YAML (so 1e-4, true, [q_proj] get their types)."""
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"override '{override}' is not of the form key=value (e.g. train.lr=1e-4)")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    # yaml reads "1e-4" as a string (YAML 1.1); numbers like that are what users mean.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    parts = key.strip().split(".")
+    node = config
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"override '{override}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def validate(schema: type[StageConfig], data: dict[str, Any], where: str) -> StageConfig:
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        known = _known_keys(schema)
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                lines.append(f"unknown key '{key}'{_suggest(key, known)}")
+            else:
+                lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+        raise RecipeError(f"{where}: " + "; ".join(lines)) from None
+
+
+def _known_keys(schema: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in schema.model_fields.items():
+        keys.append(prefix + name)
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            keys.extend(_known_keys(sub, prefix + name + "."))
+    return keys
+
+
+def _suggest(key: str, known: list[str]) -> str:
+    matches = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if not matches:
+        # 'alpha' or 'lora_alpha' written at the wrong level: match on the last part.
+        leaf = key.split(".")[-1].replace("_", "")
+        by_leaf = [k for k in known if k.split(".")[-1].replace("_", "") in (leaf, leaf.removeprefix("lora"))]
+        matches = by_leaf[:1]
+    return f" - did you mean '{matches[0]}'?" if matches else ""
+
+
+def describe_fields(schema: type[BaseModel] = SFTConfig, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(dotted key, description, default) for every leaf field; used by `align recipes keys`."""
+    rows = []
+    for name, field in schema.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            rows.extend(describe_fields(sub, prefix + name + "."))
+        else:
+            default = field.get_default(call_default_factory=True)
+            rows.append((prefix + name, field.description or "", default))
+    return rows
+
+
+def dump_config(config: StageConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Rollout engines: generation for `align generate`, RL and evaluation."""

@@ -1,0 +1,92 @@
+"""Shared fixtures: the real SmolLM2 tokenizer (vendored) and tiny random Llama / GPT-2 models.
+
+GPT-2 has learned absolute positions, so it exposes position-id bugs that RoPE models hide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TOKENIZER_DIR = FIXTURES / "smollm2-tokenizer"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+
+
+def build_tiny(kind: str, folder: Path, tokenizer) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if kind == "llama":
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, **ids,
+        )
+        model = LlamaForCausalLM(config)
+    else:
+        config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=1024, **ids)
+        model = GPT2LMHeadModel(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tokenizer) -> Path:
+    return build_tiny("llama", tmp_path_factory.mktemp("tiny-llama"), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory, tokenizer) -> Path:
+    return build_tiny("gpt2", tmp_path_factory.mktemp("tiny-gpt2"), tokenizer)
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def tiny_model_dir(request, tiny_llama, tiny_gpt2) -> Path:
+    return tiny_llama if request.param == "llama" else tiny_gpt2
+
+
+def load_tiny(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    return model
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def tiny_recipe(path: Path, model_dir: Path, train: str, **sections) -> Path:
+    """A recipe for a tiny fp32 model: LoRA without quantization, a few fast steps."""
+    recipe = {
+        "name": "tiny",
+        "model": {"name": str(model_dir), "precision": "fp32", "attn_implementation": "eager"},
+        "quantization": {"mode": "none"},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train": train, "max_length": 256},
+        "train": {"lr": 1e-2, "max_steps": 3, "batch_size": 2, "save_steps": 100, "warmup_ratio": 0.0, "lr_scheduler": "constant"},
+        "stages": {"sft": {}},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    return path

@@ -1,0 +1,92 @@
+"""Every adapter method the recipe offers builds through peft and trains; LoRA+ gives B its own rate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from align.models.adapters import add_adapter
+from align.recipe import AdapterConfig, LoraConfig
+
+from conftest import load_tiny
+
+METHODS = [
+    ("lora", {}, {}),
+    ("lora", {"use_dora": True}, {}),
+    ("lora", {"use_rslora": True}, {}),
+    ("ia3", {}, {"target_modules": ["k_proj", "v_proj", "down_proj"], "options": {"feedforward_modules": ["down_proj"]}}),
+    ("vera", {}, {"target_modules": ["q_proj", "v_proj"]}),
+    ("loha", {}, {}),
+    ("lokr", {}, {}),
+    ("oft", {}, {}),
+    ("adalora", {}, {}),
+    ("full", {}, {}),
+]
+
+
+@pytest.mark.parametrize("method, lora, adapter", METHODS, ids=[f"{m}{'-' + next(iter(l)) if l else ''}" for m, l, _ in METHODS])
+def test_each_method_builds_and_its_weights_train(tiny_llama, method, lora, adapter):
+    torch.manual_seed(0)
+    model = add_adapter(load_tiny(tiny_llama), AdapterConfig(method=method, **adapter), LoraConfig(r=4, alpha=8, dropout=0.0, **lora),
+                        quantized=False, gradient_checkpointing=False)
+    model.train()
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    total = sum(p.numel() for p in model.parameters())
+    assert trainable
+    if method != "full":
+        assert sum(p.numel() for p in trainable.values()) < total / 2
+        assert type(model).__name__.startswith("Peft")
+    ids = torch.randint(10, 1000, (2, 12))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    for _ in range(2):  # two steps: zero-initialised halves (LoRA B) move first, the rest next
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, trainable[n])]
+    assert len(changed) >= len(trainable) * 0.9, f"unchanged: {sorted(set(trainable) - set(changed))[:5]}"
+
+
+def test_loraplus_gives_b_matrices_ratio_times_the_learning_rate(tiny_llama):
+    from align.recipe import SFTConfig
+    from align.stages.sft import _loraplus_optimizer
+
+    cfg = SFTConfig(lora={"r": 4, "loraplus_lr_ratio": 16}, train={"lr": 1e-4})
+    model = add_adapter(load_tiny(tiny_llama), cfg.adapter, cfg.lora, quantized=False, gradient_checkpointing=False)
+    optimizer = _loraplus_optimizer(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    rates = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            rates[names[id(p)]] = group["lr"]
+    assert {lr for n, lr in rates.items() if "lora_A" in n} == {1e-4}
+    b_rates = [lr for n, lr in rates.items() if "lora_B" in n]
+    assert b_rates and all(lr == pytest.approx(16e-4) for lr in b_rates)
+
+
+def test_qlora_gradients_are_unchanged_by_an_eval_pass(tiny_llama):
+    """bitsandbytes 0.50 repacks 4-bit weights for fast CPU inference on the first no-grad eval
+    forward and keeps using that layout, which has no autograd kernel, once training resumes: the
+    gradient through the frozen base silently goes wrong. Evaluating mid-training must not change
+    the gradients of the next step."""
+    from align.models.loading import load_base_model
+    from align.recipe import ModelConfig, QuantizationConfig
+
+    torch.manual_seed(0)
+    model = load_base_model(ModelConfig(name=str(tiny_llama), attn_implementation="eager"), QuantizationConfig(mode="nf4"), "fp32")
+    model = add_adapter(model, AdapterConfig(), LoraConfig(r=4, alpha=8, dropout=0.0), quantized=True, gradient_checkpointing=False)
+    ids = torch.randint(10, 1000, (2, 12))
+
+    def lora_grads():
+        model.train()
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+
+    before = lora_grads()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    after = lora_grads()
+    assert any(g.abs().sum() > 0 for g in before.values())
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], atol=1e-6, rtol=1e-5)

@@ -1,0 +1,125 @@
+"""Data layer: file types, formats, the row report and strict mode (RELIABILITY 8-10)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from align.data.loading import DataError
+from align.data.sft_data import encode_files, load_sft_data
+from align.data.templating import IGNORE_INDEX
+from align.recipe import DataConfig
+
+from conftest import FIXTURES, write_jsonl
+
+ROWS = {
+    "messages": {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]},
+    "prompt_completion": {"prompt": "Name a colour.", "completion": "Blue."},
+    "alpaca": {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+}
+
+
+def write_as(path_stem, suffix, rows):
+    import pyarrow as pa
+    import pyarrow.csv
+    import pyarrow.parquet
+
+    path = path_stem.with_suffix(suffix)
+    if suffix == ".jsonl":
+        write_jsonl(path, rows)
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif suffix == ".parquet":
+        pyarrow.parquet.write_table(pa.Table.from_pylist(rows), path)
+    elif suffix == ".csv":
+        pyarrow.csv.write_csv(pa.Table.from_pylist(rows), path)
+    elif suffix == "":
+        import datasets
+
+        datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize("fmt", list(ROWS))
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".csv", ""])
+def test_every_format_in_every_file_type_gives_the_same_ids(tmp_path, tokenizer, fmt, suffix):
+    if suffix == ".csv" and fmt == "messages":
+        pytest.skip("csv holds flat columns only")
+    path = write_as(tmp_path / "rows", suffix, [ROWS[fmt]] * 3)
+    examples, report = encode_files([str(path)], tokenizer, DataConfig(), "train")
+    reference, _ = encode_files([str(write_as(tmp_path / "ref", ".jsonl", [ROWS["messages"]]))], tokenizer, DataConfig(), "ref")
+    assert report.read == 3 and report.kept == 3
+    assert examples[0].input_ids == reference[0].input_ids
+    assert examples[0].labels == reference[0].labels
+
+
+def poison_file(tmp_path):
+    good = ROWS["prompt_completion"]
+    lines = [
+        json.dumps(good),                                               # row 1 ok
+        json.dumps({"prompt": None, "completion": "x"}),                # row 2 None field
+        json.dumps({"messages": []}),                                   # row 3 wrong format for this file
+        json.dumps({"prompt": "hi", "completion": "   "}),              # row 4 empty completion
+        '{"prompt": "broken json',                                      # row 5 bad JSON
+        json.dumps({"prompt": [{"role": "wizard", "content": "hi"}], "completion": "x"}),  # row 6 unknown role
+        json.dumps({"prompt": "long " * 400, "completion": "x"}),       # row 7 over-long prompt
+        json.dumps({"prompt": "hi", "completion": "long " * 400}),      # row 8 truncated, kept
+        json.dumps(good),                                               # row 10 (row 9 is broken UTF-8)
+    ]
+    path = tmp_path / "poison.jsonl"
+    raw = "\n".join(lines[:8]).encode() + b"\n" + b'{"prompt": "\xff\xfe", "completion": "x"}\n' + lines[8].encode() + b"\n"
+    path.write_bytes(raw)
+    return path
+
+
+def test_poison_file_report_accounts_for_every_row(tmp_path, tokenizer):
+    path = poison_file(tmp_path)
+    examples, report = encode_files([str(path)], tokenizer, DataConfig(max_length=128, on_bad_rows="skip"), "train")
+    assert report.read == 10
+    assert report.kept == 2 and report.truncated == 1
+    assert dict(report.dropped) == {
+        "missing_field": 2, "empty_field": 1, "unreadable": 2, "unknown_role": 1, "prompt_too_long": 1,
+    }
+    assert report.read == report.kept + report.truncated + sum(report.dropped.values())
+    assert len(examples) == 3 and all(e.trained_tokens > 0 for e in examples)
+    where = {(p.row, p.field) for p in report.problems}
+    assert {(2, "prompt"), (3, "prompt"), (4, "completion"), (5, "<row>"), (6, "prompt[0].role"), (9, "<row>")} == where
+
+
+def test_strict_mode_names_file_row_and_field_before_training(tmp_path, tokenizer):
+    path = poison_file(tmp_path)
+    with pytest.raises(DataError) as err:
+        load_sft_data(DataConfig(train=[str(path)], max_length=128), tokenizer, seed=0)
+    message = str(err.value)
+    assert f"{path}, row 2, field 'prompt'" in message
+    assert "row 6, field 'prompt[0].role'" in message and "wizard" in message
+    assert "row 9" in message and "UTF-8" in message
+    assert "row 5" in message and "JSON" in message
+
+
+def test_data_with_no_supervision_fails_before_training(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "long " * 400, "completion": "x"}] * 3)
+    with pytest.raises(DataError, match="no training rows"):
+        load_sft_data(DataConfig(train=[str(path)], max_length=64), tokenizer, seed=0)
+
+
+def test_every_kept_example_has_trained_tokens(tokenizer):
+    examples, report = encode_files([str(FIXTURES / "gsm8k-40.jsonl")], tokenizer, DataConfig(max_length=128), "train")
+    assert report.truncated > 0  # the budget is tight enough to cut some solutions
+    assert all(any(l != IGNORE_INDEX for l in e.labels) and len(e.input_ids) <= 128 for e in examples)
+
+
+def test_missing_file_and_unknown_format_are_clear(tmp_path, tokenizer):
+    with pytest.raises(DataError, match="align data prepare gsm8k"):
+        load_sft_data(DataConfig(train=["data/gsm8k/nope.jsonl"]), tokenizer, seed=0)
+    path = write_jsonl(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(DataError, match=r"odd.jsonl, row 1: cannot tell the format"):
+        load_sft_data(DataConfig(train=[str(path)]), tokenizer, seed=0)
+
+
+def test_eval_rows_are_held_out_from_train(tokenizer):
+    data = load_sft_data(DataConfig(train=[str(FIXTURES / "gsm8k-40.jsonl")], eval_rows=5), tokenizer, seed=0)
+    assert len(data.eval) == 5 and len(data.train) == 35
+    train_ids = {tuple(e.input_ids) for e in data.train}
+    assert not any(tuple(e.input_ids) in train_ids for e in data.eval)

@@ -1,0 +1,73 @@
+"""Recipe schema: merging, overrides, unknown keys with suggestions, safe YAML, shipped recipes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from align.recipe import RecipeError, load_recipe, recipe_from_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_stage_sections_override_shared_and_cli_overrides_win():
+    recipe = recipe_from_dict({
+        "name": "r",
+        "lora": {"r": 8},
+        "train": {"lr": 1e-3},
+        "stages": {"sft": {"train": {"max_steps": 5}}},
+    })
+    cfg = recipe.resolve("sft", ["lora.r=32", "train.lr=1e-4", "data.train=a.jsonl", "adapter.target_modules=[q_proj, v_proj]"])
+    assert cfg.lora.r == 32 and cfg.train.lr == 1e-4 and cfg.train.max_steps == 5
+    assert cfg.data.train == ["a.jsonl"] and cfg.adapter.target_modules == ["q_proj", "v_proj"]
+    assert cfg.lora.alpha == 32  # untouched default
+    assert recipe.resolve("sft").lora.r == 8  # overrides do not leak into the recipe
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ({"lora": {"alhpa": 4}}, "unknown key 'lora.alhpa' - did you mean 'lora.alpha'?"),
+    ({"lora_alpha": 4}, "did you mean 'lora.alpha'?"),
+    ({"train": {"learning_rate": 1}}, "unknown key 'train.learning_rate'"),
+])
+def test_unknown_keys_fail_with_a_suggestion(raw, expected):
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict({"name": "r", **raw, "stages": {"sft": {}}})
+    assert expected in str(err.value)
+
+
+def test_bad_override_and_bad_value_are_named():
+    recipe = recipe_from_dict({"name": "r", "stages": {"sft": {}}})
+    with pytest.raises(RecipeError, match="lora.rr.*did you mean 'lora.r'"):
+        recipe.resolve("sft", ["lora.rr=3"])
+    with pytest.raises(RecipeError, match="train.lr"):
+        recipe.resolve("sft", ["train.lr=-1"])
+    with pytest.raises(RecipeError, match="key=value"):
+        recipe.resolve("sft", ["lora.r"])
+
+
+def test_unimplemented_stage_kind_is_a_clear_error():
+    with pytest.raises(RecipeError, match="kind 'dpo'"):
+        recipe_from_dict({"name": "r", "stages": {"dpo": {}}})
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(f"name: !!python/object/apply:os.system ['touch {marker}']\nstages: {{sft: {{}}}}\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(evil)
+    assert not marker.exists()
+
+
+def test_trust_remote_code_is_off_by_default():
+    cfg = recipe_from_dict({"name": "r", "stages": {"sft": {}}}).resolve("sft")
+    assert cfg.model.trust_remote_code is False
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    for stage, cfg in recipe.validate_all().items():
+        assert cfg.kind in ("sft",)
+        assert cfg.data.train, f"{path}: stage {stage} has no training data"

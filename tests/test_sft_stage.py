@@ -1,0 +1,215 @@
+"""`align sft` end to end on tiny models: outputs, adapters training, merge, resume, accumulation (RELIABILITY 2, 7, 21-24)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from align.recipe import load_recipe
+from align.stages.sft import run_sft
+
+from conftest import FIXTURES, load_tiny, tiny_recipe, write_jsonl
+
+GSM8K = str(FIXTURES / "gsm8k-40.jsonl")
+
+
+def cli(*args, cwd=None, check=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "align.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"align {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def sft(tmp_path, model_dir, overrides=(), name="run", **sections):
+    recipe = load_recipe(tiny_recipe(tmp_path / f"{name}.yaml", model_dir, GSM8K, **sections))
+    cfg = recipe.resolve("sft", list(overrides))
+    return run_sft(cfg, tmp_path / name, recipe_name="tiny"), cfg
+
+
+def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+
+
+def test_cli_end_to_end(tmp_path, tiny_llama):
+    recipe = tiny_recipe(tmp_path / "r.yaml", tiny_llama, GSM8K, data={"eval_rows": 4, "max_rows": 12})
+    out = tmp_path / "out"
+    proc = cli("sft", "--recipe", recipe, "lora.r=2", "train.max_steps=3", "--output-dir", out)
+    assert "align sft - tiny" in proc.stdout and "optimizer steps" in proc.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["steps"] == 3
+    assert manifest["data"]["train"]["read"] == 40
+    assert manifest["eval_loss"] is not None and manifest["eval_loss_start"] is not None
+    assert "r: 2" in (out / "config.yaml").read_text()
+    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "loss.png").stat().st_size > 0
+    losses = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in losses] == [1, 2, 3]
+
+    # a second run never clobbers the first
+    again = cli("sft", "--recipe", recipe, "--output-dir", out, check=False)
+    assert again.returncode == 2 and "already holds a run" in again.stdout and "Traceback" not in again.stderr
+    # a typo is caught before anything loads, with a suggestion
+    typo = cli("sft", "--recipe", recipe, "lora.alhpa=3", "--output-dir", tmp_path / "typo", check=False)
+    assert typo.returncode == 2 and "did you mean 'lora.alpha'" in typo.stdout
+    assert not (tmp_path / "typo").exists()
+
+    gen = cli("generate", "--model", out, "--prompt", "What is 2+2?", "--max-new-tokens", "4")
+    assert "assistant:" in gen.stdout
+    cli("merge", "--model", out, "--output", tmp_path / "merged")
+    merged = load_tiny(tmp_path / "merged")
+
+    from align.models.trained import load_trained
+
+    adapted, tokenizer = load_trained(out)
+    ids = torch.tensor([tokenizer("Natalia sold clips to 48 of her friends")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_every_lora_weight_trains_and_saved_equals_trained(tmp_path, tiny_gpt2):
+    out, _ = sft(tmp_path, tiny_gpt2, ["train.max_steps=3", "train.save_steps=3"])
+    final = adapter_tensors(out)
+    lora_b = {k: v for k, v in final.items() if "lora_B" in k}
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b.values())  # B starts at zero
+    # the exported adapter is bit-identical to the trainer's last checkpoint of the same weights
+    checkpoint = load_file(str(out / "checkpoints" / "checkpoint-3" / "adapter_model.safetensors"))
+    assert final.keys() == checkpoint.keys() and all(torch.equal(final[k], checkpoint[k]) for k in final)
+    # and a fresh load serves exactly those weights
+    from align.models.trained import load_trained
+
+    model, _ = load_trained(out)
+    state = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    for key, value in final.items():
+        loaded = next(v for k, v in state.items() if k.replace(".default", "") == key)
+        assert torch.equal(loaded, value)
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, tiny_gpt2):
+    overrides = ["train.max_steps=6", "train.save_steps=3", "train.save_total_limit=3", "data.max_rows=16"]
+    full, _ = sft(tmp_path, tiny_gpt2, overrides, name="full")
+
+    # What a SIGKILL during step 6's save leaves: checkpoint-3 complete, checkpoint-6 torn (no marker,
+    # no optimizer state), no final adapter or manifest, metrics up to step 3.
+    killed = tmp_path / "killed"
+    shutil.copytree(full, killed)
+    for name in ("adapter", "manifest.json", "loss.png"):
+        target = killed / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    torn = killed / "checkpoints" / "checkpoint-6"
+    (torn / "COMPLETE").unlink()
+    (torn / "optimizer.pt").unlink()
+    kept = [line for line in (killed / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 3]
+    (killed / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+
+    recipe = load_recipe(tiny_recipe(tmp_path / "resume.yaml", tiny_gpt2, GSM8K))
+    run_sft(recipe.resolve("sft", overrides), killed, recipe_name="tiny", resume=True)
+    manifest = json.loads((killed / "manifest.json").read_text())
+    assert manifest["resumed_from"].endswith("checkpoint-3")
+    a, b = adapter_tensors(full), adapter_tensors(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = lambda run: [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert losses(full) == losses(killed)
+
+
+def test_gradient_accumulation_is_normalised_by_tokens_of_the_whole_step(tmp_path, tiny_llama):
+    # One SGD step, no clipping: equal weights afterwards means equal gradients.
+    base = ["train.optim=sgd", "train.lr=1.0", "train.max_grad_norm=0", "train.max_steps=1", "data.max_rows=8"]
+    results = []
+    for batch, accum in ((8, 1), (1, 8), (2, 4)):
+        out, _ = sft(tmp_path, tiny_llama, base + [f"train.batch_size={batch}", f"train.grad_accum={accum}"], name=f"b{batch}x{accum}")
+        results.append(adapter_tensors(out))
+    lengths = {len(json.loads(line)["completion"]) for line in Path(GSM8K).read_text().splitlines()[:8]}
+    assert len(lengths) > 4  # examples of different lengths: per-micro-batch means would differ
+    for other in results[1:]:
+        for key in results[0]:
+            torch.testing.assert_close(other[key], results[0][key], atol=1e-6, rtol=1e-5)
+    assert any(v.abs().sum() > 0 for k, v in results[0].items() if "lora_B" in k)
+
+
+def test_overfit_one_conversation_then_greedy_generation_stops(tmp_path, tiny_llama):
+    """pad == eos: the end-of-turn token is trained, so the model learns to stop (RELIABILITY 2)."""
+    from align.models.trained import load_trained
+    from align.rollout.hf import generate
+
+    chat = {"messages": [{"role": "user", "content": "Say the magic words."}, {"role": "assistant", "content": "open sesame"}]}
+    data = write_jsonl(tmp_path / "one.jsonl", [chat] * 8)
+    recipe = load_recipe(tiny_recipe(tmp_path / "one.yaml", tiny_llama, str(data)))
+    cfg = recipe.resolve("sft", ["adapter.method=full", "train.lr=2e-2", "train.max_steps=60", "train.batch_size=8"])
+    out = run_sft(cfg, tmp_path / "one", recipe_name="tiny")
+    model, tokenizer = load_trained(out)
+    answer = generate(model, tokenizer, [chat["messages"][:1]], max_new_tokens=20)[0]
+    assert answer == "open sesame"
+    # it stopped on its own: the raw continuation ends in the end-of-turn token well before the limit
+    from align.data.templating import encode_prompt
+
+    prompt = torch.tensor([encode_prompt(tokenizer, chat["messages"][:1])])
+    with torch.no_grad():
+        raw = model.generate(input_ids=prompt, max_new_tokens=20, do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    new = raw[0, prompt.shape[1]:].tolist()
+    assert new[-1] == tokenizer.eos_token_id and len(new) < 20
+
+
+def test_qlora_nf4_trains_on_cpu(tmp_path, tiny_llama):
+    out, _ = sft(tmp_path, tiny_llama, ["quantization.mode=nf4", "train.max_steps=2"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantization"] == "nf4"
+    assert all(v.abs().sum() > 0 for k, v in adapter_tensors(out).items() if "lora_B" in k)
+    from align.models.trained import load_trained
+
+    model, _ = load_trained(out)
+    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
+
+
+def test_packing_trains_through_the_stage(tmp_path, tiny_gpt2):
+    out, _ = sft(tmp_path, tiny_gpt2, ["data.packing=true", "data.max_length=512", "train.max_steps=2"])
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_multi_process_ddp_on_cpu(tmp_path, tiny_llama):
+    """torchrun with 2 processes (gloo) runs the same command; world size shows in the plan."""
+    recipe = tiny_recipe(tmp_path / "r.yaml", tiny_llama, GSM8K, data={"max_rows": 16})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "align.cli",
+         "sft", "--recipe", str(recipe), "train.max_steps=2", "--output-dir", str(tmp_path / "ddp")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "x 2 process(es)" in " ".join(proc.stdout.split())
+    assert json.loads((tmp_path / "ddp" / "manifest.json").read_text())["steps"] == 2
+
+
+def test_remote_code_in_a_model_folder_never_runs(tmp_path, tiny_llama):
+    folder = tmp_path / "evil-model"
+    shutil.copytree(tiny_llama, folder)
+    marker = tmp_path / "pwned"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\nfrom transformers import LlamaConfig as EvilConfig\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilConfig"}
+    (folder / "config.json").write_text(json.dumps(config))
+    recipe = load_recipe(tiny_recipe(tmp_path / "r.yaml", folder, GSM8K))
+    try:
+        run_sft(recipe.resolve("sft", ["train.max_steps=1"]), tmp_path / "out", recipe_name="tiny")
+    except Exception:
+        pass  # refusing to load is fine; running the code is not
+    assert not marker.exists()
+
+
+def test_no_unsafe_loading_in_the_source():
+    root = Path(__file__).resolve().parent.parent
+    for path in list((root / "align").rglob("*.py")) + list((root / "reward_models").rglob("*.py")):
+        text = path.read_text()
+        assert "yaml.load(" not in text and "pickle.load" not in text, path
+        for line in text.splitlines():
+            if "torch.load(" in line:
+                assert "weights_only=True" in line, f"{path}: {line.strip()}"
+            if "trust_remote_code=True" in line:
+                raise AssertionError(f"{path}: {line.strip()}")

