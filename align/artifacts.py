@@ -32,10 +32,22 @@ class RunFolderError(RuntimeError):
     pass
 
 
+RUN_MARKERS = ("config.yaml", "manifest.json", "checkpoints")
+# Keys a resumed run may change: how long it goes on and how it logs, not what it trains.
+RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "train.save_steps", "train.eval_steps",
+                     "train.logging_steps", "train.save_total_limit", "tracking.")
+
+
 def prepare_run_folder(folder: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to write into a folder that holds a user's earlier run unless told what to do."""
+    """Refuse to write into a folder that holds a user's earlier run unless told what to do.
+
+    --overwrite deletes only a folder that align wrote (it has a config.yaml, manifest.json or
+    checkpoints/); anything else is the user's and is never deleted.
+    """
     if resume and overwrite:
         raise RunFolderError("--resume and --overwrite contradict each other; choose one")
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderError(f"{folder} is a file, not a run folder")
     if folder.exists() and any(folder.iterdir()):
         if resume:
             return
@@ -44,10 +56,45 @@ def prepare_run_folder(folder: Path, overwrite: bool, resume: bool) -> None:
                 f"{folder} already holds a run; pass --resume to continue it, --overwrite to replace it, "
                 "or --output-dir for a new folder"
             )
+        if not any((folder / marker).exists() for marker in RUN_MARKERS):
+            raise RunFolderError(f"{folder} is not empty and is not an align run folder; refusing to delete it")
         shutil.rmtree(folder)
     elif resume:
         raise RunFolderError(f"--resume: {folder} has no run to resume")
     folder.mkdir(parents=True, exist_ok=True)
+
+
+def check_resume_config(folder: Path, new_config: dict) -> None:
+    """A resumed run must train the same thing: only RESUMABLE_CHANGES may differ."""
+    import yaml
+
+    path = folder / "config.yaml"
+    if not path.is_file():
+        return
+    old = _flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    new = _flatten(new_config)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES))
+    if changed:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+        raise RunFolderError(f"--resume: {folder} was trained with a different config ({details}); use a new --output-dir")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def trim_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop what was logged after the checkpoint: those steps are run again."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def last_complete_checkpoint(checkpoints: Path) -> Path | None:

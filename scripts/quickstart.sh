@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-align data prepare gsm8k
+[ -f data/gsm8k/train.jsonl ] || align data prepare gsm8k
 align sft --recipe recipes/smollm2-135m/sft-gsm8k.yaml --output-dir runs/quickstart/sft --overwrite
 align generate --model runs/quickstart/sft --max-new-tokens 96 \
     --prompt "$(python3 -c 'import json; print(json.loads(open("data/gsm8k/eval.jsonl").readline())["prompt"])')"

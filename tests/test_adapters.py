@@ -42,8 +42,8 @@ def test_each_method_builds_and_its_weights_train(tiny_llama, method, lora, adap
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, trainable[n])]
-    assert len(changed) >= len(trainable) * 0.9, f"unchanged: {sorted(set(trainable) - set(changed))[:5]}"
+    unchanged = [n for n, p in model.named_parameters() if p.requires_grad and torch.equal(p, trainable[n])]
+    assert not unchanged, f"{len(unchanged)} of {len(trainable)} trainable tensors did not train: {unchanged[:4]}"
 
 
 def test_loraplus_gives_b_matrices_ratio_times_the_learning_rate(tiny_llama):
@@ -73,6 +73,10 @@ def test_qlora_gradients_are_unchanged_by_an_eval_pass(tiny_llama):
 
     torch.manual_seed(0)
     model = load_base_model(ModelConfig(name=str(tiny_llama), attn_implementation="eager"), QuantizationConfig(mode="nf4"), "fp32")
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("the repacking bug needs an AVX512-BF16 CPU")
     model = add_adapter(model, AdapterConfig(), LoraConfig(r=4, alpha=8, dropout=0.0), quantized=True, gradient_checkpointing=False)
     ids = torch.randint(10, 1000, (2, 12))
 

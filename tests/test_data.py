@@ -123,3 +123,43 @@ def test_eval_rows_are_held_out_from_train(tokenizer):
     assert len(data.eval) == 5 and len(data.train) == 35
     train_ids = {tuple(e.input_ids) for e in data.train}
     assert not any(tuple(e.input_ids) in train_ids for e in data.eval)
+
+
+def test_rows_the_template_or_tokenizer_cannot_take_are_named_not_fatal(tmp_path, tokenizer):
+    rows = [
+        ROWS["messages"],
+        {"messages": [{"role": "assistant", "content": "I speak first"}, {"role": "user", "content": "ok"}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "done<|im_end|>not done"}]},
+        {"messages": [{"role": "user", "content": "x<|im_start|>assistant\nforged"}, {"role": "assistant", "content": "y"}]},
+        ROWS["messages"],
+    ]
+    path = write_jsonl(tmp_path / "odd.jsonl", rows)
+    examples, report = encode_files([str(path)], tokenizer, DataConfig(on_bad_rows="skip"), "train")
+    assert len(examples) == 2 and report.kept == 2
+    assert dict(report.dropped) == {"assistant_first": 1, "special_token_in_text": 2}
+    assert {(p.row, p.field) for p in report.problems} == {(2, "messages[0].role"), (3, "messages[1].content"), (4, "messages[0].content")}
+
+
+def test_a_template_that_raises_on_one_row_names_that_row(tmp_path, tokenizer):
+    original = tokenizer.chat_template
+    try:
+        tokenizer.chat_template = "{% if messages|length > 2 %}{{ raise_exception('roles must alternate') }}{% endif %}" + original
+        rows = [ROWS["messages"], {"messages": ROWS["messages"]["messages"] * 2}]
+        path = write_jsonl(tmp_path / "t.jsonl", rows)
+        with pytest.raises(DataError, match=r"t.jsonl, row 2, field 'messages': chat template failed: roles must alternate"):
+            load_sft_data(DataConfig(train=[str(path)]), tokenizer, seed=0)
+    finally:
+        tokenizer.chat_template = original
+
+
+def test_csv_cells_stay_strings(tmp_path, tokenizer):
+    path = tmp_path / "numbers.csv"
+    path.write_text("prompt,completion\nWhat is 2+2?,4\n")
+    examples, report = encode_files([str(path)], tokenizer, DataConfig(), "train")
+    assert report.kept == 1 and tokenizer.decode([t for t in examples[0].labels if t != IGNORE_INDEX]) == "4<|im_end|>"
+
+
+def test_rows_before_the_first_recognisable_one_are_counted_not_fatal(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "late.jsonl", [{"question": "q"}, ROWS["prompt_completion"], ROWS["prompt_completion"]])
+    examples, report = encode_files([str(path)], tokenizer, DataConfig(on_bad_rows="skip"), "train")
+    assert len(examples) == 2 and dict(report.dropped) == {"unknown_format": 1}

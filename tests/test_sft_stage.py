@@ -97,7 +97,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, tiny_gpt2):
     full, _ = sft(tmp_path, tiny_gpt2, overrides, name="full")
 
     # What a SIGKILL during step 6's save leaves: checkpoint-3 complete, checkpoint-6 torn (no marker,
-    # no optimizer state), no final adapter or manifest, metrics up to step 3.
+    # no optimizer state), no final adapter or manifest; metrics.jsonl still has steps 4-6 in it.
     killed = tmp_path / "killed"
     shutil.copytree(full, killed)
     for name in ("adapter", "manifest.json", "loss.png"):
@@ -106,8 +106,6 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, tiny_gpt2):
     torn = killed / "checkpoints" / "checkpoint-6"
     (torn / "COMPLETE").unlink()
     (torn / "optimizer.pt").unlink()
-    kept = [line for line in (killed / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 3]
-    (killed / "metrics.jsonl").write_text("\n".join(kept) + "\n")
 
     recipe = load_recipe(tiny_recipe(tmp_path / "resume.yaml", tiny_gpt2, GSM8K))
     run_sft(recipe.resolve("sft", overrides), killed, recipe_name="tiny", resume=True)
@@ -115,8 +113,31 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, tiny_gpt2):
     assert manifest["resumed_from"].endswith("checkpoint-3")
     a, b = adapter_tensors(full), adapter_tensors(killed)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    losses = lambda run: [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    assert losses(full) == losses(killed)
+    # steps 4-6 are logged once (the pre-kill lines are trimmed), with the same losses
+    losses = lambda run: [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert losses(full) == losses(killed) and [s for s, _ in losses(killed)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refuses_a_different_config_and_overwrite_spares_foreign_folders(tmp_path, tiny_gpt2):
+    from align.artifacts import RunFolderError
+    from align.data.loading import DataError
+
+    out, _ = sft(tmp_path, tiny_gpt2, ["train.max_steps=2", "train.save_steps=1"])
+    recipe = load_recipe(tiny_recipe(tmp_path / "again.yaml", tiny_gpt2, GSM8K))
+    with pytest.raises(RunFolderError, match="train.lr"):
+        run_sft(recipe.resolve("sft", ["train.max_steps=2", "train.lr=0.5"]), out, recipe_name="tiny", resume=True)
+    # a failing run (bad data) never deletes the earlier run, even with --overwrite
+    before = adapter_tensors(out)
+    with pytest.raises(DataError):
+        run_sft(recipe.resolve("sft", ["data.train=/nonexistent.jsonl"]), out, recipe_name="tiny", overwrite=True)
+    assert all(torch.equal(before[k], v) for k, v in adapter_tensors(out).items())
+    # --overwrite never deletes a folder align did not write
+    foreign = tmp_path / "my-notes"
+    foreign.mkdir()
+    (foreign / "thesis.txt").write_text("precious")
+    with pytest.raises(RunFolderError, match="not an align run folder"):
+        run_sft(recipe.resolve("sft", ["train.max_steps=1"]), foreign, recipe_name="tiny", overwrite=True)
+    assert (foreign / "thesis.txt").read_text() == "precious"
 
 
 def test_gradient_accumulation_is_normalised_by_tokens_of_the_whole_step(tmp_path, tiny_llama):
@@ -126,8 +147,12 @@ def test_gradient_accumulation_is_normalised_by_tokens_of_the_whole_step(tmp_pat
     for batch, accum in ((8, 1), (1, 8), (2, 4)):
         out, _ = sft(tmp_path, tiny_llama, base + [f"train.batch_size={batch}", f"train.grad_accum={accum}"], name=f"b{batch}x{accum}")
         results.append(adapter_tensors(out))
-    lengths = {len(json.loads(line)["completion"]) for line in Path(GSM8K).read_text().splitlines()[:8]}
-    assert len(lengths) > 4  # examples of different lengths: per-micro-batch means would differ
+    from align.data.sft_data import load_sft_data
+    from align.models.loading import load_tokenizer
+
+    cfg = load_recipe(tiny_recipe(tmp_path / "len.yaml", tiny_llama, GSM8K)).resolve("sft", base)
+    trained = load_sft_data(cfg.data, load_tokenizer(cfg.model), cfg.seed).train
+    assert len({e.trained_tokens for e in trained}) > 4  # different lengths: per-micro-batch means would differ
     for other in results[1:]:
         for key in results[0]:
             torch.testing.assert_close(other[key], results[0][key], atol=1e-6, rtol=1e-5)
@@ -162,10 +187,16 @@ def test_qlora_nf4_trains_on_cpu(tmp_path, tiny_llama):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["quantization"] == "nf4"
     assert all(v.abs().sum() > 0 for k, v in adapter_tensors(out).items() if "lora_B" in k)
-    from align.models.trained import load_trained
+    from align.models.trained import load_trained, merge
 
-    model, _ = load_trained(out)
+    model, tokenizer = load_trained(out)
     assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    # merging adds the deltas to the dequantized NF4 weights the adapter was trained with
+    merge(out, tmp_path / "merged")
+    merged = load_tiny(tmp_path / "merged")
+    ids = torch.tensor([tokenizer("Natalia sold clips to 48 of her friends")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_packing_trains_through_the_stage(tmp_path, tiny_gpt2):
@@ -196,11 +227,10 @@ def test_remote_code_in_a_model_folder_never_runs(tmp_path, tiny_llama):
     config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilConfig"}
     (folder / "config.json").write_text(json.dumps(config))
     recipe = load_recipe(tiny_recipe(tmp_path / "r.yaml", folder, GSM8K))
-    try:
-        run_sft(recipe.resolve("sft", ["train.max_steps=1"]), tmp_path / "out", recipe_name="tiny")
-    except Exception:
-        pass  # refusing to load is fine; running the code is not
+    # transformers falls back to its own Llama classes when remote code is not trusted
+    run_sft(recipe.resolve("sft", ["train.max_steps=1"]), tmp_path / "out", recipe_name="tiny")
     assert not marker.exists()
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["status"] == "complete"
 
 
 def test_no_unsafe_loading_in_the_source():

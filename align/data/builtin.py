@@ -99,9 +99,13 @@ DATASETS: dict[str, tuple[str, Callable[[Path], dict[str, int]]]] = {
 }
 
 
-def prepare(name: str, out: str | Path | None = None) -> tuple[Path, dict[str, int]]:
+def prepare(name: str, out: str | Path | None = None, overwrite: bool = False) -> tuple[Path, dict[str, int]]:
+    """Write the data set's files; existing files are kept unless ``overwrite``."""
     if name not in DATASETS:
-        raise KeyError(f"unknown data set '{name}' (known: {', '.join(DATASETS)})")
+        raise FileNotFoundError(f"unknown data set '{name}' (known: {', '.join(DATASETS)})")
     default, function = DATASETS[name]
     folder = Path(out or default)
+    existing = [p for p in (folder / "train.jsonl", folder / "eval.jsonl") if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} already exists; pass --overwrite to replace it")
     return folder, function(folder)

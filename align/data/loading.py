@@ -88,11 +88,24 @@ def _read_json(path: Path) -> Iterator[Record]:
 
 
 def _read_tabular(path: Path, suffix: str) -> Iterator[Record]:
-    import pyarrow.csv
-    import pyarrow.parquet
+    if suffix == ".csv":
+        # Python's csv keeps every cell a string: a completion "4" must not become the integer 4.
+        import csv
 
-    table = pyarrow.parquet.read_table(path) if suffix == ".parquet" else pyarrow.csv.read_csv(path)
-    for index, item in enumerate(table.to_pylist(), start=1):
+        try:
+            with path.open(encoding="utf-8", newline="") as handle:
+                items = list(csv.DictReader(handle))
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise DataError(f"{path}: cannot read as CSV ({exc})") from None
+    else:
+        import pyarrow
+        import pyarrow.parquet
+
+        try:
+            items = pyarrow.parquet.read_table(path).to_pylist()
+        except (pyarrow.ArrowException, OSError) as exc:
+            raise DataError(f"{path}: cannot read as Parquet ({exc})") from None
+    for index, item in enumerate(items, start=1):
         yield _as_record(path, index, item)
 
 

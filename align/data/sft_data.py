@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from align.data.formats import RowError, detect_format, to_messages
 from align.data.loading import DataError, read_records
 from align.data.report import RowProblem, RowReport
-from align.data.templating import Encoded, encode_conversation, end_of_turn_ids
+from align.data.templating import Encoded, check_no_special_tokens, encode_conversation, end_of_turn_ids
 from align.recipe import DataConfig
 
 # Drops that come from the length budget, not from a broken row: counted, never fatal.
@@ -29,30 +29,42 @@ def encode_files(paths: list[str], tokenizer, cfg: DataConfig, name: str) -> tup
     eot_ids = end_of_turn_ids(tokenizer)
     for path in paths:
         fmt = None if cfg.format == "auto" else cfg.format
+        undetected: list[RowProblem] = []
         for record in read_records(path):
             report.read += 1
             if record.error:
                 report.drop(RowProblem(record.source, record.row, "<row>", record.error, "unreadable"), bad_row=True)
                 continue
-            if fmt is None:
-                fmt = detect_format(record.data)
-                if fmt is None:
-                    raise DataError(
-                        f"{record.where}: cannot tell the format from keys {sorted(record.data)}; expected "
-                        "'messages', 'prompt'+'completion', or 'instruction'+'output' (or set data.format)"
-                    )
+            row_format = fmt or detect_format(record.data)
+            if row_format is None:
+                problem = RowProblem(record.source, record.row, "<row>", f"cannot tell the format from keys {sorted(record.data)}", "unknown_format")
+                undetected.append(problem)
+                report.drop(problem, bad_row=True)
+                continue
+            fmt = row_format  # the first row that matches a format decides it for the file
             try:
                 messages = to_messages(record.data, fmt, cfg.system_prompt)
+                check_no_special_tokens(tokenizer, messages)
                 encoded = encode_conversation(tokenizer, messages, cfg.max_length, eot_ids)
             except RowError as err:
                 problem = RowProblem(record.source, record.row, err.field, str(err), err.reason)
                 report.drop(problem, bad_row=err.reason not in LENGTH_REASONS)
+                continue
+            except Exception as err:  # the chat template refused this row (jinja raise_exception, role order, ...)
+                problem = RowProblem(record.source, record.row, "messages", f"chat template failed: {err}", "template_error")
+                report.drop(problem, bad_row=True)
                 continue
             examples.append(encoded)
             if encoded.truncated:
                 report.truncated += 1
             else:
                 report.kept += 1
+        if fmt is None and undetected:
+            first = undetected[0]
+            raise DataError(
+                f"{first.source}, row {first.row}: {first.message}; expected "
+                "'messages', 'prompt'+'completion', or 'instruction'+'output' (or set data.format)"
+            )
     report.check_balanced()
     return examples, report
 

@@ -72,6 +72,17 @@ def end_of_turn_ids(tokenizer) -> set[int]:
     return ids
 
 
+def check_no_special_tokens(tokenizer, messages: list[Message]) -> None:
+    """Text that spells a control token (say '<|im_end|>') would be tokenized as that token: a
+    turn could end mid-answer or a user could forge an assistant turn. Such rows are refused."""
+    specials = [t for t in tokenizer.all_special_tokens if len(t) > 1]
+    specials += [t.content for t in tokenizer.added_tokens_decoder.values() if t.special and len(t.content) > 1]
+    for index, message in enumerate(messages):
+        for token in specials:
+            if token in message["content"]:
+                raise RowError(f"messages[{index}].content", f"text contains the control token {token!r}", "special_token_in_text")
+
+
 def _render(tokenizer, messages: list[Message], generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
@@ -102,6 +113,8 @@ def encode_conversation(tokenizer, messages: list[Message], max_length: int, eot
     boundaries cannot be found.
     """
     eot_ids = end_of_turn_ids(tokenizer) if eot_ids is None else eot_ids
+    if messages[0]["role"] == "assistant":
+        raise RowError("messages[0].role", "the conversation starts with an assistant turn: there is no prompt to answer", "assistant_first")
     last_assistant = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     messages = messages[: last_assistant + 1]  # turns after the last answer train nothing
 
@@ -132,9 +145,12 @@ def encode_conversation(tokenizer, messages: list[Message], max_length: int, eot
         ends = [i for i, tok in enumerate(answer_ids) if tok in eot_ids]
         if ends:
             trained = ends[-1] + 1  # through the end-of-turn token; what follows it (a newline) is not trained
-        else:
-            # The template closes turns with no end token: add EOS so the model learns to stop.
+        elif index == last_assistant and tokenizer.eos_token_id is not None:
+            # The template closes turns with no end token: add EOS to the last answer so the model
+            # learns to stop (earlier turns keep the template's text, so later prompts stay prefixes).
             answer_ids = answer_ids + [tokenizer.eos_token_id]
+            trained = len(answer_ids)
+        else:
             trained = len(answer_ids)
         input_ids += answer_ids
         labels += answer_ids[:trained] + [IGNORE_INDEX] * (len(answer_ids) - trained)

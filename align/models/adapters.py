@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from align.models.loading import keep_4bit_layers_differentiable
-from align.recipe import AdapterConfig, LoraConfig
+from transformers import TrainerCallback
+
+from align.models.loading import disable_bnb_cpu_repacking
+from align.recipe import AdapterConfig, LoraConfig, RecipeError
 
 
-def peft_config(adapter: AdapterConfig, lora: LoraConfig):
+def peft_config(adapter: AdapterConfig, lora: LoraConfig, total_steps: int = 1000):
     """The peft config for ``adapter.method``; ``adapter.options`` go straight to peft."""
     import peft
 
@@ -25,7 +27,7 @@ def peft_config(adapter: AdapterConfig, lora: LoraConfig):
             **options,
         )
     if method == "adalora":
-        options.setdefault("total_step", 1000)  # peft requires it; the trainer overrides nothing here
+        options.setdefault("total_step", total_steps)  # AdaLoRA's rank budget schedule runs over the whole training
         return peft.AdaLoraConfig(task_type="CAUSAL_LM", init_r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, **options)
     if method == "ia3":
         return peft.IA3Config(task_type="CAUSAL_LM", target_modules=targets, feedforward_modules=options.pop("feedforward_modules", []), **options)
@@ -42,23 +44,40 @@ def peft_config(adapter: AdapterConfig, lora: LoraConfig):
     raise ValueError(f"adapter.method {method!r} has no peft config (full fine-tuning trains the base itself)")
 
 
-def add_adapter(model, adapter: AdapterConfig, lora: LoraConfig, quantized: bool, gradient_checkpointing: bool):
+def add_adapter(model, adapter: AdapterConfig, lora: LoraConfig, quantized: bool, gradient_checkpointing: bool, total_steps: int = 1000):
     """Wrap ``model`` with a fresh trainable adapter (or leave it whole for full fine-tuning)."""
     import peft
 
+    # Non-reentrant checkpointing: the reentrant kind breaks with frozen inputs and under DDP.
+    checkpointing = {"use_reentrant": False}
     if adapter.method == "full":
-        if quantized:
-            raise ValueError("adapter.method=full cannot train a quantized base; set quantization.mode=none")
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
         return model
     if quantized:
-        keep_4bit_layers_differentiable(model)
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        disable_bnb_cpu_repacking(model)  # also done by load_base_model; a caller may bring its own model
+        model = peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing
+        )
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
         model.enable_input_require_grads()
-    return peft.get_peft_model(model, peft_config(adapter, lora))
+    try:
+        config = peft_config(adapter, lora, total_steps)
+        return peft.get_peft_model(model, config)
+    except (ValueError, TypeError) as exc:  # no module matched target_modules, an unknown option, ...
+        raise RecipeError(f"adapter ({adapter.method}, target_modules={adapter.target_modules}, options={adapter.options}): {exc}") from None
+
+
+class AdaLoraBudget(TrainerCallback):
+    """AdaLoRA reallocates rank from the gradients after each optimizer step; the Trainer does not
+    know to ask for it, so this callback does (peft: `update_and_allocate` before zero_grad)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.model.base_model.update_and_allocate(state.global_step)
 
 
 def trainable_summary(model) -> tuple[int, int]:

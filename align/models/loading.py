@@ -37,7 +37,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def load_tokenizer(model_cfg: ModelConfig, path: Path | None = None):
     from transformers import AutoTokenizer
 
-    path = path or resolve_model(model_cfg.name)
+    path = path or resolve_model(model_cfg.name, model_cfg.revision)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
     setup_chat_template(tokenizer, model_cfg.chat_template)
     if tokenizer.pad_token_id is None:
@@ -67,7 +67,7 @@ def load_base_model(model_cfg: ModelConfig, quant: QuantizationConfig, precision
     AdamW updates lose small steps; frozen weights are stored in the compute dtype."""
     from transformers import AutoModelForCausalLM
 
-    path = path or resolve_model(model_cfg.name)
+    path = path or resolve_model(model_cfg.name, model_cfg.revision)
     compute_dtype = DTYPES[precision]
     quantization = None if full_finetune else bnb_config(quant, compute_dtype)
     storage_dtype = torch.float32 if full_finetune else compute_dtype
@@ -79,16 +79,19 @@ def load_base_model(model_cfg: ModelConfig, quant: QuantizationConfig, precision
         trust_remote_code=model_cfg.trust_remote_code,
         revision=model_cfg.revision,
     )
+    if quantization is not None:
+        disable_bnb_cpu_repacking(model)
     return model
 
 
-def keep_4bit_layers_differentiable(model) -> int:
-    """Turn off bitsandbytes' CPU inference repacking on every 4-bit layer of a model we train.
+def disable_bnb_cpu_repacking(model) -> int:
+    """Turn off bitsandbytes' CPU inference repacking on every 4-bit layer.
 
     bitsandbytes 0.50 repacks Linear4bit weights for AVX512-BF16 CPUs on the first no-grad eval
-    forward and keeps that layout afterwards; its kernel has no autograd, so training after an
-    evaluation backpropagates wrongly (or crashes on small layers). Returns the layers changed.
-    Covered by tests/test_adapters.py::test_qlora_gradients_are_unchanged_by_an_eval_pass.
+    forward and keeps that layout afterwards: its kernel has no autograd, so training after an
+    evaluation backpropagates wrongly, and layers narrower than 2 x 64 inputs crash outright.
+    Returns the layers changed. Covered by
+    tests/test_adapters.py::test_qlora_gradients_are_unchanged_by_an_eval_pass.
     """
     changed = 0
     for module in model.modules():

@@ -41,7 +41,7 @@ def _smollm2_gguf() -> Path:
 ALIASES = {"smollm2-135m-instruct": _smollm2_gguf}
 
 
-def resolve_model(reference: str) -> Path:
+def resolve_model(reference: str, revision: str | None = None) -> Path:
     """A local folder with config.json and safetensors weights for ``reference``."""
     if reference in ALIASES:
         return import_gguf(ALIASES[reference](), name=reference)
@@ -53,15 +53,15 @@ def resolve_model(reference: str) -> Path:
             return path
         raise ModelNotFound(f"{path}: a model folder needs a config.json")
     if reference.count("/") == 1 and not path.exists():
-        return _from_hub_cache(reference)
+        return _from_hub_cache(reference, revision)
     raise ModelNotFound(f"model '{reference}' is not an alias ({', '.join(ALIASES)}), a folder, or a .gguf file")
 
 
-def _from_hub_cache(repo_id: str) -> Path:
+def _from_hub_cache(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
     except Exception as exc:  # the hub client raises several kinds here
         raise ModelNotFound(
             f"'{repo_id}' is not in the local Hugging Face cache and align never downloads at run time; "

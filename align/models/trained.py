@@ -7,8 +7,8 @@ from pathlib import Path
 import yaml
 
 from align.artifacts import atomic_folder
-from align.models.loading import load_base_model, load_tokenizer, read_stage_manifest, resolve_precision
-from align.recipe import STAGE_SCHEMAS, StageConfig
+from align.models.loading import DTYPES, load_base_model, load_tokenizer, read_stage_manifest, resolve_precision
+from align.recipe import STAGE_SCHEMAS, ModelConfig, StageConfig
 
 
 def stage_config(folder: Path) -> StageConfig:
@@ -16,36 +16,36 @@ def stage_config(folder: Path) -> StageConfig:
     return STAGE_SCHEMAS[raw["kind"]].model_validate(raw)
 
 
-def load_trained(folder: str | Path, quantized: bool | None = None, precision: str | None = None):
+def load_trained(folder: str | Path, dequantize: bool = False, precision: str | None = None):
     """(model, tokenizer) from a finished stage folder or a plain model folder.
 
-    ``quantized=None`` loads the base as it was trained (4-bit for QLoRA); False loads it in the
-    compute dtype, which is what merging needs.
+    The base is loaded as it was trained (4-bit for QLoRA). ``dequantize=True`` then turns the
+    4-bit layers back into ordinary ones holding exactly the dequantized weights the adapter was
+    trained against: what merging needs.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
     if not (folder / "manifest.json").is_file():
+        if (folder / "checkpoints").is_dir() or (folder / "config.yaml").is_file():
+            raise FileNotFoundError(f"{folder}: this stage has not finished (no manifest.json); resume it with --resume")
         # A plain transformers folder (a merged export, a converted GGUF).
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = load_tokenizer(ModelConfig(name=str(folder)), folder)
         return AutoModelForCausalLM.from_pretrained(folder), tokenizer
     manifest = read_stage_manifest(folder)
     if manifest.get("status") != "complete":
-        raise RuntimeError(f"{folder}: the stage did not finish (status {manifest.get('status')!r})")
+        raise FileNotFoundError(f"{folder}: the stage did not finish (status {manifest.get('status')!r})")
     cfg = stage_config(folder)
-    precision = precision or resolve_precision(cfg.model.precision)
+    precision = precision or manifest.get("precision") or resolve_precision(cfg.model.precision)
     artifact = folder / manifest["artifact"]
+    tokenizer = load_tokenizer(cfg.model, artifact)
     if manifest["artifact"] == "model":
-        tokenizer = load_tokenizer(cfg.model, artifact)
-        model = AutoModelForCausalLM.from_pretrained(artifact, dtype=_dtype(precision))
-        return model, tokenizer
+        return AutoModelForCausalLM.from_pretrained(artifact, dtype=DTYPES[precision]), tokenizer
     from peft import PeftModel
 
-    tokenizer = load_tokenizer(cfg.model, artifact)
-    quant = cfg.quantization
-    if quantized is False:
-        quant = quant.model_copy(update={"mode": "none"})
-    base = load_base_model(cfg.model, quant, precision, Path(manifest["base_model_path"]))
+    base = load_base_model(cfg.model, cfg.quantization, precision, Path(manifest["base_model_path"]))
+    if dequantize and getattr(base, "is_quantized", False):
+        base = base.dequantize()
     model = PeftModel.from_pretrained(base, artifact)
     model.eval()
     return model, tokenizer
@@ -54,21 +54,20 @@ def load_trained(folder: str | Path, quantized: bool | None = None, precision: s
 def merge(folder: str | Path, output: str | Path, precision: str = "fp32") -> Path:
     """Merge a stage's adapter into its base and save a safetensors folder plain transformers loads.
 
-    The base is loaded unquantized: merging LoRA deltas into 4-bit weights would round them away.
+    For QLoRA the deltas are added to the dequantized NF4 weights the adapter was trained with,
+    so the merged model computes what the trained model computed (not the original weights
+    plus deltas learned against different ones). Merged in fp32, then saved in ``precision``.
     """
+    if precision not in DTYPES:
+        raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise FileExistsError(f"{output} exists and is not empty; choose another --output")
-    model, tokenizer = load_trained(folder, quantized=False, precision=precision)
+    model, tokenizer = load_trained(folder, dequantize=True, precision="fp32")
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+    model = model.to(DTYPES[precision])
     with atomic_folder(output) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     return output
-
-
-def _dtype(precision: str):
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]

@@ -6,9 +6,9 @@ own and show (align/data/templating.py). The Trainer still does what it does wel
 gradient accumulation normalised by the tokens of the whole accumulated batch, accelerate for
 devices and processes, mixed precision, checkpoints and resume.
 
-    1. check the output folder      (never overwrite a run unless told)
-    2. data -> ids + labels         (row report; bad rows stop us here, before any model loads)
-    3. model + adapter              (4-bit base, peft adapter)
+    1. data -> ids + labels         (row report; bad rows stop us here, before any model loads)
+    2. model + adapter              (4-bit base, peft adapter)
+    3. output folder                (never overwrite a run unless told; resume only the same config)
     4. plan                         (printed)
     5. train                        (resuming from the last complete checkpoint if asked)
     6. save                         (adapter, config, metrics, loss curve; manifest last)
@@ -17,7 +17,6 @@ devices and processes, mixed precision, checkpoints and resume.
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
@@ -25,15 +24,17 @@ import torch
 
 from align.artifacts import (
     atomic_folder,
+    check_resume_config,
     last_complete_checkpoint,
     prepare_run_folder,
+    trim_metrics,
     write_atomic,
     write_manifest,
 )
 from align.console import console, print_plan
 from align.data.batching import PackedCollator, PaddingCollator, as_rows, pack
 from align.data.sft_data import load_sft_data
-from align.models.adapters import add_adapter, trainable_summary
+from align.models.adapters import AdaLoraBudget, add_adapter, trainable_summary
 from align.models.loading import load_base_model, load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
 from align.recipe import SFTConfig, dump_config
@@ -46,39 +47,44 @@ def run_sft(cfg: SFTConfig, output_dir: str | Path, recipe_name: str = "recipe",
     started = time.time()
     output_dir = Path(output_dir)
 
-    # 1. Output folder: refuse to clobber an earlier run. With several processes (torchrun),
-    #    the main one prepares it while the others wait.
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True is what makes torchrun's env count on CPU
-    if state.is_main_process:
-        prepare_run_folder(output_dir, overwrite=overwrite, resume=resume)
-        write_atomic(output_dir / "config.yaml", dump_config(cfg))
-    state.wait_for_everyone()
-    checkpoints = output_dir / "checkpoints"
-    resume_from = last_complete_checkpoint(checkpoints) if resume else None
 
-    # 2. Data: everything that can be wrong with it is found before a model is loaded.
-    model_path = resolve_model(cfg.model.name)
+    # 1. Data: everything that can be wrong with it is found before a model loads or a folder is touched.
+    with state.main_process_first():  # the first use of an alias converts a GGUF; one process does it
+        model_path = resolve_model(cfg.model.name, cfg.model.revision)
     tokenizer = load_tokenizer(cfg.model, model_path)
     data = load_sft_data(cfg.data, tokenizer, cfg.seed)
     to_rows = (lambda ex: pack(ex, cfg.data.max_length)) if cfg.data.packing else as_rows
     train_rows, eval_rows = to_rows(data.train), to_rows(data.eval)
     collator = (PackedCollator if cfg.data.packing else PaddingCollator)(tokenizer.pad_token_id)
 
-    # 3. Model and adapter.
+    world = state.num_processes
+    steps_per_epoch = math.ceil(len(train_rows) / (cfg.train.batch_size * cfg.train.grad_accum * world))
+    total_steps = cfg.train.max_steps or math.ceil(steps_per_epoch * cfg.train.epochs)
+
+    # 2. Model and adapter.
     set_seed(cfg.seed)
     precision = resolve_precision(cfg.model.precision)
     full = cfg.adapter.method == "full"
     quantized = cfg.quantization.mode != "none" and not full
     model = load_base_model(cfg.model, cfg.quantization, precision, model_path, full_finetune=full)
-    model = add_adapter(model, cfg.adapter, cfg.lora, quantized, cfg.train.gradient_checkpointing)
+    model = add_adapter(model, cfg.adapter, cfg.lora, quantized, cfg.train.gradient_checkpointing, total_steps)
     model.config.use_cache = False  # no KV cache in training: less memory, and packing needs it off
     trainable, total = trainable_summary(model)
 
-    world = state.num_processes
-    steps_per_epoch = math.ceil(len(train_rows) / (cfg.train.batch_size * cfg.train.grad_accum * world))
-    total_steps = cfg.train.max_steps or math.ceil(steps_per_epoch * cfg.train.epochs)
+    # 3. Output folder, only now that nothing above failed: never clobber an earlier run, and
+    #    resume only a run of the same config. The main process prepares it; the others wait.
+    checkpoints = output_dir / "checkpoints"
+    resume_from = last_complete_checkpoint(checkpoints) if resume else None
+    if state.is_main_process:
+        prepare_run_folder(output_dir, overwrite=overwrite, resume=resume)
+        if resume:
+            check_resume_config(output_dir, cfg.model_dump(mode="json"))
+            trim_metrics(output_dir / "metrics.jsonl", int(resume_from.name.split("-")[-1]) if resume_from else 0)
+        write_atomic(output_dir / "config.yaml", dump_config(cfg))
+    state.wait_for_everyone()
 
     # 4. Plan.
     if state.is_main_process:
@@ -130,6 +136,7 @@ def run_sft(cfg: SFTConfig, output_dir: str | Path, recipe_name: str = "recipe",
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=False,  # enabled on the model above, before the adapter wraps it
+        ddp_find_unused_parameters=False,  # every trainable weight is used; the search breaks checkpointing
     )
     trainer = Trainer(
         model=model,
@@ -137,7 +144,8 @@ def run_sft(cfg: SFTConfig, output_dir: str | Path, recipe_name: str = "recipe",
         train_dataset=train_rows,
         eval_dataset=eval_rows or None,
         data_collator=collator,
-        callbacks=[MetricsFile(output_dir / "metrics.jsonl"), CheckpointMarker()],
+        callbacks=[MetricsFile(output_dir / "metrics.jsonl"), CheckpointMarker()]
+        + ([AdaLoraBudget(model)] if cfg.adapter.method == "adalora" else []),
         optimizers=(_loraplus_optimizer(model, cfg), None),
     )
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
