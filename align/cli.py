@@ -62,6 +62,27 @@ def sft(
 
 
 @app.command()
+def dpo(
+    recipe: Path = RECIPE,
+    overrides: Optional[List[str]] = OVERRIDES,
+    stage: str = typer.Option("dpo", help="stage name in the recipe"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="default: runs/<recipe>/<stage>"),
+    from_dir: Optional[Path] = typer.Option(None, "--from-dir", help="start from this finished stage folder instead of runs/<recipe>/<from>"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run in the output folder"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the last complete checkpoint"),
+):
+    """Preference optimisation (DPO, cDPO, robust, IPO, SimPO) on prompt/chosen/rejected pairs."""
+    from align.recipe import load_recipe
+    from align.stages.dpo import run_dpo
+
+    loaded = load_recipe(recipe)
+    cfg = loaded.resolve(stage, overrides)
+    if cfg.kind != "dpo":
+        raise typer.BadParameter(f"stage '{stage}' is a {cfg.kind} stage, not dpo")
+    run_dpo(cfg, output_dir or _default_output(loaded, stage), recipe_name=loaded.name, from_dir=from_dir, overwrite=overwrite, resume=resume)
+
+
+@app.command()
 def generate(
     model: str = typer.Option(..., "--model", "-m", help="a stage folder (runs/<recipe>/sft), a model folder, or an alias"),
     prompt: List[str] = typer.Option(..., "--prompt", "-p", help="user message; repeat for several prompts"),

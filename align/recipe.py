@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class RecipeError(ValueError):
@@ -126,8 +126,34 @@ class SFTConfig(StageConfig):
     kind: Literal["sft"] = "sft"
 
 
-# Stage kinds that exist; later stages (rm, dpo, ppo, grpo, eval) register here.
-STAGE_SCHEMAS: dict[str, type[StageConfig]] = {"sft": SFTConfig}
+class DPOOptions(_Strict):
+    loss: Literal["sigmoid", "cdpo", "robust", "ipo", "simpo"] = Field("sigmoid", description="sigmoid (DPO), cdpo (label smoothing), robust, ipo, simpo (reference-free)")
+    beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference (SimPO: reward scale)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="assumed label-flip rate for cdpo and robust")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin")
+    rpo_alpha: float | None = Field(None, ge=0, description="add alpha x the SFT loss on chosen answers (RPO)")
+    reference: Literal["precomputed", "live"] = Field(
+        "precomputed", description="precomputed: reference logprobs computed once before training; live: every step (adapter disabled / frozen start adapter)"
+    )
+
+    @model_validator(mode="after")
+    def _smoothing_where_needed(self):
+        if self.loss in ("cdpo", "robust") and self.label_smoothing == 0:
+            raise ValueError(f"dpo.loss={self.loss} needs dpo.label_smoothing > 0 (e.g. 0.1)")
+        return self
+
+
+class DPOConfig(StageConfig):
+    """Direct preference optimisation on (prompt, chosen, rejected) pairs."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    kind: Literal["dpo"] = "dpo"
+    from_stage: str | None = Field(None, alias="from", description="stage whose adapter this one starts from (e.g. sft); none = a fresh adapter")
+    dpo: DPOOptions = Field(default_factory=DPOOptions)
+
+
+# Stage kinds that exist; later stages (rm, ppo, grpo, eval) register here.
+STAGE_SCHEMAS: dict[str, type[StageConfig]] = {"sft": SFTConfig, "dpo": DPOConfig}
 SHARED_SECTIONS = [name for name in StageConfig.model_fields if name != "kind"]
 
 
@@ -156,7 +182,13 @@ class Recipe(_Strict):
                 f"{self._where()}: stage '{stage}' has kind '{kind}', which this version of align does not "
                 f"implement yet (available: {', '.join(STAGE_SCHEMAS)})"
             )
-        return validate(schema, merged, where=f"{self._where()}, stage '{stage}'")
+        config = validate(schema, merged, where=f"{self._where()}, stage '{stage}'")
+        source = getattr(config, "from_stage", None)
+        if source is not None:
+            earlier = list(self.stages)[: list(self.stages).index(stage)]
+            if source not in earlier:
+                raise RecipeError(f"{self._where()}, stage '{stage}': from: {source} names no earlier stage (earlier: {', '.join(earlier) or 'none'})")
+        return config
 
     def validate_all(self) -> dict[str, StageConfig]:
         return {stage: self.resolve(stage) for stage in self.stages}
@@ -247,7 +279,7 @@ def validate(schema: type[StageConfig], data: dict[str, Any], where: str) -> Sta
 def _known_keys(schema: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, field in schema.model_fields.items():
-        keys.append(prefix + name)
+        keys.append(prefix + (field.alias or name))
         sub = field.annotation
         if isinstance(sub, type) and issubclass(sub, BaseModel):
             keys.extend(_known_keys(sub, prefix + name + "."))
@@ -278,4 +310,4 @@ def describe_fields(schema: type[BaseModel] = SFTConfig, prefix: str = "") -> li
 
 
 def dump_config(config: StageConfig) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False)

@@ -87,6 +87,7 @@ def tiny_recipe(path: Path, model_dir: Path, train: str, **sections) -> Path:
         "stages": {"sft": {}},
     }
     for key, value in sections.items():
-        recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value
-    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+        merge = isinstance(value, dict) and key != "stages"
+        recipe[key] = {**recipe.get(key, {}), **value} if merge else value
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     return path

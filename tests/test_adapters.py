@@ -48,11 +48,11 @@ def test_each_method_builds_and_its_weights_train(tiny_llama, method, lora, adap
 
 def test_loraplus_gives_b_matrices_ratio_times_the_learning_rate(tiny_llama):
     from align.recipe import SFTConfig
-    from align.stages.sft import _loraplus_optimizer
+    from align.stages.common import loraplus_optimizer
 
     cfg = SFTConfig(lora={"r": 4, "loraplus_lr_ratio": 16}, train={"lr": 1e-4})
     model = add_adapter(load_tiny(tiny_llama), cfg.adapter, cfg.lora, quantized=False, gradient_checkpointing=False)
-    optimizer = _loraplus_optimizer(model, cfg)
+    optimizer = loraplus_optimizer(model, cfg)
     names = {id(p): n for n, p in model.named_parameters()}
     rates = {}
     for group in optimizer.param_groups:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from align.recipe import RecipeError, load_recipe, recipe_from_dict
+from align.recipe import STAGE_SCHEMAS, RecipeError, load_recipe, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,8 +47,17 @@ def test_bad_override_and_bad_value_are_named():
 
 
 def test_unimplemented_stage_kind_is_a_clear_error():
-    with pytest.raises(RecipeError, match="kind 'dpo'"):
-        recipe_from_dict({"name": "r", "stages": {"dpo": {}}})
+    with pytest.raises(RecipeError, match="kind 'ppo'"):
+        recipe_from_dict({"name": "r", "stages": {"ppo": {}}})
+
+
+def test_from_must_name_an_earlier_stage():
+    with pytest.raises(RecipeError, match="from: sft names no earlier stage"):
+        recipe_from_dict({"name": "r", "stages": {"dpo": {"from": "sft"}, "sft": {}}})
+    recipe = recipe_from_dict({"name": "r", "stages": {"sft": {}, "dpo": {"from": "sft", "dpo": {"beta": 0.2}}}})
+    assert recipe.resolve("dpo").from_stage == "sft" and recipe.resolve("dpo").dpo.beta == 0.2
+    with pytest.raises(RecipeError, match="label_smoothing"):
+        recipe.resolve("dpo", ["dpo.loss=cdpo"])
 
 
 def test_yaml_is_loaded_safely(tmp_path):
@@ -69,5 +78,5 @@ def test_trust_remote_code_is_off_by_default():
 def test_every_shipped_recipe_validates(path):
     recipe = load_recipe(path)
     for stage, cfg in recipe.validate_all().items():
-        assert cfg.kind in ("sft",)
+        assert cfg.kind in STAGE_SCHEMAS
         assert cfg.data.train, f"{path}: stage {stage} has no training data"

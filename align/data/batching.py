@@ -93,3 +93,23 @@ def pack(examples: list[Encoded], max_length: int) -> list[dict]:
 
 def as_rows(examples: list[Encoded]) -> list[dict]:
     return [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+
+
+class PairCollator:
+    """Preference pairs -> one batch of 2B rows: the B chosen sequences, then the B rejected ones
+    (one forward for both). Labels are -100 on prompt and padding; reference logprobs, when
+    precomputed, ride along as ``ref_logps`` [2B] in the same order."""
+
+    def __init__(self, pad_token_id: int):
+        self.padding = PaddingCollator(pad_token_id)
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        rows = []
+        for side in ("chosen", "rejected"):
+            for f in features:
+                completion = f[f"{side}_ids"]
+                rows.append({"input_ids": f["prompt_ids"] + completion, "labels": [IGNORE_INDEX] * len(f["prompt_ids"]) + completion})
+        batch = self.padding(rows)
+        if "ref_chosen" in features[0]:
+            batch["ref_logps"] = torch.tensor([f["ref_chosen"] for f in features] + [f["ref_rejected"] for f in features], dtype=torch.float32)
+        return batch

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 from align.data.formats import RowError, detect_format, to_messages
 from align.data.loading import DataError, read_records
 from align.data.report import RowProblem, RowReport
+from align.data.splits import load_splits
 from align.data.templating import Encoded, check_no_special_tokens, encode_conversation, end_of_turn_ids
 from align.recipe import DataConfig
 
@@ -71,23 +71,5 @@ def encode_files(paths: list[str], tokenizer, cfg: DataConfig, name: str) -> tup
 
 def load_sft_data(cfg: DataConfig, tokenizer, seed: int) -> SFTData:
     """Train and held-out examples; raises DataError before training on bad rows or empty data."""
-    if not cfg.train:
-        raise DataError("data.train is empty: name at least one training file")
-    train, train_report = encode_files(cfg.train, tokenizer, cfg, "train")
-    reports = [train_report]
-    random.Random(seed).shuffle(train)
-    if cfg.eval:
-        held_out, eval_report = encode_files(cfg.eval, tokenizer, cfg, "eval")
-        reports.append(eval_report)
-    else:
-        held_out, train = train[: cfg.eval_rows], train[cfg.eval_rows:]
-    if cfg.max_rows:
-        train = train[: cfg.max_rows]
-    if cfg.max_eval_rows:
-        held_out = held_out[: cfg.max_eval_rows]
-    if cfg.on_bad_rows == "error":
-        for report in reports:
-            report.raise_if_bad()
-    if not train:
-        raise DataError(f"no training rows left ({train_report.summary()}): nothing would be supervised")
+    train, held_out, reports = load_splits(cfg, seed, lambda paths, c, name: encode_files(paths, tokenizer, c, name), "training rows")
     return SFTData(train=train, eval=held_out, reports=reports)

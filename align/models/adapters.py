@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from transformers import TrainerCallback
 
 from align.models.loading import disable_bnb_cpu_repacking
@@ -44,29 +46,52 @@ def peft_config(adapter: AdapterConfig, lora: LoraConfig, total_steps: int = 100
     raise ValueError(f"adapter.method {method!r} has no peft config (full fine-tuning trains the base itself)")
 
 
+def _prepare_for_training(model, quantized: bool, gradient_checkpointing: bool):
+    """Frozen-base setup before an adapter wraps the model: kbit preparation for a quantized base,
+    and non-reentrant checkpointing (the reentrant kind breaks with frozen inputs and under DDP)."""
+    import peft
+
+    checkpointing = {"use_reentrant": False}
+    if quantized:
+        disable_bnb_cpu_repacking(model)  # also done by load_base_model; a caller may bring its own model
+        return peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing
+        )
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        model.enable_input_require_grads()
+    return model
+
+
 def add_adapter(model, adapter: AdapterConfig, lora: LoraConfig, quantized: bool, gradient_checkpointing: bool, total_steps: int = 1000):
     """Wrap ``model`` with a fresh trainable adapter (or leave it whole for full fine-tuning)."""
     import peft
 
-    # Non-reentrant checkpointing: the reentrant kind breaks with frozen inputs and under DDP.
-    checkpointing = {"use_reentrant": False}
     if adapter.method == "full":
+        if quantized:
+            raise RecipeError("adapter.method=full cannot train a quantized base; set quantization.mode=none")
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
-    if quantized:
-        disable_bnb_cpu_repacking(model)  # also done by load_base_model; a caller may bring its own model
-        model = peft.prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing
-        )
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
-        model.enable_input_require_grads()
+    model = _prepare_for_training(model, quantized, gradient_checkpointing)
     try:
         config = peft_config(adapter, lora, total_steps)
         return peft.get_peft_model(model, config)
     except (ValueError, TypeError) as exc:  # no module matched target_modules, an unknown option, ...
         raise RecipeError(f"adapter ({adapter.method}, target_modules={adapter.target_modules}, options={adapter.options}): {exc}") from None
+
+
+def load_adapter_for_training(model, adapter_dir: Path, quantized: bool, gradient_checkpointing: bool, frozen_copy: str | None = None):
+    """Continue training a saved adapter (``from: sft``); optionally keep a frozen copy of it,
+    named ``frozen_copy``, as a reference policy that shares the one base in memory."""
+    import peft
+
+    model = _prepare_for_training(model, quantized, gradient_checkpointing)
+    model = peft.PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    if frozen_copy:
+        model.load_adapter(str(adapter_dir), adapter_name=frozen_copy, is_trainable=False)
+        model.set_adapter("default")
+    return model
 
 
 class AdaLoraBudget(TrainerCallback):

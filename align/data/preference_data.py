@@ -1,0 +1,128 @@
+"""Preference pairs: files -> (prompt, chosen, rejected) -> shared prompt ids + two completions + row report.
+
+Formats:
+- {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}
+- {"chosen": messages, "rejected": messages}: the shared leading messages are the prompt.
+
+Both completions are encoded with the same templating code as SFT (prompt-masked labels, end
+of turn trained), so their prompt ids are identical and equal the ids a rollout engine sees.
+Truncation is one budget per pair: the prompt is kept whole and both completions are cut to
+the same number of tokens; a pair with no room for a completion token is dropped and counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from align.data.formats import Message, RowError, _check_messages, _text
+from align.data.loading import read_records
+from align.data.report import RowProblem, RowReport
+from align.data.splits import load_splits
+from align.data.templating import IGNORE_INDEX, check_no_special_tokens, encode_conversation, end_of_turn_ids
+from align.recipe import DataConfig
+
+LENGTH_REASONS = {"prompt_too_long"}
+
+
+@dataclass
+class Pair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]  # completion tokens only, through the end-of-turn token
+    rejected_ids: list[int]
+    truncated: bool = False
+
+
+def to_pair_messages(row: dict[str, Any], system_prompt: str | None = None) -> tuple[list[Message], str, str]:
+    """(prompt messages, chosen text, rejected text); raises RowError naming the field."""
+    for field in ("chosen", "rejected"):
+        if field not in row or row[field] is None:
+            raise RowError(field, f"field '{field}' is missing or null", "missing_field")
+    if "prompt" in row and row["prompt"] is not None:
+        prompt = row["prompt"]
+        messages = _check_messages(prompt, "prompt") if isinstance(prompt, list) else [{"role": "user", "content": _text(row, "prompt")}]
+        chosen, rejected = (_completion(row, f) for f in ("chosen", "rejected"))
+    else:
+        chosen_messages = _check_messages(row["chosen"], "chosen")
+        rejected_messages = _check_messages(row["rejected"], "rejected")
+        shared = 0
+        while shared < min(len(chosen_messages), len(rejected_messages)) - 1 and chosen_messages[shared] == rejected_messages[shared]:
+            shared += 1
+        messages = chosen_messages[:shared]
+        if not messages or chosen_messages[shared:] == [] or len(chosen_messages) != shared + 1 or len(rejected_messages) != shared + 1:
+            raise RowError("chosen", "chosen and rejected must share all messages but a final assistant answer", "bad_field")
+        for field, last in (("chosen", chosen_messages[-1]), ("rejected", rejected_messages[-1])):
+            if last["role"] != "assistant" or not last["content"].strip():
+                raise RowError(field, f"the last message of '{field}' must be a non-empty assistant answer", "bad_field")
+        chosen, rejected = chosen_messages[-1]["content"], rejected_messages[-1]["content"]
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    if messages[-1]["role"] == "assistant":
+        raise RowError("prompt", "the prompt ends with an assistant message; nothing is left to answer", "bad_field")
+    return messages, chosen, rejected
+
+
+def _completion(row: dict[str, Any], field: str) -> str:
+    value = row[field]
+    if isinstance(value, list):
+        messages = _check_messages(value, field)
+        if len(messages) != 1 or messages[0]["role"] != "assistant":
+            raise RowError(field, f"'{field}' must be one assistant message", "bad_field")
+        value = messages[0]["content"]
+    elif not isinstance(value, str):
+        raise RowError(field, f"field '{field}' must be a string or a message list", "bad_field")
+    if not value.strip():
+        raise RowError(field, f"field '{field}' is empty", "empty_field")
+    return value
+
+
+def encode_pair(tokenizer, prompt: list[Message], chosen: str, rejected: str, max_length: int, eot_ids: set[int]) -> Pair:
+    sides = []
+    for text in (chosen, rejected):
+        encoded = encode_conversation(tokenizer, prompt + [{"role": "assistant", "content": text}], max_length=1 << 30, eot_ids=eot_ids)
+        last = max(i for i, label in enumerate(encoded.labels) if label != IGNORE_INDEX)
+        sides.append((encoded.input_ids[: encoded.prompt_length], encoded.input_ids[encoded.prompt_length : last + 1]))
+    (prompt_ids, chosen_ids), (other_prompt_ids, rejected_ids) = sides
+    if prompt_ids != other_prompt_ids:  # cannot happen with a prefix-stable template; never train on it if it does
+        raise RowError("prompt", "chosen and rejected do not share prompt ids", "template_error")
+    if chosen_ids == rejected_ids:
+        raise RowError("rejected", "chosen and rejected are identical after templating", "identical_pair")
+    budget = max_length - len(prompt_ids)
+    if budget < 1:
+        raise RowError("prompt", f"prompt is {len(prompt_ids)} tokens, max_length is {max_length}", "prompt_too_long")
+    truncated = max(len(chosen_ids), len(rejected_ids)) > budget
+    return Pair(prompt_ids, chosen_ids[:budget], rejected_ids[:budget], truncated)
+
+
+def encode_pair_files(paths: list[str], tokenizer, cfg: DataConfig, name: str) -> tuple[list[Pair], RowReport]:
+    report = RowReport(name=name)
+    pairs: list[Pair] = []
+    eot_ids = end_of_turn_ids(tokenizer)
+    for path in paths:
+        for record in read_records(path):
+            report.read += 1
+            if record.error:
+                report.drop(RowProblem(record.source, record.row, "<row>", record.error, "unreadable"), bad_row=True)
+                continue
+            try:
+                prompt, chosen, rejected = to_pair_messages(record.data, cfg.system_prompt)
+                check_no_special_tokens(tokenizer, prompt + [{"role": "assistant", "content": chosen}, {"role": "assistant", "content": rejected}])
+                pair = encode_pair(tokenizer, prompt, chosen, rejected, cfg.max_length, eot_ids)
+            except RowError as err:
+                report.drop(RowProblem(record.source, record.row, err.field, str(err), err.reason), bad_row=err.reason not in LENGTH_REASONS)
+                continue
+            except Exception as err:  # the chat template refused this row
+                report.drop(RowProblem(record.source, record.row, "prompt", f"chat template failed: {err}", "template_error"), bad_row=True)
+                continue
+            pairs.append(pair)
+            if pair.truncated:
+                report.truncated += 1
+            else:
+                report.kept += 1
+    report.check_balanced()
+    return pairs, report
+
+
+def load_pairs(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[Pair], list[Pair], list[RowReport]]:
+    """Train and held-out pairs with their row reports."""
+    return load_splits(cfg, seed, lambda paths, c, name: encode_pair_files(paths, tokenizer, c, name), "preference pairs")

@@ -1,0 +1,134 @@
+"""Small pieces every training stage uses: processes, the output folder, Trainer arguments, saving."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from align.artifacts import (
+    atomic_folder,
+    check_resume_config,
+    last_complete_checkpoint,
+    prepare_run_folder,
+    trim_metrics,
+    write_atomic,
+    write_manifest,
+)
+from align.console import console
+from align.recipe import StageConfig, dump_config
+from align.tracking import plot_losses, read_metrics, wandb_report_to
+
+
+def process_state():
+    """accelerate's view of the processes; cpu=True is what makes torchrun's variables count on CPU."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def total_steps(cfg: StageConfig, rows: int, world: int) -> int:
+    per_epoch = math.ceil(rows / (cfg.train.batch_size * cfg.train.grad_accum * world))
+    return cfg.train.max_steps or math.ceil(per_epoch * cfg.train.epochs)
+
+
+def prepare_output(state, output_dir: Path, cfg: StageConfig, overwrite: bool, resume: bool) -> Path | None:
+    """Claim the output folder once nothing else can fail: never clobber an earlier run, resume
+    only a run of the same config. Returns the checkpoint to resume from, if any."""
+    resume_from = last_complete_checkpoint(output_dir / "checkpoints") if resume else None
+    if state.is_main_process:
+        prepare_run_folder(output_dir, overwrite=overwrite, resume=resume)
+        if resume:
+            check_resume_config(output_dir, cfg.model_dump(mode="json", by_alias=True))
+            trim_metrics(output_dir / "metrics.jsonl", int(resume_from.name.split("-")[-1]) if resume_from else 0)
+        write_atomic(output_dir / "config.yaml", dump_config(cfg))
+    state.wait_for_everyone()
+    return resume_from
+
+
+def training_arguments(cfg: StageConfig, output_dir: Path, precision: str, has_eval: bool, resume_from: Path | None, run_name: str):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir / "checkpoints"),
+        per_device_train_batch_size=cfg.train.batch_size,
+        per_device_eval_batch_size=cfg.train.batch_size,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        learning_rate=cfg.train.lr,
+        num_train_epochs=cfg.train.epochs,
+        max_steps=cfg.train.max_steps or -1,
+        warmup_steps=cfg.train.warmup_ratio,
+        lr_scheduler_type=cfg.train.lr_scheduler,
+        weight_decay=cfg.train.weight_decay,
+        optim=cfg.train.optim,
+        max_grad_norm=cfg.train.max_grad_norm,
+        logging_steps=cfg.train.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.train.save_steps,
+        save_total_limit=cfg.train.save_total_limit,
+        eval_strategy="steps" if has_eval and cfg.train.eval_steps else "no",
+        eval_steps=cfg.train.eval_steps,
+        eval_on_start=has_eval and resume_from is None,  # the baseline the held-out metrics are judged against
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=wandb_report_to(cfg.tracking.wandb),
+        project=cfg.tracking.project,
+        run_name=run_name,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=False,  # enabled on the model before the adapter wraps it
+        ddp_find_unused_parameters=False,  # every trainable weight is used; the search breaks checkpointing
+    )
+
+
+def loraplus_optimizer(model, cfg: StageConfig):
+    """LoRA+ (B matrices at ratio x the learning rate) through peft's helper; None = Trainer default."""
+    if cfg.lora.loraplus_lr_ratio is None or cfg.adapter.method != "lora":
+        return None
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(
+        model, torch.optim.AdamW, lr=cfg.train.lr, loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio, weight_decay=cfg.train.weight_decay
+    )
+
+
+def adapter_line(cfg: StageConfig, quantized: bool, precision: str, trainable: int, total: int) -> str:
+    if cfg.adapter.method == "full":
+        method = "full fine-tuning"
+    else:
+        extras = [name for name, on in (("rslora", cfg.lora.use_rslora), ("dora", cfg.lora.use_dora)) if on]
+        method = f"{cfg.adapter.method} r={cfg.lora.r} alpha={cfg.lora.alpha}" + (f" ({', '.join(extras)})" if extras else "")
+        if cfg.lora.loraplus_lr_ratio:
+            method += f", LoRA+ ratio {cfg.lora.loraplus_lr_ratio} (AdamW)"
+    base = f"{cfg.quantization.mode} 4-bit base" if quantized and cfg.quantization.mode != "int8" else ("int8 base" if quantized else "unquantized base")
+    return f"{method} on {base}, {precision}; trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
+
+
+def steps_line(cfg: StageConfig, steps: int, world: int, unit: str = "examples") -> str:
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * world
+    return f"{steps} optimizer steps x {per_step} {unit} (batch {cfg.train.batch_size} x accum {cfg.train.grad_accum} x {world} process(es))"
+
+
+def save_stage(trainer, tokenizer, output_dir: Path, artifact: str, started: float, **manifest) -> dict:
+    """Adapter (or whole model) atomically, then the loss curve, then the manifest - last, so a
+    manifest means the stage is complete. Main process only."""
+    with atomic_folder(output_dir / artifact) as staging:
+        trainer.model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    plot_losses(output_dir / "metrics.jsonl", output_dir / "loss.png")
+    evals = [r for r in read_metrics(output_dir / "metrics.jsonl") if "eval_loss" in r]
+    manifest = write_manifest(
+        output_dir,
+        status="complete",
+        artifact=artifact,
+        eval_loss_start=evals[0]["eval_loss"] if evals else None,
+        seconds=round(time.time() - started, 1),
+        **manifest,
+    )
+    console.print(f"[bold green]done[/] in {time.time() - started:.0f}s: {output_dir}")
+    return manifest

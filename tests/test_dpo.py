@@ -1,0 +1,227 @@
+"""`align dpo`: pairs data, losses against hand-worked numbers and TRL, step-0 exactness, learning (RELIABILITY 5, 7, 9-11, 19, 21)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from align.data.batching import PairCollator
+from align.data.preference_data import encode_pair_files, to_pair_messages
+from align.data.templating import encode_prompt
+from align.losses import PreferenceLoss, dpo_robust, dpo_sigmoid, ipo, simpo
+from align.recipe import DataConfig, DPOOptions, load_recipe
+from align.stages.dpo import run_dpo
+from align.stages.sft import run_sft
+
+from conftest import FIXTURES, load_tiny, tiny_recipe, write_jsonl
+
+LN2 = math.log(2)
+
+
+def marker_pairs(n: int, start: int = 0) -> list[dict]:
+    """A learnable toy preference: the chosen answer ends with the marker word 'zebra'."""
+    animals = ["cat", "dog", "bird", "fish", "cow", "fox"]
+    rows = []
+    for i in range(start, start + n):
+        text = f"the {animals[i % 6]} number {i} sat on the mat"
+        rows.append({"prompt": f"Describe scene {i}.", "chosen": text + " zebra", "rejected": text})
+    return rows
+
+
+# ---------------------------------------------------------------- losses, hand-worked
+
+
+def test_losses_against_hand_worked_numbers():
+    pc, pr, rc, rr = torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-11.0]), torch.tensor([-11.0])
+    h = 0.5 * ((-10 + 11) - (-12 + 11))  # beta 0.5 -> h = 1.0
+    assert dpo_sigmoid(pc, pr, rc, rr, beta=0.5).item() == pytest.approx(math.log(1 + math.exp(-h)))
+    cdpo = 0.9 * math.log(1 + math.exp(-h)) + 0.1 * math.log(1 + math.exp(h))
+    assert dpo_sigmoid(pc, pr, rc, rr, beta=0.5, label_smoothing=0.1).item() == pytest.approx(cdpo)
+    robust = (0.9 * math.log(1 + math.exp(-h)) - 0.1 * math.log(1 + math.exp(h))) / 0.8
+    assert dpo_robust(pc, pr, rc, rr, beta=0.5, label_smoothing=0.1).item() == pytest.approx(robust)
+    tokens_c, tokens_r = torch.tensor([4]), torch.tensor([2])
+    ipo_h = (1 / 4) - (-1 / 2)
+    assert ipo(pc, pr, rc, rr, beta=0.5, chosen_tokens=tokens_c, rejected_tokens=tokens_r).item() == pytest.approx((ipo_h - 1.0) ** 2)
+    simpo_m = 2.0 * (-10 / 4 - -12 / 2) - 0.5
+    assert simpo(pc, pr, beta=2.0, gamma=0.5, chosen_tokens=tokens_c, rejected_tokens=tokens_r).item() == pytest.approx(math.log(1 + math.exp(-simpo_m)))
+    # policy == reference: DPO is ln 2 whatever beta
+    assert dpo_sigmoid(rc, rr, rc, rr, beta=3.0).item() == pytest.approx(LN2, abs=1e-7)
+    assert not PreferenceLoss.simpo.needs_reference and PreferenceLoss.sigmoid.needs_reference
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_pair_formats_share_prompt_ids_and_match_the_rollout_prompt(tmp_path, tokenizer):
+    messages = [{"role": "user", "content": "Summarize: the sky is blue."}]
+    rows = [
+        {"prompt": "Summarize: the sky is blue.", "chosen": "Blue sky.", "rejected": "Green sky."},
+        {"prompt": messages, "chosen": [{"role": "assistant", "content": "Blue sky."}], "rejected": [{"role": "assistant", "content": "Green sky."}]},
+        {"chosen": messages + [{"role": "assistant", "content": "Blue sky."}], "rejected": messages + [{"role": "assistant", "content": "Green sky."}]},
+    ]
+    pairs, report = encode_pair_files([str(write_jsonl(tmp_path / "p.jsonl", rows))], tokenizer, DataConfig(), "train")
+    assert report.kept == 3
+    assert all(p.prompt_ids == encode_prompt(tokenizer, messages) for p in pairs)
+    assert all((p.chosen_ids, p.rejected_ids) == (pairs[0].chosen_ids, pairs[0].rejected_ids) for p in pairs)
+    assert tokenizer.decode(pairs[0].chosen_ids) == "Blue sky.<|im_end|>"
+
+
+def test_pair_truncation_is_one_budget_and_bad_pairs_are_counted(tmp_path, tokenizer):
+    long = "word " * 100
+    rows = [
+        {"prompt": "hi", "chosen": long, "rejected": "short"},                    # 1 truncated: both cut to one budget
+        {"prompt": "hi", "chosen": "same", "rejected": "same"},                  # 2 identical pair
+        {"prompt": "long " * 100, "chosen": "a", "rejected": "b"},               # 3 prompt fills max_length
+        {"prompt": "hi", "chosen": None, "rejected": "b"},                       # 4 missing field
+        {"prompt": "hi", "chosen": "a", "rejected": "b"},                        # 5 kept
+    ]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    pairs, report = encode_pair_files([str(path)], tokenizer, DataConfig(max_length=48, on_bad_rows="skip"), "train")
+    assert (report.read, report.kept, report.truncated) == (5, 1, 1)
+    assert dict(report.dropped) == {"identical_pair": 1, "prompt_too_long": 1, "missing_field": 1}
+    truncated = pairs[0]
+    assert len(truncated.prompt_ids) + len(truncated.chosen_ids) == 48 and len(truncated.rejected_ids) >= 1
+    assert {(p.row, p.field) for p in report.problems} == {(2, "rejected"), (4, "chosen")}
+
+
+def test_implicit_prompt_must_share_everything_but_the_answer():
+    from align.data.formats import RowError
+
+    a = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    b = [{"role": "user", "content": "DIFFERENT"}, {"role": "assistant", "content": "z"}]
+    with pytest.raises(RowError):
+        to_pair_messages({"chosen": a, "rejected": b})
+    prompt, chosen, rejected = to_pair_messages({"chosen": a, "rejected": a[:1] + [{"role": "assistant", "content": "w"}]})
+    assert prompt == a[:1] and (chosen, rejected) == ("y", "w")
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def dpo_recipe(tmp_path, model_dir, train, **sections):
+    sections.setdefault("stages", {"dpo": {}})
+    return load_recipe(tiny_recipe(tmp_path / "dpo.yaml", model_dir, str(train), **sections))
+
+
+def first_eval(run) -> dict:
+    return next(r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r)
+
+
+@pytest.mark.parametrize("reference", ["precomputed", "live"])
+def test_step_zero_loss_is_ln2_for_a_fresh_adapter(tmp_path, tiny_llama, reference):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(12))
+    cfg = dpo_recipe(tmp_path, tiny_llama, pairs).resolve("dpo", [f"dpo.reference={reference}", "data.eval_rows=4", "train.max_steps=1"])
+    out = run_dpo(cfg, tmp_path / "dpo", recipe_name="tiny")
+    start = first_eval(out)
+    assert start["step"] == 0 and start["eval_loss"] == pytest.approx(LN2, abs=1e-6)
+    assert start["eval_rewards/chosen"] == pytest.approx(0, abs=1e-6) and start["eval_rewards/rejected"] == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("reference", ["precomputed", "live"])
+def test_step_zero_loss_is_ln2_when_starting_from_an_sft_adapter(tmp_path, tiny_llama, reference):
+    sft_data = str(FIXTURES / "gsm8k-40.jsonl")
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(12))
+    stages = {"sft": {"data": {"train": sft_data}, "train": {"max_steps": 3}},
+              "dpo": {"from": "sft", "data": {"train": str(pairs), "eval_rows": 4}, "train": {"max_steps": 2},
+                      "dpo": {"reference": reference}}}
+    recipe = load_recipe(tiny_recipe(tmp_path / "r.yaml", tiny_llama, sft_data, stages=stages))
+    sft_out = run_sft(recipe.resolve("sft"), tmp_path / "sft", recipe_name="tiny")
+    out = run_dpo(recipe.resolve("dpo"), tmp_path / "dpo", recipe_name="tiny", from_dir=sft_out)
+    start = first_eval(out)
+    assert start["eval_loss"] == pytest.approx(LN2, abs=1e-6)
+    # and the reference really is the SFT adapter, not the base: the policy logps differ from the base's
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "sft" in manifest["reference"] and manifest["steps"] == 2
+    from safetensors.torch import load_file
+
+    trained = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    started = load_file(str(sft_out / "adapter" / "adapter_model.safetensors"))
+    assert trained.keys() == started.keys()  # the frozen reference copy is not saved
+    assert all(not torch.equal(trained[k], started[k]) for k in trained if "lora_B" in k)
+
+
+def test_toy_preference_is_learned(tmp_path, tiny_llama):
+    """Chosen answers carry a marker word: held-out reward accuracy goes above 0.9."""
+    train = write_jsonl(tmp_path / "train.jsonl", marker_pairs(48))
+    held_out = write_jsonl(tmp_path / "eval.jsonl", marker_pairs(16, start=100))
+    cfg = dpo_recipe(tmp_path, tiny_llama, train).resolve("dpo", [
+        f"data.eval={held_out}", "train.max_steps=30", "train.batch_size=4", "train.lr=5e-3", "lora.r=8", "dpo.beta=0.5",
+    ])
+    out = run_dpo(cfg, tmp_path / "dpo", recipe_name="tiny")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert first_eval(out)["eval_rewards/accuracy"] == 0  # rewards are all 0 at the start
+    assert manifest["eval_reward_accuracy"] > 0.9
+
+
+def test_gradient_accumulation_gives_the_same_step(tmp_path, tiny_llama):
+    from safetensors.torch import load_file
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(8))
+    results = []
+    for batch, accum in ((4, 1), (1, 4), (2, 2)):
+        cfg = dpo_recipe(tmp_path, tiny_llama, pairs).resolve("dpo", [
+            "train.optim=sgd", "train.lr=1.0", "train.max_grad_norm=0", "train.max_steps=1", "data.max_rows=4",
+            f"train.batch_size={batch}", f"train.grad_accum={accum}",
+        ])
+        out = run_dpo(cfg, tmp_path / f"b{batch}x{accum}", recipe_name="tiny")
+        results.append(load_file(str(out / "adapter" / "adapter_model.safetensors")))
+    for other in results[1:]:
+        for key in results[0]:
+            torch.testing.assert_close(other[key], results[0][key], atol=1e-6, rtol=1e-5)
+    assert all(v.abs().sum() > 0 for k, v in results[0].items() if "lora_B" in k)
+
+
+# ---------------------------------------------------------------- against TRL
+
+
+@pytest.mark.parametrize("loss, smoothing", [("sigmoid", 0.0), ("ipo", 0.0), ("robust", 0.1)])
+def test_loss_and_gradients_equal_trl_dpo_trainer(tmp_path, tiny_llama, tokenizer, loss, smoothing):
+    import datasets
+    import peft
+    from transformers import TrainingArguments
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from align.stages.dpo import PreferenceTrainer
+
+    model = peft.get_peft_model(load_tiny(tiny_llama), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM"))
+    trl_args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.2, loss_type=[loss], label_smoothing=smoothing, report_to=[], use_cpu=True)
+    trl = DPOTrainer(model=model, args=trl_args, train_dataset=datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}]), processing_class=tokenizer)
+    torch.manual_seed(1)  # move the policy away from the reference (TRL's frozen 'ref' copy has B = 0, as the base)
+    for name, param in model.named_parameters():
+        if "lora_B" in name and ".default." in name:
+            param.data.normal_(0, 0.5)
+
+    pairs, _ = encode_pair_files([str(write_jsonl(tmp_path / "p.jsonl", marker_pairs(3)))], tokenizer, DataConfig(), "train")
+    rows = [{"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids} for p in pairs]
+    ours = PreferenceTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "ours"), report_to=[], use_cpu=True),
+                             options=DPOOptions(loss=loss, beta=0.2, label_smoothing=smoothing, reference="live"))
+
+    def loss_and_grads(compute):
+        model.train()
+        model.zero_grad()
+        value = compute()
+        value.backward()
+        return value.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    our_loss, our_grads = loss_and_grads(lambda: ours.compute_loss(model, PairCollator(tokenizer.pad_token_id)(rows)))
+    trl_loss, trl_grads = loss_and_grads(lambda: trl._compute_loss(trl.model, DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(rows), False))
+    assert abs(our_loss.item() - LN2) > 1e-3  # the policy really moved
+    torch.testing.assert_close(our_loss, trl_loss, atol=1e-5, rtol=1e-5)
+    assert our_grads.keys() == trl_grads.keys() and our_grads
+    for name in our_grads:
+        torch.testing.assert_close(our_grads[name], trl_grads[name], atol=1e-5, rtol=1e-4)
+
+
+def test_cli_dpo_end_to_end(tmp_path, tiny_gpt2):
+    from test_sft_stage import cli
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(10))
+    recipe = tiny_recipe(tmp_path / "r.yaml", tiny_gpt2, str(pairs), stages={"dpo": {"data": {"eval_rows": 2}}})
+    proc = cli("dpo", "--recipe", recipe, "train.max_steps=2", "dpo.loss=simpo", "--output-dir", tmp_path / "out")
+    assert "reference-free" in " ".join(proc.stdout.split())
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["loss"] == "simpo"
