@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import report, run_configs
 
 ROOT = Path(__file__).resolve().parent.parent
 GSM8K = ROOT / "data" / "gsm8k" / "train.jsonl"
@@ -58,7 +58,8 @@ def worker_align(spec: dict) -> dict:
         "model": {"precision": spec["precision"]},
         "quantization": {"mode": spec["quant"]},
         "data": {"train": str(data), "max_length": 512, "packing": spec["packing"]},
-        "train": {"max_steps": spec["steps"], "batch_size": spec["batch"], "save_steps": 10_000, "lr": 2e-4},
+        "train": {"max_steps": spec["steps"], "batch_size": spec["batch"], "save_steps": 10_000, "lr": 2e-4,
+                  "gradient_checkpointing": spec.get("checkpointing", False)},
         "stages": {"sft": {}},
     })
     cfg = recipe.resolve("sft")
@@ -117,6 +118,7 @@ def worker_trl(spec: dict) -> dict:
 CONFIGS = {
     "trl-qlora-defaults": ("trl", {"quant": "nf4"}),
     "align-qlora": ("align", {"quant": "nf4", "precision": "auto"}),
+    "align-qlora-checkpointing": ("align", {"quant": "nf4", "precision": "auto", "checkpointing": True}),
     "align-lora": ("align", {"quant": "none", "precision": "auto"}),
     "align-lora-fp32": ("align", {"quant": "none", "precision": "fp32"}),
     "align-lora-padding-mixed": ("align", {"quant": "none", "precision": "auto", "mixed": True}),
@@ -127,9 +129,7 @@ CONFIGS = {
 def run_worker(name: str, steps: int, batch: int) -> dict:
     kind, spec = CONFIGS[name]
     spec = {"rows": 200, "mixed": False, "packing": False, "precision": "auto", **spec, "steps": steps, "batch": batch}
-    result = (worker_trl if kind == "trl" else worker_align)(spec)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return result
+    return (worker_trl if kind == "trl" else worker_align)(spec)
 
 
 def main() -> None:
@@ -140,21 +140,11 @@ def main() -> None:
     parser.add_argument("--worker")
     args = parser.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(run_worker(args.worker, args.steps, args.batch)))
+        report(run_worker(args.worker, args.steps, args.batch))
         return
     if not GSM8K.is_file():
         sys.exit("run `align data prepare gsm8k` first")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    results = {}
-    for name in args.only:
-        proc = subprocess.run([sys.executable, __file__, "--worker", name, "--steps", str(args.steps), "--batch", str(args.batch)],
-                              capture_output=True, text=True, env=env)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:
-            print(f"{name}: failed\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-            continue
-        results[name] = json.loads(line[7:])
-        print(name, results[name], flush=True)
+    results = run_configs(__file__, args.only, ["--steps", str(args.steps), "--batch", str(args.batch)])
 
     import math
 

@@ -225,3 +225,55 @@ def test_cli_dpo_end_to_end(tmp_path, tiny_gpt2):
     assert "reference-free" in " ".join(proc.stdout.split())
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["loss"] == "simpo"
+
+
+def test_reference_context_equals_a_freshly_loaded_base_and_restores_the_adapter(tiny_llama, tokenizer):
+    """RELIABILITY 19: inside reference_mode the logprobs are the base model's, exactly in fp32."""
+    import peft
+
+    from align.stages.dpo import completion_logps, reference_mode
+
+    model = peft.get_peft_model(load_tiny(tiny_llama), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1, task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)
+    model.train()  # dropout on: the reference must still be deterministic
+    pairs, _ = encode_pair_files([str(write_jsonl_tmp(marker_pairs(3)))], tokenizer, DataConfig(), "train")
+    batch = PairCollator(tokenizer.pad_token_id)([{"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids} for p in pairs])
+    with torch.no_grad():
+        with reference_mode(model, None):
+            inside, _ = completion_logps(model, batch)
+        fresh, _ = completion_logps(load_tiny(tiny_llama), batch)
+        assert torch.equal(inside, fresh)
+        assert model.training  # mode restored
+        model.eval()
+        after, _ = completion_logps(model, batch)
+    assert not torch.allclose(after, fresh, atol=1e-3)  # the adapter is active again
+
+
+def write_jsonl_tmp(rows):
+    import tempfile
+    from pathlib import Path
+
+    return write_jsonl(Path(tempfile.mkdtemp()) / "rows.jsonl", rows)
+
+
+def test_dpo_resume_equals_uninterrupted(tmp_path, tiny_gpt2):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(16))
+    overrides = ["train.max_steps=4", "train.save_steps=2", "train.save_total_limit=3"]
+    recipe = dpo_recipe(tmp_path, tiny_gpt2, pairs)
+    full = run_dpo(recipe.resolve("dpo", overrides), tmp_path / "full", recipe_name="tiny")
+    killed = tmp_path / "killed"
+    shutil.copytree(full, killed)
+    for name in ("adapter", "manifest.json", "loss.png", "checkpoints/checkpoint-4"):
+        target = killed / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    run_dpo(recipe.resolve("dpo", overrides), killed, recipe_name="tiny", resume=True)
+    a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

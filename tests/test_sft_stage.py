@@ -243,3 +243,11 @@ def test_no_unsafe_loading_in_the_source():
                 assert "weights_only=True" in line, f"{path}: {line.strip()}"
             if "trust_remote_code=True" in line:
                 raise AssertionError(f"{path}: {line.strip()}")
+
+
+def test_data_preview_highlights_and_reports(tmp_path, tiny_llama):
+    recipe = tiny_recipe(tmp_path / "r.yaml", tiny_llama, GSM8K, data={"max_length": 128})
+    proc = cli("data", "preview", "--recipe", recipe, "-n", "1")
+    text = " ".join(proc.stdout.split())
+    assert "train example 1:" in text and "trained" in text
+    assert "train: read 40 = kept" in text and "truncated" in text

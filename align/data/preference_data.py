@@ -115,10 +115,7 @@ def encode_pair_files(paths: list[str], tokenizer, cfg: DataConfig, name: str) -
                 report.drop(RowProblem(record.source, record.row, "prompt", f"chat template failed: {err}", "template_error"), bad_row=True)
                 continue
             pairs.append(pair)
-            if pair.truncated:
-                report.truncated += 1
-            else:
-                report.kept += 1
+            report.keep(pair.truncated)
     report.check_balanced()
     return pairs, report
 

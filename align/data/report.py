@@ -33,6 +33,12 @@ class RowReport:
     def used(self) -> int:
         return self.kept + self.truncated
 
+    def keep(self, truncated: bool) -> None:
+        if truncated:
+            self.truncated += 1
+        else:
+            self.kept += 1
+
     def drop(self, problem: RowProblem, bad_row: bool) -> None:
         self.dropped[problem.reason] += 1
         if bad_row:

@@ -55,10 +55,7 @@ def encode_files(paths: list[str], tokenizer, cfg: DataConfig, name: str) -> tup
                 report.drop(problem, bad_row=True)
                 continue
             examples.append(encoded)
-            if encoded.truncated:
-                report.truncated += 1
-            else:
-                report.kept += 1
+            report.keep(encoded.truncated)
         if fmt is None and undetected:
             first = undetected[0]
             raise DataError(

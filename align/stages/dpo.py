@@ -215,6 +215,7 @@ def run_dpo(cfg: DPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
 
     # 3. Reference: computed once now, or every step.
     collator = PairCollator(tokenizer.pad_token_id)
+    reference_started = time.time()
     if not loss_kind.needs_reference or live:
         reference_line = f"live every step: {reference_line}" if live else f"none ({cfg.dpo.loss} is reference-free)"
         train_rows, eval_rows = pair_rows(train_pairs), pair_rows(eval_pairs)
@@ -227,6 +228,8 @@ def run_dpo(cfg: DPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
         else:
             train_rows = precompute_reference(model, train_pairs, collator, cfg.train.batch_size, precision)
             eval_rows = precompute_reference(model, eval_pairs, collator, cfg.train.batch_size, precision)
+
+    reference_seconds = round(time.time() - reference_started, 1)
 
     # 4. Output folder and plan.
     resume_from = prepare_output(state, output_dir, cfg, overwrite, resume)
@@ -267,7 +270,7 @@ def run_dpo(cfg: DPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
             stage="dpo", kind="dpo", recipe=recipe_name, from_stage=str(source) if source else None,
             base_model=cfg.model.name, base_model_path=str(model_path),
             precision=precision, quantization=cfg.quantization.mode if quantized else "none",
-            loss=cfg.dpo.loss, beta=cfg.dpo.beta, reference=reference_line,
+            loss=cfg.dpo.loss, beta=cfg.dpo.beta, reference=reference_line, reference_seconds=reference_seconds,
             data={r.name: r.as_dict() for r in reports},
             steps=result.global_step, train_loss=result.training_loss,
             eval_loss=final_eval.get("eval_loss"), eval_reward_accuracy=final_eval.get("eval_rewards/accuracy"),
