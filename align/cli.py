@@ -83,6 +83,38 @@ def dpo(
 
 
 @app.command()
+def rm(
+    overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides; or the word 'score' to score a file"),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="recipe YAML file (training)"),
+    stage: str = typer.Option("reward", help="stage name in the recipe"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="default: runs/<recipe>/<stage>"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run in the output folder"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the last complete checkpoint"),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="(score) a finished reward stage folder"),
+    data: Optional[Path] = typer.Option(None, "--data", help="(score) pairs -> accuracy; prompt/completion rows -> scores file"),
+    output: Optional[Path] = typer.Option(None, "--output", help="(score) where scores go; default <data>.scores.jsonl"),
+):
+    """Train a Bradley-Terry reward model, or `align rm score --model DIR --data FILE` to use one."""
+    if overrides and overrides[0] == "score":
+        from align.stages.reward import score_file
+
+        if model is None or data is None:
+            raise typer.BadParameter("align rm score needs --model and --data")
+        score_file(model, data, output)
+        return
+    from align.recipe import load_recipe
+    from align.stages.reward import run_reward
+
+    if recipe is None:
+        raise typer.BadParameter("--recipe is required to train a reward model")
+    loaded = load_recipe(recipe)
+    cfg = loaded.resolve(stage, overrides)
+    if cfg.kind != "rm":
+        raise typer.BadParameter(f"stage '{stage}' is a {cfg.kind} stage, not rm")
+    run_reward(cfg, output_dir or _default_output(loaded, stage), recipe_name=loaded.name, overwrite=overwrite, resume=resume)
+
+
+@app.command()
 def generate(
     model: str = typer.Option(..., "--model", "-m", help="a stage folder (runs/<recipe>/sft), a model folder, or an alias"),
     prompt: List[str] = typer.Option(..., "--prompt", "-p", help="user message; repeat for several prompts"),

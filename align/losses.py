@@ -76,6 +76,17 @@ def simpo(policy_chosen, policy_rejected, beta: float, gamma: float = 0.5, chose
     return -F.logsigmoid(beta * margin - gamma)
 
 
+def bradley_terry(chosen_scores, rejected_scores, margin=None, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Bradley-Terry pairwise loss for reward models (Ouyang et al. 2022, eq. 1), per pair [B]:
+
+        d = r_c - r_r - m;   loss = -(1 - eps) * log sigmoid(d) - eps * log sigmoid(-d)
+
+    ``margin`` m [B] (optional) asks for a larger gap on clearly better pairs (Llama 2).
+    """
+    d = chosen_scores - rejected_scores - (margin if margin is not None else 0.0)
+    return -(1 - label_smoothing) * F.logsigmoid(d) - label_smoothing * F.logsigmoid(-d)
+
+
 @dataclass(frozen=True)
 class _Loss:
     function: Callable[..., torch.Tensor]

@@ -152,8 +152,24 @@ class DPOConfig(StageConfig):
     dpo: DPOOptions = Field(default_factory=DPOOptions)
 
 
-# Stage kinds that exist; later stages (rm, ppo, grpo, eval) register here.
-STAGE_SCHEMAS: dict[str, type[StageConfig]] = {"sft": SFTConfig, "dpo": DPOConfig}
+class RewardOptions(_Strict):
+    margin: bool = Field(False, description="subtract each pair's 'margin' column inside the sigmoid (Llama-2 style)")
+    center_coef: float = Field(0.0, ge=0, description="weight of mean((r_c + r_r)^2): keeps scores centred near 0")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="assumed label-flip rate")
+
+
+class RewardConfig(StageConfig):
+    """A Bradley-Terry reward model: the policy's base with an adapter and a scalar head."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    kind: Literal["rm"] = "rm"
+    reward: RewardOptions = Field(default_factory=RewardOptions)
+
+
+# Stage kinds that exist; later stages (ppo, grpo, eval) register here.
+STAGE_SCHEMAS: dict[str, type[StageConfig]] = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RewardConfig}
+# A stage named like this gets that kind unless it says otherwise (`stages: {reward: {...}}` is an rm stage).
+KIND_OF_STAGE_NAME = {"reward": "rm"}
 SHARED_SECTIONS = [name for name in StageConfig.model_fields if name != "kind"]
 
 
@@ -165,14 +181,14 @@ class Recipe(_Strict):
     stages: dict[str, dict[str, Any]]
 
     def stage_kind(self, stage: str) -> str:
-        return self.stages[stage].get("kind", stage)
+        return self.stages[stage].get("kind", KIND_OF_STAGE_NAME.get(stage, stage))
 
     def resolve(self, stage: str, overrides: list[str] | None = None) -> StageConfig:
         """The stage's config: shared sections, then its own section, then ``key=value`` overrides."""
         if stage not in self.stages:
             raise RecipeError(f"{self._where()}: no stage '{stage}' (stages: {', '.join(self.stages) or 'none'})")
         merged = deep_merge(self.shared, self.stages[stage])
-        merged.setdefault("kind", stage)
+        merged.setdefault("kind", KIND_OF_STAGE_NAME.get(stage, stage))
         for override in overrides or []:
             apply_override(merged, override)
         kind = merged["kind"]

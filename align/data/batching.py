@@ -110,6 +110,8 @@ class PairCollator:
                 completion = f[f"{side}_ids"]
                 rows.append({"input_ids": f["prompt_ids"] + completion, "labels": [IGNORE_INDEX] * len(f["prompt_ids"]) + completion})
         batch = self.padding(rows)
+        if "margin" in features[0]:
+            batch["margin"] = torch.tensor([f["margin"] for f in features], dtype=torch.float32)
         if "ref_chosen" in features[0]:
             batch["ref_logps"] = torch.tensor([f["ref_chosen"] for f in features] + [f["ref_rejected"] for f in features], dtype=torch.float32)
         return batch

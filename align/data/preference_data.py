@@ -31,6 +31,7 @@ class Pair:
     chosen_ids: list[int]  # completion tokens only, through the end-of-turn token
     rejected_ids: list[int]
     truncated: bool = False
+    margin: float | None = None  # optional per-pair margin column (reward models)
 
 
 def to_pair_messages(row: dict[str, Any], system_prompt: str | None = None) -> tuple[list[Message], str, str]:
@@ -94,6 +95,15 @@ def encode_pair(tokenizer, prompt: list[Message], chosen: str, rejected: str, ma
     return Pair(prompt_ids, chosen_ids[:budget], rejected_ids[:budget], truncated)
 
 
+def _margin(row: dict[str, Any]) -> float | None:
+    value = row.get("margin")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RowError("margin", f"field 'margin' must be a number, got {value!r}", "bad_field")
+    return float(value)
+
+
 def encode_pair_files(paths: list[str], tokenizer, cfg: DataConfig, name: str) -> tuple[list[Pair], RowReport]:
     report = RowReport(name=name)
     pairs: list[Pair] = []
@@ -108,6 +118,7 @@ def encode_pair_files(paths: list[str], tokenizer, cfg: DataConfig, name: str) -
                 prompt, chosen, rejected = to_pair_messages(record.data, cfg.system_prompt)
                 check_no_special_tokens(tokenizer, prompt + [{"role": "assistant", "content": chosen}, {"role": "assistant", "content": rejected}])
                 pair = encode_pair(tokenizer, prompt, chosen, rejected, cfg.max_length, eot_ids)
+                pair.margin = _margin(record.data)
             except RowError as err:
                 report.drop(RowProblem(record.source, record.row, err.field, str(err), err.reason), bad_row=err.reason not in LENGTH_REASONS)
                 continue

@@ -10,7 +10,7 @@ from align.models.loading import disable_bnb_cpu_repacking
 from align.recipe import AdapterConfig, LoraConfig, RecipeError
 
 
-def peft_config(adapter: AdapterConfig, lora: LoraConfig, total_steps: int = 1000):
+def peft_config(adapter: AdapterConfig, lora: LoraConfig, total_steps: int = 1000, task_type: str = "CAUSAL_LM"):
     """The peft config for ``adapter.method``; ``adapter.options`` go straight to peft."""
     import peft
 
@@ -19,7 +19,7 @@ def peft_config(adapter: AdapterConfig, lora: LoraConfig, total_steps: int = 100
     method = adapter.method
     if method == "lora":
         return peft.LoraConfig(
-            task_type="CAUSAL_LM",
+            task_type=task_type,
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
@@ -30,19 +30,19 @@ def peft_config(adapter: AdapterConfig, lora: LoraConfig, total_steps: int = 100
         )
     if method == "adalora":
         options.setdefault("total_step", total_steps)  # AdaLoRA's rank budget schedule runs over the whole training
-        return peft.AdaLoraConfig(task_type="CAUSAL_LM", init_r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, **options)
+        return peft.AdaLoraConfig(task_type=task_type, init_r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, **options)
     if method == "ia3":
-        return peft.IA3Config(task_type="CAUSAL_LM", target_modules=targets, feedforward_modules=options.pop("feedforward_modules", []), **options)
+        return peft.IA3Config(task_type=task_type, target_modules=targets, feedforward_modules=options.pop("feedforward_modules", []), **options)
     if method == "vera":
-        return peft.VeraConfig(task_type="CAUSAL_LM", r=lora.r, target_modules=targets, vera_dropout=lora.dropout, **options)
+        return peft.VeraConfig(task_type=task_type, r=lora.r, target_modules=targets, vera_dropout=lora.dropout, **options)
     if method == "loha":
-        return peft.LoHaConfig(task_type="CAUSAL_LM", r=lora.r, alpha=lora.alpha, target_modules=targets, **options)
+        return peft.LoHaConfig(task_type=task_type, r=lora.r, alpha=lora.alpha, target_modules=targets, **options)
     if method == "lokr":
-        return peft.LoKrConfig(task_type="CAUSAL_LM", r=lora.r, alpha=lora.alpha, target_modules=targets, **options)
+        return peft.LoKrConfig(task_type=task_type, r=lora.r, alpha=lora.alpha, target_modules=targets, **options)
     if method == "oft":
         options.setdefault("r", 0)
         options.setdefault("oft_block_size", 8)
-        return peft.OFTConfig(task_type="CAUSAL_LM", target_modules=targets, **options)
+        return peft.OFTConfig(task_type=task_type, target_modules=targets, **options)
     raise ValueError(f"adapter.method {method!r} has no peft config (full fine-tuning trains the base itself)")
 
 
@@ -63,7 +63,8 @@ def _prepare_for_training(model, quantized: bool, gradient_checkpointing: bool):
     return model
 
 
-def add_adapter(model, adapter: AdapterConfig, lora: LoraConfig, quantized: bool, gradient_checkpointing: bool, total_steps: int = 1000):
+def add_adapter(model, adapter: AdapterConfig, lora: LoraConfig, quantized: bool, gradient_checkpointing: bool, total_steps: int = 1000,
+                task_type: str = "CAUSAL_LM"):
     """Wrap ``model`` with a fresh trainable adapter (or leave it whole for full fine-tuning)."""
     import peft
 
@@ -75,7 +76,7 @@ def add_adapter(model, adapter: AdapterConfig, lora: LoraConfig, quantized: bool
         return model
     model = _prepare_for_training(model, quantized, gradient_checkpointing)
     try:
-        config = peft_config(adapter, lora, total_steps)
+        config = peft_config(adapter, lora, total_steps, task_type)
         return peft.get_peft_model(model, config)
     except (ValueError, TypeError) as exc:  # no module matched target_modules, an unknown option, ...
         raise RecipeError(f"adapter ({adapter.method}, target_modules={adapter.target_modules}, options={adapter.options}): {exc}") from None

@@ -91,7 +91,11 @@ def autocast(precision: str):
 
 
 def pair_rows(pairs: list[Pair]) -> list[dict]:
-    return [{"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids} for p in pairs]
+    rows = [{"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids} for p in pairs]
+    if pairs and all(p.margin is not None for p in pairs):
+        for row, pair in zip(rows, pairs):
+            row["margin"] = pair.margin
+    return rows
 
 
 @torch.no_grad()

@@ -1,0 +1,98 @@
+"""Reward models: the base LM with a scalar head, scored at the last real token.
+
+The model is transformers' *ForSequenceClassification (num_labels=1) for the head, and peft's
+SEQ_CLS task saves that head beside the adapter. We do not use its built-in pooling, which finds
+the last token by comparing ids with pad_token_id: with pad == eos (SmolLM2) it would skip the
+end-of-turn token every answer ends with. We pool by the attention mask instead, so right, left
+and no padding give the same score.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from align.models.loading import DTYPES, bnb_config, disable_bnb_cpu_repacking, load_tokenizer, read_stage_manifest
+from align.recipe import ModelConfig, QuantizationConfig
+
+HEAD_NAMES = ("score", "classifier")
+
+
+class MissingRewardHead(RuntimeError):
+    pass
+
+
+def load_reward_base(model_cfg: ModelConfig, quant: QuantizationConfig, precision: str, path: Path, full_finetune: bool = False):
+    from transformers import AutoModelForSequenceClassification
+
+    quantization = None if full_finetune else bnb_config(quant, DTYPES[precision])
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path,
+        num_labels=1,
+        dtype=torch.float32 if full_finetune else DTYPES[precision],
+        quantization_config=quantization,
+        attn_implementation=model_cfg.attn_implementation,
+        trust_remote_code=model_cfg.trust_remote_code,
+        revision=model_cfg.revision,
+    )
+    if quantization is not None:
+        disable_bnb_cpu_repacking(model)
+    return model
+
+
+def _head(model):
+    for name in HEAD_NAMES:
+        if hasattr(model, name):
+            return getattr(model, name)
+    raise MissingRewardHead(f"{type(model).__name__} has no scalar head ({' or '.join(HEAD_NAMES)})")
+
+
+def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar reward per row [B], read at each row's last attended token (any padding side)."""
+    classifier = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(classifier, classifier.base_model_prefix)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+    last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).int().argmax(-1)
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    head = _head(classifier)
+    return head(pooled.to(next(head.parameters()).dtype)).squeeze(-1).float()
+
+
+def check_head_saved(adapter_dir: Path) -> None:
+    """A reward adapter without its head would score with a random head: refuse it."""
+    from safetensors import safe_open
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise MissingRewardHead(f"{adapter_dir}: no adapter_model.safetensors")
+    with safe_open(str(weights), "pt") as handle:
+        if not any(name in key for key in handle.keys() for name in HEAD_NAMES):
+            raise MissingRewardHead(f"{weights} holds no reward head ({' or '.join(HEAD_NAMES)} weights); it cannot score")
+
+
+def load_reward_model(folder: str | Path):
+    """(model, tokenizer) from a finished `rm` stage folder, in eval mode."""
+    from peft import PeftModel
+
+    from align.models.trained import stage_config
+
+    folder = Path(folder)
+    manifest = read_stage_manifest(folder)
+    if manifest.get("kind") != "rm" or manifest.get("status") != "complete":
+        raise FileNotFoundError(f"{folder}: not a finished reward-model stage")
+    cfg = stage_config(folder)
+    artifact = folder / manifest["artifact"]
+    tokenizer = load_tokenizer(cfg.model, artifact)
+    if manifest["artifact"] == "model":
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(artifact)
+    else:
+        check_head_saved(artifact)
+        base = load_reward_base(cfg.model, cfg.quantization, manifest["precision"], Path(manifest["base_model_path"]))
+        base.config.pad_token_id = tokenizer.pad_token_id
+        model = PeftModel.from_pretrained(base, artifact)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,71 @@
+"""Pluggable rewards for PPO, GRPO and evaluation: one interface, one registry.
+
+A reward is a callable ``(prompts, completions, **columns) -> list[float]`` with a ``name``:
+prompts are chat message lists (what the policy saw), completions are answer texts, and columns
+are extra dataset fields a rule may need (``reference=[...]`` for exact-answer rules).
+
+    build_reward({"type": "rule", "name": "gsm8k_exact"})
+    build_reward({"type": "learned", "path": "runs/recipe/reward"})
+    build_reward([{"type": "rule", "name": "gsm8k_exact", "weight": 1.0},
+                  {"type": "rule", "name": "length_penalty", "weight": 0.1}])
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from reward_models import rules
+
+
+class Reward(Protocol):
+    name: str
+
+    def __call__(self, prompts: list[list[dict]], completions: list[str], **columns: list[Any]) -> list[float]: ...
+
+
+class RuleReward:
+    """A plain typed function from reward_models.rules, given only the columns it asks for."""
+
+    def __init__(self, name: str):
+        if name not in rules.RULES:
+            raise KeyError(f"unknown rule reward '{name}' (known: {', '.join(sorted(rules.RULES))})")
+        self.name = name
+        self.function = rules.RULES[name]
+
+    def __call__(self, prompts, completions, **columns):
+        import inspect
+
+        wanted = inspect.signature(self.function).parameters
+        missing = [p for p in wanted if p not in ("prompts", "completions") and p not in columns and wanted[p].default is inspect.Parameter.empty]
+        if missing:
+            raise KeyError(f"rule '{self.name}' needs the data column(s) {missing}")
+        return self.function(prompts, completions, **{k: v for k, v in columns.items() if k in wanted})
+
+
+class WeightedSum:
+    """Several rewards, each scaled by its weight, added per sample."""
+
+    def __init__(self, parts: list[tuple[float, Reward]]):
+        self.parts = parts
+        self.name = " + ".join(f"{w:g}*{r.name}" for w, r in parts)
+
+    def __call__(self, prompts, completions, **columns):
+        totals = [0.0] * len(completions)
+        for weight, reward in self.parts:
+            for i, value in enumerate(reward(prompts, completions, **columns)):
+                totals[i] += weight * value
+        return totals
+
+
+def build_reward(spec: dict | list[dict]) -> Reward:
+    """A reward from a recipe's ``reward:`` section (a spec, or a list of weighted specs)."""
+    if isinstance(spec, list):
+        return WeightedSum([(float(part.get("weight", 1.0)), build_reward({k: v for k, v in part.items() if k != "weight"})) for part in spec])
+    kind = spec.get("type")
+    if kind == "rule":
+        return RuleReward(spec["name"])
+    if kind == "learned":
+        from reward_models.learned import LearnedReward
+
+        return LearnedReward(spec["path"], batch_size=int(spec.get("batch_size", 8)))
+    raise KeyError(f"unknown reward type {kind!r} (rule, learned)")

@@ -1,0 +1,37 @@
+"""A trained Bradley-Terry reward model (an `align rm` stage folder) as a reward."""
+
+from __future__ import annotations
+
+import torch
+
+from align.data.batching import PaddingCollator
+from align.data.templating import IGNORE_INDEX, encode_conversation, end_of_turn_ids
+from align.models.reward import load_reward_model, reward_scores
+
+
+class LearnedReward:
+    """Scores (prompt messages, completion) with the ids the reward model was trained on:
+    the prompt with the generation prompt, then the answer through its end-of-turn token."""
+
+    def __init__(self, folder, batch_size: int = 8):
+        self.model, self.tokenizer = load_reward_model(folder)
+        self.name = f"learned:{folder}"
+        self.batch_size = batch_size
+        self.collate = PaddingCollator(self.tokenizer.pad_token_id)
+        self.eot_ids = end_of_turn_ids(self.tokenizer)
+
+    def encode(self, prompt: list[dict], completion: str) -> list[int]:
+        encoded = encode_conversation(self.tokenizer, prompt + [{"role": "assistant", "content": completion}], 1 << 30, self.eot_ids)
+        last = max(i for i, label in enumerate(encoded.labels) if label != IGNORE_INDEX)
+        return encoded.input_ids[: last + 1]
+
+    @torch.no_grad()
+    def __call__(self, prompts, completions, **columns) -> list[float]:
+        rows = [self.encode(p, c) for p, c in zip(prompts, completions)]
+        scores: list[float] = []
+        device = next(self.model.parameters()).device
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            batch = self.collate([{"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids)} for ids in chunk])
+            scores += reward_scores(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).tolist()
+        return scores

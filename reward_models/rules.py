@@ -1,0 +1,69 @@
+"""Rule-based rewards: plain typed functions ``(prompts, completions, ...) -> list[float]``.
+
+Each docstring example runs as a test (tests/test_reward.py runs doctest on this module).
+"""
+
+from __future__ import annotations
+
+import re
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_number(text: str) -> str | None:
+    """The answer after GSM8K's '####' marker, else the last number in the text, normalised.
+
+    >>> final_number("so 3 + 4 = 7\\n#### 7")
+    '7'
+    >>> final_number("It costs $1,250.00 in total.")
+    '1250'
+    >>> final_number("no digits here") is None
+    True
+    """
+    tail = text.split("####")[-1] if "####" in text else text
+    numbers = _NUMBER.findall(tail)
+    if not numbers:
+        return None
+    value = numbers[-1].replace(",", "")
+    if "." in value:
+        value = value.rstrip("0").rstrip(".")
+    return value
+
+
+def gsm8k_exact(prompts: list, completions: list[str], reference: list[str]) -> list[float]:
+    """1.0 when the completion's final number equals the reference answer's, else 0.0.
+
+    >>> gsm8k_exact([[], []], ["... #### 18", "I think 17"], ["Janet makes 18.\\n#### 18", "#### 18"])
+    [1.0, 0.0]
+    """
+    return [1.0 if (got := final_number(c)) is not None and got == final_number(r) else 0.0 for c, r in zip(completions, reference)]
+
+
+def answer_format(prompts: list, completions: list[str]) -> list[float]:
+    """1.0 when the completion ends with a GSM8K-style '#### <number>' line.
+
+    >>> answer_format([[], []], ["3 + 4 = 7\\n#### 7", "The answer is 7."])
+    [1.0, 0.0]
+    """
+    return [1.0 if re.search(r"####\s*-?[\d,.]+\s*$", c.strip()) else 0.0 for c in completions]
+
+
+def length_penalty(prompts: list, completions: list[str], target_words: int = 100) -> list[float]:
+    """Minus the fraction by which a completion exceeds ``target_words`` words (0 when within).
+
+    >>> length_penalty([[], []], ["short answer", "word " * 150], target_words=100)
+    [0.0, -0.5]
+    """
+    return [min(0.0, 1.0 - len(c.split()) / target_words) for c in completions]
+
+
+def contains_marker(prompts: list, completions: list[str], marker: str = "zebra") -> list[float]:
+    """1.0 when the completion contains ``marker`` (a learnable toy reward for tests and demos).
+
+    >>> contains_marker([[]], ["a zebra!"])
+    [1.0]
+    """
+    return [1.0 if marker in c else 0.0 for c in completions]
+
+
+RULES = {f.__name__: f for f in (gsm8k_exact, answer_format, length_penalty, contains_marker)}
