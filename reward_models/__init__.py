@@ -6,12 +6,14 @@ are extra dataset fields a rule may need (``reference=[...]`` for exact-answer r
 
     build_reward({"type": "rule", "name": "gsm8k_exact"})
     build_reward({"type": "learned", "path": "runs/recipe/reward"})
+    build_reward({"type": "judge", "model": "smollm2-135m-instruct", "mode": "pointwise"})
     build_reward([{"type": "rule", "name": "gsm8k_exact", "weight": 1.0},
                   {"type": "rule", "name": "length_penalty", "weight": 0.1}])
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Protocol
 
 from reward_models import rules
@@ -26,20 +28,22 @@ class Reward(Protocol):
 class RuleReward:
     """A plain typed function from reward_models.rules, given only the columns it asks for."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, **options):
         if name not in rules.RULES:
             raise KeyError(f"unknown rule reward '{name}' (known: {', '.join(sorted(rules.RULES))})")
-        self.name = name
-        self.function = rules.RULES[name]
+        self.name, self.function, self.options = name, rules.RULES[name], options
+        self.parameters = inspect.signature(self.function).parameters
+        settable = [p for p, v in self.parameters.items() if v.default is not inspect.Parameter.empty]
+        unknown = sorted(set(options) - set(settable))
+        if unknown:
+            raise KeyError(f"rule '{name}' has no option(s) {unknown} (options: {settable or 'none'})")
 
     def __call__(self, prompts, completions, **columns):
-        import inspect
-
-        wanted = inspect.signature(self.function).parameters
+        wanted = self.parameters
         missing = [p for p in wanted if p not in ("prompts", "completions") and p not in columns and wanted[p].default is inspect.Parameter.empty]
         if missing:
             raise KeyError(f"rule '{self.name}' needs the data column(s) {missing}")
-        return self.function(prompts, completions, **{k: v for k, v in columns.items() if k in wanted})
+        return self.function(prompts, completions, **{k: v for k, v in columns.items() if k in wanted}, **self.options)
 
 
 class WeightedSum:
@@ -63,9 +67,13 @@ def build_reward(spec: dict | list[dict]) -> Reward:
         return WeightedSum([(float(part.get("weight", 1.0)), build_reward({k: v for k, v in part.items() if k != "weight"})) for part in spec])
     kind = spec.get("type")
     if kind == "rule":
-        return RuleReward(spec["name"])
+        return RuleReward(spec["name"], **{k: v for k, v in spec.items() if k not in ("type", "name")})
     if kind == "learned":
         from reward_models.learned import LearnedReward
 
         return LearnedReward(spec["path"], batch_size=int(spec.get("batch_size", 8)))
-    raise KeyError(f"unknown reward type {kind!r} (rule, learned)")
+    if kind == "judge":
+        from reward_models.judge import LLMJudge
+
+        return LLMJudge(spec["model"], mode=spec.get("mode", "pairwise"), batch_size=int(spec.get("batch_size", 4)))
+    raise KeyError(f"unknown reward type {kind!r} (rule, learned, judge)")

@@ -14,16 +14,26 @@ class LearnedReward:
     the prompt with the generation prompt, then the answer through its end-of-turn token."""
 
     def __init__(self, folder, batch_size: int = 8):
+        from pathlib import Path
+
+        from align.models.trained import stage_config
+
         self.model, self.tokenizer = load_reward_model(folder)
+        data = stage_config(Path(folder)).data  # score with the system prompt and length budget it was trained with
+        self.system_prompt, self.max_length = data.system_prompt, data.max_length
+        if torch.cuda.is_available() and not getattr(self.model, "is_loaded_in_4bit", False):
+            self.model.to("cuda")
         self.name = f"learned:{folder}"
         self.batch_size = batch_size
         self.collate = PaddingCollator(self.tokenizer.pad_token_id)
         self.eot_ids = end_of_turn_ids(self.tokenizer)
 
     def encode(self, prompt: list[dict], completion: str) -> list[int]:
+        if self.system_prompt and prompt[0]["role"] != "system":
+            prompt = [{"role": "system", "content": self.system_prompt}] + prompt
         encoded = encode_conversation(self.tokenizer, prompt + [{"role": "assistant", "content": completion}], 1 << 30, self.eot_ids)
         last = max(i for i, label in enumerate(encoded.labels) if label != IGNORE_INDEX)
-        return encoded.input_ids[: last + 1]
+        return encoded.input_ids[: min(last + 1, self.max_length)]  # training cut answers at max_length too
 
     @torch.no_grad()
     def __call__(self, prompts, completions, **columns) -> list[float]:

@@ -69,6 +69,15 @@ def test_pair_formats_share_prompt_ids_and_match_the_rollout_prompt(tmp_path, to
     assert tokenizer.decode(pairs[0].chosen_ids) == "Blue sky.<|im_end|>"
 
 
+def test_pairs_with_a_history_split_at_the_last_prompt_turn(tmp_path, tokenizer):
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+               {"role": "user", "content": "Name a colour."}]
+    row = {"chosen": history + [{"role": "assistant", "content": "Blue."}], "rejected": history + [{"role": "assistant", "content": "Dog."}]}
+    pairs, _ = encode_pair_files([str(write_jsonl(tmp_path / "h.jsonl", [row]))], tokenizer, DataConfig(), "train")
+    assert pairs[0].prompt_ids == encode_prompt(tokenizer, history)
+    assert tokenizer.decode(pairs[0].chosen_ids) == "Blue.<|im_end|>"
+
+
 def test_pair_truncation_is_one_budget_and_bad_pairs_are_counted(tmp_path, tokenizer):
     long = "word " * 100
     rows = [
@@ -132,9 +141,11 @@ def test_step_zero_loss_is_ln2_when_starting_from_an_sft_adapter(tmp_path, tiny_
     out = run_dpo(recipe.resolve("dpo"), tmp_path / "dpo", recipe_name="tiny", from_dir=sft_out)
     start = first_eval(out)
     assert start["eval_loss"] == pytest.approx(LN2, abs=1e-6)
-    # and the reference really is the SFT adapter, not the base: the policy logps differ from the base's
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert "sft" in manifest["reference"] and manifest["steps"] == 2
+    # ln 2 means reference == policy at step 0; the policy is the SFT adapter, not the base: its
+    # step-0 logprobs differ from those of a run that starts from the base
+    fresh = run_dpo(recipe.resolve("dpo", ["from=null"]), tmp_path / "fresh", recipe_name="tiny")
+    assert abs(start["eval_logps/chosen"] - first_eval(fresh)["eval_logps/chosen"]) > 1e-3
+    assert json.loads((out / "manifest.json").read_text())["steps"] == 2
     from safetensors.torch import load_file
 
     trained = load_file(str(out / "adapter" / "adapter_model.safetensors"))
@@ -152,7 +163,7 @@ def test_toy_preference_is_learned(tmp_path, tiny_llama):
     ])
     out = run_dpo(cfg, tmp_path / "dpo", recipe_name="tiny")
     manifest = json.loads((out / "manifest.json").read_text())
-    assert first_eval(out)["eval_rewards/accuracy"] == 0  # rewards are all 0 at the start
+    assert first_eval(out)["eval_rewards/accuracies"] == 0  # rewards are all 0 at the start
     assert manifest["eval_reward_accuracy"] > 0.9
 
 

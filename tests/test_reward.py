@@ -72,8 +72,15 @@ def test_scores_do_not_depend_on_padding_or_batch_mates(toy_rm, tokenizer):
     with torch.no_grad():
         left = reward_scores(reward.model, ids, mask)
     torch.testing.assert_close(left, alone, atol=1e-5, rtol=0)
-    # the score is read at the end-of-turn token (pad == eos must not hide it)
-    assert all(r[-1] == tokenizer.eos_token_id for r in rows)
+    # the score is the head applied at the end-of-turn token, which is also the pad token here:
+    # transformers' own pooling (by pad id) reads an earlier token and gives another score
+    assert rows[0][-1] == tokenizer.eos_token_id == tokenizer.pad_token_id
+    classifier = reward.model.get_base_model()
+    with torch.no_grad():
+        output = reward.model(input_ids=torch.tensor([rows[0]]), output_hidden_states=True)
+        at_end = classifier.score(output.hidden_states[-1][0, -1]).squeeze().float()
+    torch.testing.assert_close(at_end, alone[0], atol=1e-5, rtol=0)
+    assert abs(output.logits[0, 0].item() - alone[0].item()) > 1e-4
 
 
 def test_saved_reward_model_scores_identically_in_a_fresh_process(toy_rm):
@@ -124,6 +131,9 @@ def test_registry_builds_rules_and_weighted_sums():
         build_reward({"type": "rule", "name": "nope"})
     with pytest.raises(KeyError, match="reference"):
         build_reward({"type": "rule", "name": "gsm8k_exact"})([[]], ["1"])
+    assert build_reward({"type": "rule", "name": "length_penalty", "target_words": 2})([[]], ["a b c d"]) == [-1.0]
+    with pytest.raises(KeyError, match="no option"):
+        build_reward({"type": "rule", "name": "length_penalty", "target_word": 2})
 
 
 def test_cli_rm_train_and_score(tmp_path, tiny_gpt2):
@@ -142,3 +152,37 @@ def test_cli_rm_train_and_score(tmp_path, tiny_gpt2):
     again = cli("rm", "score", "--model", tmp_path / "rm", "--data", rows, check=False)
     assert again.returncode == 2 and "exists" in again.stdout
 
+
+
+def test_pairwise_judge_is_order_symmetric_and_pointwise_is_a_probability(tiny_llama):
+    from reward_models import build_reward
+
+    judge = build_reward({"type": "judge", "model": str(tiny_llama), "mode": "pairwise"})
+    prompts = [[{"role": "user", "content": "What is 2+2?"}]] * 2
+    a, b = ["4", "It is four."], ["5", "Four, I think"]
+    forward, backward = judge.compare(prompts, a, b), judge.compare(prompts, b, a)
+    assert all(abs(x + y - 1) < 1e-6 for x, y in zip(forward, backward))
+    assert judge.compare(prompts[:1], ["same"], ["same"]) == [pytest.approx(0.5, abs=1e-6)]
+    assert judge(prompts, a, baseline=b) == forward
+    with pytest.raises(KeyError, match="baseline"):
+        judge(prompts, a)
+    pointwise = build_reward({"type": "judge", "model": str(tiny_llama), "mode": "pointwise"})
+    assert all(0 < p < 1 for p in pointwise(prompts, a))
+
+
+def test_a_judge_that_always_says_a_is_caught_and_cancelled(tmp_path, tiny_llama):
+    """Position bias: a judge trained to answer 'A' whatever it reads gets a bias rate of 1 and,
+    because both orders are asked, no pair looks better than a coin flip."""
+    from align.stages.sft import run_sft
+    from reward_models.judge import PAIRWISE, LLMJudge
+
+    rows = [{"prompt": PAIRWISE.format(question=f"q{i}", a=f"answer {i}", b=f"other {i}"), "completion": "A"} for i in range(8)]
+    data = write_jsonl(tmp_path / "judge.jsonl", rows)
+    recipe = load_recipe(tiny_recipe(tmp_path / "j.yaml", tiny_llama, str(data)))
+    cfg = recipe.resolve("sft", ["adapter.method=full", "train.lr=2e-2", "train.max_steps=40", "train.batch_size=8"])
+    out = run_sft(cfg, tmp_path / "biased", recipe_name="tiny")
+    judge = LLMJudge(out)
+    prompts = [[{"role": "user", "content": "q100"}], [{"role": "user", "content": "q101"}]]
+    wins = judge.compare(prompts, ["answer 100", "x"], ["other 100", "y"])
+    assert judge.last_position_bias == 1.0
+    assert all(abs(w - 0.5) < 0.05 for w in wins)

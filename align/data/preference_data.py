@@ -19,10 +19,10 @@ from align.data.formats import Message, RowError, _check_messages, _text
 from align.data.loading import read_records
 from align.data.report import RowProblem, RowReport
 from align.data.splits import load_splits
-from align.data.templating import IGNORE_INDEX, check_no_special_tokens, encode_conversation, end_of_turn_ids
+from align.data.templating import IGNORE_INDEX, check_no_special_tokens, encode_conversation, encode_prompt, end_of_turn_ids
 from align.recipe import DataConfig
 
-LENGTH_REASONS = {"prompt_too_long"}
+LENGTH_REASONS = {"prompt_too_long", "identical_after_truncation"}
 
 
 @dataclass
@@ -78,21 +78,25 @@ def _completion(row: dict[str, Any], field: str) -> str:
 
 
 def encode_pair(tokenizer, prompt: list[Message], chosen: str, rejected: str, max_length: int, eot_ids: set[int]) -> Pair:
-    sides = []
+    prompt_ids = encode_prompt(tokenizer, prompt)  # the whole history, as a rollout engine sees it
+    completions = []
     for text in (chosen, rejected):
         encoded = encode_conversation(tokenizer, prompt + [{"role": "assistant", "content": text}], max_length=1 << 30, eot_ids=eot_ids)
+        if encoded.input_ids[: len(prompt_ids)] != prompt_ids:  # impossible with a prefix-stable template; never train on it
+            raise RowError("prompt", "the prompt's ids are not a prefix of prompt + answer", "template_error")
         last = max(i for i, label in enumerate(encoded.labels) if label != IGNORE_INDEX)
-        sides.append((encoded.input_ids[: encoded.prompt_length], encoded.input_ids[encoded.prompt_length : last + 1]))
-    (prompt_ids, chosen_ids), (other_prompt_ids, rejected_ids) = sides
-    if prompt_ids != other_prompt_ids:  # cannot happen with a prefix-stable template; never train on it if it does
-        raise RowError("prompt", "chosen and rejected do not share prompt ids", "template_error")
+        completions.append(encoded.input_ids[len(prompt_ids) : last + 1])
+    chosen_ids, rejected_ids = completions
     if chosen_ids == rejected_ids:
         raise RowError("rejected", "chosen and rejected are identical after templating", "identical_pair")
     budget = max_length - len(prompt_ids)
     if budget < 1:
         raise RowError("prompt", f"prompt is {len(prompt_ids)} tokens, max_length is {max_length}", "prompt_too_long")
     truncated = max(len(chosen_ids), len(rejected_ids)) > budget
-    return Pair(prompt_ids, chosen_ids[:budget], rejected_ids[:budget], truncated)
+    chosen_ids, rejected_ids = chosen_ids[:budget], rejected_ids[:budget]
+    if chosen_ids == rejected_ids:
+        raise RowError("rejected", f"chosen and rejected only differ after the first {budget} answer tokens", "identical_after_truncation")
+    return Pair(prompt_ids, chosen_ids, rejected_ids, truncated)
 
 
 def _margin(row: dict[str, Any]) -> float | None:

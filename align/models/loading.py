@@ -78,6 +78,8 @@ def load_base_model(model_cfg: ModelConfig, quant: QuantizationConfig, precision
         attn_implementation=model_cfg.attn_implementation,
         trust_remote_code=model_cfg.trust_remote_code,
         revision=model_cfg.revision,
+        # bitsandbytes quantizes while placing weights: put a 4-bit base on this process's GPU at load
+        device_map={"": torch.cuda.current_device()} if quantization is not None and torch.cuda.is_available() else None,
     )
     if quantization is not None:
         disable_bnb_cpu_repacking(model)

@@ -86,6 +86,17 @@ def training_arguments(cfg: StageConfig, output_dir: Path, precision: str, has_e
     )
 
 
+def stage_callbacks(output_dir: Path, cfg: StageConfig, model) -> list:
+    """metrics.jsonl, checkpoint completion markers, and AdaLoRA's rank budget when it is used."""
+    from align.models.adapters import AdaLoraBudget
+    from align.tracking import CheckpointMarker, MetricsFile
+
+    callbacks = [MetricsFile(output_dir / "metrics.jsonl"), CheckpointMarker()]
+    if cfg.adapter.method == "adalora":
+        callbacks.append(AdaLoraBudget(model))
+    return callbacks
+
+
 def loraplus_optimizer(model, cfg: StageConfig):
     """LoRA+ (B matrices at ratio x the learning rate) through peft's helper; None = Trainer default."""
     if cfg.lora.loraplus_lr_ratio is None or cfg.adapter.method != "lora":

@@ -39,6 +39,8 @@ from align.models.resolve import resolve_model
 from align.recipe import DPOConfig, RecipeError
 from align.stages.common import (
     adapter_line,
+    loraplus_optimizer,
+    stage_callbacks,
     prepare_output,
     process_state,
     save_stage,
@@ -46,7 +48,6 @@ from align.stages.common import (
     total_steps,
     training_arguments,
 )
-from align.tracking import CheckpointMarker, MetricsFile
 
 
 def completion_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +119,7 @@ def precompute_reference(model, pairs: list[Pair], collator: PairCollator, batch
 
 
 class PreferenceTrainer(Trainer):
-    """transformers' Trainer with a preference loss; metrics per step as TRL names them."""
+    """transformers' Trainer with a preference loss; rewards/* metrics named as TRL names them."""
 
     def __init__(self, *args, options, reference_adapter: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -144,7 +145,9 @@ class PreferenceTrainer(Trainer):
             terms.update(ref_chosen=ref[:n].to(sums.dtype), ref_rejected=ref[n:].to(sums.dtype))
         loss = self.loss_kind(**terms).mean()
         if self.options.rpo_alpha:
-            loss = loss + self.options.rpo_alpha * -(policy_chosen.sum() / counts[:n].sum())
+            # per-pair token-mean NLL of the chosen answer, then the mean over pairs: independent of how
+            # the batch is split into micro-batches
+            loss = loss + self.options.rpo_alpha * -(policy_chosen / counts[:n].clamp(min=1)).mean()
         self._record(policy_chosen.detach(), policy_rejected.detach(), ref, counts, prefix="" if model.training else "eval_")
         return (loss, {}) if return_outputs else loss
 
@@ -158,15 +161,16 @@ class PreferenceTrainer(Trainer):
             rejected = self.options.beta * (policy_rejected - ref[n:])
             stats[prefix + "rewards/chosen"].append(chosen.mean().item())
             stats[prefix + "rewards/rejected"].append(rejected.mean().item())
-            stats[prefix + "rewards/accuracy"].append((chosen > rejected).float().mean().item())
-            stats[prefix + "rewards/margin"].append((chosen - rejected).mean().item())
-            # per-token log-ratio to the reference on these sequences: a cheap KL-to-reference estimate
+            stats[prefix + "rewards/accuracies"].append((chosen > rejected).float().mean().item())
+            stats[prefix + "rewards/margins"].append((chosen - rejected).mean().item())
+            # per-token log-ratio to the reference on the dataset's answers: how far the policy moved
+            # (not a KL: these answers are not sampled from the policy)
             logratio = torch.cat([policy_chosen - ref[:n], policy_rejected - ref[n:]]).sum() / counts.sum()
-            stats[prefix + "kl_per_token"].append(logratio.item())
+            stats[prefix + "logratio_per_token"].append(logratio.item())
         else:
             margin = policy_chosen / counts[:n] - policy_rejected / counts[n:]
-            stats[prefix + "rewards/accuracy"].append((margin > 0).float().mean().item())
-            stats[prefix + "rewards/margin"].append(margin.mean().item())
+            stats[prefix + "rewards/accuracies"].append((margin > 0).float().mean().item())
+            stats[prefix + "rewards/margins"].append(margin.mean().item())
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -217,7 +221,10 @@ def run_dpo(cfg: DPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
     model.config.use_cache = False
     trainable, total = trainable_summary(model)
 
-    # 3. Reference: computed once now, or every step.
+    # 3. Reference: computed once now, or every step - on the device training will use, so the
+    #    reference runs exactly as the policy will at step 0.
+    if torch.cuda.is_available() and not quantized:
+        model.to(state.device)
     collator = PairCollator(tokenizer.pad_token_id)
     reference_started = time.time()
     if not loss_kind.needs_reference or live:
@@ -258,7 +265,8 @@ def run_dpo(cfg: DPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
         train_dataset=train_rows,
         eval_dataset=eval_rows or None,
         data_collator=collator,
-        callbacks=[MetricsFile(output_dir / "metrics.jsonl"), CheckpointMarker()],
+        callbacks=stage_callbacks(output_dir, cfg, model),
+        optimizers=(loraplus_optimizer(model, cfg), None),
         options=cfg.dpo,
         reference_adapter=reference_adapter,
     )
@@ -277,11 +285,11 @@ def run_dpo(cfg: DPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
             loss=cfg.dpo.loss, beta=cfg.dpo.beta, reference=reference_line, reference_seconds=reference_seconds,
             data={r.name: r.as_dict() for r in reports},
             steps=result.global_step, train_loss=result.training_loss,
-            eval_loss=final_eval.get("eval_loss"), eval_reward_accuracy=final_eval.get("eval_rewards/accuracy"),
+            eval_loss=final_eval.get("eval_loss"), eval_reward_accuracy=final_eval.get("eval_rewards/accuracies"),
             resumed_from=str(resume_from) if resume_from else None,
         )
         if final_eval:
-            console.print(f"held-out reward accuracy {final_eval.get('eval_rewards/accuracy', float('nan')):.3f}, loss {final_eval['eval_loss']:.4f}")
+            console.print(f"held-out reward accuracy {final_eval.get('eval_rewards/accuracies', float('nan')):.3f}, loss {final_eval['eval_loss']:.4f}")
         console.print(f"next: align generate --model {output_dir} --prompt \"...\"")
     return output_dir
 

@@ -31,10 +31,19 @@ from align.models.adapters import add_adapter, trainable_summary
 from align.models.loading import load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
 from align.models.reward import load_reward_base, reward_scores
-from align.recipe import RewardConfig
-from align.stages.common import adapter_line, prepare_output, process_state, save_stage, steps_line, total_steps, training_arguments
+from align.recipe import RecipeError, RewardConfig
+from align.stages.common import (
+    adapter_line,
+    loraplus_optimizer,
+    prepare_output,
+    process_state,
+    save_stage,
+    stage_callbacks,
+    steps_line,
+    total_steps,
+    training_arguments,
+)
 from align.stages.dpo import pair_rows
-from align.tracking import CheckpointMarker, MetricsFile
 
 
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -97,6 +106,9 @@ def run_reward(cfg: RewardConfig, output_dir: str | Path, recipe_name: str = "re
     started = time.time()
     output_dir = Path(output_dir)
     state = process_state()
+    if state.num_processes > 1:
+        # The score is pooled outside the wrapped model's forward, which DDP would not all-reduce.
+        raise RecipeError("align rm runs in one process for now; launch it without torchrun")
 
     # 1. Data.
     with state.main_process_first():
@@ -141,7 +153,8 @@ def run_reward(cfg: RewardConfig, output_dir: str | Path, recipe_name: str = "re
         train_dataset=pair_rows(train_pairs),
         eval_dataset=eval_rows or None,
         data_collator=PairCollator(tokenizer.pad_token_id),
-        callbacks=[MetricsFile(output_dir / "metrics.jsonl"), CheckpointMarker()],
+        callbacks=stage_callbacks(output_dir, cfg, model),
+        optimizers=(loraplus_optimizer(model, cfg), None),
         options=cfg.reward,
     )
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

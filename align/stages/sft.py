@@ -22,7 +22,7 @@ from pathlib import Path
 from align.console import console, print_plan
 from align.data.batching import PackedCollator, PaddingCollator, as_rows, pack
 from align.data.sft_data import load_sft_data
-from align.models.adapters import AdaLoraBudget, add_adapter, trainable_summary
+from align.models.adapters import add_adapter, trainable_summary
 from align.models.loading import load_base_model, load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
 from align.recipe import SFTConfig
@@ -32,11 +32,11 @@ from align.stages.common import (
     prepare_output,
     process_state,
     save_stage,
+    stage_callbacks,
     steps_line,
     total_steps,
     training_arguments,
 )
-from align.tracking import CheckpointMarker, MetricsFile
 
 
 def run_sft(cfg: SFTConfig, output_dir: str | Path, recipe_name: str = "recipe", overwrite: bool = False, resume: bool = False) -> Path:
@@ -90,8 +90,7 @@ def run_sft(cfg: SFTConfig, output_dir: str | Path, recipe_name: str = "recipe",
         train_dataset=train_rows,
         eval_dataset=eval_rows or None,
         data_collator=collator,
-        callbacks=[MetricsFile(output_dir / "metrics.jsonl"), CheckpointMarker()]
-        + ([AdaLoraBudget(model)] if cfg.adapter.method == "adalora" else []),
+        callbacks=stage_callbacks(output_dir, cfg, model),
         optimizers=(loraplus_optimizer(model, cfg), None),
     )
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
