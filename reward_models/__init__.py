@@ -6,6 +6,7 @@ are extra dataset fields a rule may need (``reference=[...]`` for exact-answer r
 
     build_reward({"type": "rule", "name": "gsm8k_exact"})
     build_reward({"type": "learned", "path": "runs/recipe/reward"})
+    build_reward({"type": "learned", "from": "reward"}, stage_dirs={"reward": Path("runs/recipe/reward")})
     build_reward({"type": "judge", "model": "smollm2-135m-instruct", "mode": "pointwise"})
     build_reward([{"type": "rule", "name": "gsm8k_exact", "weight": 1.0},
                   {"type": "rule", "name": "length_penalty", "weight": 0.1}])
@@ -14,6 +15,7 @@ are extra dataset fields a rule may need (``reference=[...]`` for exact-answer r
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any, Protocol
 
 from reward_models import rules
@@ -61,17 +63,28 @@ class WeightedSum:
         return totals
 
 
-def build_reward(spec: dict | list[dict]) -> Reward:
-    """A reward from a recipe's ``reward:`` section (a spec, or a list of weighted specs)."""
+def build_reward(spec: dict | list[dict], stage_dirs: dict[str, Path] | None = None) -> Reward:
+    """A reward from a recipe's ``reward:`` section (a spec, or a list of weighted specs).
+
+    ``{type: learned, from: reward}`` names a stage; ``stage_dirs`` maps stage names to their
+    finished folders (the pipeline passes runs/<recipe>/<stage>).
+    """
     if isinstance(spec, list):
-        return WeightedSum([(float(part.get("weight", 1.0)), build_reward({k: v for k, v in part.items() if k != "weight"})) for part in spec])
+        return WeightedSum([(float(part.get("weight", 1.0)), build_reward({k: v for k, v in part.items() if k != "weight"}, stage_dirs))
+                            for part in spec])
     kind = spec.get("type")
     if kind == "rule":
         return RuleReward(spec["name"], **{k: v for k, v in spec.items() if k not in ("type", "name")})
     if kind == "learned":
         from reward_models.learned import LearnedReward
 
-        return LearnedReward(spec["path"], batch_size=int(spec.get("batch_size", 8)))
+        if "from" in spec:
+            if not stage_dirs or spec["from"] not in stage_dirs:
+                raise KeyError(f"reward from: {spec['from']} names no finished stage (known: {sorted(stage_dirs or {})})")
+            path = stage_dirs[spec["from"]]
+        else:
+            path = spec["path"]
+        return LearnedReward(path, batch_size=int(spec.get("batch_size", 8)))
     if kind == "judge":
         from reward_models.judge import LLMJudge
 

@@ -83,6 +83,17 @@ def test_scores_do_not_depend_on_padding_or_batch_mates(toy_rm, tokenizer):
     assert abs(output.logits[0, 0].item() - alone[0].item()) > 1e-4
 
 
+def test_learned_reward_named_by_stage(toy_rm):
+    from reward_models import build_reward
+
+    by_stage = build_reward({"type": "learned", "from": "reward"}, stage_dirs={"reward": toy_rm})
+    by_path = build_reward({"type": "learned", "path": str(toy_rm)})
+    prompts, completions = [[{"role": "user", "content": "Describe scene 3."}]], ["the dog sat zebra"]
+    assert by_stage(prompts, completions) == by_path(prompts, completions)
+    with pytest.raises(KeyError, match="names no finished stage"):
+        build_reward({"type": "learned", "from": "rm2"}, stage_dirs={"reward": toy_rm})
+
+
 def test_saved_reward_model_scores_identically_in_a_fresh_process(toy_rm):
     from reward_models.learned import LearnedReward
 
