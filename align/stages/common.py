@@ -125,6 +125,24 @@ def steps_line(cfg: StageConfig, steps: int, world: int, unit: str = "examples")
     return f"{steps} optimizer steps x {per_step} {unit} (batch {cfg.train.batch_size} x accum {cfg.train.grad_accum} x {world} process(es))"
 
 
+def loss_only_prediction(trainer, model, inputs):
+    """Trainer.prediction_step for stages whose evaluation is their loss (and the stats it records)."""
+    inputs = trainer._prepare_inputs(inputs)
+    with torch.no_grad(), trainer.compute_loss_context_manager():
+        loss = trainer.compute_loss(model, inputs)
+    return loss.detach(), None, None
+
+
+def merge_stats(stats: dict[str, list[float]], logs: dict[str, float]) -> str:
+    """Move the per-batch stats recorded since the last log into ``logs`` as means: eval_ ones into
+    an evaluation's log, the others into a training log. Returns the prefix that was merged."""
+    prefix = "eval_" if any(k.startswith("eval_") for k in logs) else ""
+    for key in [k for k in stats if k.startswith(prefix) and (prefix or not k.startswith("eval_"))]:
+        values = stats.pop(key)
+        logs[key] = sum(values) / len(values)
+    return prefix
+
+
 def save_stage(trainer, tokenizer, output_dir: Path, artifact: str, started: float, **manifest) -> dict:
     """Adapter (or whole model) atomically, then the loss curve, then the manifest - last, so a
     manifest means the stage is complete. Main process only."""

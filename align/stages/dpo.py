@@ -40,6 +40,8 @@ from align.recipe import DPOConfig, RecipeError
 from align.stages.common import (
     adapter_line,
     loraplus_optimizer,
+    loss_only_prediction,
+    merge_stats,
     stage_callbacks,
     prepare_output,
     process_state,
@@ -173,16 +175,10 @@ class PreferenceTrainer(Trainer):
             stats[prefix + "rewards/margins"].append(margin.mean().item())
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+        return loss_only_prediction(self, model, inputs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        prefix = "eval_" if any(k.startswith("eval_") for k in logs) else ""
-        for key in [k for k in self._stats if k.startswith(prefix) and (prefix or not k.startswith("eval_"))]:
-            values = self._stats.pop(key)
-            logs[key] = sum(values) / len(values)
+        merge_stats(self._stats, logs)
         super().log(logs, start_time)
 
 

@@ -35,6 +35,8 @@ from align.recipe import RecipeError, RewardConfig
 from align.stages.common import (
     adapter_line,
     loraplus_optimizer,
+    loss_only_prediction,
+    merge_stats,
     prepare_output,
     process_state,
     save_stage,
@@ -82,16 +84,10 @@ class RewardTrainer(Trainer):
         return (loss, {}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+        return loss_only_prediction(self, model, inputs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        prefix = "eval_" if any(k.startswith("eval_") for k in logs) else ""
-        for key in [k for k in self._stats if k.startswith(prefix) and (prefix or not k.startswith("eval_"))]:
-            values = self._stats.pop(key)
-            logs[key] = sum(values) / len(values)
+        prefix = merge_stats(self._stats, logs)
         if prefix and self._eval_scores:
             scores, lengths = torch.cat(self._eval_scores), torch.cat(self._eval_lengths)
             logs.update({"eval_score_mean": scores.mean().item(), "eval_score_std": scores.std().item() if len(scores) > 1 else 0.0,
