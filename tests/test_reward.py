@@ -197,3 +197,19 @@ def test_a_judge_that_always_says_a_is_caught_and_cancelled(tmp_path, tiny_llama
     wins = judge.compare(prompts, ["answer 100", "x"], ["other 100", "y"])
     assert judge.last_position_bias == 1.0
     assert all(abs(w - 0.5) < 0.05 for w in wins)
+
+
+def test_rm_trains_under_torchrun_ddp(tmp_path, tiny_llama):
+    import os
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(16))
+    recipe = tiny_recipe(tmp_path / "r.yaml", tiny_llama, str(pairs), stages={"reward": {}})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "align.cli",
+         "rm", "--recipe", str(recipe), "train.max_steps=2", "--output-dir", str(tmp_path / "ddp")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "x 2 process(es)" in " ".join(proc.stdout.split())
+    assert json.loads((tmp_path / "ddp" / "manifest.json").read_text())["steps"] == 2

@@ -49,13 +49,18 @@ def _head(model):
 
 
 def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar reward per row [B], read at each row's last attended token (any padding side)."""
-    classifier = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone = getattr(classifier, classifier.base_model_prefix)
+    """Scalar reward per row [B], read at each row's last attended token (any padding side).
+
+    The forward goes through ``model`` itself (so a DDP wrapper synchronises gradients); its own
+    pad-id pooled logits are ignored and the head is applied to the final hidden state instead.
+    """
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+    output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True, use_cache=False)
+    hidden = output.hidden_states[-1]  # after the final norm, as the head expects
     last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).int().argmax(-1)
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    inner = model.module if hasattr(model, "module") else model  # DDP keeps the model in .module
+    classifier = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     head = _head(classifier)
     return head(pooled.to(next(head.parameters()).dtype)).squeeze(-1).float()
 

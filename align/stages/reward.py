@@ -31,7 +31,7 @@ from align.models.adapters import add_adapter, trainable_summary
 from align.models.loading import load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
 from align.models.reward import load_reward_base, reward_scores
-from align.recipe import RecipeError, RewardConfig
+from align.recipe import RewardConfig
 from align.stages.common import (
     adapter_line,
     loraplus_optimizer,
@@ -102,9 +102,6 @@ def run_reward(cfg: RewardConfig, output_dir: str | Path, recipe_name: str = "re
     started = time.time()
     output_dir = Path(output_dir)
     state = process_state()
-    if state.num_processes > 1:
-        # The score is pooled outside the wrapped model's forward, which DDP would not all-reduce.
-        raise RecipeError("align rm runs in one process for now; launch it without torchrun")
 
     # 1. Data.
     with state.main_process_first():
