@@ -19,7 +19,7 @@ from align.data.formats import Message, RowError, _check_messages, _text
 from align.data.loading import read_records
 from align.data.report import RowProblem, RowReport
 from align.data.splits import load_splits
-from align.data.templating import IGNORE_INDEX, check_no_special_tokens, encode_conversation, encode_prompt, end_of_turn_ids
+from align.data.templating import IGNORE_INDEX, check_no_special_tokens, control_token_texts, encode_conversation, encode_prompt, end_of_turn_ids
 from align.recipe import DataConfig
 
 LENGTH_REASONS = {"prompt_too_long", "identical_after_truncation"}
@@ -112,6 +112,7 @@ def encode_pair_files(paths: list[str], tokenizer, cfg: DataConfig, name: str) -
     report = RowReport(name=name)
     pairs: list[Pair] = []
     eot_ids = end_of_turn_ids(tokenizer)
+    specials = control_token_texts(tokenizer)
     for path in paths:
         for record in read_records(path):
             report.read += 1
@@ -120,7 +121,7 @@ def encode_pair_files(paths: list[str], tokenizer, cfg: DataConfig, name: str) -
                 continue
             try:
                 prompt, chosen, rejected = to_pair_messages(record.data, cfg.system_prompt)
-                check_no_special_tokens(tokenizer, prompt + [{"role": "assistant", "content": chosen}, {"role": "assistant", "content": rejected}])
+                check_no_special_tokens(prompt + [{"role": "assistant", "content": chosen}, {"role": "assistant", "content": rejected}], specials)
                 pair = encode_pair(tokenizer, prompt, chosen, rejected, cfg.max_length, eot_ids)
                 pair.margin = _margin(record.data)
             except RowError as err:

@@ -8,7 +8,7 @@ from align.data.formats import RowError, detect_format, to_messages
 from align.data.loading import DataError, read_records
 from align.data.report import RowProblem, RowReport
 from align.data.splits import load_splits
-from align.data.templating import Encoded, check_no_special_tokens, encode_conversation, end_of_turn_ids
+from align.data.templating import Encoded, check_no_special_tokens, control_token_texts, encode_conversation, end_of_turn_ids
 from align.recipe import DataConfig
 
 # Drops that come from the length budget, not from a broken row: counted, never fatal.
@@ -27,6 +27,7 @@ def encode_files(paths: list[str], tokenizer, cfg: DataConfig, name: str) -> tup
     report = RowReport(name=name)
     examples: list[Encoded] = []
     eot_ids = end_of_turn_ids(tokenizer)
+    specials = control_token_texts(tokenizer)
     for path in paths:
         fmt = None if cfg.format == "auto" else cfg.format
         undetected: list[RowProblem] = []
@@ -44,7 +45,7 @@ def encode_files(paths: list[str], tokenizer, cfg: DataConfig, name: str) -> tup
             fmt = row_format  # the first row that matches a format decides it for the file
             try:
                 messages = to_messages(record.data, fmt, cfg.system_prompt)
-                check_no_special_tokens(tokenizer, messages)
+                check_no_special_tokens(messages, specials)
                 encoded = encode_conversation(tokenizer, messages, cfg.max_length, eot_ids)
             except RowError as err:
                 problem = RowProblem(record.source, record.row, err.field, str(err), err.reason)

@@ -72,11 +72,16 @@ def end_of_turn_ids(tokenizer) -> set[int]:
     return ids
 
 
-def check_no_special_tokens(tokenizer, messages: list[Message]) -> None:
+def control_token_texts(tokenizer) -> list[str]:
+    """The spellings of the tokenizer's control tokens; computed once per file, not per row."""
+    specials = {t for t in tokenizer.all_special_tokens if len(t) > 1}
+    specials |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special and len(t.content) > 1}
+    return sorted(specials)
+
+
+def check_no_special_tokens(messages: list[Message], specials: list[str]) -> None:
     """Text that spells a control token (say '<|im_end|>') would be tokenized as that token: a
     turn could end mid-answer or a user could forge an assistant turn. Such rows are refused."""
-    specials = [t for t in tokenizer.all_special_tokens if len(t) > 1]
-    specials += [t.content for t in tokenizer.added_tokens_decoder.values() if t.special and len(t.content) > 1]
     for index, message in enumerate(messages):
         for token in specials:
             if token in message["content"]:

@@ -120,6 +120,10 @@ def adapter_line(cfg: StageConfig, quantized: bool, precision: str, trainable: i
     return f"{method} on {base}, {precision}; trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
 
 
+def resume_line(resume_from: Path | None, resume: bool) -> str:
+    return str(resume_from) if resume_from else ("no complete checkpoint; starting fresh" if resume else "-")
+
+
 def steps_line(cfg: StageConfig, steps: int, world: int, unit: str = "examples") -> str:
     per_step = cfg.train.batch_size * cfg.train.grad_accum * world
     return f"{steps} optimizer steps x {per_step} {unit} (batch {cfg.train.batch_size} x accum {cfg.train.grad_accum} x {world} process(es))"

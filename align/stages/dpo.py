@@ -45,6 +45,7 @@ from align.stages.common import (
     stage_callbacks,
     prepare_output,
     process_state,
+    resume_line,
     save_stage,
     steps_line,
     total_steps,
@@ -249,7 +250,7 @@ def run_dpo(cfg: DPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
             "reference": reference_line,
             **{f"data {r.name}": r.summary() for r in reports},
             "steps": steps_line(cfg, steps, state.num_processes, unit="pairs"),
-            "resume": str(resume_from) if resume_from else ("no complete checkpoint; starting fresh" if resume else "-"),
+            "resume": resume_line(resume_from, resume),
             "output": str(output_dir),
         })
 

@@ -39,6 +39,7 @@ from align.stages.common import (
     merge_stats,
     prepare_output,
     process_state,
+    resume_line,
     save_stage,
     stage_callbacks,
     steps_line,
@@ -134,7 +135,7 @@ def run_reward(cfg: RewardConfig, output_dir: str | Path, recipe_name: str = "re
             + (f", label smoothing {cfg.reward.label_smoothing}" if cfg.reward.label_smoothing else ""),
             **{f"data {r.name}": r.summary() for r in reports},
             "steps": steps_line(cfg, steps, state.num_processes, unit="pairs"),
-            "resume": str(resume_from) if resume_from else ("no complete checkpoint; starting fresh" if resume else "-"),
+            "resume": resume_line(resume_from, resume),
             "output": str(output_dir),
         })
 

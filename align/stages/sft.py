@@ -31,6 +31,7 @@ from align.stages.common import (
     loraplus_optimizer,
     prepare_output,
     process_state,
+    resume_line,
     save_stage,
     stage_callbacks,
     steps_line,
@@ -78,7 +79,7 @@ def run_sft(cfg: SFTConfig, output_dir: str | Path, recipe_name: str = "recipe",
             "examples": f"{len(data.train)} train, {len(data.eval)} held out"
             + (f"; packed into {len(train_rows)} rows of <= {cfg.data.max_length} tokens" if cfg.data.packing else ""),
             "steps": steps_line(cfg, steps, state.num_processes),
-            "resume": str(resume_from) if resume_from else ("no complete checkpoint; starting fresh" if resume else "-"),
+            "resume": resume_line(resume_from, resume),
             "output": str(output_dir),
         })
 
