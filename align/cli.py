@@ -114,26 +114,92 @@ def rm(
     run_reward(cfg, output_dir or _default_output(loaded, stage), recipe_name=loaded.name, overwrite=overwrite, resume=resume)
 
 
+ENGINE = typer.Option("auto", "--engine", "-e", help="auto (vllm when installed, else hf), hf or vllm")
+PRECISION = typer.Option("auto", help="auto (bf16 where the hardware has it), bf16 or fp32")
+
+
+def _engine_for(model: str, engine: str, precision: str):
+    """A rollout engine serving a stage folder, a model folder or an alias; says which engine."""
+    from align.models.loading import resolve_precision
+    from align.models.resolve import resolve_model
+    from align.models.trained import load_trained
+    from align.rollout.engine import make_engine
+
+    folder = Path(model)
+    policy, tokenizer = load_trained(folder if folder.is_dir() else resolve_model(model))
+    rollout_engine = make_engine(engine, policy, tokenizer, resolve_precision(precision))
+    console.print(f"[dim]engine: {rollout_engine.describe()}[/]")
+    return rollout_engine
+
+
 @app.command()
 def generate(
     model: str = typer.Option(..., "--model", "-m", help="a stage folder (runs/<recipe>/sft), a model folder, or an alias"),
     prompt: List[str] = typer.Option(..., "--prompt", "-p", help="user message; repeat for several prompts"),
     system: Optional[str] = typer.Option(None, help="system message"),
+    n: int = typer.Option(1, "-n", help="samples per prompt"),
     max_new_tokens: int = typer.Option(128, help="tokens to generate at most"),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
+    top_p: float = typer.Option(1.0, help="nucleus sampling; 1 = off"),
+    top_k: int = typer.Option(0, help="0 = off"),
+    stop: Optional[List[str]] = typer.Option(None, help="stop string; repeatable"),
     seed: int = typer.Option(0),
+    engine: str = ENGINE,
+    precision: str = PRECISION,
 ):
     """Generate answers from a trained stage or any model folder."""
-    from align.models.resolve import resolve_model
-    from align.models.trained import load_trained
-    from align.rollout.hf import generate as hf_generate
+    from align.rollout.engine import Sampling
 
-    folder = Path(model)
-    model_obj, tokenizer = load_trained(folder if folder.is_dir() else resolve_model(model))
+    rollout_engine = _engine_for(model, engine, precision)
     conversations = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}] for p in prompt]
-    for text_prompt, answer in zip(prompt, hf_generate(model_obj, tokenizer, conversations, max_new_tokens, temperature, seed)):
+    sampling = Sampling(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, stop=tuple(stop or ()), seed=seed)
+    rollouts = rollout_engine.generate(conversations, sampling)
+    for index, text_prompt in enumerate(prompt):
         console.print(f"[bold cyan]user:[/] {text_prompt}")
-        console.print(f"[bold green]assistant:[/] {answer}\n")
+        for rollout in rollouts[index * n : (index + 1) * n]:
+            cut = " [dim](cut at max_new_tokens)[/]" if rollout.truncated else ""
+            console.print(f"[bold green]assistant:[/] {rollout.text}{cut}")
+        console.print()
+    rollout_engine.close()
+
+
+@app.command()
+def chat(
+    model: str = typer.Option(..., "--model", "-m", help="a stage folder, a model folder, or an alias"),
+    system: Optional[str] = typer.Option(None, help="system message"),
+    max_new_tokens: int = typer.Option(256, help="tokens per answer at most"),
+    temperature: float = typer.Option(0.7, help="0 = greedy"),
+    top_p: float = typer.Option(0.95),
+    seed: int = typer.Option(0),
+    engine: str = ENGINE,
+    precision: str = PRECISION,
+):
+    """Talk to a model; answers stream as they are generated (hf engine). /reset starts over, /exit quits."""
+    from align.rollout.engine import Sampling
+
+    rollout_engine = _engine_for(model, engine, precision)
+    start = [{"role": "system", "content": system}] if system else []
+    conversation = list(start)
+    for turn in range(10**9):
+        try:
+            message = console.input("[bold cyan]you:[/] ")
+        except (EOFError, KeyboardInterrupt):
+            break
+        if message.strip() in ("/exit", "/quit"):
+            break
+        if message.strip() == "/reset":
+            conversation = list(start)
+            continue
+        conversation.append({"role": "user", "content": message})
+        console.print("[bold green]assistant:[/] ", end="")
+        sampling = Sampling(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed + turn)
+        pieces = []
+        for piece in rollout_engine.stream(conversation, sampling):
+            pieces.append(piece)
+            console.print(piece, end="", markup=False, highlight=False)
+        console.print()
+        conversation.append({"role": "assistant", "content": "".join(pieces).strip()})
+    rollout_engine.close()
 
 
 @app.command()

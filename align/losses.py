@@ -37,6 +37,20 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return torch.stack(sums), torch.stack(counts)
 
 
+def token_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature)[token] at every position: [N, T, V], [N, T] -> [N, T].
+
+    The temperature is the sampler's (1 for greedy, which samples nothing), so the trainer's
+    logprobs mean what the rollout engine's mean (RELIABILITY 15). One row at a time in fp32.
+    """
+    scale = 1.0 if temperature == 0 else temperature
+    rows = []
+    for row_logits, row_tokens in zip(logits, tokens):
+        scaled = row_logits.float() / scale
+        rows.append(scaled.gather(-1, row_tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled, dim=-1))
+    return torch.stack(rows)
+
+
 def dpo_sigmoid(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.0, **_) -> torch.Tensor:
     """DPO (Rafailov et al. 2023, eq. 7); with label_smoothing > 0, conservative DPO (cDPO):
 

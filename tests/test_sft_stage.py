@@ -61,8 +61,8 @@ def test_cli_end_to_end(tmp_path, tiny_llama):
     assert typo.returncode == 2 and "did you mean 'lora.alpha'" in typo.stdout
     assert not (tmp_path / "typo").exists()
 
-    gen = cli("generate", "--model", out, "--prompt", "What is 2+2?", "--max-new-tokens", "4")
-    assert "assistant:" in gen.stdout
+    gen = cli("generate", "--model", out, "--prompt", "What is 2+2?", "--max-new-tokens", "4", "--engine", "hf")
+    assert "assistant:" in gen.stdout and "engine: hf" in gen.stdout
     cli("merge", "--model", out, "--output", tmp_path / "merged")
     merged = load_tiny(tmp_path / "merged")
 
@@ -162,7 +162,8 @@ def test_gradient_accumulation_is_normalised_by_tokens_of_the_whole_step(tmp_pat
 def test_overfit_one_conversation_then_greedy_generation_stops(tmp_path, tiny_llama):
     """pad == eos: the end-of-turn token is trained, so the model learns to stop (RELIABILITY 2)."""
     from align.models.trained import load_trained
-    from align.rollout.hf import generate
+    from align.rollout.engine import Sampling
+    from align.rollout.hf import HFEngine
 
     chat = {"messages": [{"role": "user", "content": "Say the magic words."}, {"role": "assistant", "content": "open sesame"}]}
     data = write_jsonl(tmp_path / "one.jsonl", [chat] * 8)
@@ -170,8 +171,8 @@ def test_overfit_one_conversation_then_greedy_generation_stops(tmp_path, tiny_ll
     cfg = recipe.resolve("sft", ["adapter.method=full", "train.lr=2e-2", "train.max_steps=60", "train.batch_size=8"])
     out = run_sft(cfg, tmp_path / "one", recipe_name="tiny")
     model, tokenizer = load_trained(out)
-    answer = generate(model, tokenizer, [chat["messages"][:1]], max_new_tokens=20)[0]
-    assert answer == "open sesame"
+    rollout = HFEngine(model, tokenizer).generate([chat["messages"][:1]], Sampling(temperature=0, max_new_tokens=20))[0]
+    assert rollout.text == "open sesame" and rollout.finish_reason == "stop"
     # it stopped on its own: the raw continuation ends in the end-of-turn token well before the limit
     from align.data.templating import encode_prompt
 

