@@ -83,6 +83,46 @@ def dpo(
 
 
 @app.command()
+def grpo(
+    recipe: Path = RECIPE,
+    overrides: Optional[List[str]] = OVERRIDES,
+    stage: str = typer.Option("grpo", help="stage name in the recipe"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="default: runs/<recipe>/<stage>"),
+    from_dir: Optional[Path] = typer.Option(None, "--from-dir", help="start from this finished stage folder instead of runs/<recipe>/<from>"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run in the output folder"),
+):
+    """Online RL with group-relative advantages: GRPO or RLOO (grpo.algorithm), rollouts from hf or vLLM."""
+    from align.recipe import load_recipe
+    from align.stages.grpo import run_grpo
+
+    loaded = load_recipe(recipe)
+    cfg = loaded.resolve(stage, overrides)
+    if cfg.kind != "grpo":
+        raise typer.BadParameter(f"stage '{stage}' is a {cfg.kind} stage, not grpo")
+    run_grpo(cfg, output_dir or _default_output(loaded, stage), recipe_name=loaded.name, from_dir=from_dir, overwrite=overwrite)
+
+
+@app.command()
+def ppo(
+    recipe: Path = RECIPE,
+    overrides: Optional[List[str]] = OVERRIDES,
+    stage: str = typer.Option("ppo", help="stage name in the recipe"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="default: runs/<recipe>/<stage>"),
+    from_dir: Optional[Path] = typer.Option(None, "--from-dir", help="start from this finished stage folder instead of runs/<recipe>/<from>"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run in the output folder"),
+):
+    """Online RL with PPO: value head, per-token KL penalty, GAE, clipped policy and value losses."""
+    from align.recipe import load_recipe
+    from align.stages.ppo import run_ppo
+
+    loaded = load_recipe(recipe)
+    cfg = loaded.resolve(stage, overrides)
+    if cfg.kind != "ppo":
+        raise typer.BadParameter(f"stage '{stage}' is a {cfg.kind} stage, not ppo")
+    run_ppo(cfg, output_dir or _default_output(loaded, stage), recipe_name=loaded.name, from_dir=from_dir, overwrite=overwrite)
+
+
+@app.command()
 def rm(
     overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides; or the word 'score' to score a file"),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="recipe YAML file (training)"),

@@ -125,3 +125,113 @@ class PreferenceLoss(Enum):
 
 
 LN2 = math.log(2.0)
+
+
+# --- Online RL --------------------------------------------------------------------------------
+# Shapes: B = sampled completions, T = completion tokens; ``mask`` [B, T] is 1 on real tokens.
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` where ``mask`` is 1 (over everything, or along ``dim``); 0 where nothing counts."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries. One entry or a constant: the std term is skipped
+    (dividing by ~0 would blow up), so the result stays finite. With shift_mean=False the mean is
+    added back (reward whitening that keeps the reward's sign, as in the RLHF PPO write-ups)."""
+    mean = masked_mean(x, mask)
+    count = mask.sum()
+    var = masked_mean((x - mean) ** 2, mask) * count / (count - 1) if count > 1 else torch.zeros((), dtype=x.dtype)
+    out = (x - mean) * torch.rsqrt(var + eps) if var > eps else x - mean
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from tokens sampled from the policy (Schulman 2020):
+
+        k1 = log p - log q          unbiased, can be negative per token
+        k2 = (log p - log q)^2 / 2  biased, low variance
+        k3 = q/p - 1 - log(q/p)     unbiased, always >= 0 (DeepSeekMath uses it in the GRPO loss)
+
+    p = policy, q = reference; [B, T] -> [B, T]. All three are exactly 0 when p == q.
+    """
+    log_ratio = logp - ref_logp
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"KL estimator must be k1, k2 or k3, not {estimator!r}")
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016), right to left over each completion:
+
+        delta_t = r_t + gamma * V_{t+1} - V_t        (V after the last token is 0)
+        A_t     = delta_t + gamma * lam * A_{t+1}
+        returns = A + V
+
+    rewards, values, mask: [B, T] (completion tokens left-aligned). Returns (advantages, returns), [B, T].
+    """
+    mask = mask.to(values.dtype)
+    values = values * mask
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    running = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+        next_value = values[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO (Shao et al. 2024): each completion's reward minus its group's mean, divided by the
+    group's std when ``scale`` (Dr. GRPO drops the division). Groups are consecutive
+    ``group_size`` entries of rewards [B]. A group with identical rewards gets exactly 0."""
+    grouped = rewards.view(-1, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale:
+        std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(centred[:, :1])
+        centred = torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))
+    return centred.reshape(-1)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024): reward minus the mean reward of the other k-1 samples of the
+    same prompt, = k/(k-1) * (r - group mean). rewards [B] in consecutive groups -> [B]."""
+    if group_size < 2:
+        raise ValueError("RLOO needs at least 2 samples per prompt")
+    grouped = rewards.view(-1, group_size)
+    others = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - others).reshape(-1)
+
+
+def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate per token (Schulman et al. 2017, eq. 7), as a loss to minimise:
+
+        ratio = exp(logp - old_logp);  loss = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))
+
+    logp, old_logp: [B, T]; advantages [B, T] (or [B, 1], broadcast). Returns (loss [B, T],
+    clipped [B, T]: 1 where the clipped term was the one taken)."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
+    return torch.maximum(unclipped, clipped), (clipped > unclipped).float()
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's value loss with the value change clipped to +-clip around the rollout's values:
+    0.5 * max((V - R)^2, (clip(V, V_old +- c) - R)^2). [B, T] each -> (loss [B, T], clipped [B, T])."""
+    clipped_values = old_values + (values - old_values).clamp(-clip, clip)
+    unclipped_loss = (values - returns) ** 2
+    clipped_loss = (clipped_values - returns) ** 2
+    return 0.5 * torch.maximum(unclipped_loss, clipped_loss), (clipped_loss > unclipped_loss).float()

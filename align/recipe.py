@@ -8,6 +8,7 @@ Unknown keys are errors with a suggestion; YAML is read with ``yaml.safe_load`` 
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any, Literal
@@ -166,10 +167,101 @@ class RewardConfig(StageConfig):
     reward: RewardOptions = Field(default_factory=RewardOptions)
 
 
-# Stage kinds that exist; later stages (ppo, grpo, eval) register here.
-STAGE_SCHEMAS: dict[str, type[StageConfig]] = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RewardConfig}
+class RolloutConfig(_Strict):
+    engine: Literal["auto", "hf", "vllm"] = Field("auto", description="auto: vllm when it is installed and can serve the policy, else hf")
+    prompts_per_step: int = Field(8, gt=0, description="prompts sampled for each RL step")
+    samples_per_prompt: int = Field(1, gt=0, description="completions per prompt (GRPO/RLOO groups need >= 2)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature; the trainer's logprobs use the same one")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling (1 = off)")
+    top_k: int = Field(0, ge=0, description="top-k sampling (0 = off)")
+    max_new_tokens: int = Field(128, gt=0, description="completion tokens at most; longer ones are cut and count as truncated")
+    stop: list[str] = Field(default_factory=list, description="strings that end a completion besides the end-of-turn token")
+    batch_size: int = Field(32, gt=0, description="hf engine: sequences per generate call")
+    kv_cache_gib: int = Field(2, gt=0, description="vllm on CPU: KV-cache size in GiB")
+    gpu_memory_utilization: float = Field(0.3, gt=0, lt=1, description="vllm on GPU: its share of GPU memory, the rest is the trainer's")
+
+
+def _check_reward_spec(value: Any) -> Any:
+    parts = value if isinstance(value, list) else [value]
+    for part in parts:
+        if not isinstance(part, dict) or part.get("type") not in ("rule", "learned", "judge"):
+            raise ValueError("reward must be {type: rule|learned|judge, ...} or a list of them with weights")
+    return value
+
+
+class GRPOOptions(_Strict):
+    algorithm: Literal["grpo", "rloo"] = Field("grpo", description="grpo: reward minus group mean (/ group std); rloo: minus the mean of the other samples")
+    scale_rewards: bool = Field(True, description="grpo: divide by the group's reward std (false = Dr. GRPO)")
+    loss_aggregation: Literal["token", "sequence", "constant"] = Field(
+        "token", description="token: mean over all completion tokens (DAPO); sequence: per-completion mean, then mean (GRPO paper); constant: sum / (completions x max_new_tokens) (Dr. GRPO)"
+    )
+    clip: float = Field(0.2, gt=0, description="PPO clip range of the probability ratio")
+    epochs: int = Field(1, gt=0, description="passes over each batch of rollouts")
+    minibatch_size: int | None = Field(None, gt=0, description="completions per optimizer step; none = the whole batch")
+    kl_coef: float = Field(0.0, ge=0, description="weight of the KL to the reference in the loss (0 = no reference needed)")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="per-token KL estimator in the loss")
+    dead_steps: int = Field(5, ge=0, description="stop when for this many steps every completion is truncated and rewards are all equal (0 = never)")
+
+
+class PPOOptions(_Strict):
+    kl_coef: float = Field(0.05, ge=0, description="initial weight of the per-token KL penalty in the reward")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="per-token KL estimator in the reward penalty")
+    target_kl: float | None = Field(None, gt=0, description="adapt kl_coef towards this KL per completion (Ziegler et al.); none = fixed")
+    kl_horizon: int = Field(10000, gt=0, description="adaptive KL controller horizon, in completions")
+    gamma: float = Field(1.0, gt=0, le=1, description="discount")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    clip: float = Field(0.2, gt=0, description="policy ratio clip range")
+    value_clip: float = Field(0.2, gt=0, description="value change clip range")
+    vf_coef: float = Field(0.1, ge=0, description="weight of the value loss")
+    value_lr: float | None = Field(None, gt=0, description="learning rate of the value head (none = train.lr)")
+    value_head_init: Literal["zero", "reward"] = Field("zero", description="reward: copy the learned reward model's head (same hidden size)")
+    epochs: int = Field(4, gt=0, description="PPO epochs over each batch of rollouts")
+    minibatch_size: int | None = Field(None, gt=0, description="completions per optimizer step; none = the whole batch")
+    whiten_rewards: bool = Field(False, description="whiten the per-token rewards of each batch (keeping their mean)")
+    normalize_rewards: bool = Field(False, description="scale scores by a running std of all scores seen")
+    reward_clip: float | None = Field(None, gt=0, description="clip scores to +-this after normalisation")
+    missing_eos_penalty: float | None = Field(None, description="subtract this from the score of completions cut at max_new_tokens")
+    early_stop_kl: float | None = Field(None, gt=0, description="stop a step's PPO epochs once the approximate KL to the rollout policy exceeds this")
+    dead_steps: int = Field(5, ge=0, description="stop when for this many steps every completion is truncated and rewards are all equal (0 = never)")
+
+
+class _OnlineRLConfig(StageConfig):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    from_stage: str | None = Field(None, alias="from", description="stage whose adapter the policy starts from (e.g. sft); none = a fresh adapter")
+    reward: Any = Field(..., description="{type: rule, name: gsm8k_exact} | {type: learned, from: reward} | {type: judge, ...} | a list with weights")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+
+    @field_validator("reward")
+    @classmethod
+    def _reward_shape(cls, value: Any) -> Any:
+        return _check_reward_spec(value)
+
+
+class GRPOConfig(_OnlineRLConfig):
+    """GRPO / RLOO: several samples per prompt, advantages relative to the group, clipped updates."""
+
+    kind: Literal["grpo"] = "grpo"
+    rollout: RolloutConfig = Field(default_factory=lambda: RolloutConfig(samples_per_prompt=4))
+    grpo: GRPOOptions = Field(default_factory=GRPOOptions)
+
+    @model_validator(mode="after")
+    def _groups(self):
+        if self.rollout.samples_per_prompt < 2:
+            raise ValueError("grpo needs rollout.samples_per_prompt >= 2 (advantages are relative to the group)")
+        return self
+
+
+class PPOConfig(_OnlineRLConfig):
+    """PPO with a value head on the policy: per-token KL penalty, GAE, clipped policy and value losses."""
+
+    kind: Literal["ppo"] = "ppo"
+    ppo: PPOOptions = Field(default_factory=PPOOptions)
+
+
+# Stage kinds that exist; the eval stage registers here when it lands.
+STAGE_SCHEMAS: dict[str, type[StageConfig]] = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RewardConfig, "grpo": GRPOConfig, "ppo": PPOConfig}
 # A stage named like this gets that kind unless it says otherwise (`stages: {reward: {...}}` is an rm stage).
-KIND_OF_STAGE_NAME = {"reward": "rm"}
+KIND_OF_STAGE_NAME = {"reward": "rm", "rloo": "grpo"}
 SHARED_SECTIONS = [name for name in StageConfig.model_fields if name != "kind"]
 
 
@@ -199,11 +291,12 @@ class Recipe(_Strict):
                 f"implement yet (available: {', '.join(STAGE_SCHEMAS)})"
             )
         config = validate(schema, merged, where=f"{self._where()}, stage '{stage}'")
-        source = getattr(config, "from_stage", None)
-        if source is not None:
-            earlier = list(self.stages)[: list(self.stages).index(stage)]
-            if source not in earlier:
-                raise RecipeError(f"{self._where()}, stage '{stage}': from: {source} names no earlier stage (earlier: {', '.join(earlier) or 'none'})")
+        earlier = list(self.stages)[: list(self.stages).index(stage)]
+        reward = getattr(config, "reward", None)
+        rewards = reward if isinstance(reward, list) else [reward] if isinstance(reward, dict) else []
+        for key, source in [("from", getattr(config, "from_stage", None))] + [("reward from", r.get("from")) for r in rewards]:
+            if source is not None and source not in earlier:
+                raise RecipeError(f"{self._where()}, stage '{stage}': {key}: {source} names no earlier stage (earlier: {', '.join(earlier) or 'none'})")
         return config
 
     def validate_all(self) -> dict[str, StageConfig]:
@@ -244,12 +337,14 @@ def recipe_from_dict(raw: dict[str, Any], path: Path | None = None) -> Recipe:
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = {k: (deep_merge(v, {}) if isinstance(v, dict) else v) for k, v in base.items()}
+    """A new dict: ``update`` over ``base``, recursively. Shares nothing with either, so overrides
+    applied to the result never leak into the recipe (a second resolve would see them)."""
+    out = copy.deepcopy(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
         else:
-            out[key] = value
+            out[key] = copy.deepcopy(value)
     return out
 
 

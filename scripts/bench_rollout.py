@@ -29,7 +29,7 @@ CONFIGS = {
 }
 
 
-def policy():
+def policy(precision: str):
     import torch
 
     from align.models.adapters import add_adapter
@@ -37,7 +37,7 @@ def policy():
     from align.recipe import AdapterConfig, LoraConfig, ModelConfig, QuantizationConfig
 
     model_cfg = ModelConfig()
-    base = load_base_model(model_cfg, QuantizationConfig(mode="nf4"), "bf16")
+    base = load_base_model(model_cfg, QuantizationConfig(mode="nf4"), precision)  # 4-bit layers compute in this dtype
     model = add_adapter(base, AdapterConfig(), LoraConfig(r=16, dropout=0.0), quantized=True, gradient_checkpointing=False)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -56,7 +56,7 @@ def worker(name: str, prompts: int, tokens: int) -> dict:
     kind, options = CONFIGS[name]
     options = dict(options)
     precision = options.pop("precision")
-    model, tokenizer = policy()
+    model, tokenizer = policy(precision)
     conversations = [[{"role": "user", "content": row["prompt"]}] for row in gsm8k_rows()[:prompts]]
     started = time.perf_counter()
     if kind == "hf":

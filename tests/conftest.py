@@ -91,3 +91,29 @@ def tiny_recipe(path: Path, model_dir: Path, train: str, **sections) -> Path:
         recipe[key] = {**recipe.get(key, {}), **value} if merge else value
     path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def yes_no_model(tmp_path_factory, tiny_llama) -> Path:
+    """A tiny model that answers 'Pick one.' with yes or no, about half each (full SFT, a model folder)."""
+    from align.recipe import load_recipe
+    from align.stages.sft import run_sft
+
+    tmp = tmp_path_factory.mktemp("yes-no")
+    rows = write_jsonl(tmp / "sft.jsonl", [{"prompt": "Pick one.", "completion": "yes" if i % 2 else "no"} for i in range(32)])
+    recipe = load_recipe(tiny_recipe(tmp / "sft.yaml", tiny_llama, str(rows), adapter={"method": "full"},
+                                     stages={"sft": {"train": {"max_steps": 40, "lr": 2e-2, "batch_size": 8}}}))
+    out = run_sft(recipe.resolve("sft"), tmp / "sft", recipe_name="tiny")
+    return out / "model"
+
+
+PICK = [{"role": "user", "content": "Pick one."}]
+
+
+def p_yes(model, tokenizer) -> float:
+    from align.data.templating import encode_prompt
+
+    prompt = torch.tensor([encode_prompt(tokenizer, PICK)])
+    with torch.no_grad():
+        probs = model(input_ids=prompt).logits[0, -1].softmax(-1)
+    return probs[tokenizer("yes", add_special_tokens=False)["input_ids"][0]].item()

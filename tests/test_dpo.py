@@ -242,7 +242,8 @@ def test_reference_context_equals_a_freshly_loaded_base_and_restores_the_adapter
     """RELIABILITY 19: inside reference_mode the logprobs are the base model's, exactly in fp32."""
     import peft
 
-    from align.stages.dpo import completion_logps, reference_mode
+    from align.models.adapters import reference_mode
+    from align.stages.dpo import completion_logps
 
     model = peft.get_peft_model(load_tiny(tiny_llama), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1, task_type="CAUSAL_LM"))
     torch.manual_seed(0)

@@ -47,8 +47,8 @@ def test_bad_override_and_bad_value_are_named():
 
 
 def test_unimplemented_stage_kind_is_a_clear_error():
-    with pytest.raises(RecipeError, match="kind 'ppo'"):
-        recipe_from_dict({"name": "r", "stages": {"ppo": {}}})
+    with pytest.raises(RecipeError, match="kind 'eval'"):
+        recipe_from_dict({"name": "r", "stages": {"eval": {}}})
 
 
 def test_from_must_name_an_earlier_stage():
@@ -80,3 +80,12 @@ def test_every_shipped_recipe_validates(path):
     for stage, cfg in recipe.validate_all().items():
         assert cfg.kind in STAGE_SCHEMAS
         assert cfg.data.train, f"{path}: stage {stage} has no training data"
+
+
+def test_overrides_do_not_leak_into_the_next_resolve(tmp_path):
+    """A stage-only section (no shared copy) must not be mutated by one resolve's overrides."""
+    path = tmp_path / "r.yaml"
+    path.write_text("name: r\nstages:\n  sft:\n    train: {lr: 0.001}\n", encoding="utf-8")
+    recipe = load_recipe(path)
+    assert recipe.resolve("sft", ["train.lr=0.5"]).train.lr == 0.5
+    assert recipe.resolve("sft").train.lr == 0.001

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -110,3 +111,23 @@ def trainable_summary(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+@contextmanager
+def reference_mode(model, adapter_name: str | None):
+    """The reference policy, in eval mode (no dropout): a named frozen adapter, or adapters off."""
+    was_training = model.training
+    model.eval()
+    try:
+        if adapter_name is None:
+            with model.disable_adapter():
+                yield
+        else:
+            previous = model.active_adapter
+            model.set_adapter(adapter_name)
+            try:
+                yield
+            finally:
+                model.set_adapter(previous)
+    finally:
+        model.train(was_training)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ from align.data.batching import PairCollator
 from align.data.preference_data import Pair, load_pairs
 from align.data.templating import IGNORE_INDEX
 from align.losses import PreferenceLoss, sequence_logps
-from align.models.adapters import add_adapter, load_adapter_for_training, trainable_summary
+from align.models.adapters import add_adapter, load_adapter_for_training, reference_mode, trainable_summary
 from align.models.loading import autocast, load_base_model, load_tokenizer, read_stage_manifest, resolve_precision
 from align.models.resolve import resolve_model
 from align.recipe import DPOConfig, RecipeError
@@ -64,26 +63,6 @@ def completion_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     keep = labels.shape[1] - first + 1
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False).logits
     return sequence_logps(logits[:, :-1], labels[:, first:])
-
-
-@contextmanager
-def reference_mode(model, adapter_name: str | None):
-    """The reference policy, in eval mode (no dropout): a named frozen adapter, or adapters off."""
-    was_training = model.training
-    model.eval()
-    try:
-        if adapter_name is None:
-            with model.disable_adapter():
-                yield
-        else:
-            previous = model.active_adapter
-            model.set_adapter(adapter_name)
-            try:
-                yield
-            finally:
-                model.set_adapter(previous)
-    finally:
-        model.train(was_training)
 
 
 def pair_rows(pairs: list[Pair]) -> list[dict]:

@@ -1,0 +1,211 @@
+"""`align grpo`: GRPO (Shao et al. 2024, DeepSeekMath) and RLOO (Ahmadian et al. 2024), one loop.
+
+Each step:
+  1. rollout   - prompts_per_step prompts x samples_per_prompt completions from the rollout engine
+  2. score     - the recipe's reward (rule, learned reward model, judge, or a weighted sum)
+  3. advantage - relative to the prompt's group: GRPO (r - mean) / std (Dr. GRPO: no std), or RLOO
+                 r - mean of the other samples; one advantage for every token of a completion
+  4. logprobs  - the trainer recomputes the rollout policy's logprobs (never the engine's) and,
+                 when kl_coef > 0, the reference's (adapter disabled / frozen starting adapter)
+  5. update    - epochs x minibatches of the clipped objective + kl_coef x KL(k3), aggregated
+                 per token, per sequence or by a constant (see GRPOOptions.loss_aggregation)
+  6. sync      - the engine takes the new weights (verified) and the step is logged
+Written here rather than on TRL's GRPOTrainer/RLOOTrainer: see align/stages/online.py.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from transformers import get_scheduler, set_seed
+
+from align.console import console, print_plan
+from align.data.prompt_data import load_prompts
+from align.losses import clipped_policy_loss, group_advantages, kl_estimate, rloo_advantages
+from align.models.adapters import reference_mode, trainable_summary
+from align.models.loading import autocast, load_tokenizer, resolve_precision
+from align.models.resolve import resolve_model
+from align.recipe import GRPOConfig
+from align.rollout.scoring import logprob_mismatch, rollout_batch
+from align.stages.common import adapter_line, prepare_output, process_state
+from align.stages.online import (
+    DeadRunAlarm,
+    StepLog,
+    load_policy,
+    micro_batches,
+    policy_outputs,
+    prompt_batches,
+    rollout_engine,
+    rollout_stats,
+    sampling,
+    save_rl_stage,
+    score,
+    source_stage,
+    stage_dirs,
+    to_device,
+)
+
+
+def aggregate(token_losses: torch.Tensor, mask: torch.Tensor, how: str, rows_in_minibatch: int, tokens_in_minibatch: int, max_new_tokens: int) -> torch.Tensor:
+    """This micro-batch's share of the minibatch loss, so micro-batches add up to the exact
+    minibatch loss whatever the split (the denominators are the whole minibatch's)."""
+    if how == "token":
+        return (token_losses * mask).sum() / tokens_in_minibatch
+    if how == "sequence":
+        return ((token_losses * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / rows_in_minibatch
+    return (token_losses * mask).sum() / (rows_in_minibatch * max_new_tokens)
+
+
+def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe", from_dir: str | Path | None = None,
+             overwrite: bool = False, resume: bool = False) -> Path:
+    from reward_models import build_reward
+
+    started = time.time()
+    output_dir = Path(output_dir)
+    state = process_state()
+    opts, k = cfg.grpo, cfg.rollout.samples_per_prompt
+
+    # 1. Prompts, reward and starting stage: all checked before any model loads.
+    model_path = resolve_model(cfg.model.name, cfg.model.revision)
+    tokenizer = load_tokenizer(cfg.model, model_path)
+    prompts, held_out, reports = load_prompts(cfg.data, tokenizer, cfg.seed)
+    reward = build_reward(cfg.reward, stage_dirs(cfg, recipe_name))
+    source = source_stage(cfg, recipe_name, from_dir)
+    if resume:
+        raise NotImplementedError("grpo: --resume is not implemented yet; re-run with --overwrite")
+
+    # 2. Policy (+ reference on the same base), optimizer, rollout engine.
+    set_seed(cfg.seed)
+    precision = resolve_precision(cfg.model.precision)
+    policy, reference, reference_line = load_policy(cfg, model_path, precision, source, needs_reference=opts.kl_coef > 0)
+    trainable, total = trainable_summary(policy)
+    prepare_output(state, output_dir, cfg, overwrite, resume)
+    engine = rollout_engine(cfg, policy, tokenizer, precision)
+    steps = cfg.train.max_steps or math.ceil(len(prompts) * cfg.train.epochs / cfg.rollout.prompts_per_step)
+    completions_per_step = cfg.rollout.prompts_per_step * k
+    minibatch = min(opts.minibatch_size or completions_per_step, completions_per_step)
+    updates = steps * opts.epochs * math.ceil(completions_per_step / minibatch)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, int(cfg.train.warmup_ratio * updates), updates)
+    device = next(policy.parameters()).device
+    pad = tokenizer.pad_token_id
+    quantized = cfg.quantization.mode != "none"
+    print_plan(f"align grpo - {recipe_name}", {
+        "model": f"{cfg.model.name} ({model_path})",
+        "adapter": adapter_line(cfg, quantized, precision, trainable, total) + (f"; starts from {source}" if source else ""),
+        "algorithm": f"{opts.algorithm}" + (", rewards / group std" if opts.algorithm == "grpo" and opts.scale_rewards else "")
+        + f", clip {opts.clip}, loss per {opts.loss_aggregation}, kl_coef {opts.kl_coef} ({opts.kl_estimator})",
+        "reward": getattr(reward, "name", str(cfg.reward)),
+        "reference": reference_line,
+        "rollouts": f"{engine.describe()}; {cfg.rollout.prompts_per_step} prompts x {k} samples, temperature {cfg.rollout.temperature}, "
+        f"<= {cfg.rollout.max_new_tokens} new tokens",
+        **{f"data {r.name}": r.summary() for r in reports},
+        "steps": f"{steps} RL steps x {opts.epochs} epoch(s) x {math.ceil(completions_per_step / minibatch)} minibatch(es) = {updates} optimizer steps",
+        "output": str(output_dir),
+    })
+
+    log = StepLog(output_dir / "metrics.jsonl")
+    stopped = None
+    alarm = DeadRunAlarm(opts.dead_steps, cfg.rollout.max_new_tokens)
+    eval_start = held_out_reward(engine, reward, held_out, cfg) if held_out else None
+    policy.train()
+    for step, batch_prompts in zip(range(1, steps + 1), prompt_batches(prompts, cfg.rollout.prompts_per_step, cfg.seed)):
+        # 1. Rollout.
+        with log.timed("generation"):
+            rollouts = engine.generate([p.messages for p in batch_prompts], sampling(cfg, step))
+        # 2. Score.
+        with log.timed("scoring"):
+            rewards = score(reward, batch_prompts, rollouts)
+        # 3. Advantages relative to each prompt's group (rollouts are prompt-major: k in a row).
+        advantages = group_advantages(rewards, k, opts.scale_rewards) if opts.algorithm == "grpo" else rloo_advantages(rewards, k)
+        # 4. The rollout policy's and the reference's logprobs, recomputed by the trainer.
+        batch = rollout_batch(rollouts, pad)
+        mask = batch["completion_mask"].float()
+        with log.timed("logprobs"), torch.no_grad():
+            old, entropy, ref = [], [], []
+            for rows in micro_batches(list(range(len(rollouts))), cfg.train.batch_size):
+                micro = to_device({key: v[rows] for key, v in batch.items()}, device)
+                with autocast(precision):
+                    logps, ent, _ = policy_outputs(policy, micro, cfg.rollout.temperature, entropy=True)
+                    old.append(logps.float().cpu())
+                    entropy.append(ent.float().cpu())
+                    if opts.kl_coef > 0:
+                        with reference_mode(policy, reference):
+                            ref.append(policy_outputs(policy, micro, cfg.rollout.temperature)[0].float().cpu())
+                policy.train()
+            old, entropy = torch.cat(old), torch.cat(entropy)
+            ref = torch.cat(ref) if ref else None
+            if ref is not None:  # the rollout policy's KL to the reference, with the loss's estimator
+                log.add(kl=((kl_estimate(old, ref, opts.kl_estimator) * mask).sum() / mask.sum()).item())
+        # 5. Updates: epochs x minibatches, micro-batches accumulated into one optimizer step.
+        with log.timed("training"):
+            order = list(range(len(rollouts)))
+            for epoch in range(opts.epochs):
+                random.Random(cfg.seed * 31 + step * 1009 + epoch).shuffle(order)
+                for mb in micro_batches(order, minibatch):
+                    tokens, minibatch_loss = int(mask[mb].sum().item()), 0.0
+                    for rows in micro_batches(mb, cfg.train.batch_size):
+                        micro = to_device({key: v[rows] for key, v in batch.items()}, device)
+                        with autocast(precision):
+                            logps = policy_outputs(policy, micro, cfg.rollout.temperature)[0].float()
+                        m = mask[rows].to(device)
+                        adv = advantages[rows].to(device).unsqueeze(1)
+                        token_loss, clipped = clipped_policy_loss(logps, old[rows].to(device), adv, opts.clip)
+                        if ref is not None:
+                            kl = kl_estimate(logps, ref[rows].to(device), opts.kl_estimator)
+                            token_loss = token_loss + opts.kl_coef * kl
+                            log.add(kl_in_loss=((kl * m).sum() / m.sum().clamp(min=1)).item())
+                        loss = aggregate(token_loss, m, opts.loss_aggregation, len(mb), tokens, cfg.rollout.max_new_tokens)
+                        loss.backward()
+                        minibatch_loss += loss.item()
+                        log.add(clip_fraction=((clipped * m).sum() / m.sum().clamp(min=1)).item(),
+                                approx_kl=(0.5 * ((logps - old[rows].to(device)) ** 2 * m).sum() / m.sum().clamp(min=1)).item())
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    log.add(grad_norm=grad_norm.item(), loss=minibatch_loss)
+        # 6. Sync the engine (verified), log, and stop a run that has nothing to learn from.
+        with log.timed("sync"):
+            engine.sync_weights(policy)
+        stats = rollout_stats(rollouts, rewards)
+        log.add(**stats, **logprob_mismatch([r.logprobs for r in rollouts], [row[: len(r.logprobs)].tolist() for row, r in zip(old, rollouts)]),
+                entropy=((entropy * mask).sum() / mask.sum()).item(), advantage_abs=advantages.abs().mean().item(),
+                lr=scheduler.get_last_lr()[0])
+        record = log.write(step)
+        console.print(f"step {step}/{steps}: reward {stats['reward_mean']:.3f} (std {stats['reward_std']:.3f}), "
+                      f"length {stats['completion_length']:.0f}, truncated {stats['truncated_fraction']:.0%}, loss {record['loss']:+.4f}")
+        stopped = alarm.check(stats["truncated_fraction"], stats["reward_std"])
+        if stopped:
+            console.print(f"[yellow]stopping early: {stopped}[/]")
+            break
+
+    # 7. Held-out reward after training, then save.
+    eval_end = held_out_reward(engine, reward, held_out, cfg) if held_out else None
+    engine.close()
+    save_rl_stage(
+        policy, tokenizer, output_dir, started,
+        stage="grpo", kind="grpo", recipe=recipe_name, algorithm=opts.algorithm, from_stage=str(source) if source else None,
+        base_model=cfg.model.name, base_model_path=str(model_path), precision=precision,
+        quantization=cfg.quantization.mode if quantized else "none", engine=engine.name, steps=step, stopped_early=stopped,
+        reward=getattr(reward, "name", str(cfg.reward)), data={r.name: r.as_dict() for r in reports},
+        eval_reward_start=eval_start, eval_reward_end=eval_end,
+    )
+    if eval_start is not None:
+        console.print(f"held-out reward {eval_start:.3f} -> {eval_end:.3f}")
+    return output_dir
+
+
+def held_out_reward(engine, reward, held_out, cfg) -> float:
+    """Mean reward of one sample per held-out prompt (fixed seed, the rollout temperature)."""
+    from align.rollout.engine import Sampling
+
+    r = cfg.rollout
+    rollouts = engine.generate([p.messages for p in held_out], Sampling(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                                                      max_new_tokens=r.max_new_tokens, stop=tuple(r.stop), seed=cfg.seed + 12345))
+    return score(reward, held_out, rollouts).mean().item()

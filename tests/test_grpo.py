@@ -1,0 +1,113 @@
+"""`align grpo` on tiny models: it learns, the first update is exact, dead runs stop, GSM8K runs end to end.
+
+The learning test needs a policy with something to choose between: ``yes_no_model`` (conftest), a
+tiny Llama fine-tuned to answer "Pick one." with "yes" or "no"; the reward is "contains yes".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FIXTURES, p_yes, tiny_recipe, write_jsonl
+
+from align.recipe import load_recipe
+from align.stages.grpo import run_grpo
+
+YES = {"type": "rule", "name": "contains_marker", "marker": "yes"}
+
+
+def grpo_recipe(tmp_path, model_dir, prompts, **grpo_stage) -> Path:
+    stage = {"reward": YES, "rollout": {"engine": "hf", "prompts_per_step": 4, "samples_per_prompt": 8, "max_new_tokens": 2},
+             "train": {"max_steps": 10, "lr": 1e-2, "batch_size": 16}}
+    for key, value in grpo_stage.items():
+        stage[key] = {**stage.get(key, {}), **value} if isinstance(value, dict) else value
+    data = write_jsonl(tmp_path / "prompts.jsonl", prompts)
+    return tiny_recipe(tmp_path / "grpo.yaml", model_dir, str(data), lora={"r": 8, "alpha": 16, "dropout": 0.0}, stages={"grpo": stage})
+
+
+def test_grpo_learns_to_say_yes_through_the_cli(tmp_path, yes_no_model):
+    from align.models.trained import load_trained
+
+    recipe = grpo_recipe(tmp_path, yes_no_model, [{"prompt": "Pick one."}] * 32)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "align.cli", "grpo", "--recipe", str(recipe), "--output-dir", str(tmp_path / "grpo")],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "hf (transformers generate" in proc.stdout
+    base, tokenizer = load_trained(yes_no_model)
+    trained, _ = load_trained(tmp_path / "grpo")
+    before, after = p_yes(base, tokenizer), p_yes(trained, tokenizer)
+    assert 0.3 < before < 0.8 and after > before + 0.05, (before, after)
+    records = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 11))
+    for key in ("reward_mean", "reward_std", "clip_fraction", "approx_kl", "entropy", "completion_length",
+                "truncated_fraction", "logprob_mismatch_mean", "time/generation", "time/training", "time/sync"):
+        assert key in records[0], key
+    # one update per batch: the update's ratio is exactly 1 (nothing clipped, no drift)
+    assert all(r["approx_kl"] == 0 and r["clip_fraction"] == 0 for r in records)
+    assert all(r["logprob_mismatch_max"] < 1e-4 for r in records)  # hf sampler == trainer
+    manifest = json.loads((tmp_path / "grpo" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["algorithm"] == "grpo" and manifest["stopped_early"] is None
+    assert (tmp_path / "grpo" / "reward.png").is_file()
+
+
+def test_kl_is_zero_at_the_start_and_epochs_move_the_ratio(tmp_path, yes_no_model):
+    recipe = load_recipe(grpo_recipe(tmp_path, yes_no_model, [{"prompt": "Pick one."}] * 16))
+    cfg = recipe.resolve("grpo", ["grpo.kl_coef=0.1", "grpo.epochs=2", "grpo.minibatch_size=16", "train.max_steps=2"])
+    out = run_grpo(cfg, tmp_path / "out", recipe_name="tiny")
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["kl"] == 0  # a fresh adapter starts exactly as the reference (adapter disabled)
+    assert first["kl_in_loss"] > 0 and first["approx_kl"] > 0  # later minibatches see a policy that has moved
+    assert not (out / "adapter" / "reference").exists()
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_identical_rewards_give_zero_advantage_and_no_update(tmp_path, yes_no_model, algorithm):
+    from safetensors.torch import load_file
+
+    # the empty marker is in every text: every reward is 1, every advantage 0, the adapter stays at its start
+    recipe = load_recipe(grpo_recipe(tmp_path, yes_no_model, [{"prompt": "Pick one."}] * 8,
+                                     reward={"type": "rule", "name": "contains_marker", "marker": ""}))
+    out = run_grpo(recipe.resolve("grpo", [f"grpo.algorithm={algorithm}", "train.max_steps=2"]), tmp_path / "out", recipe_name="tiny")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["advantage_abs"] == 0 and r["loss"] == 0 and r["reward_std"] == 0 for r in records)
+    weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.count_nonzero(v) == 0 for k, v in weights.items() if "lora_B" in k)
+
+
+def test_a_run_with_no_signal_stops_with_an_explanation(tmp_path, tiny_llama):
+    """RELIABILITY 16: a random model never ends within 2 tokens and the reward is constant."""
+    recipe = load_recipe(grpo_recipe(tmp_path, tiny_llama, [{"prompt": "Say something."}] * 8,
+                                     reward={"type": "rule", "name": "contains_marker", "marker": "zzqqzz"}))
+    cfg = recipe.resolve("grpo", ["grpo.dead_steps=2", "train.max_steps=6"])
+    out = run_grpo(cfg, tmp_path / "out", recipe_name="tiny")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["steps"] == 2 and "no learning signal for 2 steps" in manifest["stopped_early"]
+
+
+def test_gsm8k_prompts_with_the_exact_answer_rule_run_end_to_end(tmp_path, tiny_gpt2):
+    """The reference column comes from the rows' completions; RLOO with a KL term on a GPT-2 model."""
+    recipe = tiny_recipe(tmp_path / "gsm.yaml", tiny_gpt2, str(FIXTURES / "gsm8k-40.jsonl"), data={"eval_rows": 4}, stages={"grpo": {
+        "reward": [{"type": "rule", "name": "gsm8k_exact", "weight": 1.0}, {"type": "rule", "name": "answer_format", "weight": 0.5}],
+        "rollout": {"engine": "hf", "prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 4},
+        "grpo": {"algorithm": "rloo", "kl_coef": 0.05, "dead_steps": 0}, "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-2}}})
+    out = run_grpo(load_recipe(recipe).resolve("grpo"), tmp_path / "out", recipe_name="tiny")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["steps"] == 2 and manifest["eval_reward_start"] == 0.0 and "gsm8k_exact" in manifest["reward"]
+    assert manifest["data"]["train"]["kept"] == 40
+
+
+def test_recipe_checks_groups_and_reward_sources(tmp_path, tiny_llama):
+    from align.recipe import RecipeError
+
+    recipe = load_recipe(grpo_recipe(tmp_path, tiny_llama, [{"prompt": "x"}]))
+    with pytest.raises(RecipeError, match="samples_per_prompt >= 2"):
+        recipe.resolve("grpo", ["rollout.samples_per_prompt=1"])
+    with pytest.raises(RecipeError, match="reward from: reward names no earlier stage"):
+        recipe.resolve("grpo", ["reward.type=learned", "reward.from=reward"])
