@@ -342,10 +342,18 @@ def recipes_list(folder: Path = typer.Option(Path("recipes"), help="where recipe
 @recipes_app.command("keys")
 def recipes_keys():
     """Every recipe key with its default and meaning."""
-    from align.recipe import describe_fields
+    from align.recipe import StageConfig, describe_fields, stage_only_fields
 
-    for key, description, default in describe_fields():
-        console.print(f"[bold cyan]{key}[/] = {default!r}  [dim]{description}[/]")
+    console.print("[bold]every stage[/]")
+    for key, description, default in describe_fields(StageConfig):
+        if key != "kind":
+            console.print(f"[bold cyan]{key}[/] = {default!r}  [dim]{description}[/]")
+    for kind, rows in stage_only_fields().items():
+        if rows:
+            console.print(f"\n[bold]{kind} stages[/]")
+        for key, description, default in rows:
+            if key != "kind":
+                console.print(f"[bold cyan]{key}[/] = {default!r}  [dim]{description}[/]")
 
 
 def main() -> None:

@@ -179,6 +179,9 @@ class RolloutConfig(_Strict):
     batch_size: int = Field(32, gt=0, description="hf engine: sequences per generate call")
     kv_cache_gib: int = Field(2, gt=0, description="vllm on CPU: KV-cache size in GiB")
     gpu_memory_utilization: float = Field(0.3, gt=0, lt=1, description="vllm on GPU: its share of GPU memory, the rest is the trainer's")
+    vllm_sync: Literal["auto", "lora", "merged"] = Field(
+        "auto", description="vllm with an adapter policy: lora (a LoRARequest per step), merged (deltas added to the dequantized base, weights pushed); auto: lora on GPU, merged on CPU"
+    )
 
 
 def _check_reward_spec(value: Any) -> Any:
@@ -415,9 +418,15 @@ def describe_fields(schema: type[BaseModel] = SFTConfig, prefix: str = "") -> li
         if isinstance(sub, type) and issubclass(sub, BaseModel):
             rows.extend(describe_fields(sub, prefix + name + "."))
         else:
-            default = field.get_default(call_default_factory=True)
-            rows.append((prefix + name, field.description or "", default))
+            default = "(required)" if field.is_required() else field.get_default(call_default_factory=True)
+            rows.append((prefix + (field.alias or name), field.description or "", default))
     return rows
+
+
+def stage_only_fields() -> dict[str, list[tuple[str, str, Any]]]:
+    """Per stage kind, the keys it has beyond the shared sections (dpo.*, reward.*, rollout.*, ...)."""
+    shared = {key for key, _, _ in describe_fields(StageConfig)}
+    return {kind: [row for row in describe_fields(schema) if row[0] not in shared] for kind, schema in STAGE_SCHEMAS.items()}
 
 
 def dump_config(config: StageConfig) -> str:

@@ -26,10 +26,13 @@ CONFIGS = {
     "vllm-fp32": ("vllm", {"precision": "fp32"}),
     "vllm-bf16-graphs": ("vllm", {"precision": "bf16", "enforce_eager": False}),
     "vllm-bf16-kv8": ("vllm", {"precision": "bf16", "kv_cache_gib": 8}),
+    # the same base without an adapter (full sync mode): what serving the LoRA costs vLLM here
+    "vllm-bf16-no-lora": ("vllm", {"precision": "bf16", "adapter": False}),
+    "hf-batched-no-lora": ("hf", {"batch_size": 64, "precision": "bf16", "adapter": False}),
 }
 
 
-def policy(precision: str):
+def policy(precision: str, adapter: bool = True):
     import torch
 
     from align.models.adapters import add_adapter
@@ -37,6 +40,8 @@ def policy(precision: str):
     from align.recipe import AdapterConfig, LoraConfig, ModelConfig, QuantizationConfig
 
     model_cfg = ModelConfig()
+    if not adapter:  # a plain bf16/fp32 model, as a full fine-tune would be
+        return load_base_model(model_cfg, QuantizationConfig(mode="none"), precision), load_tokenizer(model_cfg)
     base = load_base_model(model_cfg, QuantizationConfig(mode="nf4"), precision)  # 4-bit layers compute in this dtype
     model = add_adapter(base, AdapterConfig(), LoraConfig(r=16, dropout=0.0), quantized=True, gradient_checkpointing=False)
     torch.manual_seed(0)
@@ -56,7 +61,7 @@ def worker(name: str, prompts: int, tokens: int) -> dict:
     kind, options = CONFIGS[name]
     options = dict(options)
     precision = options.pop("precision")
-    model, tokenizer = policy(precision)
+    model, tokenizer = policy(precision, options.pop("adapter", True))
     conversations = [[{"role": "user", "content": row["prompt"]}] for row in gsm8k_rows()[:prompts]]
     started = time.perf_counter()
     if kind == "hf":
@@ -74,9 +79,9 @@ def worker(name: str, prompts: int, tokens: int) -> dict:
     rollouts = engine.generate(conversations, sampling)
     seconds = time.perf_counter() - started
     generated = sum(len(r.completion_ids) for r in rollouts)
-    with torch.no_grad():
+    with torch.no_grad():  # a small change for the engine to take up
         for n, p in model.named_parameters():
-            if "lora_B" in n:
+            if "lora_B" in n or ("lora" not in n and n.endswith("norm.weight")):
                 p.add_(0.001)
     started = time.perf_counter()
     engine.sync_weights(model)

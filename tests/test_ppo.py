@@ -91,3 +91,21 @@ def test_running_scale_and_explained_variance():
     mask = torch.ones(1, 3)
     assert explained_variance(returns, returns, mask) == 1.0
     assert explained_variance(torch.zeros(1, 3), returns, mask) == pytest.approx(0.0)
+
+
+def test_value_head_can_start_from_the_reward_models_head(tmp_path, tiny_llama):
+    from conftest import load_tiny
+    from safetensors.torch import load_file
+    from test_reward import train_toy
+
+    from align.recipe import RecipeError
+    from align.stages.ppo import value_head_for
+
+    rm = train_toy(tmp_path, tiny_llama, steps=2)
+    policy = load_tiny(tiny_llama)
+    head = value_head_for(policy, "reward", rm)
+    saved = [v for k, v in load_file(str(rm / "adapter" / "adapter_model.safetensors")).items() if ".score." in k and k.endswith(".weight")]
+    assert len(saved) == 1 and torch.equal(head.weight.data, saved[0].float()) and head.weight.abs().sum() > 0
+    assert torch.count_nonzero(value_head_for(policy, "zero", None).weight) == 0
+    with pytest.raises(RecipeError, match="needs reward"):
+        value_head_for(policy, "reward", None)

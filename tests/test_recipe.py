@@ -89,3 +89,15 @@ def test_overrides_do_not_leak_into_the_next_resolve(tmp_path):
     recipe = load_recipe(path)
     assert recipe.resolve("sft", ["train.lr=0.5"]).train.lr == 0.5
     assert recipe.resolve("sft").train.lr == 0.001
+
+
+def test_every_key_of_every_stage_is_described():
+    """`align recipes keys` lists the shared keys and each kind's own; each has a description (STYLE 5)."""
+    from align.recipe import StageConfig, describe_fields, stage_only_fields
+
+    own = stage_only_fields()
+    assert {"dpo.beta", "from"} <= {k for k, _, _ in own["dpo"]}
+    assert {"grpo.algorithm", "rollout.samples_per_prompt", "reward"} <= {k for k, _, _ in own["grpo"]}
+    assert {"ppo.gamma", "ppo.value_head_init", "rollout.engine"} <= {k for k, _, _ in own["ppo"]}
+    rows = describe_fields(StageConfig) + [row for kind_rows in own.values() for row in kind_rows]
+    assert all(description for key, description, _ in rows if key != "kind"), [k for k, d, _ in rows if not d and k != "kind"]

@@ -62,11 +62,13 @@ def optimizer_step(policy, rollouts, pad_id, lr=3e-2):
     optimizer.zero_grad()
 
 
-def test_lora_engine_samples_what_the_trainer_scores_and_follows_every_step(vllm_llama, tokenizer):
+@pytest.mark.parametrize("sync", ["lora", "merged"])
+def test_adapter_engine_samples_what_the_trainer_scores_and_follows_every_step(vllm_llama, tokenizer, sync):
+    """lora: a LoRARequest per version; merged: deltas added to the base, weights pushed."""
     policy = lora_policy(vllm_llama)
-    engine = VLLMEngine(policy, tokenizer, **ENGINE)
+    engine = VLLMEngine(policy, tokenizer, sync=sync, **ENGINE)
     try:
-        assert engine.mode == "lora" and engine.version == 0 and engine.last_sync_difference < 1e-3
+        assert engine.mode == sync and engine.version == 0 and engine.last_sync_difference < 1e-3
         pad = tokenizer.pad_token_id
         # n > 1, prompt-major, prompt ids = training prompt ids, logprobs = trainer's (RELIABILITY 3, 15)
         for temperature in (0.7, 1.0, 1.3):
@@ -112,6 +114,17 @@ def test_lora_engine_samples_what_the_trainer_scores_and_follows_every_step(vllm
     assert not torch.distributed.is_initialized()  # vLLM's process group is gone with the engine
 
 
+def test_auto_sync_is_merged_on_cpu_and_lora_on_gpu(vllm_llama, monkeypatch):
+    from align.rollout.vllm import sync_mode
+
+    policy = lora_policy(vllm_llama)
+    assert sync_mode(policy, "auto") == ("lora" if torch.cuda.is_available() else "merged")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    from transformers import AutoModelForCausalLM
+
+    assert sync_mode(policy, "auto") == "lora" and sync_mode(AutoModelForCausalLM.from_pretrained(vllm_llama), "auto") == "full"
+
+
 def test_full_finetune_sync_pushes_weights(vllm_llama, tokenizer):
     from transformers import AutoModelForCausalLM
 
@@ -130,7 +143,8 @@ def test_full_finetune_sync_pushes_weights(vllm_llama, tokenizer):
         engine.close()
 
 
-def test_qlora_policy_is_served_on_its_dequantized_base(vllm_llama, tokenizer):
+@pytest.mark.parametrize("sync", ["lora", "merged"])
+def test_qlora_policy_is_served_on_its_dequantized_base(vllm_llama, tokenizer, sync):
     """The engine computes what the 4-bit trainer computes, not what the original weights compute."""
     from align.models.trained import base_weights
 
@@ -141,9 +155,9 @@ def test_qlora_policy_is_served_on_its_dequantized_base(vllm_llama, tokenizer):
     checkpoint = load_file(str(vllm_llama / "model.safetensors"))
     name = "model.layers.0.self_attn.q_proj.weight"
     assert exported[name].shape == checkpoint[name].shape and not torch.equal(exported[name], checkpoint[name])
-    engine = VLLMEngine(policy, tokenizer, **ENGINE)
+    engine = VLLMEngine(policy, tokenizer, sync=sync, **ENGINE)
     try:
-        assert engine.last_sync_difference < 1e-3
+        assert engine.mode == sync and engine.last_sync_difference < 1e-3
         rollouts = engine.generate(CHATS, Sampling(n=2, max_new_tokens=8, seed=5))
         trainer = score_rollouts(policy, rollouts, tokenizer.pad_token_id, 1.0)
         assert logprob_mismatch([r.logprobs for r in rollouts], trainer)["logprob_mismatch_max"] < 1e-3

@@ -74,18 +74,35 @@ def merge(folder: str | Path, output: str | Path, precision: str = "fp32") -> Pa
     return output
 
 
-def base_weights(model, dtype=None, untie: bool = False):
+def lora_deltas(model) -> dict[str, torch.Tensor]:
+    """{weight name: B @ A x scale} of the active LoRA adapter, under the names ``base_weights`` uses."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    if not hasattr(model, "get_base_model"):
+        return {}
+    adapter = model.active_adapter
+    deltas = {}
+    with torch.no_grad():
+        for name, module in model.get_base_model().named_modules():
+            if isinstance(module, LoraLayer) and adapter in module.lora_A:
+                deltas[f"{name}.weight"] = module.get_delta_weight(adapter).float()
+    return deltas
+
+
+def base_weights(model, dtype=None, untie: bool = False, merge_adapter: bool = False):
     """(name, tensor) pairs of the weights the trainer computes with, under plain transformers names.
 
     For a peft policy that is its base without the adapter; 4-bit layers are dequantized to the
     exact values the trainer's matmuls use (not the original checkpoint's), so an inference
     engine serving these weights differs from the trainer only by rounding. Tied weights appear
     once (the config says they are tied), unless ``untie``: then the output embedding is also
-    given as lm_head.weight.
+    given as lm_head.weight. ``merge_adapter`` adds the active LoRA's deltas in fp32 to the
+    dequantized weights (never into 4-bit ones): the policy as one plain model.
     """
     import bitsandbytes.functional as bnbf
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    deltas = lora_deltas(model) if merge_adapter else {}
     for name, param in base.named_parameters():
         parts = name.split(".")
         if any(p.startswith("lora_") or p in ("modules_to_save", "original_module") for p in parts):
@@ -97,13 +114,18 @@ def base_weights(model, dtype=None, untie: bool = False):
             tensor = bnbf.dequantize_4bit(tensor, param.quant_state)
         elif getattr(param, "SCB", None) is not None or tensor.dtype == torch.int8:
             raise ValueError(f"{name}: 8-bit bases cannot be exported for an inference engine; use nf4 or no quantization")
-        yield ".".join(p for p in parts if p != "base_layer"), tensor.to(dtype) if dtype is not None else tensor
+        name = ".".join(p for p in parts if p != "base_layer")
+        if name in deltas:
+            tensor = tensor.float() + deltas[name].to(tensor.device)
+        yield name, tensor.to(dtype) if dtype is not None else tensor
     if untie and getattr(base.config, "tie_word_embeddings", False):
         tensor = base.get_output_embeddings().weight.data
+        if "lm_head.weight" in deltas:
+            tensor = tensor.float() + deltas["lm_head.weight"].to(tensor.device)
         yield "lm_head.weight", tensor.to(dtype) if dtype is not None else tensor
 
 
-def export_base(model, tokenizer, folder: str | Path, dtype, untie: bool = False) -> Path:
+def export_base(model, tokenizer, folder: str | Path, dtype, untie: bool = False, merge_adapter: bool = False) -> Path:
     """Write ``base_weights`` as a safetensors model folder (config without quantization, tokenizer).
 
     ``untie`` stores the output embedding separately (tie_word_embeddings false), for engines
@@ -117,7 +139,7 @@ def export_base(model, tokenizer, folder: str | Path, dtype, untie: bool = False
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    weights = {name: t.detach().contiguous().cpu().clone() for name, t in base_weights(model, dtype, untie)}
+    weights = {name: t.detach().contiguous().cpu().clone() for name, t in base_weights(model, dtype, untie, merge_adapter)}
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config = base.config.to_dict()
     for key in ("quantization_config", "_pre_quantization_dtype"):

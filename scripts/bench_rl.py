@@ -1,0 +1,81 @@
+"""Online RL step time by phase and peak memory: PPO with hf vs vLLM rollouts; PPO vs GRPO vs RLOO.
+
+SmolLM2-135M-Instruct, NF4 base + LoRA r=16, GSM8K questions, reward = gsm8k_exact + 0.5 x
+answer_format, 16 completions per step for every algorithm (PPO: 16 prompts x 1; GRPO/RLOO:
+4 prompts x 4), temperature 1, <= 64 new tokens, the same seed. Each configuration runs in its
+own process; the first step (warm-up, engine start) is left out of the averages.
+
+    python scripts/bench_rl.py --steps 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from benchlib import report, run_configs
+
+CONFIGS = {
+    # name: (kind, engine, algorithm)
+    "ppo-hf": ("ppo", "hf", None),
+    "ppo-vllm": ("ppo", "vllm", None),
+    "grpo-vllm": ("grpo", "vllm", "grpo"),
+    "rloo-vllm": ("grpo", "vllm", "rloo"),
+}
+
+
+def worker(name: str, steps: int, tokens: int) -> dict:
+    from align.data.builtin import gsm8k_rows
+    from align.recipe import recipe_from_dict
+
+    kind, engine, algorithm = CONFIGS[name]
+    folder = Path(tempfile.mkdtemp())
+    (folder / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gsm8k_rows()[:256]))
+    per_prompt = 1 if kind == "ppo" else 4
+    stage = {
+        "kind": kind,
+        "reward": [{"type": "rule", "name": "gsm8k_exact", "weight": 1.0}, {"type": "rule", "name": "answer_format", "weight": 0.5}],
+        "rollout": {"engine": engine, "prompts_per_step": 16 // per_prompt, "samples_per_prompt": per_prompt, "max_new_tokens": tokens},
+        kind: {"algorithm": algorithm, "dead_steps": 0} if kind == "grpo" else {"epochs": 2, "minibatch_size": 8, "dead_steps": 0},
+    }
+    recipe = recipe_from_dict({
+        "name": "bench", "quantization": {"mode": "nf4"}, "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+        "data": {"train": str(folder / "prompts.jsonl"), "max_length": 512},
+        "train": {"max_steps": steps, "batch_size": 8, "lr": 1e-5},
+        "stages": {"rl": stage},
+    })
+    cfg = recipe.resolve("rl")
+    if kind == "ppo":
+        from align.stages.ppo import run_ppo as run
+    else:
+        from align.stages.grpo import run_grpo as run
+    out = run(cfg, folder / "out", recipe_name="bench")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # step 1 is warm-up
+    phases = ["generation", "scoring", "logprobs", "training", "sync"]
+    result = {f"{p}_s": round(sum(r.get(f"time/{p}", 0.0) for r in records) / len(records), 2) for p in phases}
+    result["step_s"] = round(sum(result.values()), 2)
+    result["completion_tokens"] = round(sum(r["completion_length"] for r in records) / len(records) * 16)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--only", default=",".join(CONFIGS))
+    parser.add_argument("--worker")
+    args = parser.parse_args()
+    if args.worker:
+        report(worker(args.worker, args.steps, args.tokens))
+        return
+    results = run_configs(__file__, args.only.split(","), ["--steps", str(args.steps), "--tokens", str(args.tokens)])
+    print(f"\n{'config':<12}{'step s':>8}{'generate':>10}{'score':>7}{'logprobs':>10}{'train':>7}{'sync':>6}{'tokens':>8}{'peak RSS MB':>13}")
+    for name, r in results.items():
+        print(f"{name:<12}{r['step_s']:>8}{r['generation_s']:>10}{r['scoring_s']:>7}{r['logprobs_s']:>10}{r['training_s']:>7}"
+              f"{r['sync_s']:>6}{r['completion_tokens']:>8}{r['peak_rss_mb']:>13}")
+
+
+if __name__ == "__main__":
+    main()
