@@ -41,6 +41,17 @@ def _default_output(recipe, stage: str) -> Path:
     return Path("runs") / recipe.name / stage
 
 
+def _resolve_stage(recipe: Path, stage: str, overrides: Optional[List[str]], kind: str, output_dir: Optional[Path]):
+    """(stage config, recipe name, output folder) for a stage command; the stage must be of ``kind``."""
+    from align.recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    cfg = loaded.resolve(stage, overrides)
+    if cfg.kind != kind:
+        raise typer.BadParameter(f"stage '{stage}' is a {cfg.kind} stage, not {kind}")
+    return cfg, loaded.name, output_dir or _default_output(loaded, stage)
+
+
 @app.command()
 def sft(
     recipe: Path = RECIPE,
@@ -51,14 +62,10 @@ def sft(
     resume: bool = typer.Option(False, "--resume", help="continue from the last complete checkpoint"),
 ):
     """Supervised fine-tuning with prompt-masked labels (QLoRA by default)."""
-    from align.recipe import load_recipe
     from align.stages.sft import run_sft
 
-    loaded = load_recipe(recipe)
-    cfg = loaded.resolve(stage, overrides)
-    if cfg.kind != "sft":
-        raise typer.BadParameter(f"stage '{stage}' is a {cfg.kind} stage, not sft")
-    run_sft(cfg, output_dir or _default_output(loaded, stage), recipe_name=loaded.name, overwrite=overwrite, resume=resume)
+    cfg, name, out = _resolve_stage(recipe, stage, overrides, "sft", output_dir)
+    run_sft(cfg, out, recipe_name=name, overwrite=overwrite, resume=resume)
 
 
 @app.command()
@@ -72,14 +79,10 @@ def dpo(
     resume: bool = typer.Option(False, "--resume", help="continue from the last complete checkpoint"),
 ):
     """Preference optimisation (DPO, cDPO, robust, IPO, SimPO) on prompt/chosen/rejected pairs."""
-    from align.recipe import load_recipe
     from align.stages.dpo import run_dpo
 
-    loaded = load_recipe(recipe)
-    cfg = loaded.resolve(stage, overrides)
-    if cfg.kind != "dpo":
-        raise typer.BadParameter(f"stage '{stage}' is a {cfg.kind} stage, not dpo")
-    run_dpo(cfg, output_dir or _default_output(loaded, stage), recipe_name=loaded.name, from_dir=from_dir, overwrite=overwrite, resume=resume)
+    cfg, name, out = _resolve_stage(recipe, stage, overrides, "dpo", output_dir)
+    run_dpo(cfg, out, recipe_name=name, from_dir=from_dir, overwrite=overwrite, resume=resume)
 
 
 @app.command()
@@ -92,14 +95,10 @@ def grpo(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run in the output folder"),
 ):
     """Online RL with group-relative advantages: GRPO or RLOO (grpo.algorithm), rollouts from hf or vLLM."""
-    from align.recipe import load_recipe
     from align.stages.grpo import run_grpo
 
-    loaded = load_recipe(recipe)
-    cfg = loaded.resolve(stage, overrides)
-    if cfg.kind != "grpo":
-        raise typer.BadParameter(f"stage '{stage}' is a {cfg.kind} stage, not grpo")
-    run_grpo(cfg, output_dir or _default_output(loaded, stage), recipe_name=loaded.name, from_dir=from_dir, overwrite=overwrite)
+    cfg, name, out = _resolve_stage(recipe, stage, overrides, "grpo", output_dir)
+    run_grpo(cfg, out, recipe_name=name, from_dir=from_dir, overwrite=overwrite)
 
 
 @app.command()
@@ -112,14 +111,10 @@ def ppo(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run in the output folder"),
 ):
     """Online RL with PPO: value head, per-token KL penalty, GAE, clipped policy and value losses."""
-    from align.recipe import load_recipe
     from align.stages.ppo import run_ppo
 
-    loaded = load_recipe(recipe)
-    cfg = loaded.resolve(stage, overrides)
-    if cfg.kind != "ppo":
-        raise typer.BadParameter(f"stage '{stage}' is a {cfg.kind} stage, not ppo")
-    run_ppo(cfg, output_dir or _default_output(loaded, stage), recipe_name=loaded.name, from_dir=from_dir, overwrite=overwrite)
+    cfg, name, out = _resolve_stage(recipe, stage, overrides, "ppo", output_dir)
+    run_ppo(cfg, out, recipe_name=name, from_dir=from_dir, overwrite=overwrite)
 
 
 @app.command()
@@ -142,16 +137,12 @@ def rm(
             raise typer.BadParameter("align rm score needs --model and --data")
         score_file(model, data, output)
         return
-    from align.recipe import load_recipe
     from align.stages.reward import run_reward
 
     if recipe is None:
         raise typer.BadParameter("--recipe is required to train a reward model")
-    loaded = load_recipe(recipe)
-    cfg = loaded.resolve(stage, overrides)
-    if cfg.kind != "rm":
-        raise typer.BadParameter(f"stage '{stage}' is a {cfg.kind} stage, not rm")
-    run_reward(cfg, output_dir or _default_output(loaded, stage), recipe_name=loaded.name, overwrite=overwrite, resume=resume)
+    cfg, name, out = _resolve_stage(recipe, stage, overrides, "rm", output_dir)
+    run_reward(cfg, out, recipe_name=name, overwrite=overwrite, resume=resume)
 
 
 ENGINE = typer.Option("auto", "--engine", "-e", help="auto (vllm when installed, else hf), hf or vllm")

@@ -6,7 +6,7 @@ max_new_tokens) for every engine; each engine runs in its own process (peak RSS 
 warms up on 4 prompts, then generates for all prompts. Tokens/s counts generated tokens.
 
     python scripts/bench_rollout.py --prompts 64 --tokens 64
-    python scripts/bench_rollout.py --only vllm-bf16,vllm-fp32-graphs   # a subset
+    python scripts/bench_rollout.py --only vllm-bf16,vllm-bf16-lora   # a subset
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ CONFIGS = {
     "hf-one-at-a-time": ("hf", {"batch_size": 1, "precision": "bf16"}),
     "hf-batched": ("hf", {"batch_size": 64, "precision": "bf16"}),
     "hf-batched-fp32": ("hf", {"batch_size": 64, "precision": "fp32"}),
-    "vllm-bf16": ("vllm", {"precision": "bf16"}),
+    "vllm-bf16": ("vllm", {"precision": "bf16"}),  # sync auto = merged on CPU
     "vllm-fp32": ("vllm", {"precision": "fp32"}),
+    "vllm-bf16-lora": ("vllm", {"precision": "bf16", "sync": "lora"}),
     "vllm-bf16-graphs": ("vllm", {"precision": "bf16", "enforce_eager": False}),
     "vllm-bf16-kv8": ("vllm", {"precision": "bf16", "kv_cache_gib": 8}),
     # the same base without an adapter (full sync mode): what serving the LoRA costs vLLM here

@@ -41,12 +41,16 @@ from align.rollout.engine import Rollout, Sampling, SyncError, encode_prompts, f
 from align.rollout.scoring import score_rollouts
 
 # Mean |engine - trainer| logprob over the probe's tokens that still counts as in sync. fp32
-# engines agree to ~5e-5 here. bf16 logits carry ~3 significant digits: SmolLM2 QLoRA measured a
-# mean of 0.03 (max 0.16) between a bf16 engine and a bf16-autocast trainer, so in bf16 the probe
-# catches a wrong adapter, base or scaling, not a sync skipped after a small step.
-SYNC_TOLERANCE = {"fp32": 1e-3, "bf16": 0.1, "fp16": 0.05}
+# engines agree to ~1e-5 here. bf16 logits carry ~3 significant digits: SmolLM2 QLoRA measured
+# means of 0.02-0.04 (lora sync) and up to 0.075 (merged sync: deltas rounded into bf16 weights)
+# between a bf16 engine and a bf16-autocast trainer, single tokens up to 0.16. So in bf16 the
+# probe catches a wrong adapter, base or scaling, not a sync skipped after a small step.
+SYNC_TOLERANCE = {"fp32": 1e-3, "bf16": 0.15, "fp16": 0.1}
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM accepts for max_lora_rank
-PROBE = ([{"role": "user", "content": "Count from one to ten in words."}], "one two three four five six seven eight nine ten")
+PROBE = (
+    [{"role": "user", "content": "Count from one to ten in words, then name the days of the week."}],
+    "one two three four five six seven eight nine ten. Monday, Tuesday, Wednesday, Thursday, Friday, Saturday and Sunday.",
+)
 
 
 def sync_mode(policy, sync: str) -> str:

@@ -18,7 +18,8 @@ from align.artifacts import (
     write_manifest,
 )
 from align.console import console
-from align.recipe import StageConfig, dump_config
+from align.models.loading import read_stage_manifest
+from align.recipe import RecipeError, StageConfig, dump_config
 from align.tracking import plot_losses, read_metrics, wandb_report_to
 
 
@@ -165,3 +166,16 @@ def save_stage(trainer, tokenizer, output_dir: Path, artifact: str, started: flo
     )
     console.print(f"[bold green]done[/] in {time.time() - started:.0f}s: {output_dir}")
     return manifest
+
+
+def source_stage(cfg, recipe_name: str, from_dir: str | Path | None) -> Path | None:
+    """The finished stage the policy starts from: --from-dir, else runs/<recipe>/<from>."""
+    if from_dir is None and cfg.from_stage is None:
+        return None
+    folder = Path(from_dir) if from_dir else Path("runs") / recipe_name / cfg.from_stage
+    manifest = read_stage_manifest(folder)
+    if manifest.get("status") != "complete" or manifest.get("artifact") != "adapter":
+        raise RecipeError(f"{folder}: the stage to start from must be finished and hold an adapter (run it first)")
+    if manifest.get("base_model") != cfg.model.name:
+        raise RecipeError(f"{folder} was trained on {manifest.get('base_model')!r}, this stage uses {cfg.model.name!r}")
+    return folder

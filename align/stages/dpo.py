@@ -33,7 +33,7 @@ from align.data.preference_data import Pair, load_pairs
 from align.data.templating import IGNORE_INDEX
 from align.losses import PreferenceLoss, sequence_logps
 from align.models.adapters import add_adapter, load_adapter_for_training, reference_mode, trainable_summary
-from align.models.loading import autocast, load_base_model, load_tokenizer, read_stage_manifest, resolve_precision
+from align.models.loading import autocast, load_base_model, load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
 from align.recipe import DPOConfig, RecipeError
 from align.stages.common import (
@@ -46,6 +46,7 @@ from align.stages.common import (
     process_state,
     resume_line,
     save_stage,
+    source_stage,
     steps_line,
     total_steps,
     training_arguments,
@@ -171,7 +172,7 @@ def run_dpo(cfg: DPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
     steps = total_steps(cfg, len(train_pairs), state.num_processes)
 
     # 2. Model: a fresh adapter, or the `from` stage's adapter, trainable.
-    source = _source_stage(cfg, recipe_name, from_dir)
+    source = source_stage(cfg, recipe_name, from_dir)
     set_seed(cfg.seed)
     precision = resolve_precision(cfg.model.precision)
     quantized = cfg.quantization.mode != "none"
@@ -260,16 +261,3 @@ def run_dpo(cfg: DPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
             console.print(f"held-out reward accuracy {final_eval.get('eval_rewards/accuracies', float('nan')):.3f}, loss {final_eval['eval_loss']:.4f}")
         console.print(f"next: align generate --model {output_dir} --prompt \"...\"")
     return output_dir
-
-
-def _source_stage(cfg: DPOConfig, recipe_name: str, from_dir: str | Path | None) -> Path | None:
-    """The finished stage this one starts from: --from-dir, else runs/<recipe>/<from>."""
-    if from_dir is None and cfg.from_stage is None:
-        return None
-    folder = Path(from_dir) if from_dir else Path("runs") / recipe_name / cfg.from_stage
-    manifest = read_stage_manifest(folder)
-    if manifest.get("status") != "complete" or manifest.get("artifact") != "adapter":
-        raise RecipeError(f"{folder}: the stage to start from must be finished and hold an adapter (run it first)")
-    if manifest.get("base_model") != cfg.model.name:
-        raise RecipeError(f"{folder} was trained on {manifest.get('base_model')!r}, this stage uses {cfg.model.name!r}")
-    return folder

@@ -31,7 +31,7 @@ from align.models.loading import autocast, load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
 from align.recipe import GRPOConfig
 from align.rollout.scoring import logprob_mismatch, rollout_batch
-from align.stages.common import adapter_line, prepare_output, process_state
+from align.stages.common import adapter_line, prepare_output, process_state, source_stage
 from align.stages.online import (
     DeadRunAlarm,
     StepLog,
@@ -44,7 +44,6 @@ from align.stages.online import (
     sampling,
     save_rl_stage,
     score,
-    source_stage,
     stage_dirs,
     to_device,
 )

@@ -23,23 +23,10 @@ from align.console import console
 from align.data.prompt_data import PromptExample
 from align.losses import token_logps
 from align.models.adapters import add_adapter, load_adapter_for_training
-from align.models.loading import load_base_model, read_stage_manifest
+from align.models.loading import load_base_model
 from align.recipe import RecipeError
 from align.rollout.engine import Rollout, Sampling, make_engine
 from align.tracking import plot_losses
-
-
-def source_stage(cfg, recipe_name: str, from_dir: str | Path | None) -> Path | None:
-    """The finished stage the policy starts from: --from-dir, else runs/<recipe>/<from>."""
-    if from_dir is None and cfg.from_stage is None:
-        return None
-    folder = Path(from_dir) if from_dir else Path("runs") / recipe_name / cfg.from_stage
-    manifest = read_stage_manifest(folder)
-    if manifest.get("status") != "complete" or manifest.get("artifact") != "adapter":
-        raise RecipeError(f"{folder}: the stage to start from must be finished and hold an adapter (run it first)")
-    if manifest.get("base_model") != cfg.model.name:
-        raise RecipeError(f"{folder} was trained on {manifest.get('base_model')!r}, this stage uses {cfg.model.name!r}")
-    return folder
 
 
 def stage_dirs(cfg, recipe_name: str) -> dict[str, Path]:

@@ -33,7 +33,7 @@ from align.models.loading import autocast, load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
 from align.recipe import PPOConfig, RecipeError
 from align.rollout.scoring import logprob_mismatch, rollout_batch
-from align.stages.common import adapter_line, prepare_output, process_state
+from align.stages.common import adapter_line, prepare_output, process_state, source_stage
 from align.stages.online import (
     DeadRunAlarm,
     StepLog,
@@ -46,7 +46,6 @@ from align.stages.online import (
     sampling,
     save_rl_stage,
     score,
-    source_stage,
     stage_dirs,
     to_device,
 )
