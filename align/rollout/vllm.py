@@ -121,6 +121,9 @@ class VLLMEngine:
         self.version = 0
         self.failed: str | None = None  # why the last sync failed; generate refuses while set
         self._lora_request = None
+        # The fixed sequence every sync is checked on, tokenized once.
+        probe_completion = tokenizer(PROBE[1], add_special_tokens=False)["input_ids"]
+        self.probe = Rollout(0, encode_prompts(tokenizer, [PROBE[0]])[0], probe_completion, [], "length", "")
         dtype = DTYPES[precision]
         size = sum(p.numel() for p in policy.parameters()) * dtype.itemsize
         self.workdir = _scratch_dir(size)
@@ -176,9 +179,8 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        prompt = encode_prompts(self.tokenizer, [PROBE[0]])[0]
-        completion = self.tokenizer(PROBE[1], add_special_tokens=False)["input_ids"]
-        probe = Rollout(0, prompt, completion, [], "length", "")
+        probe = self.probe
+        prompt, completion = probe.prompt_ids, probe.completion_ids
         trainer = torch.tensor(score_rollouts(policy, [probe], self.tokenizer.pad_token_id, 1.0, self.precision)[0])
         out = self._run([TokensPrompt(prompt_token_ids=prompt + completion)], SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0))
         scored = out[0].prompt_logprobs[len(prompt) :]

@@ -44,8 +44,8 @@ from align.stages.online import (
     sampling,
     save_rl_stage,
     score,
+    select_rows,
     stage_dirs,
-    to_device,
 )
 
 
@@ -128,7 +128,7 @@ def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe
         with log.timed("logprobs"), torch.no_grad():
             old, entropy, ref = [], [], []
             for rows in micro_batches(list(range(len(rollouts))), cfg.train.batch_size):
-                micro = to_device({key: v[rows] for key, v in batch.items()}, device)
+                micro = select_rows(batch, rows, device)
                 with autocast(precision):
                     logps, ent, _ = policy_outputs(policy, micro, cfg.rollout.temperature, entropy=True)
                     old.append(logps.float().cpu())
@@ -149,12 +149,12 @@ def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe
                 for mb in micro_batches(order, minibatch):
                     tokens, minibatch_loss = int(mask[mb].sum().item()), 0.0
                     for rows in micro_batches(mb, cfg.train.batch_size):
-                        micro = to_device({key: v[rows] for key, v in batch.items()}, device)
+                        micro = select_rows(batch, rows, device)
                         with autocast(precision):
                             logps = policy_outputs(policy, micro, cfg.rollout.temperature)[0].float()
-                        m = mask[rows].to(device)
+                        m, old_rows = mask[rows].to(device), old[rows].to(device)
                         adv = advantages[rows].to(device).unsqueeze(1)
-                        token_loss, clipped = clipped_policy_loss(logps, old[rows].to(device), adv, opts.clip)
+                        token_loss, clipped = clipped_policy_loss(logps, old_rows, adv, opts.clip)
                         if ref is not None:
                             kl = kl_estimate(logps, ref[rows].to(device), opts.kl_estimator)
                             token_loss = token_loss + opts.kl_coef * kl
@@ -163,7 +163,7 @@ def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe
                         loss.backward()
                         minibatch_loss += loss.item()
                         log.add(clip_fraction=((clipped * m).sum() / m.sum().clamp(min=1)).item(),
-                                approx_kl=(0.5 * ((logps - old[rows].to(device)) ** 2 * m).sum() / m.sum().clamp(min=1)).item())
+                                approx_kl=(0.5 * ((logps - old_rows) ** 2 * m).sum() / m.sum().clamp(min=1)).item())
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
                     optimizer.step()
                     scheduler.step()

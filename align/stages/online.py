@@ -132,8 +132,9 @@ def micro_batches(indices: list[int], size: int) -> Iterator[list[int]]:
         yield indices[start : start + size]
 
 
-def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
+def select_rows(batch: dict[str, torch.Tensor], rows: list[int], device) -> dict[str, torch.Tensor]:
+    """The given rows of every tensor in a rollout batch, on the trainer's device."""
+    return {k: v[rows].to(device) for k, v in batch.items()}
 
 
 class DeadRunAlarm:

@@ -46,8 +46,8 @@ from align.stages.online import (
     sampling,
     save_rl_stage,
     score,
+    select_rows,
     stage_dirs,
-    to_device,
 )
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -198,7 +198,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
         with log.timed("logprobs"), torch.no_grad():
             parts = {"old": [], "entropy": [], "values": [], "ref": []}
             for rows in micro_batches(list(range(len(rollouts))), cfg.train.batch_size):
-                micro = to_device({key: v[rows] for key, v in batch.items()}, device)
+                micro = select_rows(batch, rows, device)
                 with autocast(precision):
                     logps, entropy, values = policy_outputs(policy, micro, temperature, value_head, entropy=True)
                     if needs_reference:
@@ -229,16 +229,16 @@ def run_ppo(cfg: PPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
                 for mb in micro_batches(order, minibatch):
                     tokens, minibatch_loss = mask[mb].sum().clamp(min=1), 0.0
                     for rows in micro_batches(mb, cfg.train.batch_size):
-                        micro = to_device({key: v[rows] for key, v in batch.items()}, device)
+                        micro = select_rows(batch, rows, device)
                         with autocast(precision):
                             logps, _, values = policy_outputs(policy, micro, temperature, value_head)
-                        m = mask[rows].to(device)
-                        policy_loss, clipped = clipped_policy_loss(logps.float(), old[rows].to(device), advantages[rows].to(device), opts.clip)
+                        m, old_rows, logps = mask[rows].to(device), old[rows].to(device), logps.float()
+                        policy_loss, clipped = clipped_policy_loss(logps, old_rows, advantages[rows].to(device), opts.clip)
                         value_loss, value_clipped = clipped_value_loss(values.float(), old_values[rows].to(device), returns[rows].to(device), opts.value_clip)
                         loss = ((policy_loss + opts.vf_coef * value_loss) * m).sum() / tokens.to(device)
                         loss.backward()
                         minibatch_loss += loss.item()
-                        approx_kl = (0.5 * ((logps.float() - old[rows].to(device)) ** 2 * m).sum() / m.sum().clamp(min=1)).item()
+                        approx_kl = (0.5 * ((logps - old_rows) ** 2 * m).sum() / m.sum().clamp(min=1)).item()
                         epoch_kl.append(approx_kl)
                         log.add(policy_loss=((policy_loss * m).sum() / m.sum().clamp(min=1)).item(),
                                 value_loss=((value_loss * m).sum() / m.sum().clamp(min=1)).item(),
