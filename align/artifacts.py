@@ -38,6 +38,12 @@ RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "train.save_steps", "tra
                      "train.logging_steps", "train.save_total_limit", "tracking.")
 
 
+def stage_folder(recipe_name: str, stage: str = "") -> Path:
+    """runs/<recipe>/<stage>: where a stage of a recipe writes and where later stages find it.
+    ALIGN_RUNS moves the runs/ root (tests, scratch space)."""
+    return Path(os.environ.get("ALIGN_RUNS", "runs")) / recipe_name / stage
+
+
 def prepare_run_folder(folder: Path, overwrite: bool, resume: bool) -> None:
     """Refuse to write into a folder that holds a user's earlier run unless told what to do.
 
@@ -120,6 +126,22 @@ def atomic_folder(target: Path) -> Iterator[Path]:
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_staging_leftovers(folder: Path) -> None:
+    """Temporary folders and files of writes a kill interrupted (never renamed into place)."""
+    for path in list(folder.glob(".*.tmp*")) + list((folder / "checkpoints").glob(".*.tmp*")):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def prune_checkpoints(checkpoints: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints (torn ones go too)."""
+    numbered = sorted((p for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                      key=lambda p: int(p.name.split("-")[-1]))
+    complete = [p for p in numbered if (p / CHECKPOINT_MARKER).is_file()]
+    for path in numbered:
+        if path not in complete[-keep:]:
+            shutil.rmtree(path)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -38,7 +38,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def _default_output(recipe, stage: str) -> Path:
-    return Path("runs") / recipe.name / stage
+    from align.artifacts import stage_folder
+
+    return stage_folder(recipe.name, stage)
 
 
 def _resolve_stage(recipe: Path, stage: str, overrides: Optional[List[str]], kind: str, output_dir: Optional[Path]):
@@ -93,12 +95,13 @@ def grpo(
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="default: runs/<recipe>/<stage>"),
     from_dir: Optional[Path] = typer.Option(None, "--from-dir", help="start from this finished stage folder instead of runs/<recipe>/<from>"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run in the output folder"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the last complete checkpoint"),
 ):
     """Online RL with group-relative advantages: GRPO or RLOO (grpo.algorithm), rollouts from hf or vLLM."""
     from align.stages.grpo import run_grpo
 
     cfg, name, out = _resolve_stage(recipe, stage, overrides, "grpo", output_dir)
-    run_grpo(cfg, out, recipe_name=name, from_dir=from_dir, overwrite=overwrite)
+    run_grpo(cfg, out, recipe_name=name, from_dir=from_dir, overwrite=overwrite, resume=resume)
 
 
 @app.command()
@@ -109,12 +112,104 @@ def ppo(
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="default: runs/<recipe>/<stage>"),
     from_dir: Optional[Path] = typer.Option(None, "--from-dir", help="start from this finished stage folder instead of runs/<recipe>/<from>"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run in the output folder"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the last complete checkpoint"),
 ):
     """Online RL with PPO: value head, per-token KL penalty, GAE, clipped policy and value losses."""
     from align.stages.ppo import run_ppo
 
     cfg, name, out = _resolve_stage(recipe, stage, overrides, "ppo", output_dir)
-    run_ppo(cfg, out, recipe_name=name, from_dir=from_dir, overwrite=overwrite)
+    run_ppo(cfg, out, recipe_name=name, from_dir=from_dir, overwrite=overwrite, resume=resume)
+
+
+def _option_value(text: str) -> int | float | str:
+    """A number when it reads as one, else the text (not YAML: 'yes' must stay a string)."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _judge_spec(text: str) -> dict:
+    """rule:NAME[,key=value...] | learned:DIR | judge:MODEL (pairwise) | judge-pointwise:MODEL -> a reward spec."""
+    kind, _, rest = text.partition(":")
+    if kind == "rule" and rest:
+        name, *options = rest.split(",")
+        pairs = [option.partition("=") for option in options]
+        if any(not sep for _, sep, _ in pairs):
+            raise typer.BadParameter(f"--judge {text}: rule options are key=value, e.g. rule:contains_marker,marker=yes")
+        return {"type": "rule", "name": name, **{key: _option_value(value) for key, _, value in pairs}}
+    if kind == "learned" and rest:
+        return {"type": "learned", "path": rest}
+    if kind in ("judge", "judge-pointwise") and rest:
+        return {"type": "judge", "model": rest, "mode": "pointwise" if kind == "judge-pointwise" else "pairwise"}
+    raise typer.BadParameter(f"--judge {text}: use rule:NAME, learned:DIR, judge:MODEL or judge-pointwise:MODEL")
+
+
+def _standalone_eval(policy: Path, baselines: List[str], prompts: List[Path], judges: List[str], max_prompts: Optional[int],
+                     max_new_tokens: Optional[int], temperature: Optional[float], engine: str):
+    """An eval config without a recipe: the model sections are the policy stage's own (so 'base' is
+    what it was trained from), or the folder itself for a plain model folder."""
+    from align.models.trained import stage_config
+    from align.recipe import EvalConfig, validate
+    from align.stages.evaluate import check_folder
+
+    if not prompts or not judges:
+        raise typer.BadParameter("align eval without --recipe needs --prompts FILE and at least one --judge")
+    if check_folder(policy):
+        trained = stage_config(policy)
+        model, quantization = trained.model.model_dump(), trained.quantization.model_dump()
+    else:
+        model, quantization = {"name": str(policy)}, {"mode": "none"}
+    rollout = {"engine": engine, **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}),
+               **({"temperature": temperature} if temperature is not None else {})}
+    return validate(EvalConfig, {
+        "model": model, "quantization": quantization,
+        # folders as absolute paths: a bare name would be read as a stage of a recipe
+        "policy": str(policy.resolve()),
+        "baselines": [b if b == "base" else str(Path(b).resolve()) for b in baselines or ["base"]],
+        "judges": {text: _judge_spec(text) for text in judges},
+        "data": {"eval": [str(p) for p in prompts], "max_eval_rows": max_prompts},
+        "rollout": rollout,
+    }, where="align eval")
+
+
+@app.command("eval")
+def eval_(
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="recipe YAML file; or use --policy and the options below"),
+    overrides: Optional[List[str]] = OVERRIDES,
+    stage: str = typer.Option("eval", help="stage name in the recipe"),
+    policy: Optional[Path] = typer.Option(None, "--policy", help="(no recipe) a finished stage folder or a model folder to evaluate"),
+    baseline: Optional[List[str]] = typer.Option(None, "--baseline", help="(no recipe) 'base' (the policy's base model) or a folder; repeatable; default base"),
+    prompts: Optional[List[Path]] = typer.Option(None, "--prompts", help="(no recipe) held-out prompt file; repeatable"),
+    judge: Optional[List[str]] = typer.Option(None, "--judge", help="(no recipe) rule:NAME[,key=value], learned:DIR, judge:MODEL (pairwise) or judge-pointwise:MODEL; repeatable"),
+    max_prompts: Optional[int] = typer.Option(None, "--max-prompts", min=1, help="(no recipe) evaluate at most this many prompts"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="(no recipe) answer tokens at most (default 256)"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", min=0, help="(no recipe) sampling temperature (default 0.7)"),
+    engine: str = typer.Option("auto", "--engine", "-e", help="(no recipe) auto (vllm when installed, else hf), hf or vllm"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="default: runs/<recipe>/<stage>, or runs/eval/<policy folder name>"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing report in the output folder"),
+):
+    """Win-rate of a policy against baselines on held-out prompts: bootstrap 95% interval,
+    length-controlled win-rate, report.json / report.md / winrate.png."""
+    from align.stages.evaluate import run_eval
+
+    standalone = [policy, baseline, prompts, judge, max_prompts, max_new_tokens, temperature]
+    if recipe is not None:
+        if any(option not in (None, [], ()) for option in standalone) or engine != "auto":
+            raise typer.BadParameter("with --recipe, change the eval stage with overrides (e.g. rollout.temperature=0), not --policy/--judge/...")
+        cfg, name, out = _resolve_stage(recipe, stage, overrides, "eval", output_dir)
+        run_eval(cfg, out, recipe_name=name, overwrite=overwrite)
+        return
+    if policy is None:
+        raise typer.BadParameter("align eval needs --recipe, or --policy DIR with --prompts and --judge")
+    if overrides:
+        raise typer.BadParameter(f"overrides ({' '.join(overrides)}) need --recipe")
+    from align.artifacts import stage_folder
+
+    cfg = _standalone_eval(policy, baseline or [], prompts or [], judge or [], max_prompts, max_new_tokens, temperature, engine)
+    run_eval(cfg, output_dir or stage_folder("eval", policy.resolve().name), recipe_name="eval", overwrite=overwrite)
 
 
 @app.command()
@@ -143,6 +238,35 @@ def rm(
         raise typer.BadParameter("--recipe is required to train a reward model")
     cfg, name, out = _resolve_stage(recipe, stage, overrides, "rm", output_dir)
     run_reward(cfg, out, recipe_name=name, overwrite=overwrite, resume=resume)
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="recipe YAML file, e.g. recipes/smollm2-135m/quickstart.yaml"),
+    overrides: Optional[List[str]] = OVERRIDES,
+    only: Optional[str] = typer.Option(None, "--only", help="run just this stage (its inputs must have finished)"),
+    start: Optional[str] = typer.Option(None, "--from", help="re-run this stage and every stage after it"),
+    force: bool = typer.Option(False, "--force", help="re-run the selected stages even when they are up to date"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="validate everything and print the plan; run nothing"),
+):
+    """Run a recipe's stages in order: finished stages with unchanged inputs are skipped, an
+    interrupted one resumes from its last complete checkpoint, a changed one re-runs with its dependants."""
+    from align.pipeline import Pipeline, print_plan_table
+    from align.recipe import load_recipe
+
+    if only and start:
+        raise typer.BadParameter("--only and --from contradict each other; choose one")
+    loaded = load_recipe(recipe)
+    pipeline = Pipeline(loaded, overrides=overrides)
+    plans = pipeline.plan(only=only, start=start, force=force)
+    print_plan_table(loaded, plans)
+    if dry_run:
+        console.print("dry run: nothing was run")
+        return
+    pipeline.run(plans)
+    report = next((p.output / "report.md" for p in reversed(plans) if p.kind == "eval"), None)
+    if report is not None and report.is_file():
+        console.print(f"report: {report}")
 
 
 ENGINE = typer.Option("auto", "--engine", "-e", help="auto (vllm when installed, else hf), hf or vllm")
@@ -323,9 +447,9 @@ def models_resolve(reference: str = typer.Argument("smollm2-135m-instruct")):
 @recipes_app.command("list")
 def recipes_list(folder: Path = typer.Option(Path("recipes"), help="where recipes live")):
     """List recipes and their stages."""
-    from align.recipe import load_recipe
+    from align.recipe import load_recipe, recipe_files
 
-    for path in sorted(folder.rglob("*.yaml")):
+    for path in recipe_files(folder):
         loaded = load_recipe(path)
         console.print(f"[bold]{path}[/]  stages: {' -> '.join(loaded.stages)}  {loaded.description}")
 

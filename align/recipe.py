@@ -261,11 +261,54 @@ class PPOConfig(_OnlineRLConfig):
     ppo: PPOOptions = Field(default_factory=PPOOptions)
 
 
-# Stage kinds that exist; the eval stage registers here when it lands.
-STAGE_SCHEMAS: dict[str, type[StageConfig]] = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RewardConfig, "grpo": GRPOConfig, "ppo": PPOConfig}
+class EvalConfig(StageConfig):
+    """Win-rate of a policy against baselines on held-out prompts (data.eval), judged by rewards."""
+
+    kind: Literal["eval"] = "eval"
+    policy: str | None = Field(None, description="stage name (or finished stage folder) to evaluate; none = the last training stage before this one")
+    baselines: list[str] = Field(default_factory=lambda: ["base"], description="compared with: stage names, 'base' (the recipe's model, no adapter), or model/stage folders")
+    judges: dict[str, Any] = Field(..., description="name -> reward spec ({type: rule|learned|judge, ...}); each judge gets its own win-rate table")
+    rollout: RolloutConfig = Field(default_factory=lambda: RolloutConfig(temperature=0.7, max_new_tokens=256),
+                                   description="sampling, identical for the policy and every baseline (fixed seeds)")
+    tie_margin: float = Field(0.0, ge=0, description="score differences within this count as ties (learned, rule and pointwise judges)")
+    bootstrap: int = Field(2000, ge=100, description="bootstrap resamples of the prompts for the 95% interval")
+    examples: int = Field(5, ge=0, description="example pairs written to report.md")
+
+    @field_validator("judges")
+    @classmethod
+    def _judge_specs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if not value:
+            raise ValueError("an eval stage needs at least one judge, e.g. judges: {correct: {type: rule, name: gsm8k_exact}}")
+        for spec in value.values():
+            _check_reward_spec(spec)
+        return value
+
+    @model_validator(mode="after")
+    def _prompts(self):
+        if not self.data.eval:
+            raise ValueError("an eval stage reads its held-out prompts from data.eval (data.max_eval_rows caps how many)")
+        if self.rollout.samples_per_prompt != 1:
+            raise ValueError("eval compares one answer per prompt: rollout.samples_per_prompt must be 1")
+        return self
+
+
+# Stage kinds that exist.
+STAGE_SCHEMAS: dict[str, type[StageConfig]] = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RewardConfig, "grpo": GRPOConfig, "ppo": PPOConfig, "eval": EvalConfig}
+TRAINING_KINDS = ("sft", "dpo", "rm", "grpo", "ppo")
 # A stage named like this gets that kind unless it says otherwise (`stages: {reward: {...}}` is an rm stage).
 KIND_OF_STAGE_NAME = {"reward": "rm", "rloo": "grpo"}
 SHARED_SECTIONS = [name for name in StageConfig.model_fields if name != "kind"]
+
+
+def stage_references(config: StageConfig) -> list[tuple[str, str]]:
+    """(key, stage name) for every stage a config names through `from:` (its own, a reward's, a judge's)."""
+    specs = []
+    reward = getattr(config, "reward", None)
+    specs += reward if isinstance(reward, list) else [reward] if isinstance(reward, dict) else []
+    for judge in (getattr(config, "judges", None) or {}).values():
+        specs += judge if isinstance(judge, list) else [judge]
+    found = [("from", config.from_stage)] if getattr(config, "from_stage", None) else []
+    return found + [("reward from" if reward else "judge from", s["from"]) for s in specs if isinstance(s, dict) and s.get("from")]
 
 
 class Recipe(_Strict):
@@ -295,18 +338,38 @@ class Recipe(_Strict):
             )
         config = validate(schema, merged, where=f"{self._where()}, stage '{stage}'")
         earlier = list(self.stages)[: list(self.stages).index(stage)]
-        reward = getattr(config, "reward", None)
-        rewards = reward if isinstance(reward, list) else [reward] if isinstance(reward, dict) else []
-        for key, source in [("from", getattr(config, "from_stage", None))] + [("reward from", r.get("from")) for r in rewards]:
-            if source is not None and source not in earlier:
+        for key, source in stage_references(config):
+            if source not in earlier:
                 raise RecipeError(f"{self._where()}, stage '{stage}': {key}: {source} names no earlier stage (earlier: {', '.join(earlier) or 'none'})")
+        if isinstance(config, EvalConfig):
+            trained = [s for s in earlier if self.stage_kind(s) in TRAINING_KINDS and self.stage_kind(s) != "rm"]
+            for key, name in [("policy", config.policy)] + [("baselines", b) for b in config.baselines]:
+                if name is not None and name in self.stages and name not in earlier:
+                    raise RecipeError(f"{self._where()}, stage '{stage}': {key}: {name} is not an earlier stage")
+            if config.policy is None:
+                if not trained:
+                    raise RecipeError(f"{self._where()}, stage '{stage}': no policy to evaluate (set policy: <stage or folder>)")
+                config.policy = trained[-1]
         return config
+
+    def dependencies(self, stage: str) -> list[str]:
+        """The earlier stages whose artifacts this stage reads (from, reward from, eval's policy and baselines)."""
+        config = self.resolve(stage)
+        names = [source for _, source in stage_references(config)]
+        if isinstance(config, EvalConfig):
+            names += [n for n in [config.policy, *config.baselines] if n in self.stages]
+        return list(dict.fromkeys(names))
 
     def validate_all(self) -> dict[str, StageConfig]:
         return {stage: self.resolve(stage) for stage in self.stages}
 
     def _where(self) -> str:
         return str(self.path) if self.path else f"recipe '{self.name}'"
+
+
+def recipe_files(folder: str | Path = "recipes") -> list[Path]:
+    """The recipes under a folder; recipes/accelerate/ holds accelerate launch configs, not recipes."""
+    return sorted(p for p in Path(folder).rglob("*.yaml") if "accelerate" not in p.relative_to(folder).parts)
 
 
 def load_recipe(path: str | Path) -> Recipe:

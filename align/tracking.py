@@ -9,6 +9,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from align.artifacts import CHECKPOINT_MARKER
+from align.faults import fault_point
 
 
 class MetricsFile(TrainerCallback):
@@ -23,6 +24,20 @@ class MetricsFile(TrainerCallback):
         record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+class FaultPoints(TrainerCallback):
+    """align/faults.py's kill points inside a Trainer run; listed before CheckpointMarker so a
+    kill at "save" leaves a checkpoint without its marker."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def on_step_end(self, args, state, control, **kwargs):
+        fault_point(self.stage, "step", state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        fault_point(self.stage, "save", state.global_step)
 
 
 class CheckpointMarker(TrainerCallback):

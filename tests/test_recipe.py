@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from align.recipe import STAGE_SCHEMAS, RecipeError, load_recipe, recipe_from_dict
+from align.recipe import STAGE_SCHEMAS, RecipeError, load_recipe, recipe_files, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,9 +46,23 @@ def test_bad_override_and_bad_value_are_named():
         recipe.resolve("sft", ["lora.r"])
 
 
-def test_unimplemented_stage_kind_is_a_clear_error():
-    with pytest.raises(RecipeError, match="kind 'eval'"):
-        recipe_from_dict({"name": "r", "stages": {"eval": {}}})
+def test_unknown_stage_kind_is_a_clear_error():
+    with pytest.raises(RecipeError, match="kind 'kto'"):
+        recipe_from_dict({"name": "r", "stages": {"kto": {}}})
+
+
+def test_eval_stage_defaults_to_the_last_policy_and_checks_its_names():
+    judges = {"rm": {"type": "learned", "from": "reward"}}
+    stages = {"sft": {}, "reward": {}, "dpo": {"from": "sft"}, "eval": {"judges": judges, "data": {"eval": "p.jsonl"}}}
+    recipe = recipe_from_dict({"name": "r", "stages": stages})
+    assert recipe.resolve("eval").policy == "dpo"  # the last training stage that is not a reward model
+    assert recipe.dependencies("eval") == ["reward", "dpo"]
+    with pytest.raises(RecipeError, match="judge from: critic names no earlier stage"):
+        recipe_from_dict({"name": "r", "stages": {**stages, "eval": {"judges": {"x": {"type": "learned", "from": "critic"}}, "data": {"eval": "p"}}}})
+    with pytest.raises(RecipeError, match="data.eval"):
+        recipe_from_dict({"name": "r", "stages": {**stages, "eval": {"judges": judges}}})
+    with pytest.raises(RecipeError, match="at least one judge"):
+        recipe_from_dict({"name": "r", "stages": {**stages, "eval": {"judges": {}, "data": {"eval": "p"}}}})
 
 
 def test_from_must_name_an_earlier_stage():
@@ -74,12 +88,15 @@ def test_trust_remote_code_is_off_by_default():
     assert cfg.model.trust_remote_code is False
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "recipes").rglob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", recipe_files(ROOT / "recipes"), ids=lambda p: str(p.relative_to(ROOT / "recipes")))
 def test_every_shipped_recipe_validates(path):
     recipe = load_recipe(path)
+    order = list(recipe.stages)
     for stage, cfg in recipe.validate_all().items():
         assert cfg.kind in STAGE_SCHEMAS
-        assert cfg.data.train, f"{path}: stage {stage} has no training data"
+        assert cfg.data.eval if cfg.kind == "eval" else cfg.data.train, f"{path}: stage {stage} has no data"
+        assert all(order.index(dep) < order.index(stage) for dep in recipe.dependencies(stage))
+    assert recipe.description, f"{path}: the README's recipe list needs a description"
 
 
 def test_overrides_do_not_leak_into_the_next_resolve(tmp_path):
@@ -101,3 +118,15 @@ def test_every_key_of_every_stage_is_described():
     assert {"ppo.gamma", "ppo.value_head_init", "rollout.engine"} <= {k for k, _, _ in own["ppo"]}
     rows = describe_fields(StageConfig) + [row for kind_rows in own.values() for row in kind_rows]
     assert all(description for key, description, _ in rows if key != "kind"), [k for k, d, _ in rows if not d and k != "kind"]
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "zero2", "zero3"])
+def test_accelerate_configs_parse_with_accelerate(name):
+    """recipes/accelerate/*.yaml are read by accelerate's own parser, which rejects unknown keys."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "recipes" / "accelerate" / f"{name}.yaml"))
+    expected = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}[name]
+    assert config.distributed_type.value == expected and config.mixed_precision == "bf16"
+    if name.startswith("zero"):
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])

@@ -106,3 +106,26 @@ def test_grpo_with_vllm_rollouts_raises_reward_on_the_embedded_model(tmp_path):
     assert manifest["engine"] == ("vllm" if vllm_available() else "hf")
     assert late > early and manifest["eval_reward_end"] > manifest["eval_reward_start"]
     assert max(r["logprob_mismatch_mean"] for r in records) < 0.1  # bf16 sampler vs trainer, measured ~0.03
+
+
+def test_readme_quickstart_command_runs_the_whole_pipeline(tmp_path):
+    """The README's first command, as written, into a scratch runs/ folder (ALIGN_RUNS); then a
+    second `align run` of the same recipe finds every stage up to date."""
+    import os
+    import subprocess
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    command = "bash scripts/quickstart.sh"
+    assert command in readme.split("## ")[1], "the README's two commands must start with the quickstart"
+    env = {**os.environ, "ALIGN_RUNS": str(tmp_path), "COLUMNS": "200"}
+    proc = subprocess.run(command.split(), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    runs = tmp_path / "smollm2-135m-quickstart"
+    for stage in ("sft", "reward", "dpo", "grpo", "eval"):
+        assert json.loads((runs / stage / "manifest.json").read_text())["status"] == "complete", stage
+    report = json.loads((runs / "eval" / "report.json").read_text())
+    pairs = {(r["judge"], r["baseline"]) for r in report["results"]}
+    assert pairs == {(j, b) for j in ("correct", "format", "reward_model") for b in ("sft", "base")}
+    assert all(0 <= r["win_rate"] <= 1 and r["ci_low"] <= r["win_rate"] <= r["ci_high"] for r in report["results"])
+    again = subprocess.run(["align", "run", "recipes/smollm2-135m/quickstart.yaml", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout.count("up to date") == 5, again.stdout[-3000:]

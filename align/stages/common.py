@@ -13,6 +13,8 @@ from align.artifacts import (
     check_resume_config,
     last_complete_checkpoint,
     prepare_run_folder,
+    remove_staging_leftovers,
+    stage_folder,
     trim_metrics,
     write_atomic,
     write_manifest,
@@ -43,6 +45,7 @@ def prepare_output(state, output_dir: Path, cfg: StageConfig, overwrite: bool, r
         prepare_run_folder(output_dir, overwrite=overwrite, resume=resume)
         if resume:
             check_resume_config(output_dir, cfg.model_dump(mode="json", by_alias=True))
+            remove_staging_leftovers(output_dir)
             trim_metrics(output_dir / "metrics.jsonl", int(resume_from.name.split("-")[-1]) if resume_from else 0)
         write_atomic(output_dir / "config.yaml", dump_config(cfg))
     state.wait_for_everyone()
@@ -90,9 +93,9 @@ def training_arguments(cfg: StageConfig, output_dir: Path, precision: str, has_e
 def stage_callbacks(output_dir: Path, cfg: StageConfig, model) -> list:
     """metrics.jsonl, checkpoint completion markers, and AdaLoRA's rank budget when it is used."""
     from align.models.adapters import AdaLoraBudget
-    from align.tracking import CheckpointMarker, MetricsFile
+    from align.tracking import CheckpointMarker, FaultPoints, MetricsFile
 
-    callbacks = [MetricsFile(output_dir / "metrics.jsonl"), CheckpointMarker()]
+    callbacks = [MetricsFile(output_dir / "metrics.jsonl"), FaultPoints(cfg.kind), CheckpointMarker()]
     if cfg.adapter.method == "adalora":
         callbacks.append(AdaLoraBudget(model))
     return callbacks
@@ -172,7 +175,7 @@ def source_stage(cfg, recipe_name: str, from_dir: str | Path | None) -> Path | N
     """The finished stage the policy starts from: --from-dir, else runs/<recipe>/<from>."""
     if from_dir is None and cfg.from_stage is None:
         return None
-    folder = Path(from_dir) if from_dir else Path("runs") / recipe_name / cfg.from_stage
+    folder = Path(from_dir) if from_dir else stage_folder(recipe_name, cfg.from_stage)
     manifest = read_stage_manifest(folder)
     if manifest.get("status") != "complete" or manifest.get("artifact") != "adapter":
         raise RecipeError(f"{folder}: the stage to start from must be finished and hold an adapter (run it first)")

@@ -156,7 +156,8 @@ class PreferenceTrainer(Trainer):
 
 
 def run_dpo(cfg: DPOConfig, output_dir: str | Path, recipe_name: str = "recipe", from_dir: str | Path | None = None,
-            overwrite: bool = False, resume: bool = False) -> Path:
+            overwrite: bool = False, resume: bool = False,
+            provenance: dict | None = None) -> Path:
     from transformers import set_seed
 
     started = time.time()
@@ -255,7 +256,7 @@ def run_dpo(cfg: DPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
             data={r.name: r.as_dict() for r in reports},
             steps=result.global_step, train_loss=result.training_loss,
             eval_loss=final_eval.get("eval_loss"), eval_reward_accuracy=final_eval.get("eval_rewards/accuracies"),
-            resumed_from=str(resume_from) if resume_from else None,
+            resumed_from=str(resume_from) if resume_from else None, **(provenance or {}),
         )
         if final_eval:
             console.print(f"held-out reward accuracy {final_eval.get('eval_rewards/accuracies', float('nan')):.3f}, loss {final_eval['eval_loss']:.4f}")

@@ -31,17 +31,21 @@ from align.models.loading import autocast, load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
 from align.recipe import GRPOConfig
 from align.rollout.scoring import logprob_mismatch, rollout_batch
-from align.stages.common import adapter_line, prepare_output, process_state, source_stage
+from align.faults import fault_point
+from align.stages.common import adapter_line, prepare_output, process_state, resume_line, source_stage
 from align.stages.online import (
     DeadRunAlarm,
     StepLog,
+    checkpoint_due,
     load_policy,
+    load_rl_checkpoint,
     micro_batches,
     policy_outputs,
     prompt_batches,
     rollout_engine,
     rollout_stats,
     sampling,
+    save_rl_checkpoint,
     save_rl_stage,
     score,
     select_rows,
@@ -60,7 +64,7 @@ def aggregate(token_losses: torch.Tensor, mask: torch.Tensor, how: str, rows_in_
 
 
 def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe", from_dir: str | Path | None = None,
-             overwrite: bool = False, resume: bool = False) -> Path:
+             overwrite: bool = False, resume: bool = False, provenance: dict | None = None) -> Path:
     from reward_models import build_reward
 
     started = time.time()
@@ -74,16 +78,13 @@ def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe
     prompts, held_out, reports = load_prompts(cfg.data, tokenizer, cfg.seed)
     reward = build_reward(cfg.reward, stage_dirs(cfg, recipe_name))
     source = source_stage(cfg, recipe_name, from_dir)
-    if resume:
-        raise NotImplementedError("grpo: --resume is not implemented yet; re-run with --overwrite")
 
-    # 2. Policy (+ reference on the same base), optimizer, rollout engine.
+    # 2. Policy (+ reference on the same base), optimizer, output folder (resuming: the checkpoint's
+    #    weights and optimizer), then the rollout engine, which serves the weights as they now are.
     set_seed(cfg.seed)
     precision = resolve_precision(cfg.model.precision)
     policy, reference, reference_line = load_policy(cfg, model_path, precision, source, needs_reference=opts.kl_coef > 0)
     trainable, total = trainable_summary(policy)
-    prepare_output(state, output_dir, cfg, overwrite, resume)
-    engine = rollout_engine(cfg, policy, tokenizer, precision)
     steps = cfg.train.max_steps or math.ceil(len(prompts) * cfg.train.epochs / cfg.rollout.prompts_per_step)
     completions_per_step = cfg.rollout.prompts_per_step * k
     minibatch = min(opts.minibatch_size or completions_per_step, completions_per_step)
@@ -91,6 +92,9 @@ def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, int(cfg.train.warmup_ratio * updates), updates)
+    resume_from = prepare_output(state, output_dir, cfg, overwrite, resume)
+    loop = load_rl_checkpoint(resume_from, policy, optimizer, scheduler)[0] if resume_from else {"step": 0}
+    engine = rollout_engine(cfg, policy, tokenizer, precision)
     device = next(policy.parameters()).device
     pad = tokenizer.pad_token_id
     quantized = cfg.quantization.mode != "none"
@@ -105,15 +109,18 @@ def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe
         f"<= {cfg.rollout.max_new_tokens} new tokens",
         **{f"data {r.name}": r.summary() for r in reports},
         "steps": f"{steps} RL steps x {opts.epochs} epoch(s) x {math.ceil(completions_per_step / minibatch)} minibatch(es) = {updates} optimizer steps",
+        "resume": resume_line(resume_from, resume),
         "output": str(output_dir),
     })
 
     log = StepLog(output_dir / "metrics.jsonl")
     stopped = None
     alarm = DeadRunAlarm(opts.dead_steps, cfg.rollout.max_new_tokens)
-    eval_start = held_out_reward(engine, reward, held_out, cfg) if held_out else None
+    alarm.streak = loop.get("dead_streak", 0)
+    eval_start = loop["eval_reward_start"] if "eval_reward_start" in loop else held_out_reward(engine, reward, held_out, cfg) if held_out else None
     policy.train()
-    for step, batch_prompts in zip(range(1, steps + 1), prompt_batches(prompts, cfg.rollout.prompts_per_step, cfg.seed)):
+    step = start = loop["step"]
+    for step, batch_prompts in zip(range(start + 1, steps + 1), prompt_batches(prompts, cfg.rollout.prompts_per_step, cfg.seed, start)):
         # 1. Rollout.
         with log.timed("generation"):
             rollouts = engine.generate([p.messages for p in batch_prompts], sampling(cfg, step))
@@ -183,6 +190,9 @@ def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe
         if stopped:
             console.print(f"[yellow]stopping early: {stopped}[/]")
             break
+        fault_point("grpo", "step", step)
+        if checkpoint_due(cfg, step, steps):
+            save_rl_checkpoint(output_dir, step, cfg, policy, optimizer, scheduler, {"dead_streak": alarm.streak, "eval_reward_start": eval_start})
 
     # 7. Held-out reward after training, then save.
     eval_end = held_out_reward(engine, reward, held_out, cfg) if held_out else None
@@ -193,7 +203,8 @@ def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe
         base_model=cfg.model.name, base_model_path=str(model_path), precision=precision,
         quantization=cfg.quantization.mode if quantized else "none", engine=engine.name, steps=step, stopped_early=stopped,
         reward=getattr(reward, "name", str(cfg.reward)), data={r.name: r.as_dict() for r in reports},
-        eval_reward_start=eval_start, eval_reward_end=eval_end,
+        eval_reward_start=eval_start, eval_reward_end=eval_end, resumed_from=str(resume_from) if resume_from else None,
+        **(provenance or {}),
     )
     if eval_start is not None:
         console.print(f"held-out reward {eval_start:.3f} -> {eval_end:.3f}")

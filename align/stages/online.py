@@ -18,7 +18,8 @@ from typing import Iterator
 
 import torch
 
-from align.artifacts import atomic_folder, write_manifest
+from align.artifacts import CHECKPOINT_MARKER, atomic_folder, prune_checkpoints, stage_folder, write_manifest
+from align.faults import fault_point
 from align.console import console
 from align.data.prompt_data import PromptExample
 from align.losses import token_logps
@@ -32,7 +33,7 @@ from align.tracking import plot_losses
 def stage_dirs(cfg, recipe_name: str) -> dict[str, Path]:
     """Folders of the stages a reward may name (`{type: learned, from: reward}`)."""
     specs = cfg.reward if isinstance(cfg.reward, list) else [cfg.reward]
-    return {s["from"]: Path("runs") / recipe_name / s["from"] for s in specs if "from" in s}
+    return {s["from"]: stage_folder(recipe_name, s["from"]) for s in specs if "from" in s}
 
 
 def load_policy(cfg, model_path: Path, precision: str, source: Path | None, needs_reference: bool):
@@ -215,6 +216,47 @@ def save_rl_stage(policy, tokenizer, output_dir: Path, started: float, extra_fil
     manifest = write_manifest(output_dir, status="complete", artifact="adapter", seconds=round(time.time() - started, 1), **manifest)
     console.print(f"[bold green]done[/] in {time.time() - started:.0f}s: {output_dir}")
     return manifest
+
+
+def save_rl_checkpoint(output_dir: Path, step: int, cfg, policy, optimizer, scheduler, state: dict,
+                       tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """checkpoints/checkpoint-<step>/: the trained adapter (not the frozen reference), extra
+    tensors (the value head), optimizer + scheduler + RNG (torch.save, read back with
+    weights_only=True) and the loop's own state (step, KL coefficient, ...) as JSON. Written to a
+    temporary folder, marked COMPLETE, then renamed: a kill mid-save leaves the previous one."""
+    from safetensors.torch import save_file
+
+    folder = output_dir / "checkpoints" / f"checkpoint-{step}"
+    with atomic_folder(folder) as staging:
+        policy.save_pretrained(staging / "adapter", selected_adapters=["default"])
+        for name, named in (tensors or {}).items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in named.items()}, str(staging / name))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()},
+                   staging / "trainer_state.pt")
+        (staging / "loop_state.json").write_text(json.dumps({"step": step, **state}, indent=1), encoding="utf-8")
+        fault_point(cfg.kind, "save", step)
+        (staging / CHECKPOINT_MARKER).write_text(f"step {step}\n")
+    prune_checkpoints(output_dir / "checkpoints", cfg.train.save_total_limit)
+    return folder
+
+
+def load_rl_checkpoint(folder: Path, policy, optimizer, scheduler) -> tuple[dict, Path]:
+    """Restore what save_rl_checkpoint wrote into the freshly built policy and optimizer; returns
+    (loop state, folder) so the stage can read its extra tensors."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(policy, load_file(str(folder / "adapter" / "adapter_model.safetensors")), adapter_name="default")
+    saved = torch.load(folder / "trainer_state.pt", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["torch_rng"])
+    return json.loads((folder / "loop_state.json").read_text(encoding="utf-8")), folder
+
+
+def checkpoint_due(cfg, step: int, steps: int) -> bool:
+    """Every train.save_steps RL steps, except the last (the final save follows it)."""
+    return step % cfg.train.save_steps == 0 and step < steps
 
 
 def _plot_rewards(output_dir: Path) -> None:

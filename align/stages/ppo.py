@@ -33,17 +33,21 @@ from align.models.loading import autocast, load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
 from align.recipe import PPOConfig, RecipeError
 from align.rollout.scoring import logprob_mismatch, rollout_batch
-from align.stages.common import adapter_line, prepare_output, process_state, source_stage
+from align.faults import fault_point
+from align.stages.common import adapter_line, prepare_output, process_state, resume_line, source_stage
 from align.stages.online import (
     DeadRunAlarm,
     StepLog,
+    checkpoint_due,
     load_policy,
+    load_rl_checkpoint,
     micro_batches,
     policy_outputs,
     prompt_batches,
     rollout_engine,
     rollout_stats,
     sampling,
+    save_rl_checkpoint,
     save_rl_stage,
     score,
     select_rows,
@@ -116,7 +120,7 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 
 def run_ppo(cfg: PPOConfig, output_dir: str | Path, recipe_name: str = "recipe", from_dir: str | Path | None = None,
-            overwrite: bool = False, resume: bool = False) -> Path:
+            overwrite: bool = False, resume: bool = False, provenance: dict | None = None) -> Path:
     from reward_models import build_reward
 
     started = time.time()
@@ -131,8 +135,6 @@ def run_ppo(cfg: PPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
     reward_stages = stage_dirs(cfg, recipe_name)
     reward = build_reward(cfg.reward, reward_stages)
     source = source_stage(cfg, recipe_name, from_dir)
-    if resume:
-        raise NotImplementedError("ppo: --resume is not implemented yet; re-run with --overwrite")
 
     # Policy + reference on one base, value head, optimizer (two learning rates), engine.
     set_seed(cfg.seed)
@@ -141,8 +143,6 @@ def run_ppo(cfg: PPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
     policy, reference, reference_line = load_policy(cfg, model_path, precision, source, needs_reference)
     value_head = value_head_for(policy, opts.value_head_init, next(iter(reward_stages.values()), None))
     trainable, total = trainable_summary(policy)
-    prepare_output(state, output_dir, cfg, overwrite, resume)
-    engine = rollout_engine(cfg, policy, tokenizer, precision)
     steps = cfg.train.max_steps or math.ceil(len(prompts) * cfg.train.epochs / cfg.rollout.prompts_per_step)
     completions_per_step = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
     minibatch = min(opts.minibatch_size or completions_per_step, completions_per_step)
@@ -155,6 +155,18 @@ def run_ppo(cfg: PPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
     scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, int(cfg.train.warmup_ratio * updates), updates)
     kl_control = KLController(opts.kl_coef, opts.target_kl, opts.kl_horizon)
     scale = RunningScale()
+    # Output folder; resuming restores weights, value head, optimizer and the loop's state before
+    # the rollout engine starts, so the engine serves the restored weights.
+    resume_from = prepare_output(state, output_dir, cfg, overwrite, resume)
+    loop = {"step": 0}
+    if resume_from:
+        from safetensors.torch import load_file
+
+        loop = load_rl_checkpoint(resume_from, policy, optimizer, scheduler)[0]
+        value_head.load_state_dict(load_file(str(resume_from / VALUE_HEAD_FILE)))
+        kl_control.coef = loop["kl_coef"]
+        scale.count, scale.mean, scale.m2 = loop["scale"]
+    engine = rollout_engine(cfg, policy, tokenizer, precision)
     device = next(policy.parameters()).device
     quantized = cfg.quantization.mode != "none"
     print_plan(f"align ppo - {recipe_name}", {
@@ -169,15 +181,18 @@ def run_ppo(cfg: PPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
         f"temperature {cfg.rollout.temperature}, <= {cfg.rollout.max_new_tokens} new tokens",
         **{f"data {r.name}": r.summary() for r in reports},
         "steps": f"{steps} RL steps x {opts.epochs} epoch(s) x {math.ceil(completions_per_step / minibatch)} minibatch(es) = {updates} optimizer steps",
+        "resume": resume_line(resume_from, resume),
         "output": str(output_dir),
     })
 
     log = StepLog(output_dir / "metrics.jsonl")
     alarm = DeadRunAlarm(opts.dead_steps, cfg.rollout.max_new_tokens)
+    alarm.streak = loop.get("dead_streak", 0)
     stopped = None
     policy.train()
     temperature = cfg.rollout.temperature
-    for step, batch_prompts in zip(range(1, steps + 1), prompt_batches(prompts, cfg.rollout.prompts_per_step, cfg.seed)):
+    step = start = loop["step"]
+    for step, batch_prompts in zip(range(start + 1, steps + 1), prompt_batches(prompts, cfg.rollout.prompts_per_step, cfg.seed, start)):
         # 1. Rollout.
         with log.timed("generation"):
             rollouts = engine.generate([p.messages for p in batch_prompts], sampling(cfg, step))
@@ -271,6 +286,11 @@ def run_ppo(cfg: PPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
         if stopped:
             console.print(f"[yellow]stopping early: {stopped}[/]")
             break
+        fault_point("ppo", "step", step)
+        if checkpoint_due(cfg, step, steps):
+            save_rl_checkpoint(output_dir, step, cfg, policy, optimizer, scheduler,
+                               {"dead_streak": alarm.streak, "kl_coef": kl_control.coef, "scale": [scale.count, scale.mean, scale.m2]},
+                               {VALUE_HEAD_FILE: value_head.state_dict()})
 
     engine.close()
     save_rl_stage(
@@ -279,5 +299,6 @@ def run_ppo(cfg: PPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
         base_model=cfg.model.name, base_model_path=str(model_path), precision=precision,
         quantization=cfg.quantization.mode if quantized else "none", engine=engine.name, steps=step, stopped_early=stopped,
         reward=getattr(reward, "name", str(cfg.reward)), data={r.name: r.as_dict() for r in reports}, final_kl_coef=kl_control.coef,
+        resumed_from=str(resume_from) if resume_from else None, **(provenance or {}),
     )
     return output_dir

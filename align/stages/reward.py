@@ -97,7 +97,8 @@ class RewardTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def run_reward(cfg: RewardConfig, output_dir: str | Path, recipe_name: str = "recipe", overwrite: bool = False, resume: bool = False) -> Path:
+def run_reward(cfg: RewardConfig, output_dir: str | Path, recipe_name: str = "recipe", overwrite: bool = False, resume: bool = False,
+            provenance: dict | None = None) -> Path:
     from transformers import set_seed
 
     started = time.time()
@@ -164,7 +165,7 @@ def run_reward(cfg: RewardConfig, output_dir: str | Path, recipe_name: str = "re
             stage="reward", kind="rm", recipe=recipe_name, base_model=cfg.model.name, base_model_path=str(model_path),
             precision=precision, quantization=cfg.quantization.mode if quantized else "none",
             data={r.name: r.as_dict() for r in reports}, steps=result.global_step, train_loss=result.training_loss,
-            eval_loss=final.get("eval_loss"), held_out=held_out, resumed_from=str(resume_from) if resume_from else None,
+            eval_loss=final.get("eval_loss"), held_out=held_out, resumed_from=str(resume_from) if resume_from else None, **(provenance or {}),
         )
         if held_out:
             console.print(

@@ -40,7 +40,8 @@ from align.stages.common import (
 )
 
 
-def run_sft(cfg: SFTConfig, output_dir: str | Path, recipe_name: str = "recipe", overwrite: bool = False, resume: bool = False) -> Path:
+def run_sft(cfg: SFTConfig, output_dir: str | Path, recipe_name: str = "recipe", overwrite: bool = False, resume: bool = False,
+            provenance: dict | None = None) -> Path:
     from transformers import Trainer, set_seed
 
     started = time.time()
@@ -106,7 +107,7 @@ def run_sft(cfg: SFTConfig, output_dir: str | Path, recipe_name: str = "recipe",
             precision=precision, quantization=cfg.quantization.mode if quantized else "none",
             data={r.name: r.as_dict() for r in data.reports},
             steps=result.global_step, train_loss=result.training_loss, eval_loss=final_eval.get("eval_loss"),
-            resumed_from=str(resume_from) if resume_from else None,
+            resumed_from=str(resume_from) if resume_from else None, **(provenance or {}),
         )
         if final_eval:
             console.print(f"held-out loss {manifest['eval_loss_start']:.4f} -> {final_eval['eval_loss']:.4f}")

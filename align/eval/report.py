@@ -1,0 +1,131 @@
+"""The win-rate report: report.json (every number), report.md (a table and example pairs),
+winrate.png (bars with 95% intervals) and the console table. Files are written atomically.
+
+``report`` is the dict run_eval builds: policy, baselines, judges, sampling, prompts and
+``results``, one row per judge x baseline (the fields of ``winrate.summarize`` plus judge,
+baseline and position_bias). ``samples`` are the rows of samples.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from rich.table import Table
+
+from align.artifacts import write_atomic
+from align.console import console
+
+VERDICT = {1.0: "win", 0.5: "tie", 0.0: "loss"}
+
+
+def write_report(folder: Path, report: dict, samples: list[dict], examples: int) -> None:
+    write_atomic(folder / "report.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(folder / "report.md", markdown(report, samples, examples))
+    plot(report, folder / "winrate.png")
+
+
+def _interval(row: dict) -> str:
+    return f"{row['win_rate']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+
+
+def _bias(row: dict) -> str:
+    return "-" if row["position_bias"] is None else f"{row['position_bias']:.2f}"
+
+
+def markdown(report: dict, samples: list[dict], examples: int) -> str:
+    policy, s, prompts = report["policy"], report["sampling"], report["prompts"]
+    lines = [
+        f"# Win-rate of {policy['name']}",
+        "",
+        f"{prompts['n']} held-out prompts from {', '.join(prompts['files'])}. Sampling, the same for every model: "
+        f"temperature {s['temperature']}, top_p {s['top_p']}, top_k {s['top_k']}, at most {s['max_new_tokens']} new tokens, seed {s['seed']}.",
+        "",
+        f"- policy `{policy['name']}`: {policy['description']}; sampled by {policy['engine']}",
+        *(f"- baseline `{b['name']}`: {b['description']}; sampled by {b['engine']}" for b in report["baselines"]),
+        "",
+        "| judge | baseline | wins | ties | losses | win-rate [95% CI] | LC win-rate | length policy / baseline | position bias |",
+        "|---|---|---:|---:|---:|---|---:|---|---:|",
+    ]
+    for row in report["results"]:
+        lines.append(f"| {row['judge']} | {row['baseline']} | {row['wins']} | {row['ties']} | {row['losses']} | {_interval(row)} | "
+                     f"{row['lc_win_rate']:.3f} | {row['policy_length']:.1f} / {row['baseline_length']:.1f} | {_bias(row)} |")
+    lines += [
+        "",
+        f"Win-rate = (wins + ties / 2) / prompts; the interval resamples the prompts ({report['bootstrap']} bootstrap resamples). "
+        "LC win-rate: the win-rate at equal answer length, from a logistic fit of the outcome on tanh(length difference / its std) "
+        f"(AlpacaEval 2); lengths in {report['length_unit']}. Scores within {report['tie_margin']} are ties. Position bias: the share "
+        "of prompts where a pairwise judge picked the same slot in both orders.",
+    ]
+    for baseline in report["baselines"]:
+        name = baseline["name"]
+        lines += ["", f"## Examples against {name}"]
+        for sample in samples[:examples]:
+            verdicts = "; ".join(_verdict(judge, by_baseline[name]) for judge, by_baseline in sample["judges"].items())
+            lines += [
+                "", f"### Prompt {sample['index'] + 1}", "", _fenced(_prompt_text(sample["prompt"])),
+                "", f"**policy ({policy['name']})**", "", _fenced(sample["policy"]),
+                "", f"**baseline ({name})**", "", _fenced(sample["baselines"][name]),
+                "", f"**verdict**: {verdicts}",
+            ]
+    return "\n".join(lines) + "\n"
+
+
+def _verdict(judge: str, detail: dict) -> str:
+    outcome = VERDICT[detail["outcome"]]
+    if "p_policy_wins" in detail:
+        return f"{judge}: {outcome} (P(policy better) {detail['p_policy_wins']:.3f})"
+    return f"{judge}: {outcome} ({detail['policy']:.3g} vs {detail['baseline']:.3g})"
+
+
+def _prompt_text(messages: list[dict]) -> str:
+    return "\n\n".join(f"[{m['role']}] {m['content']}" for m in messages)
+
+
+def _fenced(text: str) -> str:
+    """A code block that shows the text verbatim, whatever backticks it holds."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text}\n{fence}"
+
+
+def plot(report: dict, path: Path) -> None:
+    """Horizontal bars, one per baseline x judge: win-rate with its 95% interval, the
+    length-controlled win-rate as a diamond, and a line at 0.5 (as good as the baseline)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    labels = [f"vs {r['baseline']}\n({r['judge']})" for r in rows]
+    y = list(range(len(rows)))[::-1]  # first row on top
+    rates = [r["win_rate"] for r in rows]
+    errors = [[r["win_rate"] - r["ci_low"] for r in rows], [r["ci_high"] - r["win_rate"] for r in rows]]
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.6 * len(rows)), dpi=120)
+    ax.barh(y, rates, xerr=errors, color="tab:blue", alpha=0.7, capsize=4, label="win-rate (95% CI)")
+    ax.scatter([r["lc_win_rate"] for r in rows], y, marker="D", color="black", zorder=3, label="length-controlled")
+    ax.axvline(0.5, color="gray", linestyle="--", linewidth=1)
+    ax.set_yticks(y, labels)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"win-rate of {report['policy']['name']}\n({report['prompts']['n']} prompts; 0.5 = as good as the baseline)")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False, fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", bbox_inches="tight")  # long names grow the image rather than being cut
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def print_table(report: dict) -> None:
+    table = Table(title=f"win-rate of {report['policy']['name']} on {report['prompts']['n']} held-out prompts", title_justify="left")
+    for column in ("judge", "baseline", "W / T / L", "win-rate [95% CI]", "LC win-rate", "length policy / baseline", "position bias"):
+        table.add_column(column, overflow="fold")
+    for row in report["results"]:
+        style = "green" if row["ci_low"] > 0.5 else "red" if row["ci_high"] < 0.5 else ""
+        table.add_row(row["judge"], row["baseline"], f"{row['wins']} / {row['ties']} / {row['losses']}",
+                      f"[{style}]{_interval(row)}[/]" if style else _interval(row), f"{row['lc_win_rate']:.3f}",
+                      f"{row['policy_length']:.1f} / {row['baseline_length']:.1f}", _bias(row))
+    console.print(table)

@@ -1,0 +1,286 @@
+"""`align run`: a recipe's stages in order, in one process, each passed its inputs by stage name.
+
+    1. validate  - every stage's config (schema, `from:` names), every data file read and row-checked
+                   with the model's tokenizer: a bad row stops the run before any stage starts
+    2. plan      - per stage a fingerprint: the hash of its resolved config, its data files' contents
+                   and its input stages' fingerprints; what to do with it:
+                     skip    its folder holds a complete run with this fingerprint, made from the
+                             input artifacts that are there now (their hashes are in its manifest)
+                     resume  an interrupted run of this fingerprint: go on from its last complete
+                             checkpoint (the attempt is recorded in runs/<recipe>/run.json first)
+                     run     never run, or changed (config, data or an input stage): replaced
+    3. run       - stage after stage; a stage downstream of one that runs always runs too
+
+Only what changes a stage's artifacts is fingerprinted: logging, checkpoint and wandb keys are not,
+so `train.save_steps=10` never re-trains anything. The base model is fingerprinted by its name and
+revision, not its weights (hashing an 8B model on every run would cost minutes).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from align.artifacts import file_hash, stage_folder, write_atomic
+from align.console import console
+from align.recipe import Recipe, RecipeError, StageConfig
+
+# Keys that change how a stage logs or checkpoints, not what it produces.
+NOT_FINGERPRINTED = ("tracking.", "train.logging_steps", "train.save_steps", "train.save_total_limit", "train.eval_steps")
+
+
+@dataclass
+class StagePlan:
+    name: str
+    kind: str
+    config: StageConfig
+    output: Path
+    inputs: list[str]
+    fingerprint: str
+    rows: str = ""
+    steps: str = ""
+    action: str = "run"  # skip | resume | run
+    reason: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+class Pipeline:
+    def __init__(self, recipe: Recipe, overrides: list[str] | None = None):
+        self.recipe = recipe
+        self.folder = stage_folder(recipe.name)
+        self.overrides = overrides or []
+        self.state_file = self.folder / "run.json"
+
+    # 1 + 2. Validate and plan --------------------------------------------------------------------
+    def plan(self, only: str | None = None, start: str | None = None, force: bool = False) -> list[StagePlan]:
+        names = list(self.recipe.stages)
+        for flag, name in (("--only", only), ("--from", start)):
+            if name is not None and name not in names:
+                raise RecipeError(f"{flag} {name}: no such stage (stages: {', '.join(names)})")
+        configs = {name: self.recipe.resolve(name, stage_overrides(self.overrides, name, names)) for name in names}
+        plans: dict[str, StagePlan] = {}
+        for name in names:
+            cfg = configs[name]
+            inputs = self.recipe.dependencies(name)
+            fingerprint = _fingerprint(cfg, {dep: plans[dep].fingerprint for dep in inputs})
+            plans[name] = StagePlan(name, cfg.kind, cfg, self.folder / name, inputs, fingerprint)
+        selected = [only] if only else names[names.index(start):] if start else names
+        for name in names:
+            plan = plans[name]
+            plan.rows, plan.steps = describe_data(plan.config)
+            if name not in selected:
+                plan.action, plan.reason = "skip", "not selected"
+                continue
+            upstream = [dep for dep in plan.inputs if plans[dep].action in ("run", "resume")]
+            plan.action, plan.reason = self._action(plan, force or bool(start), upstream)
+        for name in selected:  # a selected stage's inputs must be there when they are not run now
+            for dep in plans[name].inputs:
+                if plans[dep].action == "skip" and not _complete(plans[dep].output):
+                    raise RecipeError(f"stage '{name}' needs '{dep}', which has not finished ({plans[dep].output}); run it first "
+                                      f"(align run {self.recipe.path} --only {dep}) or drop --only/--from")
+        return [plans[name] for name in names]
+
+    def _action(self, plan: StagePlan, force: bool, upstream: list[str]) -> tuple[str, str]:
+        manifest = _manifest(plan.output)
+        recorded = (manifest.get("pipeline") or {}) if manifest else {}
+        if force:
+            return "run", "forced (--force/--from)"
+        if upstream:
+            return "run", f"input stage(s) {', '.join(upstream)} run first"
+        if manifest and manifest.get("status") == "complete":
+            if recorded.get("fingerprint") != plan.fingerprint:
+                return "run", "changed since it ran: " + _config_changes(plan) if recorded else "finished outside align run; re-run to record its inputs"
+            stale = [dep for dep, digest in (recorded.get("inputs") or {}).items() if digest != self._artifact_hash(dep)]
+            if stale:
+                return "run", f"input stage(s) {', '.join(stale)} were re-made since it ran"
+            return "skip", f"up to date (finished {manifest.get('written_at', '?')})"
+        attempt = self._attempts().get(plan.name, {})
+        if plan.output.exists() and attempt.get("fingerprint") == plan.fingerprint:
+            return "resume", "interrupted; resuming from its last complete checkpoint"
+        if plan.output.exists():
+            return "run", "a different, unfinished run is in its folder; replaced"
+        return "run", "not run yet"
+
+    # 3. Run ----------------------------------------------------------------------------------------
+    def run(self, plans: list[StagePlan]) -> None:
+        started = time.time()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        lock = _exclusive_lock(self.folder / ".lock")
+        for plan in plans:
+            if plan.action == "skip":
+                continue
+            inputs = {dep: self._artifact_hash(dep) for dep in plan.inputs}
+            self._record_attempt(plan.name, plan.fingerprint)
+            console.rule(f"[bold]stage {plan.name}[/] ({plan.kind}): {plan.action} - {plan.reason}")
+            provenance = {"pipeline": {"fingerprint": plan.fingerprint, "inputs": inputs, "recipe": str(self.recipe.path or self.recipe.name)}}
+            run_stage(plan, self.recipe.name, resume=plan.action == "resume", provenance=provenance)
+            gc.collect()
+            _empty_device_cache()
+        lock.close()
+        console.rule(f"[bold green]align run {self.recipe.name}: done in {time.time() - started:.0f}s[/]")
+
+    def _artifact_hash(self, stage: str) -> str | None:
+        folder = self.folder / stage
+        manifest = _manifest(folder)
+        if not manifest or manifest.get("status") != "complete":
+            return None
+        artifact = folder / manifest.get("artifact", "adapter")
+        return file_hash(artifact) if artifact.exists() else None
+
+    def _attempts(self) -> dict:
+        return json.loads(self.state_file.read_text(encoding="utf-8")).get("stages", {}) if self.state_file.is_file() else {}
+
+    def _record_attempt(self, stage: str, fingerprint: str) -> None:
+        """Written before a stage starts, so a killed run knows which fingerprint it was making."""
+        attempts = self._attempts()
+        attempts[stage] = {"fingerprint": fingerprint, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.state_file, json.dumps({"recipe": self.recipe.name, "stages": attempts}, indent=2) + "\n")
+
+
+def stage_overrides(overrides: list[str], stage: str, stages: list[str]) -> list[str]:
+    """`sft.train.lr=1e-4` is for stage sft only (the prefix is dropped); `seed=1` is for every stage."""
+    mine = []
+    for override in overrides:
+        head, _, rest = override.partition(".")
+        if head in stages and "=" in rest:
+            if head == stage:
+                mine.append(rest)
+        else:
+            mine.append(override)
+    return mine
+
+
+def run_stage(plan: StagePlan, recipe_name: str, resume: bool, provenance: dict) -> Path:
+    """One stage through the same function its own command calls; a fresh run replaces the folder
+    (only ever a folder align wrote: prepare_run_folder refuses anything else)."""
+    kind, cfg, out = plan.kind, plan.config, plan.output
+    options = dict(recipe_name=recipe_name, overwrite=not resume, resume=resume, provenance=provenance)
+    if kind == "sft":
+        from align.stages.sft import run_sft as runner
+    elif kind == "rm":
+        from align.stages.reward import run_reward as runner
+    elif kind == "dpo":
+        from align.stages.dpo import run_dpo as runner
+    elif kind == "grpo":
+        from align.stages.grpo import run_grpo as runner
+    elif kind == "ppo":
+        from align.stages.ppo import run_ppo as runner
+    elif kind == "eval":
+        from align.stages.evaluate import run_eval as runner
+    else:
+        raise RecipeError(f"stage '{plan.name}': align run cannot run a {kind} stage")
+    return runner(cfg, out, **options)
+
+
+def describe_data(cfg: StageConfig) -> tuple[str, str]:
+    """(rows, steps) for the plan, from the stage's own data loader: reading every row here is the
+    validation - a bad row raises DataError naming file, row and field before any stage runs."""
+    import math
+
+    from align.models.loading import load_tokenizer
+    from align.models.resolve import resolve_model
+
+    tokenizer = load_tokenizer(cfg.model, resolve_model(cfg.model.name, cfg.model.revision))
+    if cfg.kind == "eval":
+        from align.data.prompt_data import encode_prompt_files
+
+        prompts, report = encode_prompt_files(cfg.data.eval, tokenizer, cfg.data, "eval")
+        if cfg.data.on_bad_rows == "error":
+            report.raise_if_bad()
+        n = min(len(prompts), cfg.data.max_eval_rows or len(prompts))
+        return f"{n} prompts", f"{n} answers x {1 + len(cfg.baselines)} models"
+    if cfg.kind == "sft":
+        from align.data.sft_data import load_sft_data
+
+        data = load_sft_data(cfg.data, tokenizer, cfg.seed)
+        train, held_out = data.train, data.eval
+    elif cfg.kind in ("dpo", "rm"):
+        from align.data.preference_data import load_pairs
+
+        train, held_out, _ = load_pairs(cfg.data, tokenizer, cfg.seed)
+    else:
+        from align.data.prompt_data import load_prompts
+
+        train, held_out, _ = load_prompts(cfg.data, tokenizer, cfg.seed)
+        steps = cfg.train.max_steps or math.ceil(len(train) * cfg.train.epochs / cfg.rollout.prompts_per_step)
+        return f"{len(train)} prompts + {len(held_out)} held out", f"{steps} RL steps"
+    from align.stages.common import total_steps
+
+    return f"{len(train)} + {len(held_out)} held out", f"{total_steps(cfg, len(train), 1)} steps"
+
+
+def _fingerprint(cfg: StageConfig, inputs: dict[str, str]) -> str:
+    from align.artifacts import _flatten
+
+    config = {k: v for k, v in _flatten(cfg.model_dump(mode="json", by_alias=True)).items() if not k.startswith(NOT_FINGERPRINTED)}
+    files = {path: file_hash(Path(path)) for path in [*cfg.data.train, *cfg.data.eval] if Path(path).exists()}
+    blob = json.dumps({"config": config, "data": files, "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _config_changes(plan: StagePlan) -> str:
+    """Which keys differ from the config the finished run saved (config.yaml), for the plan."""
+    import yaml
+
+    from align.artifacts import _flatten
+
+    saved = plan.output / "config.yaml"
+    if not saved.is_file():
+        return "config"
+    old = _flatten(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
+    new = _flatten(plan.config.model_dump(mode="json", by_alias=True))
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not k.startswith(NOT_FINGERPRINTED)]
+    if not changed:
+        return "data files or an input stage changed"
+    return ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4]) + (" ..." if len(changed) > 4 else "")
+
+
+def _manifest(folder: Path) -> dict | None:
+    path = folder / "manifest.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _complete(folder: Path) -> bool:
+    manifest = _manifest(folder)
+    return bool(manifest and manifest.get("status") == "complete")
+
+
+def _exclusive_lock(path: Path):
+    """One `align run` per recipe folder at a time; the OS drops the lock when the process dies,
+    even by SIGKILL, so a killed run never leaves a stale lock behind."""
+    import fcntl
+
+    handle = path.open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RecipeError(f"another align run is using {path.parent}; wait for it to finish") from None
+    return handle
+
+
+def _empty_device_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def print_plan_table(recipe: Recipe, plans: list[StagePlan]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"align run {recipe.path or recipe.name}", title_justify="left")
+    for column in ("stage", "kind", "inputs", "data", "work", "action", "why"):
+        table.add_column(column, overflow="fold")
+    style = {"skip": "dim", "resume": "yellow", "run": "bold green"}
+    for plan in plans:
+        table.add_row(plan.name, plan.kind, ", ".join(plan.inputs) or "-", plan.rows, plan.steps,
+                      f"[{style[plan.action]}]{plan.action}[/]", plan.reason)
+    console.print(table)
+    model = plans[0].config.model.name
+    console.print(f"model: {model}; outputs: runs/{recipe.name}/<stage>/")

@@ -1,0 +1,271 @@
+"""`align eval`: the win-rate of a policy against baselines on held-out prompts.
+
+  1. check   - prompts (row report), judges and every model folder, before any model loads
+  2. sample  - one answer per prompt from the policy and from each baseline, all with the same
+               sampling settings and seed, one model in memory at a time
+  3. judge   - per judge and baseline, prompt by prompt: a pairwise LLM judge reads both answers in
+               both orders (P(policy better), position bias); any other reward scores both answers
+               and the higher score wins (differences within tie_margin are ties)
+  4. report  - win / tie / loss, win-rate with a bootstrap 95% interval, length-controlled
+               win-rate; samples.jsonl, report.json / .md / .png, the manifest last
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from align.artifacts import stage_folder, write_atomic, write_manifest
+from align.console import console, print_plan
+from align.data.loading import DataError
+from align.data.prompt_data import PromptExample, encode_prompt_files
+from align.data.report import RowReport
+from align.eval.report import print_table, write_report
+from align.eval.winrate import outcomes_from_probabilities, outcomes_from_scores, summarize
+from align.models.loading import load_base_model, load_tokenizer, read_stage_manifest, resolve_precision
+from align.models.resolve import resolve_model
+from align.recipe import DataConfig, EvalConfig, RecipeError, stage_references
+from align.rollout.engine import Rollout, Sampling
+from align.stages.common import prepare_output, process_state
+from align.stages.online import rollout_engine, score
+
+
+@dataclass
+class Contestant:
+    """The policy or a baseline: ``name`` as the recipe or command line gives it, ``folder`` what is loaded."""
+
+    name: str
+    folder: Path
+    description: str
+    is_base: bool = False  # the recipe's model itself, loaded as the stages load their base
+
+
+def run_eval(cfg: EvalConfig, output_dir: str | Path, recipe_name: str = "recipe", overwrite: bool = False,
+             resume: bool = False, provenance: dict | None = None) -> Path:
+    from reward_models import build_reward
+    from reward_models.judge import LLMJudge
+
+    started = time.time()
+    output_dir = Path(output_dir)
+
+    # 1. Check everything before any model loads: prompts, judges, the policy and baselines.
+    base_path = resolve_model(cfg.model.name, cfg.model.revision)
+    prompts, row_report = held_out_prompts(cfg.data, load_tokenizer(cfg.model, base_path))
+    stage_dirs = {name: stage_folder(recipe_name, name) for _, name in stage_references(cfg)}
+    for name, spec in cfg.judges.items():
+        check_judge(name, spec, stage_dirs, prompts)
+    if cfg.policy is None:
+        raise RecipeError("eval: no policy to evaluate (set policy: <stage or folder>)")
+    policy = locate(cfg.policy, cfg, recipe_name, base_path)
+    baselines = [locate(name, cfg, recipe_name, base_path) for name in cfg.baselines]
+    contestants = [policy, *baselines]
+    check_distinct(contestants)
+    prepare_output(process_state(), output_dir, cfg, overwrite, resume)
+    r = cfg.rollout
+    print_plan(f"align eval - {recipe_name}", {
+        "policy": f"{policy.name}: {policy.description}",
+        "baselines": "; ".join(f"{b.name}: {b.description}" for b in baselines),
+        "judges": "; ".join(f"{name} ({spec_text(spec)})" for name, spec in cfg.judges.items()),
+        "data eval": f"{row_report.summary()}; {len(prompts)} prompts evaluated",
+        "sampling": f"engine {r.engine}, temperature {r.temperature}, top_p {r.top_p}, top_k {r.top_k}, "
+        f"<= {r.max_new_tokens} new tokens, seed {cfg.seed}; the same for every model",
+        "statistics": f"ties within {cfg.tie_margin}; 95% interval from {cfg.bootstrap} bootstrap resamples of the prompts",
+        "output": str(output_dir),
+    })
+
+    # 2. Sample one answer per prompt from each model, with identical settings and seed.
+    precision = resolve_precision(cfg.model.precision)
+    settings = Sampling(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
+                        stop=tuple(r.stop), seed=cfg.seed)
+    answers, engines = {}, {}
+    for contestant in contestants:
+        answers[contestant.name], engines[contestant.name] = generate(contestant, cfg, prompts, settings, precision)
+    mine = answers[policy.name]
+
+    # 3. Judge the policy's answer against each baseline's, prompt by prompt.
+    results, verdicts = [], {}
+    for judge_name, spec in cfg.judges.items():
+        try:
+            judge = build_reward(spec, stage_dirs)
+        except KeyError as err:
+            raise RecipeError(f"judge '{judge_name}': {err.args[0]}") from None
+        console.print(f"judging with {judge_name} ({judge.name})")
+        pairwise = isinstance(judge, LLMJudge) and judge.mode == "pairwise"
+        scores = {} if pairwise else {name: score(judge, prompts, answers[name]).tolist() for name in answers}
+        verdicts[judge_name] = {}
+        for baseline in baselines:
+            theirs = answers[baseline.name]
+            if pairwise:  # both orders; P(policy's answer better)
+                p = judge.compare([x.messages for x in prompts], [a.text for a in mine], [a.text for a in theirs])
+                outcomes, bias = outcomes_from_probabilities(p), judge.last_position_bias
+                per_prompt = [{"p_policy_wins": v} for v in p]
+            else:
+                ours, others = scores[policy.name], scores[baseline.name]
+                outcomes, bias = outcomes_from_scores(ours, others, cfg.tie_margin), None
+                per_prompt = [{"policy": a, "baseline": b} for a, b in zip(ours, others)]
+            verdicts[judge_name][baseline.name] = [{"outcome": float(o), **d} for o, d in zip(outcomes, per_prompt)]
+            lengths = [len(a.completion_ids) for a in mine], [len(a.completion_ids) for a in theirs]
+            results.append({"judge": judge_name, "baseline": baseline.name,
+                            **summarize(outcomes, *lengths, resamples=cfg.bootstrap, seed=cfg.seed), "position_bias": bias})
+        del judge
+        free_memory()
+
+    # 4. Samples and report, then the manifest: written last, it says the evaluation is complete.
+    samples = [{"index": i, "prompt": p.messages, "policy": mine[i].text,
+                "baselines": {b.name: answers[b.name][i].text for b in baselines},
+                "lengths": {name: len(answers[name][i].completion_ids) for name in answers},
+                "judges": {j: {b: v[i] for b, v in by_baseline.items()} for j, by_baseline in verdicts.items()}}
+               for i, p in enumerate(prompts)]
+    write_atomic(output_dir / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+    models = {c.name: {"name": c.name, "path": str(c.folder), "description": c.description, "engine": engines[c.name]}
+              for c in contestants}
+    report = {
+        "policy": models[policy.name],
+        "baselines": [models[b.name] for b in baselines],
+        "judges": cfg.judges,
+        "sampling": {"engine": r.engine, "temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k,
+                     "max_new_tokens": r.max_new_tokens, "stop": r.stop, "seed": cfg.seed},
+        "prompts": {"n": len(prompts), "files": cfg.data.eval, "rows": row_report.as_dict()},
+        "tie_margin": cfg.tie_margin,
+        "bootstrap": cfg.bootstrap,
+        "length_unit": "tokens",
+        "results": results,
+    }
+    write_report(output_dir, report, samples, cfg.examples)
+    write_manifest(output_dir, status="complete", artifact="report", stage="eval", kind="eval", recipe=recipe_name,
+                   base_model=cfg.model.name, seconds=round(time.time() - started, 1), policy=report["policy"],
+                   baselines=report["baselines"], results=results, **(provenance or {}))
+    print_table(report)
+    console.print(f"[bold green]done[/] in {time.time() - started:.0f}s: {output_dir / 'report.md'}")
+    return output_dir
+
+
+def held_out_prompts(data: DataConfig, tokenizer) -> tuple[list[PromptExample], RowReport]:
+    """data.eval's prompts, in file order, capped at data.max_eval_rows; strict mode stops on a bad row.
+
+    The held-out half of ``load_prompts`` without its training half: an eval stage has no data.train.
+    """
+    prompts, rows = encode_prompt_files(data.eval, tokenizer, data, "eval")
+    if data.on_bad_rows == "error":
+        rows.raise_if_bad()
+    prompts = prompts[: data.max_eval_rows] if data.max_eval_rows else prompts
+    if not prompts:
+        raise DataError(f"no prompts to evaluate ({rows.summary()})")
+    return prompts, rows
+
+
+def check_folder(folder: Path) -> dict:
+    """The manifest of a finished stage folder ({} for a plain model folder), checked without loading
+    weights: a missing folder, an unfinished stage or a folder holding neither is an error."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    if (folder / "manifest.json").is_file():
+        manifest = read_stage_manifest(folder)
+        if manifest.get("status") != "complete":
+            raise FileNotFoundError(f"{folder}: the stage did not finish (status {manifest.get('status')!r})")
+        return manifest
+    if (folder / "checkpoints").is_dir() or (folder / "config.yaml").is_file():
+        raise FileNotFoundError(f"{folder}: this stage has not finished (no manifest.json); finish it first (--resume)")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: neither a finished stage folder (manifest.json) nor a model folder (config.json)")
+    return {}
+
+
+def locate(name: str, cfg: EvalConfig, recipe_name: str, base_path: Path) -> Contestant:
+    """'base' is the recipe's model; a bare name is a stage of this recipe (runs/<recipe>/<name>);
+    anything with a path separator is a folder."""
+    if name == "base":
+        return Contestant(name, base_path, f"the base model {cfg.model.name}, no adapter", is_base=True)
+    is_stage = "/" not in name and os.sep not in name
+    folder = stage_folder(recipe_name, name) if is_stage else Path(name).expanduser()
+    if is_stage and not folder.exists():
+        raise FileNotFoundError(f"{name}: {folder} does not exist; run stage '{name}' first (a folder is named with a path, e.g. ./{name})")
+    manifest = check_folder(folder)
+    if manifest.get("kind") == "rm":
+        raise RecipeError(f"{name}: {folder} is a reward model; it judges answers ({{type: learned, ...}}) rather than giving them")
+    if not manifest:
+        return Contestant(name, folder, f"model folder {folder}")
+    return Contestant(name, folder, f"{manifest.get('kind')} stage {folder} ({manifest.get('artifact')} on {manifest.get('base_model')})")
+
+
+def check_distinct(contestants: list[Contestant]) -> None:
+    """Two names for one model (a baseline folder that is the base, a stage named twice) would be a
+    comparison with itself: half ties, half coin flips, and no error to say why."""
+    seen: dict[Path, str] = {}
+    for contestant in contestants:
+        other = seen.setdefault(contestant.folder.resolve(), contestant.name)
+        if other != contestant.name:
+            raise RecipeError(f"eval: {other} and {contestant.name} are the same model ({contestant.folder}); compare different ones")
+
+
+def check_judge(name: str, spec: dict | list, stage_dirs: dict[str, Path], prompts: list[PromptExample]) -> None:
+    """Fail now rather than after sampling: unknown rules or options, columns a rule needs, and the
+    folders of reward models and judges. (The heavy models themselves load when their turn comes.)"""
+    from reward_models import build_reward
+
+    parts = spec if isinstance(spec, list) else [spec]
+    try:
+        for part in parts:
+            if part["type"] == "rule":
+                rule = build_reward(part)
+                columns = sorted({k for p in prompts for k in p.columns})
+                rule([p.messages for p in prompts], [""] * len(prompts), **{k: [p.columns.get(k) for p in prompts] for k in columns})
+            elif part["type"] == "learned":
+                folder = stage_dirs[part["from"]] if "from" in part else Path(part["path"])
+                if check_folder(folder).get("kind") != "rm":
+                    raise RecipeError(f"judge '{name}': {folder} is not a reward-model stage")
+            else:
+                mode = part.get("mode", "pairwise")
+                if mode not in ("pairwise", "pointwise"):
+                    raise RecipeError(f"judge '{name}': mode must be pairwise or pointwise, not {mode!r}")
+                if mode == "pairwise" and len(parts) > 1:
+                    raise RecipeError(f"judge '{name}': a pairwise judge compares two answers itself; it cannot be part of a weighted sum")
+                model = str(part["model"])
+                if Path(model).is_dir():
+                    check_folder(Path(model))
+                else:
+                    resolve_model(model)
+    except KeyError as err:
+        raise RecipeError(f"judge '{name}': {err.args[0]}") from None
+
+
+def generate(contestant: Contestant, cfg: EvalConfig, prompts: list[PromptExample], settings: Sampling, precision: str) -> tuple[list[Rollout], str]:
+    """(one rollout per prompt, the engine that sampled them); the model is freed before returning."""
+    from align.models.trained import load_trained
+
+    if contestant.is_base:  # quantized as the recipe's stages load their base: the policy's starting point
+        model = load_base_model(cfg.model, cfg.quantization, precision, contestant.folder)
+        tokenizer = load_tokenizer(cfg.model, contestant.folder)
+    else:
+        model, tokenizer = load_trained(contestant.folder, precision=precision)
+    if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":  # 4-bit bases are placed at load
+        model.to("cuda")
+    engine = rollout_engine(cfg, model, tokenizer, precision)
+    used = engine.describe()
+    console.print(f"{contestant.name}: {len(prompts)} answers from {used}")
+    try:
+        rollouts = engine.generate([p.messages for p in prompts], settings)
+    finally:
+        engine.close()
+    del engine, model
+    free_memory()
+    return rollouts, used
+
+
+def spec_text(spec: dict | list) -> str:
+    """{type: rule, name: gsm8k_exact} -> 'rule gsm8k_exact'; weighted sums joined by ' + '."""
+    if isinstance(spec, list):
+        return " + ".join(spec_text(part) for part in spec)
+    return " ".join(f"{v}" if k in ("type", "name", "model") else f"{k}={v}" for k, v in spec.items())
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
