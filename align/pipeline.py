@@ -97,7 +97,7 @@ class Pipeline:
             stale = [dep for dep, digest in (recorded.get("inputs") or {}).items() if digest != self._artifact_hash(dep)]
             if stale:
                 return "run", f"input stage(s) {', '.join(stale)} were re-made since it ran"
-            return "skip", f"up to date (finished {manifest.get('written_at', '?')})"
+            return "skip", "up to date"
         attempt = self._attempts().get(plan.name, {})
         if plan.output.exists() and attempt.get("fingerprint") == plan.fingerprint:
             return "resume", "interrupted; resuming from its last complete checkpoint"
@@ -275,12 +275,13 @@ def print_plan_table(recipe: Recipe, plans: list[StagePlan]) -> None:
     from rich.table import Table
 
     table = Table(title=f"align run {recipe.path or recipe.name}", title_justify="left")
-    for column in ("stage", "kind", "inputs", "data", "work", "action", "why"):
+    for column in ("stage", "kind", "inputs", "data", "work", "last took", "action", "why"):
         table.add_column(column, overflow="fold")
     style = {"skip": "dim", "resume": "yellow", "run": "bold green"}
     for plan in plans:
+        seconds = (_manifest(plan.output) or {}).get("seconds")  # the last finished run of this stage: an estimate
         table.add_row(plan.name, plan.kind, ", ".join(plan.inputs) or "-", plan.rows, plan.steps,
-                      f"[{style[plan.action]}]{plan.action}[/]", plan.reason)
+                      f"{seconds:.0f}s" if seconds else "-", f"[{style[plan.action]}]{plan.action}[/]", plan.reason)
     console.print(table)
     model = plans[0].config.model.name
-    console.print(f"model: {model}; outputs: runs/{recipe.name}/<stage>/")
+    console.print(f"model: {model}; outputs: {stage_folder(recipe.name)}/<stage>/")

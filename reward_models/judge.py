@@ -43,6 +43,8 @@ class LLMJudge:
         folder = Path(model) if Path(model).is_dir() else resolve_model(str(model))
         self.model, self.tokenizer = load_trained(folder)
         self.model.eval()
+        if torch.cuda.is_available() and not getattr(self.model, "is_loaded_in_4bit", False):
+            self.model.to("cuda")  # 4-bit models are placed on the GPU when they load
         self.mode, self.batch_size, self.name = mode, batch_size, f"judge:{model}:{mode}"
         self.collate = PaddingCollator(self.tokenizer.pad_token_id)
         first = lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"][0]
