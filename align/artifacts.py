@@ -77,19 +77,24 @@ def check_resume_config(folder: Path, new_config: dict) -> None:
     path = folder / "config.yaml"
     if not path.is_file():
         return
-    old = _flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
-    new = _flatten(new_config)
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES))
+    changed = config_changes(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, new_config, ignore=RESUMABLE_CHANGES)
     if changed:
-        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
-        raise RunFolderError(f"--resume: {folder} was trained with a different config ({details}); use a new --output-dir")
+        raise RunFolderError(f"--resume: {folder} was trained with a different config ({', '.join(changed[:6])}); use a new --output-dir")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def config_changes(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """'key old -> new' for every dotted key whose value differs, keys starting with ``ignore`` left out."""
+    old, new = flatten(old), flatten(new)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and not k.startswith(ignore))
+    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[prefix + key] = value
     return flat

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from align.artifacts import file_hash, stage_folder, write_atomic
+from align.artifacts import config_changes, file_hash, flatten, stage_folder, write_atomic
 from align.console import console
 from align.recipe import Recipe, RecipeError, StageConfig
 
@@ -69,9 +69,10 @@ class Pipeline:
             fingerprint = _fingerprint(cfg, {dep: plans[dep].fingerprint for dep in inputs})
             plans[name] = StagePlan(name, cfg.kind, cfg, self.folder / name, inputs, fingerprint)
         selected = [only] if only else names[names.index(start):] if start else names
+        tokenizers: dict = {}
         for name in names:
             plan = plans[name]
-            plan.rows, plan.steps = describe_data(plan.config)
+            plan.rows, plan.steps = describe_data(plan.config, tokenizers)
             if name not in selected:
                 plan.action, plan.reason = "skip", "not selected"
                 continue
@@ -177,7 +178,7 @@ def run_stage(plan: StagePlan, recipe_name: str, resume: bool, provenance: dict)
     return runner(cfg, out, **options)
 
 
-def describe_data(cfg: StageConfig) -> tuple[str, str]:
+def describe_data(cfg: StageConfig, tokenizers: dict) -> tuple[str, str]:
     """(rows, steps) for the plan, from the stage's own data loader: reading every row here is the
     validation - a bad row raises DataError naming file, row and field before any stage runs."""
     import math
@@ -185,15 +186,15 @@ def describe_data(cfg: StageConfig) -> tuple[str, str]:
     from align.models.loading import load_tokenizer
     from align.models.resolve import resolve_model
 
-    tokenizer = load_tokenizer(cfg.model, resolve_model(cfg.model.name, cfg.model.revision))
+    key = (cfg.model.name, cfg.model.revision, cfg.model.chat_template)
+    if key not in tokenizers:  # stages of one recipe share a model: one tokenizer load
+        tokenizers[key] = load_tokenizer(cfg.model, resolve_model(cfg.model.name, cfg.model.revision))
+    tokenizer = tokenizers[key]
     if cfg.kind == "eval":
-        from align.data.prompt_data import encode_prompt_files
+        from align.stages.evaluate import held_out_prompts
 
-        prompts, report = encode_prompt_files(cfg.data.eval, tokenizer, cfg.data, "eval")
-        if cfg.data.on_bad_rows == "error":
-            report.raise_if_bad()
-        n = min(len(prompts), cfg.data.max_eval_rows or len(prompts))
-        return f"{n} prompts", f"{n} answers x {1 + len(cfg.baselines)} models"
+        prompts, _ = held_out_prompts(cfg.data, tokenizer)
+        return f"{len(prompts)} prompts", f"{len(prompts)} answers x {1 + len(cfg.baselines)} models"
     if cfg.kind == "sft":
         from align.data.sft_data import load_sft_data
 
@@ -215,9 +216,7 @@ def describe_data(cfg: StageConfig) -> tuple[str, str]:
 
 
 def _fingerprint(cfg: StageConfig, inputs: dict[str, str]) -> str:
-    from align.artifacts import _flatten
-
-    config = {k: v for k, v in _flatten(cfg.model_dump(mode="json", by_alias=True)).items() if not k.startswith(NOT_FINGERPRINTED)}
+    config = {k: v for k, v in flatten(cfg.model_dump(mode="json", by_alias=True)).items() if not k.startswith(NOT_FINGERPRINTED)}
     files = {path: file_hash(Path(path)) for path in [*cfg.data.train, *cfg.data.eval] if Path(path).exists()}
     blob = json.dumps({"config": config, "data": files, "inputs": inputs}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -227,17 +226,14 @@ def _config_changes(plan: StagePlan) -> str:
     """Which keys differ from the config the finished run saved (config.yaml), for the plan."""
     import yaml
 
-    from align.artifacts import _flatten
-
     saved = plan.output / "config.yaml"
     if not saved.is_file():
         return "config"
-    old = _flatten(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
-    new = _flatten(plan.config.model_dump(mode="json", by_alias=True))
-    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not k.startswith(NOT_FINGERPRINTED)]
+    old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    changed = config_changes(old, plan.config.model_dump(mode="json", by_alias=True), ignore=NOT_FINGERPRINTED)
     if not changed:
         return "data files or an input stage changed"
-    return ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4]) + (" ..." if len(changed) > 4 else "")
+    return ", ".join(changed[:4]) + (" ..." if len(changed) > 4 else "")
 
 
 def _manifest(folder: Path) -> dict | None:

@@ -93,7 +93,7 @@ def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, int(cfg.train.warmup_ratio * updates), updates)
     resume_from = prepare_output(state, output_dir, cfg, overwrite, resume)
-    loop = load_rl_checkpoint(resume_from, policy, optimizer, scheduler)[0] if resume_from else {"step": 0}
+    loop = load_rl_checkpoint(resume_from, policy, optimizer, scheduler) if resume_from else {"step": 0}
     engine = rollout_engine(cfg, policy, tokenizer, precision)
     device = next(policy.parameters()).device
     pad = tokenizer.pad_token_id
@@ -117,7 +117,10 @@ def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe
     stopped = None
     alarm = DeadRunAlarm(opts.dead_steps, cfg.rollout.max_new_tokens)
     alarm.streak = loop.get("dead_streak", 0)
-    eval_start = loop["eval_reward_start"] if "eval_reward_start" in loop else held_out_reward(engine, reward, held_out, cfg) if held_out else None
+    if "eval_reward_start" in loop:  # resumed: the start was measured before the first step
+        eval_start = loop["eval_reward_start"]
+    else:
+        eval_start = held_out_reward(engine, reward, held_out, cfg) if held_out else None
     policy.train()
     step = start = loop["step"]
     for step, batch_prompts in zip(range(start + 1, steps + 1), prompt_batches(prompts, cfg.rollout.prompts_per_step, cfg.seed, start)):

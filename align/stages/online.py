@@ -240,9 +240,9 @@ def save_rl_checkpoint(output_dir: Path, step: int, cfg, policy, optimizer, sche
     return folder
 
 
-def load_rl_checkpoint(folder: Path, policy, optimizer, scheduler) -> tuple[dict, Path]:
+def load_rl_checkpoint(folder: Path, policy, optimizer, scheduler) -> dict:
     """Restore what save_rl_checkpoint wrote into the freshly built policy and optimizer; returns
-    (loop state, folder) so the stage can read its extra tensors."""
+    the loop state (the stage reads its own extra tensors from ``folder``)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -251,7 +251,7 @@ def load_rl_checkpoint(folder: Path, policy, optimizer, scheduler) -> tuple[dict
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["torch_rng"])
-    return json.loads((folder / "loop_state.json").read_text(encoding="utf-8")), folder
+    return json.loads((folder / "loop_state.json").read_text(encoding="utf-8"))
 
 
 def checkpoint_due(cfg, step: int, steps: int) -> bool:

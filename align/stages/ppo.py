@@ -162,7 +162,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
     if resume_from:
         from safetensors.torch import load_file
 
-        loop = load_rl_checkpoint(resume_from, policy, optimizer, scheduler)[0]
+        loop = load_rl_checkpoint(resume_from, policy, optimizer, scheduler)
         value_head.load_state_dict(load_file(str(resume_from / VALUE_HEAD_FILE)))
         kl_control.coef = loop["kl_coef"]
         scale.count, scale.mean, scale.m2 = loop["scale"]
