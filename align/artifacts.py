@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -32,29 +33,101 @@ class RunFolderError(RuntimeError):
     pass
 
 
-RUN_MARKERS = ("config.yaml", "manifest.json", "checkpoints")
+# The file align writes into every run folder it creates, before anything else. Only a folder that
+# holds it (or a manifest.json that align wrote, for runs made before the marker existed) is ever
+# deleted or replaced: a config.yaml or a checkpoints/ folder could be anyone's.
+OWNER_MARKER = ".align-run"
 # Keys a resumed run may change: how long it goes on and how it logs, not what it trains.
 RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "train.save_steps", "train.eval_steps",
                      "train.logging_steps", "train.save_total_limit", "tracking.")
+# Recipe and stage names become folder names: plain names only, no separators, no '..'.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+
+
+def check_name(name: str, what: str) -> str:
+    """``name`` if it is safe as one path part (letters, digits, '-', '_', '.'), else RunFolderError."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
+        raise RunFolderError(
+            f"{what} {name!r} is not a plain name: use letters, digits, '-', '_' and '.', "
+            "no path separators and no '..' (it becomes a folder under runs/)"
+        )
+    return name
+
+
+def runs_root() -> Path:
+    """Where stage folders live: runs/ in the current folder, or $ALIGN_RUNS (tests, scratch space)."""
+    return Path(os.environ.get("ALIGN_RUNS", "runs"))
 
 
 def stage_folder(recipe_name: str, stage: str = "") -> Path:
     """runs/<recipe>/<stage>: where a stage of a recipe writes and where later stages find it.
-    ALIGN_RUNS moves the runs/ root (tests, scratch space)."""
-    return Path(os.environ.get("ALIGN_RUNS", "runs")) / recipe_name / stage
+    Both names are checked, so the folder is always inside the runs root."""
+    check_name(recipe_name, "recipe name")
+    if stage:
+        check_name(stage, "stage name")
+    root = runs_root()
+    folder = root / recipe_name / stage
+    if not folder.resolve().is_relative_to(root.resolve()):  # e.g. runs/<recipe> is a symlink to elsewhere
+        raise RunFolderError(f"{folder} resolves to {folder.resolve()}, outside the runs folder {root.resolve()}")
+    return folder
 
 
-def prepare_run_folder(folder: Path, overwrite: bool, resume: bool) -> None:
+def written_by_align(folder: Path) -> bool:
+    """True only for a folder align provably made: its owner marker, or a manifest align wrote."""
+    if (folder / OWNER_MARKER).is_file():
+        return True
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "align" in (manifest.get("versions") or {}) and "written_at" in manifest
+
+
+def claim_folder(folder: Path, kind: str) -> None:
+    """Create ``folder`` (or take an empty one) and mark it as align's."""
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = {"written_by": "align", "kind": kind, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_atomic(folder / OWNER_MARKER, json.dumps(marker) + "\n")
+
+
+def remove_align_folder(folder: Path) -> None:
+    """Delete a folder align wrote, atomically as seen from its path: it is renamed aside first, so a
+    kill mid-delete leaves a hidden ``.<name>.replaced-*`` sibling (swept later), never a half
+    folder under the run's own name that a --resume could trust."""
+    if not written_by_align(folder):
+        raise RunFolderError(
+            f"{folder} was not written by align (no {OWNER_MARKER} marker and no align manifest.json); "
+            "refusing to delete it - move it away yourself or choose another --output-dir"
+        )
+    aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.replaced-", dir=folder.parent))
+    os.replace(folder, aside / folder.name)
+    shutil.rmtree(aside)
+
+
+def remove_replaced_leftovers(folder: Path) -> None:
+    """Hidden siblings of ``folder`` that a killed ``remove_align_folder`` left behind."""
+    for path in folder.parent.glob(f".{folder.name}.replaced-*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def prepare_run_folder(folder: Path, overwrite: bool, resume: bool, kind: str = "stage") -> None:
     """Refuse to write into a folder that holds a user's earlier run unless told what to do.
 
-    --overwrite deletes only a folder that align wrote (it has a config.yaml, manifest.json or
-    checkpoints/); anything else is the user's and is never deleted.
+    --overwrite replaces only a folder align wrote (``written_by_align``); anything else is the
+    user's and is never deleted. A new or empty folder is claimed with the owner marker.
     """
     if resume and overwrite:
         raise RunFolderError("--resume and --overwrite contradict each other; choose one")
     if folder.exists() and not folder.is_dir():
         raise RunFolderError(f"{folder} is a file, not a run folder")
+    if folder.parent.is_dir():
+        remove_replaced_leftovers(folder)
     if folder.exists() and any(folder.iterdir()):
+        if not written_by_align(folder):
+            raise RunFolderError(
+                f"{folder} is not empty and was not written by align (no {OWNER_MARKER} marker, no align manifest.json); "
+                "refusing to touch it - choose another --output-dir"
+            )
         if resume:
             return
         if not overwrite:
@@ -62,12 +135,10 @@ def prepare_run_folder(folder: Path, overwrite: bool, resume: bool) -> None:
                 f"{folder} already holds a run; pass --resume to continue it, --overwrite to replace it, "
                 "or --output-dir for a new folder"
             )
-        if not any((folder / marker).exists() for marker in RUN_MARKERS):
-            raise RunFolderError(f"{folder} is not empty and is not an align run folder; refusing to delete it")
-        shutil.rmtree(folder)
+        remove_align_folder(folder)
     elif resume:
         raise RunFolderError(f"--resume: {folder} has no run to resume")
-    folder.mkdir(parents=True, exist_ok=True)
+    claim_folder(folder, kind)
 
 
 def check_resume_config(folder: Path, new_config: dict) -> None:
@@ -126,9 +197,13 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield staging
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        if target.exists():  # renamed aside first: the name never points at a half-deleted folder
+            aside = target.with_name(f".{target.name}.tmp-old-{os.getpid()}")
+            os.replace(target, aside)
+            os.replace(staging, target)
+            shutil.rmtree(aside)
+        else:
+            os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -6,6 +6,7 @@ clear message and exit with status 2; anything else is a bug and keeps its trace
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -34,7 +35,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from align.models.resolve import ModelNotFound
     from align.recipe import RecipeError
 
-    return (RecipeError, DataError, TemplateError, ModelNotFound, RunFolderError, FileExistsError, FileNotFoundError)
+    from align.rollout.engine import SyncError
+
+    return (RecipeError, DataError, TemplateError, ModelNotFound, RunFolderError, FileExistsError, FileNotFoundError, SyncError)
 
 
 def _default_output(recipe, stage: str) -> Path:
@@ -186,7 +189,7 @@ def eval_(
     judge: Optional[List[str]] = typer.Option(None, "--judge", help="(no recipe) rule:NAME[,key=value], learned:DIR, judge:MODEL (pairwise) or judge-pointwise:MODEL; repeatable"),
     max_prompts: Optional[int] = typer.Option(None, "--max-prompts", min=1, help="(no recipe) evaluate at most this many prompts"),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="(no recipe) answer tokens at most (default 256)"),
-    temperature: Optional[float] = typer.Option(None, "--temperature", min=0, help="(no recipe) sampling temperature (default 0.7)"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", min=0, help="(no recipe) sampling temperature (default 0.7, as in a recipe's eval stage)"),
     engine: str = typer.Option("auto", "--engine", "-e", help="(no recipe) auto (vllm when installed, else hf), hf or vllm"),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="default: runs/<recipe>/<stage>, or runs/eval/<policy folder name>"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing report in the output folder"),
@@ -209,7 +212,8 @@ def eval_(
     from align.artifacts import stage_folder
 
     cfg = _standalone_eval(policy, baseline or [], prompts or [], judge or [], max_prompts, max_new_tokens, temperature, engine)
-    run_eval(cfg, output_dir or stage_folder("eval", policy.resolve().name), recipe_name="eval", overwrite=overwrite)
+    plain = re.sub(r"[^A-Za-z0-9._-]+", "-", policy.resolve().name).strip(".-") or "policy"  # a folder name as a plain name
+    run_eval(cfg, output_dir or stage_folder("eval", plain), recipe_name="eval", overwrite=overwrite)
 
 
 @app.command()
@@ -271,9 +275,11 @@ def run(
 
 ENGINE = typer.Option("auto", "--engine", "-e", help="auto (vllm when installed, else hf), hf or vllm")
 PRECISION = typer.Option("auto", help="auto (bf16 where the hardware has it), bf16 or fp32")
+# Remote code is the user's own decision on their own command line; a folder's config never turns it on.
+TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code", help="run Python code shipped with the model folder (off unless you trust its author)")
 
 
-def _engine_for(model: str, engine: str, precision: str):
+def _engine_for(model: str, engine: str, precision: str, trust_remote_code: bool = False):
     """A rollout engine serving a stage folder, a model folder or an alias; says which engine."""
     from align.models.loading import resolve_precision
     from align.models.resolve import resolve_model
@@ -281,7 +287,7 @@ def _engine_for(model: str, engine: str, precision: str):
     from align.rollout.engine import make_engine
 
     folder = Path(model)
-    policy, tokenizer = load_trained(folder if folder.is_dir() else resolve_model(model))
+    policy, tokenizer = load_trained(folder if folder.is_dir() else resolve_model(model), trust_remote_code=trust_remote_code)
     rollout_engine = make_engine(engine, policy, tokenizer, resolve_precision(precision))
     console.print(f"[dim]engine: {rollout_engine.describe()}[/]")
     return rollout_engine
@@ -301,21 +307,24 @@ def generate(
     seed: int = typer.Option(0),
     engine: str = ENGINE,
     precision: str = PRECISION,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
 ):
     """Generate answers from a trained stage or any model folder."""
     from align.rollout.engine import Sampling
 
-    rollout_engine = _engine_for(model, engine, precision)
+    rollout_engine = _engine_for(model, engine, precision, trust_remote_code)
     conversations = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}] for p in prompt]
     sampling = Sampling(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, stop=tuple(stop or ()), seed=seed)
-    rollouts = rollout_engine.generate(conversations, sampling)
+    try:
+        rollouts = rollout_engine.generate(conversations, sampling)
+    finally:
+        rollout_engine.close()
     for index, text_prompt in enumerate(prompt):
         console.print(f"[bold cyan]user:[/] {text_prompt}")
         for rollout in rollouts[index * n : (index + 1) * n]:
             cut = " [dim](cut at max_new_tokens)[/]" if rollout.truncated else ""
             console.print(f"[bold green]assistant:[/] {rollout.text}{cut}")
         console.print()
-    rollout_engine.close()
 
 
 @app.command()
@@ -328,11 +337,12 @@ def chat(
     seed: int = typer.Option(0),
     engine: str = ENGINE,
     precision: str = PRECISION,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
 ):
     """Talk to a model; answers stream as they are generated (hf engine). /reset starts over, /exit quits."""
     from align.rollout.engine import Sampling
 
-    rollout_engine = _engine_for(model, engine, precision)
+    rollout_engine = _engine_for(model, engine, precision, trust_remote_code)
     start = [{"role": "system", "content": system}] if system else []
     conversation = list(start)
     for turn in range(10**9):
@@ -475,7 +485,9 @@ def main() -> None:
     try:
         app()
     except _user_errors() as exc:
-        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        console.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)  # Text: a path with [..] is not markup
+        if type(exc).__name__ == "SyncError":
+            console.print("the vLLM engine does not serve what the trainer computes here; try --precision fp32, or --engine hf")
         sys.exit(2)
 
 

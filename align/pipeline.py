@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from align.artifacts import config_changes, file_hash, flatten, stage_folder, write_atomic
+from align.artifacts import config_changes, file_hash, flatten, stage_folder, write_atomic, written_by_align
 from align.console import console
 from align.recipe import Recipe, RecipeError, StageConfig
 
@@ -78,6 +78,11 @@ class Pipeline:
                 continue
             upstream = [dep for dep in plan.inputs if plans[dep].action in ("run", "resume")]
             plan.action, plan.reason = self._action(plan, force or bool(start), upstream)
+        for name in selected:  # a folder align would replace must be one align wrote: say so now, not after earlier stages
+            plan = plans[name]
+            if plan.action != "skip" and plan.output.is_dir() and any(plan.output.iterdir()) and not written_by_align(plan.output):
+                raise RecipeError(f"stage '{name}' writes to {plan.output}, which holds files align did not write; "
+                                  "move them away or rename the recipe (name:)")
         for name in selected:  # a selected stage's inputs must be there when they are not run now
             for dep in plans[name].inputs:
                 if plans[dep].action == "skip" and not _complete(plans[dep].output):

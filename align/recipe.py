@@ -11,10 +11,12 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from align.artifacts import NAME_PATTERN
 
 
 class RecipeError(ValueError):
@@ -120,6 +122,20 @@ class StageConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    # Shared keys this stage kind does not use -> why. Setting one to anything but its default is an
+    # error for that stage (STYLE 13: every accepted key is a used key), never a silent no-op.
+    UNUSED: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="after")
+    def _no_ignored_settings(self):
+        for key, why in self.UNUSED.items():
+            section, _, name = key.partition(".")
+            value = getattr(getattr(self, section), name)
+            default = type(getattr(self, section)).model_fields[name].get_default(call_default_factory=True)
+            if value != default:
+                raise ValueError(f"{key}={value!r} has no effect in a {self.kind} stage ({why}); remove it for this stage")
+        return self
+
 
 class SFTConfig(StageConfig):
     """Supervised fine-tuning with prompt-masked labels."""
@@ -149,6 +165,7 @@ class DPOConfig(StageConfig):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
     kind: Literal["dpo"] = "dpo"
+    UNUSED: ClassVar[dict[str, str]] = {"data.packing": "chosen and rejected answers are scored as separate padded rows, never packed"}
     from_stage: str | None = Field(None, alias="from", description="stage whose adapter this one starts from (e.g. sft); none = a fresh adapter")
     dpo: DPOOptions = Field(default_factory=DPOOptions)
 
@@ -164,6 +181,7 @@ class RewardConfig(StageConfig):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
     kind: Literal["rm"] = "rm"
+    UNUSED: ClassVar[dict[str, str]] = {"data.packing": "each answer is scored at its own last token, so rows are never packed"}
     reward: RewardOptions = Field(default_factory=RewardOptions)
 
 
@@ -184,11 +202,23 @@ class RolloutConfig(_Strict):
     )
 
 
+class GRPORolloutConfig(RolloutConfig):
+    samples_per_prompt: int = Field(4, gt=0, description="completions per prompt: the group each advantage is relative to (>= 2)")
+
+
+class EvalRolloutConfig(RolloutConfig):
+    """Eval's own defaults, which hold whether or not a recipe writes a rollout: section."""
+
+    temperature: float = Field(0.7, gt=0, description="sampling temperature, the same for the policy and every baseline")
+    max_new_tokens: int = Field(256, gt=0, description="answer tokens at most")
+
+
 def _check_reward_spec(value: Any) -> Any:
-    parts = value if isinstance(value, list) else [value]
-    for part in parts:
-        if not isinstance(part, dict) or part.get("type") not in ("rule", "learned", "judge"):
-            raise ValueError("reward must be {type: rule|learned|judge, ...} or a list of them with weights")
+    """Every rule name, option and key of a reward spec, checked when the recipe is read (so
+    `align run --dry-run` catches a misspelt rule before any stage trains)."""
+    from reward_models import check_spec  # imports only the rule functions
+
+    check_spec(value)
     return value
 
 
@@ -230,6 +260,13 @@ class PPOOptions(_Strict):
 
 class _OnlineRLConfig(StageConfig):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    UNUSED: ClassVar[dict[str, str]] = {
+        "data.packing": "rollouts are sampled and scored per completion, never packed",
+        "train.grad_accum": "the optimizer step is one minibatch of completions (grpo/ppo.minibatch_size); train.batch_size only splits it into micro-batches",
+        "train.optim": "RL stages use torch AdamW (with train.lr and train.weight_decay)",
+        "train.eval_steps": "RL stages do not evaluate every N steps (grpo measures the held-out reward before the first step and after the last)",
+        "lora.loraplus_lr_ratio": "RL stages use one learning rate for the whole adapter",
+    }
     from_stage: str | None = Field(None, alias="from", description="stage whose adapter the policy starts from (e.g. sft); none = a fresh adapter")
     reward: Any = Field(..., description="{type: rule, name: gsm8k_exact} | {type: learned, from: reward} | {type: judge, ...} | a list with weights")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
@@ -244,7 +281,7 @@ class GRPOConfig(_OnlineRLConfig):
     """GRPO / RLOO: several samples per prompt, advantages relative to the group, clipped updates."""
 
     kind: Literal["grpo"] = "grpo"
-    rollout: RolloutConfig = Field(default_factory=lambda: RolloutConfig(samples_per_prompt=4))
+    rollout: GRPORolloutConfig = Field(default_factory=GRPORolloutConfig)
     grpo: GRPOOptions = Field(default_factory=GRPOOptions)
 
     @model_validator(mode="after")
@@ -268,8 +305,7 @@ class EvalConfig(StageConfig):
     policy: str | None = Field(None, description="stage name (or finished stage folder) to evaluate; none = the last training stage before this one")
     baselines: list[str] = Field(default_factory=lambda: ["base"], description="compared with: stage names, 'base' (the recipe's model, no adapter), or model/stage folders")
     judges: dict[str, Any] = Field(..., description="name -> reward spec ({type: rule|learned|judge, ...}); each judge gets its own win-rate table")
-    rollout: RolloutConfig = Field(default_factory=lambda: RolloutConfig(temperature=0.7, max_new_tokens=256),
-                                   description="sampling, identical for the policy and every baseline (fixed seeds)")
+    rollout: EvalRolloutConfig = Field(default_factory=EvalRolloutConfig, description="sampling, identical for the policy and every baseline (fixed seeds)")
     tie_margin: float = Field(0.0, ge=0, description="score differences within this count as ties (learned, rule and pointwise judges)")
     bootstrap: int = Field(2000, ge=100, description="bootstrap resamples of the prompts for the 95% interval")
     examples: int = Field(5, ge=0, description="example pairs written to report.md")
@@ -295,6 +331,7 @@ class EvalConfig(StageConfig):
 # Stage kinds that exist.
 STAGE_SCHEMAS: dict[str, type[StageConfig]] = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RewardConfig, "grpo": GRPOConfig, "ppo": PPOConfig, "eval": EvalConfig}
 TRAINING_KINDS = ("sft", "dpo", "rm", "grpo", "ppo")
+POLICY_KINDS = ("sft", "dpo", "grpo", "ppo")  # stages whose artifact is a policy (a causal LM adapter or model)
 # A stage named like this gets that kind unless it says otherwise (`stages: {reward: {...}}` is an rm stage).
 KIND_OF_STAGE_NAME = {"reward": "rm", "rloo": "grpo"}
 SHARED_SECTIONS = [name for name in StageConfig.model_fields if name != "kind"]
@@ -341,11 +378,19 @@ class Recipe(_Strict):
         for key, source in stage_references(config):
             if source not in earlier:
                 raise RecipeError(f"{self._where()}, stage '{stage}': {key}: {source} names no earlier stage (earlier: {', '.join(earlier) or 'none'})")
+            wanted = POLICY_KINDS if key == "from" else ("rm",)
+            if self.stage_kind(source) not in wanted:
+                what = "a policy to start from" if key == "from" else "a learned reward (a reward model)"
+                raise RecipeError(f"{self._where()}, stage '{stage}': {key}: {source} is a {self.stage_kind(source)} stage, but {what} "
+                                  f"must come from a stage of kind {' or '.join(wanted)}")
         if isinstance(config, EvalConfig):
             trained = [s for s in earlier if self.stage_kind(s) in TRAINING_KINDS and self.stage_kind(s) != "rm"]
             for key, name in [("policy", config.policy)] + [("baselines", b) for b in config.baselines]:
                 if name is not None and name in self.stages and name not in earlier:
                     raise RecipeError(f"{self._where()}, stage '{stage}': {key}: {name} is not an earlier stage")
+                if name in earlier and self.stage_kind(name) not in POLICY_KINDS:
+                    raise RecipeError(f"{self._where()}, stage '{stage}': {key}: {name} is a {self.stage_kind(name)} stage, "
+                                      f"not a policy that answers (kinds {', '.join(POLICY_KINDS)})")
             if config.policy is None:
                 if not trained:
                     raise RecipeError(f"{self._where()}, stage '{stage}': no policy to evaluate (set policy: <stage or folder>)")
@@ -396,6 +441,10 @@ def recipe_from_dict(raw: dict[str, Any], path: Path | None = None) -> Recipe:
     for key in raw:
         if key not in SHARED_SECTIONS:
             raise RecipeError(f"{where}: unknown key '{key}'{_suggest(key, _known_keys(StageConfig) + ['name', 'description', 'stages'])}")
+    for what, value in [("name", name)] + [("stage name", stage) for stage in stages]:
+        if not isinstance(value, str) or not NAME_PATTERN.match(value) or ".." in value:
+            raise RecipeError(f"{where}: {what} {value!r} is not a plain name - use letters, digits, '-', '_' and '.', "
+                              "no '/' and no '..' (it becomes a folder under runs/)")
     stages = {stage: (section or {}) for stage, section in stages.items()}
     recipe = Recipe(name=str(name), description=str(description), path=path, shared=raw, stages=stages)
     recipe.validate_all()
@@ -463,7 +512,25 @@ def _known_keys(schema: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+# Names users bring from transformers, TRL, peft and axolotl -> align's name for the same setting.
+KEY_ALIASES = {
+    "learning_rate": "lr", "lora_alpha": "alpha", "lora_r": "r", "rank": "r", "lora_dropout": "dropout",
+    "epoch": "epochs", "num_epochs": "epochs", "num_train_epochs": "epochs", "batch": "batch_size",
+    "micro_batch_size": "batch_size", "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "gradient_accumulation": "grad_accum", "warmup": "warmup_ratio",
+    "max_seq_length": "max_length", "sequence_len": "max_length", "seq_len": "max_length", "steps": "max_steps",
+    "optimizer": "optim", "scheduler": "lr_scheduler", "lr_scheduler_type": "lr_scheduler", "max_grad_norm_clip": "max_grad_norm",
+}
+
+
 def _suggest(key: str, known: list[str]) -> str:
+    section, _, leaf = key.rpartition(".")
+    if leaf in KEY_ALIASES:  # a known alias beats spelling similarity ('learning_rate' is not 'logging_steps')
+        target = KEY_ALIASES[leaf]
+        same_section = [k for k in known if k == (f"{section}.{target}" if section else target)]
+        anywhere = [k for k in known if k.rpartition(".")[2] == target]
+        if same_section or anywhere:
+            return f" - did you mean '{(same_section or anywhere)[0]}'?"
     matches = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     if not matches:
         # 'alpha' or 'lora_alpha' written at the wrong level: match on the last part.

@@ -14,6 +14,7 @@ are extra dataset fields a rule may need (``reference=[...]`` for exact-answer r
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,6 +26,56 @@ class Reward(Protocol):
     name: str
 
     def __call__(self, prompts: list[list[dict]], completions: list[str], **columns: list[Any]) -> list[float]: ...
+
+
+# The keys each reward type takes (besides ``type``), so a recipe is checked before anything runs.
+SPEC_KEYS = {
+    "rule": {"name", "weight"},  # plus the rule's own options, read from its signature
+    "learned": {"from", "path", "batch_size", "weight"},
+    "judge": {"model", "mode", "batch_size", "weight"},
+}
+
+
+def _close(word: str, options) -> str:
+    match = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.5)
+    return f" - did you mean {match[0]!r}?" if match else ""
+
+
+def check_spec(spec: Any) -> None:
+    """Raise ValueError naming what is wrong with a reward spec (or a weighted list of them): the
+    type, a rule's name and options (with a suggestion), missing or unknown keys, a weight that is
+    not a number. Loads nothing; folders and models are checked where they are read."""
+    parts = spec if isinstance(spec, list) else [spec]
+    if not parts:
+        raise ValueError("reward is an empty list; give at least one {type: rule|learned|judge, ...}")
+    for index, part in enumerate(parts):
+        where = f"reward[{index}]" if isinstance(spec, list) else "reward"
+        if not isinstance(part, dict):
+            raise ValueError(f"{where} must be a mapping {{type: rule|learned|judge, ...}}, got {part!r}")
+        kind = part.get("type")
+        if kind not in SPEC_KEYS:
+            raise ValueError(f"{where}: type must be rule, learned or judge, not {kind!r}{_close(kind, SPEC_KEYS)}")
+        if "weight" in part and (isinstance(part["weight"], bool) or not isinstance(part["weight"], (int, float))):
+            raise ValueError(f"{where}: weight must be a number, got {part['weight']!r}")
+        keys = set(part) - {"type"}
+        if kind == "rule":
+            name = part.get("name")
+            if name not in rules.RULES:
+                raise ValueError(f"{where}: unknown rule {name!r}{_close(name, rules.RULES)} (rules: {', '.join(sorted(rules.RULES))})")
+            options = [p for p, v in inspect.signature(rules.RULES[name]).parameters.items() if v.default is not inspect.Parameter.empty]
+            allowed = SPEC_KEYS["rule"] | set(options)
+        else:
+            allowed = SPEC_KEYS[kind]
+            needed = ("from", "path") if kind == "learned" else ("model",)
+            if not any(k in part for k in needed):
+                raise ValueError(f"{where}: a {kind} reward needs {' or '.join(needed)}")
+            if kind == "learned" and "from" in part and "path" in part:
+                raise ValueError(f"{where}: give from (a stage) or path (a folder), not both")
+            if kind == "judge" and part.get("mode", "pairwise") not in ("pairwise", "pointwise"):
+                raise ValueError(f"{where}: judge mode must be pairwise or pointwise, not {part['mode']!r}")
+        for key in sorted(keys - allowed):
+            raise ValueError(f"{where}: a {kind} reward{' ' + repr(part.get('name')) if kind == 'rule' else ''} has no key {key!r}"
+                             f"{_close(key, allowed)} (keys: {', '.join(sorted(allowed))})")
 
 
 class RuleReward:
@@ -63,14 +114,15 @@ class WeightedSum:
         return totals
 
 
-def build_reward(spec: dict | list[dict], stage_dirs: dict[str, Path] | None = None) -> Reward:
+def build_reward(spec: dict | list[dict], stage_dirs: dict[str, Path] | None = None, trust_remote_code: bool = False) -> Reward:
     """A reward from a recipe's ``reward:`` section (a spec, or a list of weighted specs).
 
     ``{type: learned, from: reward}`` names a stage; ``stage_dirs`` maps stage names to their
-    finished folders (the pipeline passes runs/<recipe>/<stage>).
+    finished folders (the pipeline passes runs/<recipe>/<stage>). ``trust_remote_code`` comes from
+    the recipe being run (its model section), never from the folders the rewards are read from.
     """
     if isinstance(spec, list):
-        return WeightedSum([(float(part.get("weight", 1.0)), build_reward({k: v for k, v in part.items() if k != "weight"}, stage_dirs))
+        return WeightedSum([(float(part.get("weight", 1.0)), build_reward({k: v for k, v in part.items() if k != "weight"}, stage_dirs, trust_remote_code))
                             for part in spec])
     kind = spec.get("type")
     if kind == "rule":
@@ -84,9 +136,9 @@ def build_reward(spec: dict | list[dict], stage_dirs: dict[str, Path] | None = N
             path = stage_dirs[spec["from"]]
         else:
             path = spec["path"]
-        return LearnedReward(path, batch_size=int(spec.get("batch_size", 8)))
+        return LearnedReward(path, batch_size=int(spec.get("batch_size", 8)), trust_remote_code=trust_remote_code)
     if kind == "judge":
         from reward_models.judge import LLMJudge
 
-        return LLMJudge(spec["model"], mode=spec.get("mode", "pairwise"), batch_size=int(spec.get("batch_size", 4)))
+        return LLMJudge(spec["model"], mode=spec.get("mode", "pairwise"), batch_size=int(spec.get("batch_size", 4)), trust_remote_code=trust_remote_code)
     raise KeyError(f"unknown reward type {kind!r} (rule, learned, judge)")

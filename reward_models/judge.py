@@ -34,14 +34,14 @@ def _question(prompt: list[dict]) -> str:
 class LLMJudge:
     """A reward (pointwise, or pairwise against a ``baseline`` column) from a local LM's verdicts."""
 
-    def __init__(self, model: str | Path, mode: str = "pairwise", batch_size: int = 4):
+    def __init__(self, model: str | Path, mode: str = "pairwise", batch_size: int = 4, trust_remote_code: bool = False):
         from align.models.resolve import resolve_model
         from align.models.trained import load_trained
 
         if mode not in ("pairwise", "pointwise"):
             raise ValueError(f"judge mode must be pairwise or pointwise, not {mode!r}")
         folder = Path(model) if Path(model).is_dir() else resolve_model(str(model))
-        self.model, self.tokenizer = load_trained(folder)
+        self.model, self.tokenizer = load_trained(folder, trust_remote_code=trust_remote_code)
         self.model.eval()
         if torch.cuda.is_available() and not getattr(self.model, "is_loaded_in_4bit", False):
             self.model.to("cuda")  # 4-bit models are placed on the GPU when they load

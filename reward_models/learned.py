@@ -13,12 +13,12 @@ class LearnedReward:
     """Scores (prompt messages, completion) with the ids the reward model was trained on:
     the prompt with the generation prompt, then the answer through its end-of-turn token."""
 
-    def __init__(self, folder, batch_size: int = 8):
+    def __init__(self, folder, batch_size: int = 8, trust_remote_code: bool = False):
         from pathlib import Path
 
         from align.models.trained import stage_config
 
-        self.model, self.tokenizer = load_reward_model(folder)
+        self.model, self.tokenizer = load_reward_model(folder, trust_remote_code)
         data = stage_config(Path(folder)).data  # score with the system prompt and length budget it was trained with
         self.system_prompt, self.max_length = data.system_prompt, data.max_length
         if torch.cuda.is_available() and not getattr(self.model, "is_loaded_in_4bit", False):

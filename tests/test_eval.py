@@ -251,10 +251,31 @@ def test_missing_models_and_bad_judges_are_reported_before_loading(tmp_path, pro
         run_eval(config(baselines=[str(tmp_path / "nowhere")]), out)
     with pytest.raises(FileNotFoundError, match="run stage 'sft' first"):
         run_eval(config(baselines=["sft"]), out, recipe_name="never-ran")
-    with pytest.raises(RecipeError, match="unknown rule reward 'nope'"):
-        run_eval(config(judges={"j": {"type": "rule", "name": "nope"}}), out)
+    with pytest.raises(ValueError, match="unknown rule 'nope'"):  # now when the config is read, before run_eval
+        config(judges={"j": {"type": "rule", "name": "nope"}})
     with pytest.raises(RecipeError, match=r"needs the data column\(s\) \['reference'\]"):
         run_eval(config(judges={"exact": {"type": "rule", "name": "gsm8k_exact"}}), out)
     with pytest.raises(RecipeError, match="the same model"):
         run_eval(config(policy=str(yes_no_model)), out)  # 'base' is the policy itself here
     assert not out.exists()
+
+
+def test_console_table_fits_80_columns_with_judges_and_baselines_named_by_path(monkeypatch):
+    from rich.console import Console
+
+    import align.eval.report as report_module
+
+    long_rm = "learned:/home/someone/experiments/2026-12/runs/smollm2-135m-quickstart/reward"
+    long_base = "/home/someone/experiments/2026-12/runs/smollm2-135m-quickstart/sft"
+    row = dict(wins=3, ties=1, losses=4, win_rate=0.4375, ci_low=0.1875, ci_high=0.6875, lc_win_rate=0.45,
+               policy_length=118.3, baseline_length=115.7, position_bias=None)
+    report = {"policy": {"name": "grpo"}, "prompts": {"n": 8},
+              "results": [{"judge": long_rm, "baseline": long_base, **row}, {"judge": "correct", "baseline": "base", **row}]}
+    screen = Console(width=80, record=True, highlight=False)
+    monkeypatch.setattr(report_module, "console", screen)
+    report_module.print_table(report)
+    lines = [line.rstrip() for line in screen.export_text().splitlines()]
+    assert max(len(line) for line in lines if " = " not in line) <= 80  # the name lines may be long: a path is not cut
+    assert f"judge reward = {long_rm}" in lines and f"baseline sft = {long_base}" in lines  # full names once, above
+    rows = [line for line in lines if "3/1/4" in line]
+    assert len(rows) == 2 and "reward" in rows[0] and "sft" in rows[0] and "correct" in rows[1]  # one line per row, no wrapping

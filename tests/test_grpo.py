@@ -110,4 +110,4 @@ def test_recipe_checks_groups_and_reward_sources(tmp_path, tiny_llama):
     with pytest.raises(RecipeError, match="samples_per_prompt >= 2"):
         recipe.resolve("grpo", ["rollout.samples_per_prompt=1"])
     with pytest.raises(RecipeError, match="reward from: reward names no earlier stage"):
-        recipe.resolve("grpo", ["reward.type=learned", "reward.from=reward"])
+        recipe.resolve("grpo", ["reward={type: learned, from: reward}"])

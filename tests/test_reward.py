@@ -30,6 +30,45 @@ def test_bradley_terry_against_hand_worked_numbers():
     assert bradley_terry(c, r, label_smoothing=0.1)[0].item() == pytest.approx(smoothed)
 
 
+def test_pearson_probe_against_known_values():
+    """The length-bias probe: exactly +-1 for scores linear in length, ~0 for independent ones,
+    numpy's value on arbitrary data, and 0 (not NaN) when the scores have collapsed."""
+    import numpy as np
+
+    from align.stages.reward import pearson
+
+    lengths = torch.arange(1, 41, dtype=torch.float32)
+    assert pearson(3.0 * lengths - 7.0, lengths) == pytest.approx(1.0, abs=1e-12)
+    assert pearson(-0.5 * lengths + 2.0, lengths) == pytest.approx(-1.0, abs=1e-12)
+    # hand-worked: x = [1, 2, 3], y = [1, 3, 2] -> centred [-1, 0, 1] . [-1, 1, 0] = 1, norms sqrt(2) each -> 0.5
+    assert pearson(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 3.0, 2.0])) == pytest.approx(0.5, abs=1e-12)
+    generator = torch.Generator().manual_seed(0)
+    scores, lens = torch.randn(50, generator=generator), torch.randint(1, 200, (50,), generator=generator).float()
+    assert pearson(scores, lens) == pytest.approx(float(np.corrcoef(scores.numpy(), lens.numpy())[0, 1]), abs=1e-9)
+    many = torch.randint(1, 200, (20000,), generator=generator).float()
+    assert abs(pearson(torch.randn(20000, generator=generator), many)) < 0.03  # independent: |r| ~ 1/sqrt(n) = 0.007
+    assert pearson(torch.full((10,), 0.3), lengths[:10]) == 0.0  # collapsed scores: no correlation, not NaN
+
+
+def held_out_length_correlation(folder) -> float:
+    """numpy Pearson r between the saved model's score of each held-out answer and its labelled length."""
+    import numpy as np
+
+    from align.data.preference_data import load_pairs
+    from align.models.trained import stage_config
+    from reward_models.learned import LearnedReward
+
+    reward, cfg = LearnedReward(folder), stage_config(folder)
+    _, pairs, _ = load_pairs(cfg.data, reward.tokenizer, cfg.seed)
+    rows = [pair.prompt_ids + ids for pair in pairs for ids in (pair.chosen_ids, pair.rejected_ids)]
+    lengths = [len(ids) for pair in pairs for ids in (pair.chosen_ids, pair.rejected_ids)]
+    batch = reward.collate([{"input_ids": ids, "labels": [-100] * len(ids)} for ids in rows])
+    with torch.no_grad():
+        scores = reward_scores(reward.model, batch["input_ids"], batch["attention_mask"])
+    assert len(pairs) == 16 and len(set(lengths)) > 1
+    return float(np.corrcoef(scores.double().numpy(), np.array(lengths, dtype=float))[0, 1])
+
+
 def train_toy(tmp_path, model_dir, steps=40, **overrides):
     train = write_jsonl(tmp_path / "train.jsonl", marker_pairs(48))
     held_out = write_jsonl(tmp_path / "eval.jsonl", marker_pairs(16, start=100))
@@ -49,8 +88,9 @@ def test_toy_preference_accuracy_rises_and_report_has_the_probes(toy_rm):
     held_out = manifest["held_out"]
     assert held_out["accuracy"] >= 0.9  # chance is 0.5
     assert held_out["score_std"] > 0  # no collapse
-    # chosen answers are one word longer here, so a score-length correlation is expected and reported
-    assert -1 <= held_out["length_correlation"] <= 1 and held_out["length_correlation"] != 0
+    # the reported score-length correlation is Pearson's r over every held-out answer (chosen and
+    # rejected) between its score and its completion length; recompute it independently with numpy
+    assert held_out["length_correlation"] == pytest.approx(held_out_length_correlation(toy_rm), abs=1e-4)
     first = next(r for r in map(json.loads, (toy_rm / "metrics.jsonl").read_text().splitlines()) if "eval_accuracy" in r)
     assert first["step"] == 0 and first["eval_accuracy"] < held_out["accuracy"]
 
@@ -165,20 +205,71 @@ def test_cli_rm_train_and_score(tmp_path, tiny_gpt2):
 
 
 
-def test_pairwise_judge_is_order_symmetric_and_pointwise_is_a_probability(tiny_llama):
+class KnownJudgeModel(torch.nn.Module):
+    """A stand-in judge LM with a known taste: it decodes each prompt the judge built and, at the
+    last attended token only, puts logit ``content`` on the letter of the answer containing '4'
+    (0 when neither or both do) plus ``bias`` on 'A'. Every other position gets the opposite
+    verdict, so reading the wrong token (padding, an off-by-one) gives the wrong answer."""
+
+    def __init__(self, tokenizer, options, content, bias=0.0):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # the judge reads the device from the parameters
+        self.tokenizer, self.options, self.content, self.bias = tokenizer, options, content, bias
+
+    def verdict(self, text):
+        import re
+
+        a, b = re.search(r"Answer A:\n(.*?)\n\nAnswer B:\n(.*?)\n\nWhich", text, re.S).groups()
+        return self.content * (("4" in a) - ("4" in b)) + self.bias
+
+    def forward(self, input_ids, attention_mask):
+        from types import SimpleNamespace
+
+        logits = torch.zeros(*input_ids.shape, len(self.tokenizer))
+        first = self.options[0]
+        for row, (ids, mask) in enumerate(zip(input_ids, attention_mask)):
+            gap = self.verdict(self.tokenizer.decode(ids[mask.bool()]))
+            logits[row, :, first] = -gap
+            logits[row, int(mask.nonzero()[-1]), first] = gap
+        return SimpleNamespace(logits=logits)
+
+
+def test_pairwise_judge_prefers_the_known_better_answer_in_both_orders_and_measures_position_bias(tiny_llama):
     from reward_models import build_reward
 
-    judge = build_reward({"type": "judge", "model": str(tiny_llama), "mode": "pairwise"})
-    prompts = [[{"role": "user", "content": "What is 2+2?"}]] * 2
-    a, b = ["4", "It is four."], ["5", "Four, I think"]
-    forward, backward = judge.compare(prompts, a, b), judge.compare(prompts, b, a)
-    assert all(abs(x + y - 1) < 1e-6 for x, y in zip(forward, backward))
-    assert judge.compare(prompts[:1], ["same"], ["same"]) == [pytest.approx(0.5, abs=1e-6)]
-    assert judge(prompts, a, baseline=b) == forward
+    sig = lambda z: 1 / (1 + math.exp(-z))
+    judge = build_reward({"type": "judge", "model": str(tiny_llama), "mode": "pairwise", "batch_size": 4})
+    q = [{"role": "user", "content": "What is 2+2?"}]
+    # prompts of different lengths in one batch of four, so padding is exercised; '4' marks the better answer
+    good, bad = ["4", "It is 4.", "The sum is 4, since two and two make four.", "4"], ["5", "It is five.", "22", "Three, I believe, or so."]
+    prompts = [q, [{"role": "user", "content": "Add two and two, please, and say the total."}], q, q]
+
+    judge.model = KnownJudgeModel(judge.tokenizer, judge.options, content=2.0)  # no position preference
+    forward, backward = judge.compare(prompts, good, bad), judge.compare(prompts, bad, good)
+    assert forward == pytest.approx([sig(2.0)] * 4, abs=1e-6)  # the better answer wins when shown first ...
+    assert backward == pytest.approx([sig(-2.0)] * 4, abs=1e-6)  # ... and loses when it is the other one
+    assert judge.last_position_bias == 0.0
+    assert judge(prompts, good, baseline=bad) == forward
     with pytest.raises(KeyError, match="baseline"):
-        judge(prompts, a)
+        judge(prompts, good)
+
+    # a mild preference for slot A (logit +1): each order alone is skewed, the two-order mean is
+    # (sig(c + d) + sig(c - d)) / 2, the verdict does not flip, so no position bias is counted
+    judge.model = KnownJudgeModel(judge.tokenizer, judge.options, content=2.0, bias=1.0)
+    assert judge.compare(prompts, good, bad) == pytest.approx([(sig(3.0) + sig(1.0)) / 2] * 4, abs=1e-6)
+    assert judge.compare(prompts, bad, good) == pytest.approx([(sig(-1.0) + sig(-3.0)) / 2] * 4, abs=1e-6)
+    assert judge.last_position_bias == 0.0
+    # two pairs with no better answer: the slot decides both orders -> bias rate 2 / 4, win 0.5 for those
+    ties = judge.compare(prompts, [good[0], "five", good[2], "six"], [bad[0], "seven", bad[2], "eight"])
+    assert judge.last_position_bias == 0.5
+    assert ties[1] == ties[3] == pytest.approx(0.5, abs=1e-6) and ties[0] == ties[2] == pytest.approx((sig(3.0) + sig(1.0)) / 2, abs=1e-6)
+    # a slot preference stronger than the content: the verdict follows the position in every pair
+    judge.model = KnownJudgeModel(judge.tokenizer, judge.options, content=1.0, bias=3.0)
+    assert judge.compare(prompts, good, bad) == pytest.approx([(sig(4.0) + sig(-2.0)) / 2] * 4, abs=1e-6)
+    assert judge.last_position_bias == 1.0
+
     pointwise = build_reward({"type": "judge", "model": str(tiny_llama), "mode": "pointwise"})
-    assert all(0 < p < 1 for p in pointwise(prompts, a))
+    assert all(0 < p < 1 for p in pointwise(prompts, good))
 
 
 def test_a_judge_that_always_says_a_is_caught_and_cancelled(tmp_path, tiny_llama):
@@ -199,17 +290,16 @@ def test_a_judge_that_always_says_a_is_caught_and_cancelled(tmp_path, tiny_llama
     assert all(abs(w - 0.5) < 0.05 for w in wins)
 
 
-def test_rm_trains_under_torchrun_ddp(tmp_path, tiny_llama):
-    import os
+def test_rm_under_torchrun_ddp_shards_pairs_and_equals_one_process(tmp_path, tiny_llama, monkeypatch):
+    """2 processes x 2 pairs (gloo) equal 1 process x 4 pairs: different pairs on each rank, the
+    same global batch, the same adapter + head weights and losses (see test_sft_stage for the tolerance)."""
+    from test_sft_stage import DDP_EXACT, assert_ddp_matches_one_process, record_rows_here, torchrun_recorded
 
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(16))
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(8))
     recipe = tiny_recipe(tmp_path / "r.yaml", tiny_llama, str(pairs), stages={"reward": {}})
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "align.cli",
-         "rm", "--recipe", str(recipe), "train.max_steps=2", "--output-dir", str(tmp_path / "ddp")],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "x 2 process(es)" in " ".join(proc.stdout.split())
+    _, ddp_rows = torchrun_recorded(tmp_path, "rm", "--recipe", recipe, *DDP_EXACT, "train.batch_size=2", "--output-dir", tmp_path / "ddp")
     assert json.loads((tmp_path / "ddp" / "manifest.json").read_text())["steps"] == 2
+    record_rows_here(monkeypatch, tmp_path / "one-rows")
+    run_reward(load_recipe(recipe).resolve("reward", DDP_EXACT + ["train.batch_size=4"]), tmp_path / "one", recipe_name="tiny")
+    # a step's rows are the chosen then the rejected sequence of each pair: 4 per rank, 8 in one process
+    assert_ddp_matches_one_process(ddp_rows, tmp_path / "one-rows", tmp_path / "ddp", tmp_path / "one", per_rank=4, steps=2)

@@ -135,7 +135,7 @@ def test_resume_refuses_a_different_config_and_overwrite_spares_foreign_folders(
     foreign = tmp_path / "my-notes"
     foreign.mkdir()
     (foreign / "thesis.txt").write_text("precious")
-    with pytest.raises(RunFolderError, match="not an align run folder"):
+    with pytest.raises(RunFolderError, match="not written by align"):
         run_sft(recipe.resolve("sft", ["train.max_steps=1"]), foreign, recipe_name="tiny", overwrite=True)
     assert (foreign / "thesis.txt").read_text() == "precious"
 
@@ -205,18 +205,100 @@ def test_packing_trains_through_the_stage(tmp_path, tiny_gpt2):
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
 
 
-def test_multi_process_ddp_on_cpu(tmp_path, tiny_llama):
-    """torchrun with 2 processes (gloo) runs the same command; world size shows in the plan."""
-    recipe = tiny_recipe(tmp_path / "r.yaml", tiny_llama, GSM8K, data={"max_rows": 16})
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+# Every optimizer micro-step appends the unpadded rows it trained on to ROWS_DIR/rank<RANK>.jsonl.
+RECORD_ROWS = """
+import json, os
+
+def recording(original, rows_dir):
+    def training_step(self, model, inputs, *args, **kwargs):
+        rows = [ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
+        with open(os.path.join(rows_dir, "rank%s.jsonl" % os.environ.get("RANK", "0")), "a") as f:
+            f.write(json.dumps({"step": self.state.global_step + 1, "rows": rows}) + "\\n")
+        return original(self, model, inputs, *args, **kwargs)
+    return training_step
+"""
+
+LAUNCH = RECORD_ROWS + """
+import runpy, sys
+import transformers
+
+transformers.Trainer.training_step = recording(transformers.Trainer.training_step, os.environ["ROWS_DIR"])
+sys.argv = ["align", *sys.argv[1:]]
+runpy.run_module("align.cli", run_name="__main__", alter_sys=True)
+"""
+
+
+def record_rows_here(monkeypatch, rows_dir: Path) -> None:
+    """The same recorder, installed in this process for a single-process reference run."""
+    from transformers import Trainer
+
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    namespace: dict = {}
+    exec(RECORD_ROWS, namespace)
+    monkeypatch.setattr(Trainer, "training_step", namespace["recording"](Trainer.training_step, str(rows_dir)))
+
+
+def torchrun_recorded(tmp_path: Path, *args) -> tuple[subprocess.CompletedProcess, Path]:
+    """`torchrun --nproc_per_node 2 align ARGS` (gloo on CPU) with every rank's rows recorded."""
+    launcher, rows_dir = tmp_path / "launch.py", tmp_path / "ddp-rows"
+    launcher.write_text(LAUNCH)
+    rows_dir.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ROWS_DIR": str(rows_dir)}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "align.cli",
-         "sft", "--recipe", str(recipe), "train.max_steps=2", "--output-dir", str(tmp_path / "ddp")],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(launcher), *map(str, args)],
         capture_output=True, text=True, env=env, timeout=300,
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "x 2 process(es)" in " ".join(proc.stdout.split())
+    return proc, rows_dir
+
+
+def recorded_rows(rows_dir: Path, rank: int) -> dict[int, list[tuple]]:
+    steps: dict[int, list[tuple]] = {}
+    for record in map(json.loads, (rows_dir / f"rank{rank}.jsonl").read_text().splitlines()):
+        steps.setdefault(record["step"], []).extend(map(tuple, record["rows"]))
+    return steps
+
+
+def assert_ddp_matches_one_process(ddp_rows: Path, one_rows: Path, ddp: Path, one: Path, per_rank: int, steps: int) -> None:
+    """Each rank trained on its own rows, the two ranks together on exactly the single process's
+    global batch at every step, and the weights and logged losses came out the same."""
+    rank0, rank1, single = recorded_rows(ddp_rows, 0), recorded_rows(ddp_rows, 1), recorded_rows(one_rows, 0)
+    assert sorted(rank0) == sorted(rank1) == sorted(single) == list(range(1, steps + 1))
+    for step in single:
+        assert len(rank0[step]) == len(rank1[step]) == per_rank and len(single[step]) == 2 * per_rank
+        assert not set(rank0[step]) & set(rank1[step]), f"step {step}: both ranks trained on the same rows"
+        assert sorted(rank0[step] + rank1[step]) == sorted(single[step])
+    # Tolerance: fp32 throughout, no dropout, plain SGD (update = lr * gradient, no Adam rescaling).
+    # The runs differ only in summation order (gloo all-reduce of two half-batch gradients vs one
+    # backward over four rows) and in padding width, which the attention mask removes (RELIABILITY 5);
+    # that is float rounding: measured 1.5e-8 (SFT, weights moving by 2e-2) and 6e-7 (RM, lr 1.0 on
+    # the head, moving by 0.2). atol 1e-5 leaves room for other thread counts and is still 2000x below
+    # the movement; duplicated or missing rows give another gradient, an error of the movement's order.
+    a, b = adapter_tensors(ddp), adapter_tensors(one)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5)
+    init = {k: v for k, v in a.items() if "lora_B" in k}  # lora_B starts at zero: how far training moved it
+    assert max(v.abs().max().item() for v in init.values()) > 1e-3
+    losses = lambda run: [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [s for s, _ in losses(ddp)] == [s for s, _ in losses(one)] == list(range(1, steps + 1))
+    for (_, x), (_, y) in zip(losses(ddp), losses(one)):
+        assert x == pytest.approx(y, rel=1e-5)
+
+
+DDP_EXACT = ["train.optim=sgd", "train.lr=1.0", "train.max_grad_norm=0", "train.max_steps=2", "data.max_rows=8"]
+
+
+def test_multi_process_ddp_on_cpu_shards_rows_and_equals_one_process(tmp_path, tiny_llama, monkeypatch):
+    """torchrun with 2 processes (gloo), batch 2 each, equals one process with batch 4: each rank
+    trains on different rows, together the same global batch, to the same adapter weights."""
+    recipe = tiny_recipe(tmp_path / "r.yaml", tiny_llama, GSM8K)
+    _, ddp_rows = torchrun_recorded(tmp_path, "sft", "--recipe", recipe, *DDP_EXACT, "train.batch_size=2", "--output-dir", tmp_path / "ddp")
     assert json.loads((tmp_path / "ddp" / "manifest.json").read_text())["steps"] == 2
+    record_rows_here(monkeypatch, tmp_path / "one-rows")
+    run_sft(load_recipe(recipe).resolve("sft", DDP_EXACT + ["train.batch_size=4"]), tmp_path / "one", recipe_name="tiny")
+    assert_ddp_matches_one_process(ddp_rows, tmp_path / "one-rows", tmp_path / "ddp", tmp_path / "one", per_rank=2, steps=2)
 
 
 def test_remote_code_in_a_model_folder_never_runs(tmp_path, tiny_llama):

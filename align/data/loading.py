@@ -33,7 +33,17 @@ class Record:
 
 
 def read_records(path: str | Path) -> Iterator[Record]:
-    path = Path(path)
+    """Every row of a data file as a Record; an empty file is an error naming it (it would
+    otherwise surface later as 'no rows left' with no file to look at)."""
+    count = 0
+    for record in _read_any(Path(path)):
+        count += 1
+        yield record
+    if count == 0:
+        raise DataError(f"{path}: the data file has no rows (is it empty, or the wrong file?)")
+
+
+def _read_any(path: Path) -> Iterator[Record]:
     if not path.exists():
         hint = ""
         for prefix, name in PREPARABLE.items():

@@ -31,5 +31,5 @@ def load_splits(cfg: DataConfig, seed: int, encode: Encoder, what: str) -> tuple
         for report in reports:
             report.raise_if_bad()
     if not train:
-        raise DataError(f"no training rows left ({train_report.summary()}): nothing would be supervised")
+        raise DataError(f"{', '.join(cfg.train)}: no training rows left ({train_report.summary()}): nothing would be supervised")
     return train, held_out, reports

@@ -13,6 +13,7 @@ import os
 import re
 from pathlib import Path
 
+from rich import box
 from rich.table import Table
 
 from align.artifacts import write_atomic
@@ -119,13 +120,40 @@ def plot(report: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def short_labels(names: list[str], width: int = 16) -> dict[str, str]:
+    """A short, unique label per name for an 80-column table: a path becomes its last part, a long
+    name is cut; clashes get a number. Names that are already short stay as they are."""
+    labels: dict[str, str] = {}
+    for name in dict.fromkeys(names):
+        short = name.rstrip("/").rsplit("/", 1)[-1] if "/" in name else name
+        short = short if len(short) <= width else short[: width - 1] + "~"
+        label, n = short, 2
+        while label in labels.values():
+            label, n = f"{short[: width - 2]}{n}", n + 1
+        labels[name] = label
+    return labels
+
+
 def print_table(report: dict) -> None:
-    table = Table(title=f"win-rate of {report['policy']['name']} on {report['prompts']['n']} held-out prompts", title_justify="left")
-    for column in ("judge", "baseline", "W / T / L", "win-rate [95% CI]", "LC win-rate", "length policy / baseline", "position bias"):
-        table.add_column(column, overflow="fold")
-    for row in report["results"]:
+    """The win-rate table; judges and baselines named by long paths get short labels, and the full
+    names are printed once above the table, so an 80-column terminal does not wrap any row."""
+    rows = report["results"]
+    judges = short_labels([r["judge"] for r in rows], width=12)
+    baselines = short_labels([r["baseline"] for r in rows], width=12)
+    for kind, labels in (("judge", judges), ("baseline", baselines)):
+        for name, label in labels.items():
+            if label != name:
+                console.print(f"[dim]{kind} {label} = {name}[/]", soft_wrap=True)
+    table = Table(title=f"win-rate of {report['policy']['name']} on {report['prompts']['n']} held-out prompts",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("judge", "baseline", "W/T/L", "win", "95% CI", "LC", "length", "bias"):
+        table.add_column(column, no_wrap=True)
+    for row in rows:
         style = "green" if row["ci_low"] > 0.5 else "red" if row["ci_high"] < 0.5 else ""
-        table.add_row(row["judge"], row["baseline"], f"{row['wins']} / {row['ties']} / {row['losses']}",
-                      f"[{style}]{_interval(row)}[/]" if style else _interval(row), f"{row['lc_win_rate']:.3f}",
-                      f"{row['policy_length']:.1f} / {row['baseline_length']:.1f}", _bias(row))
+        interval = f"{row['ci_low']:.3f}-{row['ci_high']:.3f}"
+        table.add_row(judges[row["judge"]], baselines[row["baseline"]], f"{row['wins']}/{row['ties']}/{row['losses']}",
+                      f"{row['win_rate']:.3f}", f"[{style}]{interval}[/]" if style else interval, f"{row['lc_win_rate']:.3f}",
+                      f"{row['policy_length']:.0f}/{row['baseline_length']:.0f}", _bias(row))
     console.print(table)
+    console.print("[dim]win: (wins + ties/2) / prompts; LC: length-controlled win-rate; length: mean answer tokens, "
+                  "policy/baseline; bias: how often a pairwise judge's verdict flipped with the answer order[/]")

@@ -49,12 +49,25 @@ def resolve_model(reference: str, revision: str | None = None) -> Path:
     if path.is_file() and path.suffix == ".gguf":
         return import_gguf(path)
     if path.is_dir():
-        if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+        if (path / "config.json").is_file():
+            check_has_weights(path)
+            return path
+        if (path / "adapter_config.json").is_file():
             return path
         raise ModelNotFound(f"{path}: a model folder needs a config.json")
     if reference.count("/") == 1 and not path.exists():
         return _from_hub_cache(reference, revision)
     raise ModelNotFound(f"model '{reference}' is not an alias ({', '.join(ALIASES)}), a folder, or a .gguf file")
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+def check_has_weights(folder: Path) -> None:
+    """A model folder with a config.json but no weight files is an error naming the folder (not a
+    traceback from deep inside transformers)."""
+    if not any(any(folder.glob(pattern)) for pattern in WEIGHT_FILES):
+        raise ModelNotFound(f"{folder}: a config.json but no model weights (*.safetensors, *.bin); is the copy complete?")
 
 
 def _from_hub_cache(repo_id: str, revision: str | None) -> Path:
@@ -76,8 +89,11 @@ def import_gguf(gguf_path: str | Path, name: str | None = None, output: str | Pa
         digest = hashlib.sha256(f"{gguf_path}:{gguf_path.stat().st_size}".encode()).hexdigest()[:10]
         output = cache_dir() / "models" / f"{name or gguf_path.stem}-{digest}"
     output = Path(output)
-    if (output / "config.json").is_file() and (output / "model.safetensors").is_file():
+    converted = (output / "config.json").is_file() and (output / "model.safetensors").is_file() and (output / "SOURCE").is_file()
+    if converted:  # converted before (align writes SOURCE last, inside the renamed folder)
         return output
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise FileExistsError(f"{output} exists and is not an empty folder; align never replaces it - choose another -o/--output")
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -94,7 +110,7 @@ def import_gguf(gguf_path: str | Path, name: str | None = None, output: str | Pa
         tokenizer.save_pretrained(staging)
         (staging / "SOURCE").write_text(f"converted from {gguf_path}\n")
         if output.exists():
-            shutil.rmtree(output)
+            output.rmdir()  # empty (checked above); rmdir refuses anything else
         os.replace(staging, output)  # atomic: a half-converted folder is never used
     finally:
         shutil.rmtree(staging, ignore_errors=True)

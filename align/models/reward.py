@@ -23,19 +23,27 @@ class MissingRewardHead(RuntimeError):
     pass
 
 
-def load_reward_base(model_cfg: ModelConfig, quant: QuantizationConfig, precision: str, path: Path, full_finetune: bool = False):
+def load_reward_base(model_cfg: ModelConfig, quant: QuantizationConfig, precision: str, path: Path, full_finetune: bool = False,
+                     head: str = "new"):
+    """The base with a scalar head. ``head``: 'new' (a stage about to train it) or 'adapter' (it is
+    loaded from the saved adapter next); either way transformers' 'score.weight MISSING' is expected."""
     from transformers import AutoModelForSequenceClassification
 
+    from align.quiet import expected_missing_weights
+
     quantization = None if full_finetune else bnb_config(quant, DTYPES[precision])
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path,
-        num_labels=1,
-        dtype=torch.float32 if full_finetune else DTYPES[precision],
-        quantization_config=quantization,
-        attn_implementation=model_cfg.attn_implementation,
-        trust_remote_code=model_cfg.trust_remote_code,
-        revision=model_cfg.revision,
-    )
+    instead = ("reward head: a new scalar head on the base, trained by this stage" if head == "new"
+               else "reward head: loaded from the trained adapter")
+    with expected_missing_weights(tuple(f"{name}.{part}" for name in HEAD_NAMES for part in ("weight", "bias")), instead):
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=1,
+            dtype=torch.float32 if full_finetune else DTYPES[precision],
+            quantization_config=quantization,
+            attn_implementation=model_cfg.attn_implementation,
+            trust_remote_code=model_cfg.trust_remote_code,
+            revision=model_cfg.revision,
+        )
     if quantization is not None:
         disable_bnb_cpu_repacking(model)
     return model
@@ -77,8 +85,9 @@ def check_head_saved(adapter_dir: Path) -> None:
             raise MissingRewardHead(f"{weights} holds no reward head ({' or '.join(HEAD_NAMES)} weights); it cannot score")
 
 
-def load_reward_model(folder: str | Path):
-    """(model, tokenizer) from a finished `rm` stage folder, in eval mode."""
+def load_reward_model(folder: str | Path, trust_remote_code: bool = False):
+    """(model, tokenizer) from a finished `rm` stage folder, in eval mode; remote code only when the
+    caller (the user's command or recipe) asks, never because the folder's config says so."""
     from peft import PeftModel
 
     from align.models.trained import stage_config
@@ -87,16 +96,16 @@ def load_reward_model(folder: str | Path):
     manifest = read_stage_manifest(folder)
     if manifest.get("kind") != "rm" or manifest.get("status") != "complete":
         raise FileNotFoundError(f"{folder}: not a finished reward-model stage")
-    cfg = stage_config(folder)
+    cfg = stage_config(folder, trust_remote_code)
     artifact = folder / manifest["artifact"]
     tokenizer = load_tokenizer(cfg.model, artifact)
     if manifest["artifact"] == "model":
         from transformers import AutoModelForSequenceClassification
 
-        model = AutoModelForSequenceClassification.from_pretrained(artifact)
+        model = AutoModelForSequenceClassification.from_pretrained(artifact, trust_remote_code=trust_remote_code)
     else:
         check_head_saved(artifact)
-        base = load_reward_base(cfg.model, cfg.quantization, manifest["precision"], Path(manifest["base_model_path"]))
+        base = load_reward_base(cfg.model, cfg.quantization, manifest["precision"], Path(manifest["base_model_path"]), head="adapter")
         base.config.pad_token_id = tokenizer.pad_token_id
         model = PeftModel.from_pretrained(base, artifact)
     model.eval()

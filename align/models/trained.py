@@ -9,20 +9,34 @@ import yaml
 
 from align.artifacts import atomic_folder
 from align.models.loading import DTYPES, load_base_model, load_tokenizer, read_stage_manifest, resolve_precision
+from align.models.resolve import check_has_weights
 from align.recipe import STAGE_SCHEMAS, ModelConfig, StageConfig
 
 
-def stage_config(folder: Path) -> StageConfig:
-    raw = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
-    return STAGE_SCHEMAS[raw["kind"]].model_validate(raw)
+def stage_config(folder: Path, trust_remote_code: bool = False) -> StageConfig:
+    """The resolved config a stage folder was trained with.
+
+    ``model.trust_remote_code`` is never taken from the folder: a folder a user merely reads must
+    not switch on code execution. It is the caller's value, which comes from the user's own
+    command line or the recipe they run.
+    """
+    path = folder / "config.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        config = STAGE_SCHEMAS[raw["kind"]].model_validate(raw)
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as error:
+        raise FileNotFoundError(f"{path}: not a readable align stage config ({type(error).__name__}: {str(error).splitlines()[0][:160]})") from None
+    config.model.trust_remote_code = trust_remote_code
+    return config
 
 
-def load_trained(folder: str | Path, dequantize: bool = False, precision: str | None = None):
+def load_trained(folder: str | Path, dequantize: bool = False, precision: str | None = None, trust_remote_code: bool = False):
     """(model, tokenizer) from a finished stage folder or a plain model folder.
 
     The base is loaded as it was trained (4-bit for QLoRA). ``dequantize=True`` then turns the
     4-bit layers back into ordinary ones holding exactly the dequantized weights the adapter was
-    trained against: what merging needs.
+    trained against: what merging needs. ``trust_remote_code`` is the user's own choice (never
+    read from the folder, see ``stage_config``).
     """
     from transformers import AutoModelForCausalLM
 
@@ -31,17 +45,18 @@ def load_trained(folder: str | Path, dequantize: bool = False, precision: str | 
         if (folder / "checkpoints").is_dir() or (folder / "config.yaml").is_file():
             raise FileNotFoundError(f"{folder}: this stage has not finished (no manifest.json); resume it with --resume")
         # A plain transformers folder (a merged export, a converted GGUF).
-        tokenizer = load_tokenizer(ModelConfig(name=str(folder)), folder)
-        return AutoModelForCausalLM.from_pretrained(folder), tokenizer
+        check_has_weights(folder)  # a clear error naming the folder, not one from deep inside transformers
+        tokenizer = load_tokenizer(ModelConfig(name=str(folder), trust_remote_code=trust_remote_code), folder)
+        return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust_remote_code), tokenizer
     manifest = read_stage_manifest(folder)
     if manifest.get("status") != "complete":
         raise FileNotFoundError(f"{folder}: the stage did not finish (status {manifest.get('status')!r})")
-    cfg = stage_config(folder)
+    cfg = stage_config(folder, trust_remote_code)
     precision = precision or manifest.get("precision") or resolve_precision(cfg.model.precision)
     artifact = folder / manifest["artifact"]
     tokenizer = load_tokenizer(cfg.model, artifact)
     if manifest["artifact"] == "model":
-        return AutoModelForCausalLM.from_pretrained(artifact, dtype=DTYPES[precision]), tokenizer
+        return AutoModelForCausalLM.from_pretrained(artifact, dtype=DTYPES[precision], trust_remote_code=trust_remote_code), tokenizer
     from peft import PeftModel
 
     base = load_base_model(cfg.model, cfg.quantization, precision, Path(manifest["base_model_path"]))

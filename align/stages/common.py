@@ -21,7 +21,7 @@ from align.artifacts import (
 )
 from align.console import console
 from align.models.loading import read_stage_manifest
-from align.recipe import RecipeError, StageConfig, dump_config
+from align.recipe import POLICY_KINDS, RecipeError, StageConfig, dump_config
 from align.tracking import plot_losses, read_metrics, wandb_report_to
 
 
@@ -179,6 +179,54 @@ def source_stage(cfg, recipe_name: str, from_dir: str | Path | None) -> Path | N
     manifest = read_stage_manifest(folder)
     if manifest.get("status") != "complete" or manifest.get("artifact") != "adapter":
         raise RecipeError(f"{folder}: the stage to start from must be finished and hold an adapter (run it first)")
+    if manifest.get("kind") not in POLICY_KINDS:
+        raise RecipeError(f"{folder} is a {manifest.get('kind')} stage; a policy starts from a stage of kind {' or '.join(POLICY_KINDS)}")
     if manifest.get("base_model") != cfg.model.name:
         raise RecipeError(f"{folder} was trained on {manifest.get('base_model')!r}, this stage uses {cfg.model.name!r}")
     return folder
+
+
+class BatchTooLarge(MemoryError):
+    pass
+
+
+def row_length(row: dict) -> int:
+    """Tokens of a training row: an SFT row's ids, or a pair's prompt plus its longer answer."""
+    if "input_ids" in row:
+        return len(row["input_ids"])
+    return len(row.get("prompt_ids", [])) + max(len(row.get("chosen_ids", [])), len(row.get("rejected_ids", [])))
+
+
+def check_longest_batch(trainer, rows: list[dict]) -> None:
+    """RELIABILITY 20: one forward + backward on the longest batch before step 0, so running out of
+    memory shows now, not hours in. Leaves no trace: gradients are dropped, the random state
+    (dropout) is restored and any statistics the trainer collected are cleared."""
+    if not rows:
+        return
+    size = min(trainer.args.per_device_train_batch_size, len(rows))
+    longest = sorted(range(len(rows)), key=lambda i: -row_length(rows[i]))[:size]
+    tokens = row_length(rows[longest[0]])
+    model = trainer.model
+    was_training = model.training
+    model.train()  # as in training: dropout on, activations kept for backward
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            batch = trainer._prepare_inputs(trainer.data_collator([rows[i] for i in longest]))
+            with trainer.compute_loss_context_manager():
+                loss = trainer.compute_loss(model, batch)
+            loss.backward()
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        if not isinstance(error, torch.OutOfMemoryError) and "alloc" not in str(error) and "out of memory" not in str(error):
+            raise
+        raise BatchTooLarge(
+            f"the longest batch ({size} rows of up to {tokens} tokens) does not fit in memory: {str(error).splitlines()[0][:200]}. "
+            "Lower train.batch_size (raise train.grad_accum to keep the step), lower data.max_length, or set train.gradient_checkpointing=true"
+        ) from None
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+        stats = getattr(trainer, "_stats", None)
+        if stats is not None:
+            stats.clear()
+    console.print(f"[dim]memory check: forward + backward on the longest batch ({size} x {tokens} tokens) fits[/]")

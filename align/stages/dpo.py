@@ -38,6 +38,7 @@ from align.models.resolve import resolve_model
 from align.recipe import DPOConfig, RecipeError
 from align.stages.common import (
     adapter_line,
+    check_longest_batch,
     loraplus_optimizer,
     loss_only_prediction,
     merge_stats,
@@ -240,6 +241,7 @@ def run_dpo(cfg: DPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
         options=cfg.dpo,
         reference_adapter=reference_adapter,
     )
+    check_longest_batch(trainer, train_rows)
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     final_eval = trainer.evaluate() if has_eval else {}
 

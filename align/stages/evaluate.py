@@ -92,7 +92,7 @@ def run_eval(cfg: EvalConfig, output_dir: str | Path, recipe_name: str = "recipe
     results, verdicts = [], {}
     for judge_name, spec in cfg.judges.items():
         try:
-            judge = build_reward(spec, stage_dirs)
+            judge = build_reward(spec, stage_dirs, cfg.model.trust_remote_code)
         except KeyError as err:
             raise RecipeError(f"judge '{judge_name}': {err.args[0]}") from None
         console.print(f"judging with {judge_name} ({judge.name})")
@@ -243,7 +243,7 @@ def generate(contestant: Contestant, cfg: EvalConfig, prompts: list[PromptExampl
         model = load_base_model(cfg.model, cfg.quantization, precision, contestant.folder)
         tokenizer = load_tokenizer(cfg.model, contestant.folder)
     else:
-        model, tokenizer = load_trained(contestant.folder, precision=precision)
+        model, tokenizer = load_trained(contestant.folder, precision=precision, trust_remote_code=cfg.model.trust_remote_code)
     if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":  # 4-bit bases are placed at load
         model.to("cuda")
     engine = rollout_engine(cfg, model, tokenizer, precision)

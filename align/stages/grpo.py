@@ -76,7 +76,7 @@ def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe
     model_path = resolve_model(cfg.model.name, cfg.model.revision)
     tokenizer = load_tokenizer(cfg.model, model_path)
     prompts, held_out, reports = load_prompts(cfg.data, tokenizer, cfg.seed)
-    reward = build_reward(cfg.reward, stage_dirs(cfg, recipe_name))
+    reward = build_reward(cfg.reward, stage_dirs(cfg, recipe_name), cfg.model.trust_remote_code)
     source = source_stage(cfg, recipe_name, from_dir)
 
     # 2. Policy (+ reference on the same base), optimizer, output folder (resuming: the checkpoint's
@@ -95,111 +95,113 @@ def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe
     resume_from = prepare_output(state, output_dir, cfg, overwrite, resume)
     loop = load_rl_checkpoint(resume_from, policy, optimizer, scheduler) if resume_from else {"step": 0}
     engine = rollout_engine(cfg, policy, tokenizer, precision)
-    device = next(policy.parameters()).device
-    pad = tokenizer.pad_token_id
-    quantized = cfg.quantization.mode != "none"
-    print_plan(f"align grpo - {recipe_name}", {
-        "model": f"{cfg.model.name} ({model_path})",
-        "adapter": adapter_line(cfg, quantized, precision, trainable, total) + (f"; starts from {source}" if source else ""),
-        "algorithm": f"{opts.algorithm}" + (", rewards / group std" if opts.algorithm == "grpo" and opts.scale_rewards else "")
-        + f", clip {opts.clip}, loss per {opts.loss_aggregation}, kl_coef {opts.kl_coef} ({opts.kl_estimator})",
-        "reward": getattr(reward, "name", str(cfg.reward)),
-        "reference": reference_line,
-        "rollouts": f"{engine.describe()}; {cfg.rollout.prompts_per_step} prompts x {k} samples, temperature {cfg.rollout.temperature}, "
-        f"<= {cfg.rollout.max_new_tokens} new tokens",
-        **{f"data {r.name}": r.summary() for r in reports},
-        "steps": f"{steps} RL steps x {opts.epochs} epoch(s) x {math.ceil(completions_per_step / minibatch)} minibatch(es) = {updates} optimizer steps",
-        "resume": resume_line(resume_from, resume),
-        "output": str(output_dir),
-    })
+    try:  # closed on every exit: a vLLM engine holds a model-sized copy in /dev/shm
+        device = next(policy.parameters()).device
+        pad = tokenizer.pad_token_id
+        quantized = cfg.quantization.mode != "none"
+        print_plan(f"align grpo - {recipe_name}", {
+            "model": f"{cfg.model.name} ({model_path})",
+            "adapter": adapter_line(cfg, quantized, precision, trainable, total) + (f"; starts from {source}" if source else ""),
+            "algorithm": f"{opts.algorithm}" + (", rewards / group std" if opts.algorithm == "grpo" and opts.scale_rewards else "")
+            + f", clip {opts.clip}, loss per {opts.loss_aggregation}, kl_coef {opts.kl_coef} ({opts.kl_estimator})",
+            "reward": getattr(reward, "name", str(cfg.reward)),
+            "reference": reference_line,
+            "rollouts": f"{engine.describe()}; {cfg.rollout.prompts_per_step} prompts x {k} samples, temperature {cfg.rollout.temperature}, "
+            f"<= {cfg.rollout.max_new_tokens} new tokens",
+            **{f"data {r.name}": r.summary() for r in reports},
+            "steps": f"{steps} RL steps x {opts.epochs} epoch(s) x {math.ceil(completions_per_step / minibatch)} minibatch(es) = {updates} optimizer steps",
+            "resume": resume_line(resume_from, resume),
+            "output": str(output_dir),
+        })
 
-    log = StepLog(output_dir / "metrics.jsonl")
-    stopped = None
-    alarm = DeadRunAlarm(opts.dead_steps, cfg.rollout.max_new_tokens)
-    alarm.streak = loop.get("dead_streak", 0)
-    if "eval_reward_start" in loop:  # resumed: the start was measured before the first step
-        eval_start = loop["eval_reward_start"]
-    else:
-        eval_start = held_out_reward(engine, reward, held_out, cfg) if held_out else None
-    policy.train()
-    step = start = loop["step"]
-    for step, batch_prompts in zip(range(start + 1, steps + 1), prompt_batches(prompts, cfg.rollout.prompts_per_step, cfg.seed, start)):
-        # 1. Rollout.
-        with log.timed("generation"):
-            rollouts = engine.generate([p.messages for p in batch_prompts], sampling(cfg, step))
-        # 2. Score.
-        with log.timed("scoring"):
-            rewards = score(reward, batch_prompts, rollouts)
-        # 3. Advantages relative to each prompt's group (rollouts are prompt-major: k in a row).
-        advantages = group_advantages(rewards, k, opts.scale_rewards) if opts.algorithm == "grpo" else rloo_advantages(rewards, k)
-        # 4. The rollout policy's and the reference's logprobs, recomputed by the trainer.
-        batch = rollout_batch(rollouts, pad)
-        mask = batch["completion_mask"].float()
-        with log.timed("logprobs"), torch.no_grad():
-            old, entropy, ref = [], [], []
-            for rows in micro_batches(list(range(len(rollouts))), cfg.train.batch_size):
-                micro = select_rows(batch, rows, device)
-                with autocast(precision):
-                    logps, ent, _ = policy_outputs(policy, micro, cfg.rollout.temperature, entropy=True)
-                    old.append(logps.float().cpu())
-                    entropy.append(ent.float().cpu())
-                    if opts.kl_coef > 0:
-                        with reference_mode(policy, reference):
-                            ref.append(policy_outputs(policy, micro, cfg.rollout.temperature)[0].float().cpu())
-                policy.train()
-            old, entropy = torch.cat(old), torch.cat(entropy)
-            ref = torch.cat(ref) if ref else None
-            if ref is not None:  # the rollout policy's KL to the reference, with the loss's estimator
-                log.add(kl=((kl_estimate(old, ref, opts.kl_estimator) * mask).sum() / mask.sum()).item())
-        # 5. Updates: epochs x minibatches, micro-batches accumulated into one optimizer step.
-        with log.timed("training"):
-            order = list(range(len(rollouts)))
-            for epoch in range(opts.epochs):
-                random.Random(cfg.seed * 31 + step * 1009 + epoch).shuffle(order)
-                for mb in micro_batches(order, minibatch):
-                    tokens, minibatch_loss = int(mask[mb].sum().item()), 0.0
-                    for rows in micro_batches(mb, cfg.train.batch_size):
-                        micro = select_rows(batch, rows, device)
-                        with autocast(precision):
-                            logps = policy_outputs(policy, micro, cfg.rollout.temperature)[0].float()
-                        m, old_rows = mask[rows].to(device), old[rows].to(device)
-                        adv = advantages[rows].to(device).unsqueeze(1)
-                        token_loss, clipped = clipped_policy_loss(logps, old_rows, adv, opts.clip)
-                        if ref is not None:
-                            kl = kl_estimate(logps, ref[rows].to(device), opts.kl_estimator)
-                            token_loss = token_loss + opts.kl_coef * kl
-                            log.add(kl_in_loss=((kl * m).sum() / m.sum().clamp(min=1)).item())
-                        loss = aggregate(token_loss, m, opts.loss_aggregation, len(mb), tokens, cfg.rollout.max_new_tokens)
-                        loss.backward()
-                        minibatch_loss += loss.item()
-                        log.add(clip_fraction=((clipped * m).sum() / m.sum().clamp(min=1)).item(),
-                                approx_kl=(0.5 * ((logps - old_rows) ** 2 * m).sum() / m.sum().clamp(min=1)).item())
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    log.add(grad_norm=grad_norm.item(), loss=minibatch_loss)
-        # 6. Sync the engine (verified), log, and stop a run that has nothing to learn from.
-        with log.timed("sync"):
-            engine.sync_weights(policy)
-        stats = rollout_stats(rollouts, rewards)
-        log.add(**stats, **logprob_mismatch([r.logprobs for r in rollouts], [row[: len(r.logprobs)].tolist() for row, r in zip(old, rollouts)]),
-                entropy=((entropy * mask).sum() / mask.sum()).item(), advantage_abs=advantages.abs().mean().item(),
-                lr=scheduler.get_last_lr()[0])
-        record = log.write(step)
-        console.print(f"step {step}/{steps}: reward {stats['reward_mean']:.3f} (std {stats['reward_std']:.3f}), "
-                      f"length {stats['completion_length']:.0f}, truncated {stats['truncated_fraction']:.0%}, loss {record['loss']:+.4f}")
-        stopped = alarm.check(stats["truncated_fraction"], stats["reward_std"])
-        if stopped:
-            console.print(f"[yellow]stopping early: {stopped}[/]")
-            break
-        fault_point("grpo", "step", step)
-        if checkpoint_due(cfg, step, steps):
-            save_rl_checkpoint(output_dir, step, cfg, policy, optimizer, scheduler, {"dead_streak": alarm.streak, "eval_reward_start": eval_start})
+        log = StepLog(output_dir / "metrics.jsonl")
+        stopped = None
+        alarm = DeadRunAlarm(opts.dead_steps, cfg.rollout.max_new_tokens)
+        alarm.streak = loop.get("dead_streak", 0)
+        if "eval_reward_start" in loop:  # resumed: the start was measured before the first step
+            eval_start = loop["eval_reward_start"]
+        else:
+            eval_start = held_out_reward(engine, reward, held_out, cfg) if held_out else None
+        policy.train()
+        step = start = loop["step"]
+        for step, batch_prompts in zip(range(start + 1, steps + 1), prompt_batches(prompts, cfg.rollout.prompts_per_step, cfg.seed, start)):
+            # 1. Rollout.
+            with log.timed("generation"):
+                rollouts = engine.generate([p.messages for p in batch_prompts], sampling(cfg, step))
+            # 2. Score.
+            with log.timed("scoring"):
+                rewards = score(reward, batch_prompts, rollouts)
+            # 3. Advantages relative to each prompt's group (rollouts are prompt-major: k in a row).
+            advantages = group_advantages(rewards, k, opts.scale_rewards) if opts.algorithm == "grpo" else rloo_advantages(rewards, k)
+            # 4. The rollout policy's and the reference's logprobs, recomputed by the trainer.
+            batch = rollout_batch(rollouts, pad)
+            mask = batch["completion_mask"].float()
+            with log.timed("logprobs"), torch.no_grad():
+                old, entropy, ref = [], [], []
+                for rows in micro_batches(list(range(len(rollouts))), cfg.train.batch_size):
+                    micro = select_rows(batch, rows, device)
+                    with autocast(precision):
+                        logps, ent, _ = policy_outputs(policy, micro, cfg.rollout.temperature, entropy=True)
+                        old.append(logps.float().cpu())
+                        entropy.append(ent.float().cpu())
+                        if opts.kl_coef > 0:
+                            with reference_mode(policy, reference):
+                                ref.append(policy_outputs(policy, micro, cfg.rollout.temperature)[0].float().cpu())
+                    policy.train()
+                old, entropy = torch.cat(old), torch.cat(entropy)
+                ref = torch.cat(ref) if ref else None
+                if ref is not None:  # the rollout policy's KL to the reference, with the loss's estimator
+                    log.add(kl=((kl_estimate(old, ref, opts.kl_estimator) * mask).sum() / mask.sum()).item())
+            # 5. Updates: epochs x minibatches, micro-batches accumulated into one optimizer step.
+            with log.timed("training"):
+                order = list(range(len(rollouts)))
+                for epoch in range(opts.epochs):
+                    random.Random(cfg.seed * 31 + step * 1009 + epoch).shuffle(order)
+                    for mb in micro_batches(order, minibatch):
+                        tokens, minibatch_loss = int(mask[mb].sum().item()), 0.0
+                        for rows in micro_batches(mb, cfg.train.batch_size):
+                            micro = select_rows(batch, rows, device)
+                            with autocast(precision):
+                                logps = policy_outputs(policy, micro, cfg.rollout.temperature)[0].float()
+                            m, old_rows = mask[rows].to(device), old[rows].to(device)
+                            adv = advantages[rows].to(device).unsqueeze(1)
+                            token_loss, clipped = clipped_policy_loss(logps, old_rows, adv, opts.clip)
+                            if ref is not None:
+                                kl = kl_estimate(logps, ref[rows].to(device), opts.kl_estimator)
+                                token_loss = token_loss + opts.kl_coef * kl
+                                log.add(kl_in_loss=((kl * m).sum() / m.sum().clamp(min=1)).item())
+                            loss = aggregate(token_loss, m, opts.loss_aggregation, len(mb), tokens, cfg.rollout.max_new_tokens)
+                            loss.backward()
+                            minibatch_loss += loss.item()
+                            log.add(clip_fraction=((clipped * m).sum() / m.sum().clamp(min=1)).item(),
+                                    approx_kl=(0.5 * ((logps - old_rows) ** 2 * m).sum() / m.sum().clamp(min=1)).item())
+                        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        log.add(grad_norm=grad_norm.item(), loss=minibatch_loss)
+            # 6. Sync the engine (verified), log, and stop a run that has nothing to learn from.
+            with log.timed("sync"):
+                engine.sync_weights(policy)
+            stats = rollout_stats(rollouts, rewards)
+            log.add(**stats, **logprob_mismatch([r.logprobs for r in rollouts], [row[: len(r.logprobs)].tolist() for row, r in zip(old, rollouts)]),
+                    entropy=((entropy * mask).sum() / mask.sum()).item(), advantage_abs=advantages.abs().mean().item(),
+                    lr=scheduler.get_last_lr()[0])
+            record = log.write(step)
+            console.print(f"step {step}/{steps}: reward {stats['reward_mean']:.3f} (std {stats['reward_std']:.3f}), "
+                          f"length {stats['completion_length']:.0f}, truncated {stats['truncated_fraction']:.0%}, loss {record['loss']:+.4f}")
+            stopped = alarm.check(stats["truncated_fraction"], stats["reward_std"], zero_advantage=bool((advantages == 0).all()))
+            if stopped:
+                console.print(f"[yellow]stopping early: {stopped}[/]")
+                break
+            fault_point("grpo", "step", step)
+            if checkpoint_due(cfg, step, steps):
+                save_rl_checkpoint(output_dir, step, cfg, policy, optimizer, scheduler, {"dead_streak": alarm.streak, "eval_reward_start": eval_start})
 
-    # 7. Held-out reward after training, then save.
-    eval_end = held_out_reward(engine, reward, held_out, cfg) if held_out else None
-    engine.close()
+        # 7. Held-out reward after training, then save.
+        eval_end = held_out_reward(engine, reward, held_out, cfg) if held_out else None
+    finally:
+        engine.close()
     save_rl_stage(
         policy, tokenizer, output_dir, started,
         stage="grpo", kind="grpo", recipe=recipe_name, algorithm=opts.algorithm, from_stage=str(source) if source else None,

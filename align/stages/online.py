@@ -139,23 +139,32 @@ def select_rows(batch: dict[str, torch.Tensor], rows: list[int], device) -> dict
 
 
 class DeadRunAlarm:
-    """RELIABILITY 16: RL that cannot learn. When every completion is truncated and every reward is
-    the same for ``patience`` steps in a row there is no signal: the stage stops early, says why,
-    and records the reason in its manifest."""
+    """RELIABILITY 16: RL that cannot learn. The stage stops early, says why and records the reason
+    in its manifest when, for ``patience`` steps in a row, there is no signal:
+
+    - every completion is truncated and every reward is the same (any algorithm), or
+    - every advantage is zero (GRPO/RLOO: each group's rewards are all equal, so the policy
+      gradient is zero whatever the lengths).
+    """
 
     def __init__(self, patience: int, max_new_tokens: int):
         self.patience = patience
         self.max_new_tokens = max_new_tokens
         self.streak = 0
 
-    def check(self, truncated_fraction: float, reward_std: float) -> str | None:
-        dead = truncated_fraction == 1.0 and reward_std == 0.0
-        self.streak = self.streak + 1 if dead else 0
-        if self.patience and self.streak >= self.patience:
+    def check(self, truncated_fraction: float, reward_std: float, zero_advantage: bool = False) -> str | None:
+        truncated_and_flat = truncated_fraction == 1.0 and reward_std == 0.0
+        self.streak = self.streak + 1 if truncated_and_flat or zero_advantage else 0
+        if not (self.patience and self.streak >= self.patience):
+            return None
+        if truncated_and_flat:
             return (f"no learning signal for {self.streak} steps: every completion hit max_new_tokens "
                     f"({self.max_new_tokens}) and every reward was the same. Raise rollout.max_new_tokens, check the "
                     "reward on a few completions (align generate), or lower the temperature.")
-        return None
+        return (f"no learning signal for {self.streak} steps: within every group all samples got the same reward, "
+                "so every advantage is zero. The task is too hard or too easy for this policy under this reward: "
+                "check the reward on a few completions (align generate), use a graded reward, raise "
+                "rollout.samples_per_prompt or the temperature, or pick easier prompts.")
 
 
 class StepLog:

@@ -133,7 +133,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
     tokenizer = load_tokenizer(cfg.model, model_path)
     prompts, held_out, reports = load_prompts(cfg.data, tokenizer, cfg.seed)
     reward_stages = stage_dirs(cfg, recipe_name)
-    reward = build_reward(cfg.reward, reward_stages)
+    reward = build_reward(cfg.reward, reward_stages, cfg.model.trust_remote_code)
     source = source_stage(cfg, recipe_name, from_dir)
 
     # Policy + reference on one base, value head, optimizer (two learning rates), engine.
@@ -167,132 +167,133 @@ def run_ppo(cfg: PPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
         kl_control.coef = loop["kl_coef"]
         scale.count, scale.mean, scale.m2 = loop["scale"]
     engine = rollout_engine(cfg, policy, tokenizer, precision)
-    device = next(policy.parameters()).device
-    quantized = cfg.quantization.mode != "none"
-    print_plan(f"align ppo - {recipe_name}", {
-        "model": f"{cfg.model.name} ({model_path})",
-        "adapter": adapter_line(cfg, quantized, precision, trainable, total) + (f"; starts from {source}" if source else ""),
-        "value head": f"linear on the final hidden state, init {opts.value_head_init}, lr {opts.value_lr or cfg.train.lr}",
-        "objective": f"clip {opts.clip}, value clip {opts.value_clip}, vf_coef {opts.vf_coef}, GAE gamma {opts.gamma} lambda {opts.lam}, "
-        f"KL {opts.kl_estimator} x {opts.kl_coef}" + (f" adapting to {opts.target_kl}" if opts.target_kl else " (fixed)"),
-        "reward": getattr(reward, "name", str(cfg.reward)),
-        "reference": reference_line,
-        "rollouts": f"{engine.describe()}; {cfg.rollout.prompts_per_step} prompts x {cfg.rollout.samples_per_prompt}, "
-        f"temperature {cfg.rollout.temperature}, <= {cfg.rollout.max_new_tokens} new tokens",
-        **{f"data {r.name}": r.summary() for r in reports},
-        "steps": f"{steps} RL steps x {opts.epochs} epoch(s) x {math.ceil(completions_per_step / minibatch)} minibatch(es) = {updates} optimizer steps",
-        "resume": resume_line(resume_from, resume),
-        "output": str(output_dir),
-    })
+    try:  # closed on every exit: a vLLM engine holds a model-sized copy in /dev/shm
+        device = next(policy.parameters()).device
+        quantized = cfg.quantization.mode != "none"
+        print_plan(f"align ppo - {recipe_name}", {
+            "model": f"{cfg.model.name} ({model_path})",
+            "adapter": adapter_line(cfg, quantized, precision, trainable, total) + (f"; starts from {source}" if source else ""),
+            "value head": f"linear on the final hidden state, init {opts.value_head_init}, lr {opts.value_lr or cfg.train.lr}",
+            "objective": f"clip {opts.clip}, value clip {opts.value_clip}, vf_coef {opts.vf_coef}, GAE gamma {opts.gamma} lambda {opts.lam}, "
+            f"KL {opts.kl_estimator} x {opts.kl_coef}" + (f" adapting to {opts.target_kl}" if opts.target_kl else " (fixed)"),
+            "reward": getattr(reward, "name", str(cfg.reward)),
+            "reference": reference_line,
+            "rollouts": f"{engine.describe()}; {cfg.rollout.prompts_per_step} prompts x {cfg.rollout.samples_per_prompt}, "
+            f"temperature {cfg.rollout.temperature}, <= {cfg.rollout.max_new_tokens} new tokens",
+            **{f"data {r.name}": r.summary() for r in reports},
+            "steps": f"{steps} RL steps x {opts.epochs} epoch(s) x {math.ceil(completions_per_step / minibatch)} minibatch(es) = {updates} optimizer steps",
+            "resume": resume_line(resume_from, resume),
+            "output": str(output_dir),
+        })
 
-    log = StepLog(output_dir / "metrics.jsonl")
-    alarm = DeadRunAlarm(opts.dead_steps, cfg.rollout.max_new_tokens)
-    alarm.streak = loop.get("dead_streak", 0)
-    stopped = None
-    policy.train()
-    temperature = cfg.rollout.temperature
-    step = start = loop["step"]
-    for step, batch_prompts in zip(range(start + 1, steps + 1), prompt_batches(prompts, cfg.rollout.prompts_per_step, cfg.seed, start)):
-        # 1. Rollout.
-        with log.timed("generation"):
-            rollouts = engine.generate([p.messages for p in batch_prompts], sampling(cfg, step))
-        # 2. Score.
-        with log.timed("scoring"):
-            raw_scores = score(reward, batch_prompts, rollouts)
-            scores = raw_scores.clone()
-            if opts.missing_eos_penalty is not None:
-                scores -= opts.missing_eos_penalty * torch.tensor([float(r.truncated) for r in rollouts])
-            if opts.normalize_rewards:
-                scale.update(scores)
-                scores = scores / scale.std
-            if opts.reward_clip is not None:
-                scores = scores.clamp(-opts.reward_clip, opts.reward_clip)
-        # 3. Recompute logprobs, reference logprobs and values with the trainer, without gradients.
-        batch = rollout_batch(rollouts, tokenizer.pad_token_id)
-        mask = batch["completion_mask"].float()
-        with log.timed("logprobs"), torch.no_grad():
-            parts = {"old": [], "entropy": [], "values": [], "ref": []}
-            for rows in micro_batches(list(range(len(rollouts))), cfg.train.batch_size):
-                micro = select_rows(batch, rows, device)
-                with autocast(precision):
-                    logps, entropy, values = policy_outputs(policy, micro, temperature, value_head, entropy=True)
-                    if needs_reference:
-                        with reference_mode(policy, reference):
-                            parts["ref"].append(policy_outputs(policy, micro, temperature)[0].float().cpu())
-                policy.train()
-                parts["old"].append(logps.float().cpu())
-                parts["entropy"].append(entropy.float().cpu())
-                parts["values"].append(values.float().cpu())
-            old, entropy, old_values = (torch.cat(parts[k]) for k in ("old", "entropy", "values"))
-            ref = torch.cat(parts["ref"]) if parts["ref"] else old
-        # 4. Per-token rewards: the KL penalty on every token, the score on the last one.
-        kl = kl_estimate(old, ref, opts.kl_estimator) * mask
-        token_rewards = -kl_control.coef * kl
-        last = mask.sum(-1).long() - 1
-        token_rewards[torch.arange(len(rollouts)), last] += scores
-        if opts.whiten_rewards:
-            token_rewards = whiten(token_rewards, mask, shift_mean=False)
-        # 5. GAE and whitened advantages.
-        advantages, returns = gae(token_rewards, old_values, mask, opts.gamma, opts.lam)
-        advantages = whiten(advantages, mask)
-        # 6. PPO epochs over minibatches; micro-batches accumulate into one optimizer step.
-        with log.timed("training"):
-            order = list(range(len(rollouts)))
-            for epoch in range(opts.epochs):
-                random.Random(cfg.seed * 31 + step * 1009 + epoch).shuffle(order)
-                epoch_kl = []
-                for mb in micro_batches(order, minibatch):
-                    tokens, minibatch_loss = mask[mb].sum().clamp(min=1), 0.0
-                    for rows in micro_batches(mb, cfg.train.batch_size):
-                        micro = select_rows(batch, rows, device)
-                        with autocast(precision):
-                            logps, _, values = policy_outputs(policy, micro, temperature, value_head)
-                        m, old_rows, logps = mask[rows].to(device), old[rows].to(device), logps.float()
-                        policy_loss, clipped = clipped_policy_loss(logps, old_rows, advantages[rows].to(device), opts.clip)
-                        value_loss, value_clipped = clipped_value_loss(values.float(), old_values[rows].to(device), returns[rows].to(device), opts.value_clip)
-                        loss = ((policy_loss + opts.vf_coef * value_loss) * m).sum() / tokens.to(device)
-                        loss.backward()
-                        minibatch_loss += loss.item()
-                        approx_kl = (0.5 * ((logps - old_rows) ** 2 * m).sum() / m.sum().clamp(min=1)).item()
-                        epoch_kl.append(approx_kl)
-                        log.add(policy_loss=((policy_loss * m).sum() / m.sum().clamp(min=1)).item(),
-                                value_loss=((value_loss * m).sum() / m.sum().clamp(min=1)).item(),
-                                clip_fraction=((clipped * m).sum() / m.sum().clamp(min=1)).item(),
-                                value_clip_fraction=((value_clipped * m).sum() / m.sum().clamp(min=1)).item(),
-                                approx_kl=approx_kl)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(policy_params + list(value_head.parameters()), cfg.train.max_grad_norm or float("inf"))
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    log.add(loss=minibatch_loss, grad_norm=grad_norm.item())
-                if opts.early_stop_kl is not None and sum(epoch_kl) / len(epoch_kl) > opts.early_stop_kl:
-                    log.add(early_stopped_epoch=epoch + 1)
-                    break
-        # 7. Sync, adapt the KL coefficient, log; stop a run with no learning signal.
-        with log.timed("sync"):
-            engine.sync_weights(policy)
-        kl_per_completion = kl.sum(-1).mean().item()
-        stats = rollout_stats(rollouts, raw_scores)
-        log.add(**stats, **logprob_mismatch([r.logprobs for r in rollouts], [row[: len(r.logprobs)].tolist() for row, r in zip(old, rollouts)]),
-                score_mean=scores.mean().item(), kl=kl_per_completion, kl_coef=kl_control.coef,
-                entropy=((entropy * mask).sum() / mask.sum()).item(),
-                explained_variance=explained_variance(old_values, returns, mask), value_mean=masked_mean(old_values, mask).item(),
-                lr=scheduler.get_last_lr()[0])
-        kl_control.update(kl_per_completion, len(rollouts))
-        record = log.write(step)
-        console.print(f"step {step}/{steps}: reward {stats['reward_mean']:.3f} (std {stats['reward_std']:.3f}), KL {kl_per_completion:.4f}, "
-                      f"length {stats['completion_length']:.0f}, truncated {stats['truncated_fraction']:.0%}, loss {record['loss']:+.4f}")
-        stopped = alarm.check(stats["truncated_fraction"], stats["reward_std"])
-        if stopped:
-            console.print(f"[yellow]stopping early: {stopped}[/]")
-            break
-        fault_point("ppo", "step", step)
-        if checkpoint_due(cfg, step, steps):
-            save_rl_checkpoint(output_dir, step, cfg, policy, optimizer, scheduler,
-                               {"dead_streak": alarm.streak, "kl_coef": kl_control.coef, "scale": [scale.count, scale.mean, scale.m2]},
-                               {VALUE_HEAD_FILE: value_head.state_dict()})
-
-    engine.close()
+        log = StepLog(output_dir / "metrics.jsonl")
+        alarm = DeadRunAlarm(opts.dead_steps, cfg.rollout.max_new_tokens)
+        alarm.streak = loop.get("dead_streak", 0)
+        stopped = None
+        policy.train()
+        temperature = cfg.rollout.temperature
+        step = start = loop["step"]
+        for step, batch_prompts in zip(range(start + 1, steps + 1), prompt_batches(prompts, cfg.rollout.prompts_per_step, cfg.seed, start)):
+            # 1. Rollout.
+            with log.timed("generation"):
+                rollouts = engine.generate([p.messages for p in batch_prompts], sampling(cfg, step))
+            # 2. Score.
+            with log.timed("scoring"):
+                raw_scores = score(reward, batch_prompts, rollouts)
+                scores = raw_scores.clone()
+                if opts.missing_eos_penalty is not None:
+                    scores -= opts.missing_eos_penalty * torch.tensor([float(r.truncated) for r in rollouts])
+                if opts.normalize_rewards:
+                    scale.update(scores)
+                    scores = scores / scale.std
+                if opts.reward_clip is not None:
+                    scores = scores.clamp(-opts.reward_clip, opts.reward_clip)
+            # 3. Recompute logprobs, reference logprobs and values with the trainer, without gradients.
+            batch = rollout_batch(rollouts, tokenizer.pad_token_id)
+            mask = batch["completion_mask"].float()
+            with log.timed("logprobs"), torch.no_grad():
+                parts = {"old": [], "entropy": [], "values": [], "ref": []}
+                for rows in micro_batches(list(range(len(rollouts))), cfg.train.batch_size):
+                    micro = select_rows(batch, rows, device)
+                    with autocast(precision):
+                        logps, entropy, values = policy_outputs(policy, micro, temperature, value_head, entropy=True)
+                        if needs_reference:
+                            with reference_mode(policy, reference):
+                                parts["ref"].append(policy_outputs(policy, micro, temperature)[0].float().cpu())
+                    policy.train()
+                    parts["old"].append(logps.float().cpu())
+                    parts["entropy"].append(entropy.float().cpu())
+                    parts["values"].append(values.float().cpu())
+                old, entropy, old_values = (torch.cat(parts[k]) for k in ("old", "entropy", "values"))
+                ref = torch.cat(parts["ref"]) if parts["ref"] else old
+            # 4. Per-token rewards: the KL penalty on every token, the score on the last one.
+            kl = kl_estimate(old, ref, opts.kl_estimator) * mask
+            token_rewards = -kl_control.coef * kl
+            last = mask.sum(-1).long() - 1
+            token_rewards[torch.arange(len(rollouts)), last] += scores
+            if opts.whiten_rewards:
+                token_rewards = whiten(token_rewards, mask, shift_mean=False)
+            # 5. GAE and whitened advantages.
+            advantages, returns = gae(token_rewards, old_values, mask, opts.gamma, opts.lam)
+            advantages = whiten(advantages, mask)
+            # 6. PPO epochs over minibatches; micro-batches accumulate into one optimizer step.
+            with log.timed("training"):
+                order = list(range(len(rollouts)))
+                for epoch in range(opts.epochs):
+                    random.Random(cfg.seed * 31 + step * 1009 + epoch).shuffle(order)
+                    epoch_kl = []
+                    for mb in micro_batches(order, minibatch):
+                        tokens, minibatch_loss = mask[mb].sum().clamp(min=1), 0.0
+                        for rows in micro_batches(mb, cfg.train.batch_size):
+                            micro = select_rows(batch, rows, device)
+                            with autocast(precision):
+                                logps, _, values = policy_outputs(policy, micro, temperature, value_head)
+                            m, old_rows, logps = mask[rows].to(device), old[rows].to(device), logps.float()
+                            policy_loss, clipped = clipped_policy_loss(logps, old_rows, advantages[rows].to(device), opts.clip)
+                            value_loss, value_clipped = clipped_value_loss(values.float(), old_values[rows].to(device), returns[rows].to(device), opts.value_clip)
+                            loss = ((policy_loss + opts.vf_coef * value_loss) * m).sum() / tokens.to(device)
+                            loss.backward()
+                            minibatch_loss += loss.item()
+                            approx_kl = (0.5 * ((logps - old_rows) ** 2 * m).sum() / m.sum().clamp(min=1)).item()
+                            epoch_kl.append(approx_kl)
+                            log.add(policy_loss=((policy_loss * m).sum() / m.sum().clamp(min=1)).item(),
+                                    value_loss=((value_loss * m).sum() / m.sum().clamp(min=1)).item(),
+                                    clip_fraction=((clipped * m).sum() / m.sum().clamp(min=1)).item(),
+                                    value_clip_fraction=((value_clipped * m).sum() / m.sum().clamp(min=1)).item(),
+                                    approx_kl=approx_kl)
+                        grad_norm = torch.nn.utils.clip_grad_norm_(policy_params + list(value_head.parameters()), cfg.train.max_grad_norm or float("inf"))
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        log.add(loss=minibatch_loss, grad_norm=grad_norm.item())
+                    if opts.early_stop_kl is not None and sum(epoch_kl) / len(epoch_kl) > opts.early_stop_kl:
+                        log.add(early_stopped_epoch=epoch + 1)
+                        break
+            # 7. Sync, adapt the KL coefficient, log; stop a run with no learning signal.
+            with log.timed("sync"):
+                engine.sync_weights(policy)
+            kl_per_completion = kl.sum(-1).mean().item()
+            stats = rollout_stats(rollouts, raw_scores)
+            log.add(**stats, **logprob_mismatch([r.logprobs for r in rollouts], [row[: len(r.logprobs)].tolist() for row, r in zip(old, rollouts)]),
+                    score_mean=scores.mean().item(), kl=kl_per_completion, kl_coef=kl_control.coef,
+                    entropy=((entropy * mask).sum() / mask.sum()).item(),
+                    explained_variance=explained_variance(old_values, returns, mask), value_mean=masked_mean(old_values, mask).item(),
+                    lr=scheduler.get_last_lr()[0])
+            kl_control.update(kl_per_completion, len(rollouts))
+            record = log.write(step)
+            console.print(f"step {step}/{steps}: reward {stats['reward_mean']:.3f} (std {stats['reward_std']:.3f}), KL {kl_per_completion:.4f}, "
+                          f"length {stats['completion_length']:.0f}, truncated {stats['truncated_fraction']:.0%}, loss {record['loss']:+.4f}")
+            stopped = alarm.check(stats["truncated_fraction"], stats["reward_std"])
+            if stopped:
+                console.print(f"[yellow]stopping early: {stopped}[/]")
+                break
+            fault_point("ppo", "step", step)
+            if checkpoint_due(cfg, step, steps):
+                save_rl_checkpoint(output_dir, step, cfg, policy, optimizer, scheduler,
+                                   {"dead_streak": alarm.streak, "kl_coef": kl_control.coef, "scale": [scale.count, scale.mean, scale.m2]},
+                                   {VALUE_HEAD_FILE: value_head.state_dict()})
+    finally:
+        engine.close()
     save_rl_stage(
         policy, tokenizer, output_dir, started, extra_files={VALUE_HEAD_FILE: value_head.state_dict()},
         stage="ppo", kind="ppo", recipe=recipe_name, from_stage=str(source) if source else None,

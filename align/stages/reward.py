@@ -34,6 +34,7 @@ from align.models.reward import load_reward_base, reward_scores
 from align.recipe import RewardConfig
 from align.stages.common import (
     adapter_line,
+    check_longest_batch,
     loraplus_optimizer,
     loss_only_prediction,
     merge_stats,
@@ -142,16 +143,18 @@ def run_reward(cfg: RewardConfig, output_dir: str | Path, recipe_name: str = "re
 
     # 4. Train.
     eval_rows = pair_rows(eval_pairs)
+    train_rows = pair_rows(train_pairs)
     trainer = RewardTrainer(
         model=model,
         args=training_arguments(cfg, output_dir, precision, bool(eval_rows), resume_from, f"{recipe_name}/rm"),
-        train_dataset=pair_rows(train_pairs),
+        train_dataset=train_rows,
         eval_dataset=eval_rows or None,
         data_collator=PairCollator(tokenizer.pad_token_id),
         callbacks=stage_callbacks(output_dir, cfg, model),
         optimizers=(loraplus_optimizer(model, cfg), None),
         options=cfg.reward,
     )
+    check_longest_batch(trainer, train_rows)
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     # 5. Held-out report.

@@ -28,6 +28,7 @@ from align.models.resolve import resolve_model
 from align.recipe import SFTConfig
 from align.stages.common import (
     adapter_line,
+    check_longest_batch,
     loraplus_optimizer,
     prepare_output,
     process_state,
@@ -95,6 +96,7 @@ def run_sft(cfg: SFTConfig, output_dir: str | Path, recipe_name: str = "recipe",
         callbacks=stage_callbacks(output_dir, cfg, model),
         optimizers=(loraplus_optimizer(model, cfg), None),
     )
+    check_longest_batch(trainer, train_rows)
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     final_eval = trainer.evaluate() if has_eval else {}
 

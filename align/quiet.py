@@ -1,0 +1,79 @@
+"""Library messages that are expected on a healthy run, silenced where align knows why they appear.
+
+Each one is replaced by a single line saying what align does instead; any message that does not
+match exactly what is expected still shows, so a real problem is never hidden.
+
+- transformers' LOAD REPORT "score.weight MISSING ... newly initialized" when a reward model's
+  base loads: the scalar head is new for training, or comes from the saved adapter right after.
+- bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community": that optional kernel
+  is a download from the Hugging Face hub, which align never does at run time; bitsandbytes'
+  built-in CPU kernel is used instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_said: set[str] = set()
+
+
+class _Drop(logging.Filter):
+    """Drops the records ``matches`` recognises and says ``instead`` once per process."""
+
+    def __init__(self, matches: Callable[[str], bool], instead: str):
+        super().__init__()
+        self.matches, self.instead, self.dropped = matches, instead, 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.matches(record.getMessage()):
+            return True
+        self.dropped += 1
+        if self.instead and self.instead not in _said:
+            from align.console import console
+
+            _said.add(self.instead)
+            console.print(f"[dim]{self.instead}[/]")
+        return False
+
+
+def load_report_rows(message: str) -> list[tuple[str, str]]:
+    """(key, status) rows of a transformers LOAD REPORT table; [] for any other message."""
+    if "LOAD REPORT" not in message:
+        return []
+    rows = []
+    for line in _ANSI.sub("", message).splitlines():
+        cells = [cell.strip() for cell in line.split("|")]
+        if len(cells) >= 2 and cells[0] and cells[0] != "Key" and not set(cells[0]) <= set("-+"):
+            rows.append((cells[0], cells[1]))
+    return rows
+
+
+@contextmanager
+def expected_missing_weights(names: tuple[str, ...], instead: str) -> Iterator[None]:
+    """Within the block, a LOAD REPORT whose every row is one of ``names`` MISSING is dropped; a
+    report with anything else in it (an unexpected missing or unused weight) is shown as usual."""
+
+    def only_expected(message: str) -> bool:
+        rows = load_report_rows(message)
+        return bool(rows) and all(key in names and status == "MISSING" for key, status in rows)
+
+    drop = _Drop(only_expected, instead)
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def silence_bitsandbytes_kernel_download() -> None:
+    """Install (once) the filter for bitsandbytes' optional-kernel warning; call before it imports."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _Drop) for f in logger.filters):
+        logger.addFilter(_Drop(lambda m: m.startswith("Failed to load CPU gemm_4bit_forward from kernels-community"),
+                               "bitsandbytes: 4-bit matmuls use its built-in CPU kernel (the optional kernels-community "
+                               "kernel is a hub download; align stays offline)"))
