@@ -228,6 +228,24 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
     return torch.maximum(unclipped, clipped), (clipped > unclipped).float()
 
 
+def truncated_importance_weights(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated importance sampling (TIS; Yao et al. 2025, "Your efficient RL framework secretly
+    brings you off-policy RL training"; TRL's and veRL's correction for vLLM rollouts).
+
+    Tokens were drawn from the sampler's distribution (an inference engine: other kernels, other
+    precision), not the trainer's. Weighting each token's policy-gradient term by
+    pi_trainer / pi_sampler makes the estimate the trainer's own; capping the weight at ``cap``
+    bounds its variance (at the price of a small bias where the cap binds):
+
+        w = min(exp(trainer_logp - sampler_logp), cap)      (no gradient: a constant per token)
+
+    trainer_logp, sampler_logp: [B, T] log-probabilities of the sampled tokens under the trainer's
+    rollout policy and under the sampler. Returns (w [B, T], truncated [B, T]: 1 where the cap bound).
+    """
+    ratio = torch.exp((trainer_logp - sampler_logp).detach())
+    return ratio.clamp(max=cap), (ratio > cap).float()
+
+
 def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's value loss with the value change clipped to +-clip around the rollout's values:
     0.5 * max((V - R)^2, (clip(V, V_old +- c) - R)^2). [B, T] each -> (loss [B, T], clipped [B, T])."""

@@ -202,7 +202,16 @@ class RolloutConfig(_Strict):
     )
 
 
-class GRPORolloutConfig(RolloutConfig):
+class RLRolloutConfig(RolloutConfig):
+    """Rollouts that train a policy (ppo, grpo)."""
+
+    importance_correction: bool | Literal["auto"] = Field(
+        "auto", description="truncated importance sampling: each token's policy loss x min(pi_trainer / pi_sampler, importance_cap); "
+        "auto = true when the engine is not the trainer's own forward (vllm), false for hf")
+    importance_cap: float = Field(3.0, gt=0, description="upper bound of the importance weight (TRL's default C_max)")
+
+
+class GRPORolloutConfig(RLRolloutConfig):
     samples_per_prompt: int = Field(4, gt=0, description="completions per prompt: the group each advantage is relative to (>= 2)")
 
 
@@ -269,7 +278,7 @@ class _OnlineRLConfig(StageConfig):
     }
     from_stage: str | None = Field(None, alias="from", description="stage whose adapter the policy starts from (e.g. sft); none = a fresh adapter")
     reward: Any = Field(..., description="{type: rule, name: gsm8k_exact} | {type: learned, from: reward} | {type: judge, ...} | a list with weights")
-    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    rollout: RLRolloutConfig = Field(default_factory=RLRolloutConfig)
 
     @field_validator("reward")
     @classmethod

@@ -117,3 +117,21 @@ def p_yes(model, tokenizer) -> float:
     with torch.no_grad():
         probs = model(input_ids=prompt).logits[0, -1].softmax(-1)
     return probs[tokenizer("yes", add_special_tokens=False)["input_ids"][0]].item()
+
+
+class ShiftedSampler:
+    """Wraps the hf engine and reports every sampled token's logprob ``shift`` lower than it was:
+    what the trainer sees from a sampler that is not its own forward (a vLLM kernel or dtype)."""
+
+    samples_from_trainer = False
+
+    def __init__(self, engine, shift: float):
+        self.engine, self.shift = engine, shift
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate(self, conversations, sampling):
+        from dataclasses import replace
+
+        return [replace(r, logprobs=[lp - self.shift for lp in r.logprobs]) for r in self.engine.generate(conversations, sampling)]

@@ -7,6 +7,7 @@ tiny Llama fine-tuned to answer "Pick one." with "yes" or "no"; the reward is "c
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, p_yes, tiny_recipe, write_jsonl
+from conftest import FIXTURES, ShiftedSampler, p_yes, tiny_recipe, write_jsonl
 
 from align.recipe import load_recipe
 from align.stages.grpo import run_grpo
@@ -111,3 +112,29 @@ def test_recipe_checks_groups_and_reward_sources(tmp_path, tiny_llama):
         recipe.resolve("grpo", ["rollout.samples_per_prompt=1"])
     with pytest.raises(RecipeError, match="reward from: reward names no earlier stage"):
         recipe.resolve("grpo", ["reward={type: learned, from: reward}"])
+
+
+@pytest.mark.parametrize("cap, expected_weight, truncated", [(3.0, math.exp(0.5), 0.0), (1.2, 1.2, 1.0)])
+def test_a_mismatched_sampler_gets_truncated_importance_weights(tmp_path, yes_no_model, monkeypatch, cap, expected_weight, truncated):
+    import align.stages.grpo as grpo_stage
+
+    real = grpo_stage.rollout_engine
+    monkeypatch.setattr(grpo_stage, "rollout_engine", lambda *args: ShiftedSampler(real(*args), shift=0.5))
+    recipe = load_recipe(grpo_recipe(tmp_path, yes_no_model, [{"prompt": "Pick one."}] * 8))
+    out = run_grpo(recipe.resolve("grpo", ["train.max_steps=2", f"rollout.importance_cap={cap}"]), tmp_path / "out", recipe_name="tiny")
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2
+    for m in metrics:  # the sampler said e^-0.5 of the trainer's probability: weight e^0.5, unless capped
+        assert m["is_weight_mean"] == pytest.approx(expected_weight, abs=1e-4)
+        assert m["is_truncated_fraction"] == truncated
+        assert m["logprob_mismatch_mean"] == pytest.approx(0.5, abs=1e-4)
+
+
+def test_the_hf_engine_needs_no_correction_and_forcing_it_changes_nothing(tmp_path, yes_no_model):
+    recipe = load_recipe(grpo_recipe(tmp_path, yes_no_model, [{"prompt": "Pick one."}] * 8))
+    auto = run_grpo(recipe.resolve("grpo", ["train.max_steps=1"]), tmp_path / "auto", recipe_name="tiny")
+    forced = run_grpo(recipe.resolve("grpo", ["train.max_steps=1", "rollout.importance_correction=true"]), tmp_path / "on", recipe_name="tiny")
+    auto_m, forced_m = (json.loads((out / "metrics.jsonl").read_text().splitlines()[0]) for out in (auto, forced))
+    assert "is_weight_mean" not in auto_m
+    assert forced_m["is_weight_mean"] == pytest.approx(1.0, abs=1e-4)  # the hf sampler is the trainer's forward
+    assert forced_m["loss"] == pytest.approx(auto_m["loss"], abs=1e-4)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import p_yes, tiny_recipe, write_jsonl
+from conftest import ShiftedSampler, p_yes, tiny_recipe, write_jsonl
 
 from align.recipe import load_recipe
 from align.stages.ppo import KLController, RunningScale, explained_variance, run_ppo
@@ -109,3 +109,16 @@ def test_value_head_can_start_from_the_reward_models_head(tmp_path, tiny_llama):
     assert torch.count_nonzero(value_head_for(policy, "zero", None).weight) == 0
     with pytest.raises(RecipeError, match="needs reward"):
         value_head_for(policy, "reward", None)
+
+
+def test_ppo_weights_a_mismatched_samplers_tokens(tmp_path, yes_no_model, monkeypatch):
+    import math
+
+    import align.stages.ppo as ppo_stage
+
+    real = ppo_stage.rollout_engine
+    monkeypatch.setattr(ppo_stage, "rollout_engine", lambda *args: ShiftedSampler(real(*args), shift=0.25))
+    recipe = load_recipe(ppo_recipe(tmp_path, yes_no_model))
+    out = run_ppo(recipe.resolve("ppo", ["train.max_steps=1"]), tmp_path / "out", recipe_name="tiny")
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["is_weight_mean"] == pytest.approx(math.exp(0.25), abs=1e-4) and record["is_truncated_fraction"] == 0.0

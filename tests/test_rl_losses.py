@@ -7,7 +7,16 @@ import math
 import pytest
 import torch
 
-from align.losses import clipped_policy_loss, clipped_value_loss, gae, group_advantages, kl_estimate, rloo_advantages, whiten
+from align.losses import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    gae,
+    group_advantages,
+    kl_estimate,
+    rloo_advantages,
+    truncated_importance_weights,
+    whiten,
+)
 
 
 def test_kl_estimators_match_the_analytic_kl_of_two_categoricals():
@@ -89,3 +98,35 @@ def test_clipped_value_loss_by_hand():
     # moved down to 0 -> clipped to 0.3: max(0, 0.09) = 0.09 (the clipped term is the one taken)
     torch.testing.assert_close(loss2, torch.tensor([[0.045]]))
     assert clipped2.item() == 1.0 and clipped.tolist() == [[0.0, 0.0]]
+
+
+def test_truncated_importance_weights_by_hand():
+    trainer = torch.tensor([[-1.0, -2.0, -0.5]])
+    sampler = torch.tensor([[-1.5, -1.0, -2.0]])  # ratios e^0.5, e^-1, e^1.5
+    weights, truncated = truncated_importance_weights(trainer, sampler, cap=3.0)
+    assert weights.tolist()[0] == pytest.approx([math.exp(0.5), math.exp(-1.0), 3.0])
+    assert truncated.tolist() == [[0.0, 0.0, 1.0]]
+    assert not weights.requires_grad
+    same, none = truncated_importance_weights(trainer, trainer, cap=3.0)
+    assert torch.equal(same, torch.ones_like(trainer)) and not none.any()  # an exact sampler changes nothing
+
+
+def test_importance_weights_remove_a_biased_samplers_bias_from_the_policy_gradient():
+    """Tokens drawn from a sampler q that is not the trainer's pi: the expected gradient of the
+    clipped loss over q's samples, weighted by min(pi / q, cap), equals the true gradient of
+    E_pi[reward]; unweighted it does not. Expectations are exact sums over the 5 tokens."""
+    logits = torch.tensor([1.0, 0.5, 0.0, -0.5, -1.0], requires_grad=True)
+    reward = torch.tensor([1.0, 0.0, 0.5, 2.0, -1.0])
+    q = torch.softmax(logits.detach() + torch.tensor([-1.0, 0.8, 0.0, -0.6, 0.9]), -1)  # a biased sampler
+    (true,) = torch.autograd.grad((torch.softmax(logits, -1) * reward).sum(), logits)
+
+    def expected_gradient(weighted: bool) -> torch.Tensor:
+        logp = torch.log_softmax(logits, -1)
+        loss, _ = clipped_policy_loss(logp, logp.detach(), reward, clip=0.2)  # first update: ratio 1
+        if weighted:
+            loss = loss * truncated_importance_weights(logp.detach(), q.log(), cap=10.0)[0]
+        (gradient,) = torch.autograd.grad((q * loss).sum(), logits)
+        return -gradient  # the loss is minimised: its negative gradient ascends the reward
+
+    assert torch.allclose(expected_gradient(weighted=True), true, atol=1e-6)
+    assert (expected_gradient(weighted=False) - true).norm() > 0.3 * true.norm()

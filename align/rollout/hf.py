@@ -61,6 +61,7 @@ class HFEngine:
     """RolloutEngine on transformers' generate. ``batch_size`` bounds sequences per generate call."""
 
     name = "hf"
+    samples_from_trainer = True  # the policy's own forward draws the tokens: no sampler/trainer mismatch to correct
 
     def __init__(self, policy, tokenizer, precision: str = "fp32", batch_size: int = 32):
         self.policy = policy

@@ -6,8 +6,9 @@ Each step:
   3. advantage - relative to the prompt's group: GRPO (r - mean) / std (Dr. GRPO: no std), or RLOO
                  r - mean of the other samples; one advantage for every token of a completion
   4. logprobs  - the trainer recomputes the rollout policy's logprobs (never the engine's) and,
-                 when kl_coef > 0, the reference's (adapter disabled / frozen starting adapter)
-  5. update    - epochs x minibatches of the clipped objective + kl_coef x KL(k3), aggregated
+                 when kl_coef > 0, the reference's (adapter disabled / frozen starting adapter);
+                 a vLLM sampler's tokens get truncated importance weights min(pi_trainer / pi_vllm, cap)
+  5. update    - epochs x minibatches of the (weighted) clipped objective + kl_coef x KL(k3), aggregated
                  per token, per sequence or by a constant (see GRPOOptions.loss_aggregation)
   6. sync      - the engine takes the new weights (verified) and the step is logged
 Written here rather than on TRL's GRPOTrainer/RLOOTrainer: see align/stages/online.py.
@@ -37,6 +38,7 @@ from align.stages.online import (
     DeadRunAlarm,
     StepLog,
     checkpoint_due,
+    importance_weights,
     load_policy,
     load_rl_checkpoint,
     micro_batches,
@@ -152,6 +154,8 @@ def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe
                 ref = torch.cat(ref) if ref else None
                 if ref is not None:  # the rollout policy's KL to the reference, with the loss's estimator
                     log.add(kl=((kl_estimate(old, ref, opts.kl_estimator) * mask).sum() / mask.sum()).item())
+            # The sampler is not the trainer (vLLM): truncated importance weights make the gradient the trainer's.
+            is_weights = importance_weights(cfg, engine, rollouts, old, mask, log)
             # 5. Updates: epochs x minibatches, micro-batches accumulated into one optimizer step.
             with log.timed("training"):
                 order = list(range(len(rollouts)))
@@ -166,6 +170,8 @@ def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe
                             m, old_rows = mask[rows].to(device), old[rows].to(device)
                             adv = advantages[rows].to(device).unsqueeze(1)
                             token_loss, clipped = clipped_policy_loss(logps, old_rows, adv, opts.clip)
+                            if is_weights is not None:
+                                token_loss = token_loss * is_weights[rows].to(device)
                             if ref is not None:
                                 kl = kl_estimate(logps, ref[rows].to(device), opts.kl_estimator)
                                 token_loss = token_loss + opts.kl_coef * kl

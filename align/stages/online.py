@@ -22,7 +22,7 @@ from align.artifacts import CHECKPOINT_MARKER, atomic_folder, prune_checkpoints,
 from align.faults import fault_point
 from align.console import console
 from align.data.prompt_data import PromptExample
-from align.losses import token_logps
+from align.losses import token_logps, truncated_importance_weights
 from align.models.adapters import add_adapter, load_adapter_for_training
 from align.models.loading import load_base_model
 from align.recipe import RecipeError
@@ -70,6 +70,24 @@ def rollout_engine(cfg, policy, tokenizer, precision: str):
     if engine.name == "hf":
         engine.batch_size = cfg.rollout.batch_size
     return engine
+
+
+def importance_weights(cfg, engine, rollouts: list[Rollout], old: torch.Tensor, mask: torch.Tensor, log) -> torch.Tensor | None:
+    """[B, T] truncated importance weights pi_trainer / pi_sampler for the policy loss, or None when
+    the correction is off (``rollout.importance_correction``; auto = on unless the engine samples
+    with the trainer's own forward). ``old`` holds the trainer's logprobs of the sampled tokens;
+    the weights' mean, max and truncated share over completion tokens go to the step's log."""
+    mode = cfg.rollout.importance_correction
+    if mode is False or (mode == "auto" and getattr(engine, "samples_from_trainer", False)):
+        return None
+    sampler = old.clone()  # positions past a completion's end keep weight 1 (they are masked anyway)
+    for row, rollout in enumerate(rollouts):
+        sampler[row, : len(rollout.logprobs)] = torch.tensor(rollout.logprobs, dtype=old.dtype)
+    weights, truncated = truncated_importance_weights(old, sampler, cfg.rollout.importance_cap)
+    tokens = mask.sum().clamp(min=1)
+    log.add(is_weight_mean=((weights * mask).sum() / tokens).item(), is_weight_max=weights[mask.bool()].max().item() if mask.any() else 1.0,
+            is_truncated_fraction=((truncated * mask).sum() / tokens).item())
+    return weights
 
 
 def sampling(cfg, step: int) -> Sampling:

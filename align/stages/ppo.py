@@ -5,10 +5,11 @@ of RLHF with PPO" checklist. Each step:
   1. rollout    - a batch of prompts through the rollout engine (hf or vLLM)
   2. score      - the recipe's reward; optional missing-EOS penalty, running normalisation, clipping
   3. recompute  - the trainer's logprobs of the sampled tokens (never the engine's), the reference's
-                  (adapter disabled / frozen starting adapter: no second base) and the values
+                  (adapter disabled / frozen starting adapter: no second base) and the values; a vLLM
+                  sampler's tokens get truncated importance weights min(pi_trainer / pi_vllm, cap)
   4. rewards    - per token: -kl_coef x KL estimate, plus the score on the last completion token
   5. GAE        - advantages and returns (gamma, lambda); advantages whitened over the batch
-  6. update     - epochs x minibatches of the clipped policy loss + vf_coef x clipped value loss;
+  6. update     - epochs x minibatches of the (weighted) clipped policy loss + vf_coef x clipped value loss;
                   an epoch loop stops early when the approximate KL passes early_stop_kl
   7. sync + log - the engine takes the new weights (verified); the KL controller adapts kl_coef
 The value head is a linear layer on the policy's final hidden state, trained with its own
@@ -39,6 +40,7 @@ from align.stages.online import (
     DeadRunAlarm,
     StepLog,
     checkpoint_due,
+    importance_weights,
     load_policy,
     load_rl_checkpoint,
     micro_batches,
@@ -226,6 +228,8 @@ def run_ppo(cfg: PPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
                     parts["values"].append(values.float().cpu())
                 old, entropy, old_values = (torch.cat(parts[k]) for k in ("old", "entropy", "values"))
                 ref = torch.cat(parts["ref"]) if parts["ref"] else old
+            # The sampler is not the trainer (vLLM): truncated importance weights make the gradient the trainer's.
+            is_weights = importance_weights(cfg, engine, rollouts, old, mask, log)
             # 4. Per-token rewards: the KL penalty on every token, the score on the last one.
             kl = kl_estimate(old, ref, opts.kl_estimator) * mask
             token_rewards = -kl_control.coef * kl
@@ -250,6 +254,8 @@ def run_ppo(cfg: PPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
                                 logps, _, values = policy_outputs(policy, micro, temperature, value_head)
                             m, old_rows, logps = mask[rows].to(device), old[rows].to(device), logps.float()
                             policy_loss, clipped = clipped_policy_loss(logps, old_rows, advantages[rows].to(device), opts.clip)
+                            if is_weights is not None:
+                                policy_loss = policy_loss * is_weights[rows].to(device)
                             value_loss, value_clipped = clipped_value_loss(values.float(), old_values[rows].to(device), returns[rows].to(device), opts.value_clip)
                             loss = ((policy_loss + opts.vf_coef * value_loss) * m).sum() / tokens.to(device)
                             loss.backward()
