@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import write_jsonl
+from conftest import ShiftedSampler, write_jsonl
 
 from align.eval.winrate import (
     bootstrap_interval,
@@ -279,3 +279,24 @@ def test_console_table_fits_80_columns_with_judges_and_baselines_named_by_path(m
     assert f"judge reward = {long_rm}" in lines and f"baseline sft = {long_base}" in lines  # full names once, above
     rows = [line for line in lines if "3/1/4" in line]
     assert len(rows) == 2 and "reward" in rows[0] and "sft" in rows[0] and "correct" in rows[1]  # one line per row, no wrapping
+
+
+def test_the_report_states_each_models_engine_trainer_mismatch(tmp_path, prompts, yes_no_model, monkeypatch):
+    """An engine that is not the trainer's forward (here: the hf engine reporting logprobs 0.3 too
+    low, as a mismatched vLLM kernel would) is measured against the trainer on its own answers."""
+    import align.stages.evaluate as evaluate
+    from align.recipe import EvalConfig
+
+    real = evaluate.rollout_engine
+    monkeypatch.setattr(evaluate, "rollout_engine", lambda *args: ShiftedSampler(real(*args), shift=0.3))
+    cfg = EvalConfig.model_validate({"model": {"name": str(yes_no_model)}, "quantization": {"mode": "none"},
+                                     "policy": str(yes_no_model.parent), "judges": {"yes": {"type": "rule", "name": "contains_marker", "marker": "yes"}},
+                                     "data": {"eval": str(prompts)}, "rollout": {"engine": "hf", "max_new_tokens": 4}, "bootstrap": 100})
+    out = evaluate.run_eval(cfg, tmp_path / "out")
+    report = json.loads((out / "report.json").read_text())
+    for model in [report["policy"], *report["baselines"]]:
+        assert model["engine_trainer_mismatch"]["logprob_mismatch_mean"] == pytest.approx(0.3, abs=1e-4)
+    assert "engine vs trainer logprobs: mean 0.3000" in (out / "report.md").read_text()
+    monkeypatch.setattr(evaluate, "rollout_engine", real)
+    plain = json.loads((evaluate.run_eval(cfg, tmp_path / "plain") / "report.json").read_text())
+    assert plain["policy"]["engine_trainer_mismatch"] is None  # the hf engine is the model's own forward

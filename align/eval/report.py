@@ -32,6 +32,14 @@ def _interval(row: dict) -> str:
     return f"{row['win_rate']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
 
 
+def _fidelity(model: dict) -> str:
+    """How far the engine's logprobs of its own answers were from the trainer's (vLLM); '' for hf."""
+    m = model.get("engine_trainer_mismatch")
+    if not m:
+        return ""
+    return f" (engine vs trainer logprobs: mean {m['logprob_mismatch_mean']:.4f}, max {m['logprob_mismatch_max']:.3f} per token)"
+
+
 def _bias(row: dict) -> str:
     return "-" if row["position_bias"] is None else f"{row['position_bias']:.2f}"
 
@@ -44,8 +52,8 @@ def markdown(report: dict, samples: list[dict], examples: int) -> str:
         f"{prompts['n']} held-out prompts from {', '.join(prompts['files'])}. Sampling, the same for every model: "
         f"temperature {s['temperature']}, top_p {s['top_p']}, top_k {s['top_k']}, at most {s['max_new_tokens']} new tokens, seed {s['seed']}.",
         "",
-        f"- policy `{policy['name']}`: {policy['description']}; sampled by {policy['engine']}",
-        *(f"- baseline `{b['name']}`: {b['description']}; sampled by {b['engine']}" for b in report["baselines"]),
+        f"- policy `{policy['name']}`: {policy['description']}; sampled by {policy['engine']}{_fidelity(policy)}",
+        *(f"- baseline `{b['name']}`: {b['description']}; sampled by {b['engine']}{_fidelity(b)}" for b in report["baselines"]),
         "",
         "| judge | baseline | wins | ties | losses | win-rate [95% CI] | LC win-rate | length policy / baseline | position bias |",
         "|---|---|---:|---:|---:|---|---:|---|---:|",

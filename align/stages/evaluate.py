@@ -32,6 +32,7 @@ from align.models.loading import load_base_model, load_tokenizer, read_stage_man
 from align.models.resolve import resolve_model
 from align.recipe import DataConfig, EvalConfig, RecipeError, stage_references
 from align.rollout.engine import Rollout, Sampling
+from align.rollout.scoring import logprob_mismatch, score_rollouts
 from align.stages.common import prepare_output, process_state
 from align.stages.online import rollout_engine, score
 
@@ -83,9 +84,9 @@ def run_eval(cfg: EvalConfig, output_dir: str | Path, recipe_name: str = "recipe
     precision = resolve_precision(cfg.model.precision)
     settings = Sampling(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
                         stop=tuple(r.stop), seed=cfg.seed)
-    answers, engines = {}, {}
+    answers, engines, fidelity = {}, {}, {}
     for contestant in contestants:
-        answers[contestant.name], engines[contestant.name] = generate(contestant, cfg, prompts, settings, precision)
+        answers[contestant.name], engines[contestant.name], fidelity[contestant.name] = generate(contestant, cfg, prompts, settings, precision)
     mine = answers[policy.name]
 
     # 3. Judge the policy's answer against each baseline's, prompt by prompt.
@@ -123,8 +124,8 @@ def run_eval(cfg: EvalConfig, output_dir: str | Path, recipe_name: str = "recipe
                 "judges": {j: {b: v[i] for b, v in by_baseline.items()} for j, by_baseline in verdicts.items()}}
                for i, p in enumerate(prompts)]
     write_atomic(output_dir / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
-    models = {c.name: {"name": c.name, "path": str(c.folder), "description": c.description, "engine": engines[c.name]}
-              for c in contestants}
+    models = {c.name: {"name": c.name, "path": str(c.folder), "description": c.description, "engine": engines[c.name],
+                       "engine_trainer_mismatch": fidelity[c.name]} for c in contestants}
     report = {
         "policy": models[policy.name],
         "baselines": [models[b.name] for b in baselines],
@@ -235,8 +236,14 @@ def check_judge(name: str, spec: dict | list, stage_dirs: dict[str, Path], promp
         raise RecipeError(f"judge '{name}': {err.args[0]}") from None
 
 
-def generate(contestant: Contestant, cfg: EvalConfig, prompts: list[PromptExample], settings: Sampling, precision: str) -> tuple[list[Rollout], str]:
-    """(one rollout per prompt, the engine that sampled them); the model is freed before returning."""
+def generate(contestant: Contestant, cfg: EvalConfig, prompts: list[PromptExample], settings: Sampling,
+             precision: str) -> tuple[list[Rollout], str, dict | None]:
+    """(one rollout per prompt, the engine that sampled them, how far the engine's logprobs of its own
+    answers are from the model's as the trainer computes it); the model is freed before returning.
+
+    An engine that is not the trainer's own forward (vLLM) may answer like a different model; the
+    report states the mismatch per model so a win-rate between engines that disagree is not read
+    as a difference between the models. None for the hf engine (the model's own forward)."""
     from align.models.trained import load_trained
 
     if contestant.is_base:  # quantized as the recipe's stages load their base: the policy's starting point
@@ -253,9 +260,15 @@ def generate(contestant: Contestant, cfg: EvalConfig, prompts: list[PromptExampl
         rollouts = engine.generate([p.messages for p in prompts], settings)
     finally:
         engine.close()
+    mismatch = None
+    if not getattr(engine, "samples_from_trainer", False):
+        trainer = score_rollouts(model, rollouts, tokenizer.pad_token_id, settings.temperature or 1.0, precision)
+        mismatch = logprob_mismatch([r.logprobs for r in rollouts], trainer)
+        console.print(f"{contestant.name}: engine vs trainer logprobs of its answers: mean {mismatch['logprob_mismatch_mean']:.4f}, "
+                      f"max {mismatch['logprob_mismatch_max']:.3f} per token")
     del engine, model
     free_memory()
-    return rollouts, used
+    return rollouts, used, mismatch
 
 
 def spec_text(spec: dict | list) -> str:
