@@ -198,8 +198,8 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     try:
         yield staging
         if target.exists():  # renamed aside first: the name never points at a half-deleted folder
-            aside = target.with_name(f".{target.name}.tmp-old-{os.getpid()}")
-            os.replace(target, aside)
+            aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-old-", dir=target.parent))
+            os.replace(target, aside / target.name)
             os.replace(staging, target)
             shutil.rmtree(aside)
         else:

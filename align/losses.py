@@ -103,6 +103,7 @@ def bradley_terry(chosen_scores, rejected_scores, margin=None, label_smoothing: 
 
 @dataclass(frozen=True)
 class _Loss:
+    name: str  # part of the value: two losses sharing a function (sigmoid, cdpo) stay two members, not an alias
     function: Callable[..., torch.Tensor]
     needs_reference: bool
 
@@ -110,11 +111,11 @@ class _Loss:
 class PreferenceLoss(Enum):
     """`dpo.loss` in a recipe. cdpo is sigmoid with label smoothing; robust needs label_smoothing too."""
 
-    sigmoid = _Loss(dpo_sigmoid, needs_reference=True)
-    cdpo = _Loss(dpo_sigmoid, needs_reference=True)
-    robust = _Loss(dpo_robust, needs_reference=True)
-    ipo = _Loss(ipo, needs_reference=True)
-    simpo = _Loss(simpo, needs_reference=False)
+    sigmoid = _Loss("sigmoid", dpo_sigmoid, needs_reference=True)
+    cdpo = _Loss("cdpo", dpo_sigmoid, needs_reference=True)
+    robust = _Loss("robust", dpo_robust, needs_reference=True)
+    ipo = _Loss("ipo", ipo, needs_reference=True)
+    simpo = _Loss("simpo", simpo, needs_reference=False)
 
     @property
     def needs_reference(self) -> bool:

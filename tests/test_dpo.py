@@ -50,6 +50,8 @@ def test_losses_against_hand_worked_numbers():
     # policy == reference: DPO is ln 2 whatever beta
     assert dpo_sigmoid(rc, rr, rc, rr, beta=3.0).item() == pytest.approx(LN2, abs=1e-7)
     assert not PreferenceLoss.simpo.needs_reference and PreferenceLoss.sigmoid.needs_reference
+    # every recipe choice is its own member (an alias would vanish from loops over the enum)
+    assert [loss.name for loss in PreferenceLoss] == ["sigmoid", "cdpo", "robust", "ipo", "simpo"]
 
 
 # ---------------------------------------------------------------- data

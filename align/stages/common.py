@@ -42,7 +42,7 @@ def prepare_output(state, output_dir: Path, cfg: StageConfig, overwrite: bool, r
     only a run of the same config. Returns the checkpoint to resume from, if any."""
     resume_from = last_complete_checkpoint(output_dir / "checkpoints") if resume else None
     if state.is_main_process:
-        prepare_run_folder(output_dir, overwrite=overwrite, resume=resume)
+        prepare_run_folder(output_dir, overwrite=overwrite, resume=resume, kind=cfg.kind)
         if resume:
             check_resume_config(output_dir, cfg.model_dump(mode="json", by_alias=True))
             remove_staging_leftovers(output_dir)
