@@ -287,8 +287,9 @@ def _engine_for(model: str, engine: str, precision: str, trust_remote_code: bool
     from align.rollout.engine import make_engine
 
     folder = Path(model)
-    policy, tokenizer = load_trained(folder if folder.is_dir() else resolve_model(model), trust_remote_code=trust_remote_code)
-    rollout_engine = make_engine(engine, policy, tokenizer, resolve_precision(precision))
+    precision = resolve_precision(precision)  # the policy computes in it too: an fp32 engine is then checked against an fp32 trainer
+    policy, tokenizer = load_trained(folder if folder.is_dir() else resolve_model(model), precision=precision, trust_remote_code=trust_remote_code)
+    rollout_engine = make_engine(engine, policy, tokenizer, precision)
     console.print(f"[dim]engine: {rollout_engine.describe()}[/]")
     return rollout_engine
 

@@ -197,6 +197,9 @@ class RolloutConfig(_Strict):
     batch_size: int = Field(32, gt=0, description="hf engine: sequences per generate call")
     kv_cache_gib: int = Field(2, gt=0, description="vllm on CPU: KV-cache size in GiB")
     gpu_memory_utilization: float = Field(0.3, gt=0, lt=1, description="vllm on GPU: its share of GPU memory, the rest is the trainer's")
+    engine_precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="vllm: the dtype it serves the policy in; auto = the trainer's on GPU, fp32 on CPU (a bf16 CPU engine rounds every "
+        "weight and answered unlike the trainer; bf16 is faster)")
     vllm_sync: Literal["auto", "lora", "merged"] = Field(
         "auto", description="vllm with an adapter policy: lora (a LoRARequest per step), merged (deltas added to the dequantized base, weights pushed); auto: lora on GPU, merged on CPU"
     )

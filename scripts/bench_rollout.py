@@ -7,6 +7,10 @@ warms up on 4 prompts, then generates for all prompts. Tokens/s counts generated
 
     python scripts/bench_rollout.py --prompts 64 --tokens 64
     python scripts/bench_rollout.py --only vllm-bf16,vllm-bf16-lora   # a subset
+
+``precision`` is the trainer's (autocast, 4-bit compute dtype); ``engine_precision`` the weights
+vLLM serves (default: fp32 on CPU). "mismatch" is the mean |engine - trainer| logprob per
+sampled token.
 """
 
 from __future__ import annotations
@@ -22,13 +26,15 @@ CONFIGS = {
     "hf-one-at-a-time": ("hf", {"batch_size": 1, "precision": "bf16"}),
     "hf-batched": ("hf", {"batch_size": 64, "precision": "bf16"}),
     "hf-batched-fp32": ("hf", {"batch_size": 64, "precision": "fp32"}),
-    "vllm-bf16": ("vllm", {"precision": "bf16"}),  # sync auto = merged on CPU
+    # a bf16 trainer with the engine's CPU default (fp32 weights in vLLM, align.rollout.vllm.engine_dtype)
+    "vllm-cpu-default": ("vllm", {"precision": "bf16"}),  # sync auto = merged on CPU
+    "vllm-bf16": ("vllm", {"precision": "bf16", "engine_precision": "bf16"}),
     "vllm-fp32": ("vllm", {"precision": "fp32"}),
-    "vllm-bf16-lora": ("vllm", {"precision": "bf16", "sync": "lora"}),
-    "vllm-bf16-graphs": ("vllm", {"precision": "bf16", "enforce_eager": False}),
-    "vllm-bf16-kv8": ("vllm", {"precision": "bf16", "kv_cache_gib": 8}),
+    "vllm-bf16-lora": ("vllm", {"precision": "bf16", "engine_precision": "bf16", "sync": "lora"}),
+    "vllm-bf16-graphs": ("vllm", {"precision": "bf16", "engine_precision": "bf16", "enforce_eager": False}),
+    "vllm-bf16-kv8": ("vllm", {"precision": "bf16", "engine_precision": "bf16", "kv_cache_gib": 8}),
     # the same base without an adapter (full sync mode): what serving the LoRA costs vLLM here
-    "vllm-bf16-no-lora": ("vllm", {"precision": "bf16", "adapter": False}),
+    "vllm-bf16-no-lora": ("vllm", {"precision": "bf16", "engine_precision": "bf16", "adapter": False}),
     "hf-batched-no-lora": ("hf", {"batch_size": 64, "precision": "bf16", "adapter": False}),
 }
 
@@ -58,6 +64,7 @@ def worker(name: str, prompts: int, tokens: int) -> dict:
 
     from align.data.builtin import gsm8k_rows
     from align.rollout.engine import Sampling
+    from align.rollout.scoring import logprob_mismatch, score_rollouts
 
     kind, options = CONFIGS[name]
     options = dict(options)
@@ -80,6 +87,9 @@ def worker(name: str, prompts: int, tokens: int) -> dict:
     rollouts = engine.generate(conversations, sampling)
     seconds = time.perf_counter() - started
     generated = sum(len(r.completion_ids) for r in rollouts)
+    # How far the sampler is from the trainer on what it sampled (what RL's ratios see).
+    trainer = score_rollouts(model, rollouts, tokenizer.pad_token_id, 1.0, precision)
+    mismatch = logprob_mismatch([r.logprobs for r in rollouts], trainer)
     with torch.no_grad():  # a small change for the engine to take up
         for n, p in model.named_parameters():
             if "lora_B" in n or ("lora" not in n and n.endswith("norm.weight")):
@@ -94,6 +104,8 @@ def worker(name: str, prompts: int, tokens: int) -> dict:
         "startup_s": round(startup, 1),
         "sync_s": round(sync, 3),
         "probe_logprob_difference": round(getattr(engine, "last_sync_difference", 0.0), 5),
+        "rollout_mismatch_mean": round(mismatch["logprob_mismatch_mean"], 5),
+        "rollout_mismatch_max": round(mismatch["logprob_mismatch_max"], 4),
         "threads": torch.get_num_threads(),
     }
 
@@ -111,10 +123,10 @@ def main() -> None:
     names = args.only.split(",")
     results = run_configs(__file__, names, ["--prompts", str(args.prompts), "--tokens", str(args.tokens)])
     baseline = results.get("hf-batched", {}).get("tokens_per_s")
-    print(f"\n{'engine':<20}{'tokens/s':>10}{'vs hf-batched':>15}{'startup s':>11}{'sync s':>9}{'peak RSS MB':>13}")
+    print(f"\n{'engine':<20}{'tokens/s':>10}{'vs hf-batched':>15}{'startup s':>11}{'sync s':>9}{'mismatch':>10}{'peak RSS MB':>13}")
     for name, r in results.items():
         ratio = f"{r['tokens_per_s'] / baseline:.2f}x" if baseline else "-"
-        print(f"{name:<20}{r['tokens_per_s']:>10}{ratio:>15}{r['startup_s']:>11}{r['sync_s']:>9}{r['peak_rss_mb']:>13}")
+        print(f"{name:<20}{r['tokens_per_s']:>10}{ratio:>15}{r['startup_s']:>11}{r['sync_s']:>9}{r['rollout_mismatch_mean']:>10}{r['peak_rss_mb']:>13}")
 
 
 if __name__ == "__main__":

@@ -190,3 +190,294 @@ def test_generate_command_with_vllm_and_auto_fallback(vllm_llama, tiny_llama):
     auto = run("generate", "-m", tiny_llama, "-p", "Hi", "--max-new-tokens", "2", "--precision", "fp32")
     assert auto.returncode == 0, auto.stderr[-3000:]
     assert "vllm cannot serve this policy" in auto.stdout and "engine: hf" in auto.stdout
+
+
+# A subprocess that starts an engine on the model folder argv[1], prints its scratch folder, then
+# waits (argv[2] == "hang", to be killed) or returns without close() (argv[2] == "exit").
+ENGINE_PROCESS = """
+import sys, time, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from align.rollout.vllm import VLLMEngine
+torch.set_num_threads(1)
+folder, mode = sys.argv[1], sys.argv[2]
+engine = VLLMEngine(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), AutoTokenizer.from_pretrained(folder),
+                    kv_cache_gib=1, max_model_len=256)
+print("WORKDIR", engine.workdir, flush=True)
+if mode == "hang":
+    time.sleep(600)
+"""
+
+
+def engine_workdir(process):
+    """The scratch folder the process printed (vLLM logs to stdout too), or None if it ended first."""
+    from pathlib import Path
+
+    for line in process.stdout:
+        if line.startswith("WORKDIR "):
+            return Path(line.split(" ", 1)[1].strip())
+    return None
+
+
+def start_engine_process(folder, mode):
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # stderr to a file: a full pipe nobody reads would block the child.
+    log = tempfile.TemporaryFile("w+")
+    process = subprocess.Popen([sys.executable, "-c", ENGINE_PROCESS, str(folder), mode], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    process.log = log
+    return process
+
+
+def stderr_tail(process) -> str:
+    process.log.seek(0)
+    return process.log.read()[-3000:]
+
+
+def test_a_killed_engines_export_is_removed_by_the_next_engine(vllm_llama, tokenizer):
+    """SIGKILL runs no cleanup, so the model-sized export stays in RAM until the next engine starts."""
+    import signal
+
+    from transformers import AutoModelForCausalLM
+
+    killed = start_engine_process(vllm_llama, "hang")
+    workdir = engine_workdir(killed)
+    assert workdir, stderr_tail(killed)
+    assert workdir.name.startswith(f"align-vllm-{killed.pid}-") and (workdir / "base" / "model.safetensors").is_file()
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert workdir.is_dir()  # leaked: nothing ran in the killed process
+    engine = VLLMEngine(AutoModelForCausalLM.from_pretrained(vllm_llama, dtype=torch.float32), tokenizer, **ENGINE)
+    try:
+        assert not workdir.exists() and engine.workdir.is_dir()
+    finally:
+        engine.close()
+    assert not engine.workdir.exists()
+
+    # An engine the program never closes is removed at interpreter exit.
+    exited = start_engine_process(vllm_llama, "exit")
+    workdir = engine_workdir(exited)
+    assert exited.wait(timeout=300) == 0 and workdir, stderr_tail(exited)
+    assert not workdir.exists()
+
+
+def test_remove_orphans_spares_live_unknown_and_foreign_folders(tmp_path):
+    import os
+    import subprocess
+
+    from align.rollout.vllm import OWNER_FILE, _pid_namespace, _start_time, remove_orphans
+
+    def folder(name, owner):
+        path = tmp_path / name
+        (path / "base").mkdir(parents=True)
+        if owner is not None:
+            (path / OWNER_FILE).write_text(owner)
+        return path
+
+    live = subprocess.Popen(["sleep", "60"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        ns, started = _pid_namespace(), _start_time(live.pid)
+        keep = [
+            folder(f"align-vllm-{live.pid}-live", f"{live.pid} {ns} {started}"),  # a running engine
+            folder("align-vllm-k2j4x9q1", None),  # older align: no pid, no owner record
+            folder(f"align-vllm-{dead.pid}-norecord", None),  # killed before it wrote its record
+            folder(f"align-vllm-{dead.pid}-foreign", f"{dead.pid} pid:[1] 123"),  # another pid namespace
+            folder(f"align-vllm-{os.getpid()}-mine", f"{os.getpid()} {ns} {_start_time(os.getpid())}"),
+        ]
+        gone = [
+            folder(f"align-vllm-{dead.pid}-dead", f"{dead.pid} {ns} 123"),
+            folder(f"align-vllm-{live.pid}-reused", f"{live.pid} {ns} 1"),  # the pid now belongs to a later process
+        ]
+        assert sorted(remove_orphans([tmp_path])) == sorted(gone)
+        assert all(p.is_dir() for p in keep) and not any(p.exists() for p in gone)
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_failed_start_leaves_no_export_behind(vllm_llama, tokenizer, monkeypatch):
+    import os
+    import re
+
+    import vllm
+    from transformers import AutoModelForCausalLM
+
+    from align.rollout.vllm import _scratch_roots
+
+    def mine():
+        return {p for root in _scratch_roots() for p in root.glob(f"align-vllm-{os.getpid()}-*")}
+
+    before = mine()
+    exported = []
+
+    def failing_llm(model, **options):
+        exported.append(model)
+        raise RuntimeError("no attention backend")
+
+    monkeypatch.setattr(vllm, "LLM", failing_llm)
+    with pytest.raises(RuntimeError, match="no attention backend"):
+        VLLMEngine(AutoModelForCausalLM.from_pretrained(vllm_llama, dtype=torch.float32), tokenizer, **ENGINE)
+    assert exported and re.search(r"align-vllm-\d+-", exported[0])  # it got as far as exporting
+    assert mine() == before and not torch.distributed.is_initialized()
+
+
+# A subprocess (fresh environment: vLLM reads its usage-stats switches once per process) that
+# records every name lookup and connection to anything but this machine while an engine starts
+# and generates, then waits for vLLM's usage-stats thread if one was started. vllm-cpu 0.32's
+# CPUWorker never starts that thread (only the GPU worker calls report_usage_stats), so on CPU
+# it is STATS-ENABLED that shows the switches took effect; on GPU the socket guard would too.
+OFFLINE_PROCESS = """
+import ipaddress, socket, sys, threading, time, torch
+contacted = []
+
+def remote(address):
+    host = address[0] if isinstance(address, tuple) else address
+    if not isinstance(host, str) or host in ("", "localhost") or host.startswith("/"):
+        return False
+    try:
+        return not ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return True  # a host name
+
+real_connect, real_create, real_lookup = socket.socket.connect, socket.create_connection, socket.getaddrinfo
+def connect(self, address):
+    if self.family != socket.AF_UNIX and remote(address):
+        contacted.append(("connect", address))
+    return real_connect(self, address)
+def create_connection(address, *args, **kwargs):
+    if remote(address):
+        contacted.append(("create_connection", address))
+    return real_create(address, *args, **kwargs)
+def getaddrinfo(host, *args, **kwargs):
+    if remote((host,)):
+        contacted.append(("getaddrinfo", host))
+    return real_lookup(host, *args, **kwargs)
+socket.socket.connect, socket.create_connection, socket.getaddrinfo = connect, create_connection, getaddrinfo
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from align.rollout.engine import Sampling
+from align.rollout.vllm import VLLMEngine
+folder = sys.argv[1]
+engine = VLLMEngine(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), AutoTokenizer.from_pretrained(folder),
+                    kv_cache_gib=1, max_model_len=256)
+assert len(engine.generate([[{"role": "user", "content": "Hi"}]], Sampling(max_new_tokens=4))) == 1
+usage = [t for t in threading.enumerate() if getattr(getattr(t, "_target", None), "__name__", "") == "_report_usage_worker"]
+deadline = time.time() + 30
+while usage and not contacted and time.time() < deadline:
+    time.sleep(0.2)
+engine.close()
+from vllm.usage.usage_lib import is_usage_stats_enabled
+print("STATS-ENABLED", is_usage_stats_enabled())
+print("USAGE-THREAD", bool(usage))
+print("CONTACTED", contacted)
+"""
+
+
+def test_engine_contacts_nothing_but_this_machine(vllm_llama):
+    """vLLM posts usage stats to stats.vllm.ai unless told not to; align runs offline."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_NO_USAGE_STATS", "DO_NOT_TRACK", "VLLM_DO_NOT_TRACK")}
+    env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
+    run = subprocess.run([sys.executable, "-c", OFFLINE_PROCESS, str(vllm_llama)], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "STATS-ENABLED False" in run.stdout and "USAGE-THREAD False" in run.stdout and "CONTACTED []" in run.stdout, run.stdout[-2000:]
+
+
+def test_many_long_seeded_prompts_are_reproducible(vllm_llama, tokenizer):
+    """64 prompts of ~300 tokens exceed one step's token budget; split prompts crashed seeded sampling on CPU.
+
+    vLLM rewinds the generator of a request whose token is discarded mid-prompt (set_offset),
+    which CPU generators refuse ("CPU Generator does not use offset"); the engine schedules whole
+    prompts on CPU instead. The same seeds must give the same samples.
+    """
+    from transformers import AutoModelForCausalLM
+
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    chats = [[{"role": "user", "content": " ".join(words[(i + j) % 10] for j in range(250 + i))}] for i in range(64)]
+    assert sum(len(encode_prompt(tokenizer, c)) for c in chats) > 4096  # more than vLLM's default CPU budget per step
+    engine = VLLMEngine(AutoModelForCausalLM.from_pretrained(vllm_llama, dtype=torch.float32), tokenizer, **ENGINE)
+    try:
+        sampling = Sampling(n=2, temperature=1.0, max_new_tokens=8, seed=7)
+        first, again = engine.generate(chats, sampling), engine.generate(chats, sampling)
+        assert len(first) == 128 and [r.completion_ids for r in first] == [r.completion_ids for r in again]
+        assert len({tuple(r.completion_ids) for r in first}) > 64  # seeded per prompt, still random
+    finally:
+        engine.close()
+
+
+def test_cpu_engine_serves_fp32_for_a_bf16_trainer(vllm_llama, tokenizer):
+    """bf16 weights in vllm-cpu flip near ties the trainer's autocast keeps (SmolLM2: 'Paris' lost); fp32 on CPU."""
+    from transformers import AutoModelForCausalLM
+
+    from align.rollout.vllm import engine_dtype
+
+    assert engine_dtype("bf16", "auto", on_gpu=True) == "bf16" and engine_dtype("bf16", "bf16", on_gpu=False) == "bf16"
+    if torch.cuda.is_available():
+        pytest.skip("the fp32 default is for CPU engines")
+    policy = AutoModelForCausalLM.from_pretrained(vllm_llama, dtype=torch.float32, attn_implementation="eager")
+    engine = VLLMEngine(policy, tokenizer, precision="bf16", **ENGINE)
+    try:
+        assert engine.engine_precision == "fp32" and engine.llm.llm_engine.model_config.dtype == torch.float32
+        assert "fp32, trainer bf16" in engine.describe()
+        rollouts = engine.generate(CHATS, Sampling(n=2, max_new_tokens=8, seed=6))
+        # fp32 weights for real: the engine's logprobs are the fp32 model's, not bf16-rounded ones
+        fp32 = score_rollouts(policy, rollouts, tokenizer.pad_token_id, 1.0, "fp32")
+        assert logprob_mismatch([r.logprobs for r in rollouts], fp32)["logprob_mismatch_max"] < 1e-3
+        assert engine.tolerance == 0.15  # judged against a bf16-autocast trainer
+    finally:
+        engine.close()
+
+
+def test_sync_tolerance_follows_what_the_policy_computes_in(vllm_llama):
+    """A stage trained at precision auto loads with a bf16-computing 4-bit base; fp32 tolerance would fail its sync."""
+    from transformers import AutoModelForCausalLM
+
+    from align.models.loading import load_base_model
+    from align.recipe import ModelConfig, QuantizationConfig
+    from align.rollout.vllm import compute_precision
+
+    plain = AutoModelForCausalLM.from_pretrained(vllm_llama, dtype=torch.float32)
+    assert compute_precision(plain) == "fp32" and compute_precision(plain.to(torch.bfloat16)) == "bf16"
+    assert compute_precision(lora_policy(vllm_llama, quantization="nf4")) == "fp32"
+    nf4_bf16 = load_base_model(ModelConfig(name=str(vllm_llama)), QuantizationConfig(mode="nf4"), "bf16")
+    assert compute_precision(nf4_bf16) == "bf16"
+
+
+@pytest.mark.parametrize("engine_precision", ["fp32", "bf16"])
+def test_faithfulness_on_real_prompts_passes_the_policy_and_rejects_another_model(vllm_llama, tokenizer, engine_precision):
+    """At start and after every sync the engine's own greedy answers to real prompts are scored by the
+    trainer. The served policy passes; an engine serving another model (the output layer's rows
+    shuffled: same weights, different next-token choices) is refused, in fp32 and in bf16."""
+    from align.models.trained import base_weights
+
+    policy = lora_policy(vllm_llama)
+    with torch.no_grad():  # a random model is nearly uniform: sharpen it so greedy choices mean something
+        policy.get_base_model().lm_head.weight.mul_(30)
+    engine = VLLMEngine(policy, tokenizer, sync="merged", engine_precision=engine_precision, **ENGINE)
+    try:
+        good = engine.fidelity
+        assert good["engine_greedy_agreement"] >= 0.9 and good["engine_mismatch_mean"] <= engine.tolerance
+        if engine_precision == "fp32":
+            assert good["engine_mismatch_mean"] < 1e-4 and good["engine_greedy_agreement"] == 1.0
+        weights = [(name, w[torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(0))] if name == "lm_head.weight" else w)
+                   for name, w in base_weights(policy, engine.llm.llm_engine.model_config.dtype, untie=True, merge_adapter=True)]
+        engine._push = lambda policy, version: (engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights}),
+                                                engine.llm.reset_prefix_cache())
+        bad = None
+        try:
+            engine.sync_weights(policy)
+        except SyncError as error:
+            bad = str(error)
+        assert bad is not None and engine.version == 0, "an engine serving another model must not pass"
+        shuffled = engine.faithfulness(policy)
+        assert shuffled["engine_greedy_agreement"] < 0.5 and shuffled["engine_mismatch_mean"] > 10 * max(good["engine_mismatch_mean"], 1e-3)
+    finally:
+        engine.close()

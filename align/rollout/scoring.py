@@ -72,6 +72,29 @@ def score_rollouts(model, rollouts: list[Rollout], pad_id: int, temperature: flo
     return out
 
 
+@torch.no_grad()
+def trainer_view(model, rollouts: list[Rollout], pad_id: int, precision: str, near_tie: float) -> tuple[list[list[float]], float]:
+    """(the trainer's logprobs of each rollout's tokens at temperature 1, the share of tokens that are
+    the trainer's most likely one or within ``near_tie`` nats of it) - for checking an engine's greedy answers."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        batch = {k: v.to(device) for k, v in rollout_batch(rollouts, pad_id).items()}
+        completion_len = batch["completion_ids"].shape[1]
+        with autocast(precision):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                           logits_to_keep=completion_len + 1, use_cache=False).logits[:, :-1]
+        logp = torch.log_softmax(logits.float(), -1)
+        chosen = logp.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
+        close = (logp.max(-1).values - chosen) <= near_tie
+        mask = batch["completion_mask"].bool()
+        agreement = (close & mask).sum().item() / max(mask.sum().item(), 1)
+        return [row[: len(r.completion_ids)].cpu().tolist() for row, r in zip(chosen, rollouts)], agreement
+    finally:
+        model.train(was_training)
+
+
 def logprob_mismatch(engine: list[list[float]], trainer: list[list[float]]) -> dict[str, float]:
     """How far the sampler's logprobs are from the trainer's: mean and max |difference| per token."""
     diffs = torch.tensor([abs(a - b) for e, t in zip(engine, trainer) for a, b in zip(e, t)] or [0.0])

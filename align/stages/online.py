@@ -65,7 +65,7 @@ def load_policy(cfg, model_path: Path, precision: str, source: Path | None, need
 
 def rollout_engine(cfg, policy, tokenizer, precision: str):
     options = dict(kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, seed=cfg.seed,
-                   sync=cfg.rollout.vllm_sync)
+                   sync=cfg.rollout.vllm_sync, engine_precision=cfg.rollout.engine_precision)
     engine = make_engine(cfg.rollout.engine, policy, tokenizer, precision, **options)
     if engine.name == "hf":
         engine.batch_size = cfg.rollout.batch_size

@@ -278,6 +278,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
             # 7. Sync, adapt the KL coefficient, log; stop a run with no learning signal.
             with log.timed("sync"):
                 engine.sync_weights(policy)
+            log.add(**getattr(engine, "fidelity", {}))  # vLLM: its greedy answers to real prompts vs the trainer
             kl_per_completion = kl.sum(-1).mean().item()
             stats = rollout_stats(rollouts, raw_scores)
             log.add(**stats, **logprob_mismatch([r.logprobs for r in rollouts], [row[: len(r.logprobs)].tolist() for row, r in zip(old, rollouts)]),
