@@ -8,6 +8,10 @@ match exactly what is expected still shows, so a real problem is never hidden.
 - bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community": that optional kernel
   is a download from the Hugging Face hub, which align never does at run time; bitsandbytes'
   built-in CPU kernel is used instead.
+- vLLM's start-up warnings about settings align chose on purpose for an in-process CPU engine
+  (eager mode, no chunked prefill, a fixed seed, no Triton, thread binding, no tcmalloc). They go
+  through align/vllm_logging.json (vLLM's own VLLM_LOGGING_CONFIG_PATH), whose filter drops exactly
+  these; every other vLLM warning still prints.
 """
 
 from __future__ import annotations
@@ -77,3 +81,42 @@ def silence_bitsandbytes_kernel_download() -> None:
         logger.addFilter(_Drop(lambda m: m.startswith("Failed to load CPU gemm_4bit_forward from kernels-community"),
                                "bitsandbytes: 4-bit matmuls use its built-in CPU kernel (the optional kernels-community "
                                "kernel is a hub download; align stays offline)"))
+
+
+# vLLM warnings that describe choices align makes for its in-process CPU engine (align/rollout/vllm.py).
+EXPECTED_VLLM = (
+    "The global random seed is set to",  # seeded on purpose: reproducible rollouts
+    "This model does not officially support disabling chunked prefill",  # off on CPU: seeded requests crash with it
+    "Enforce eager set, disabling torch.compile",  # eager on CPU
+    "Inductor compilation was disabled",
+    "Triton is installed, but doesn't include CPU backend",
+    "Triton is not installed. triton-cpu is expected",
+    "Model Runner V2 requires Triton",
+    "Reset SSM cache type",
+    "is not found in LD_PRELOAD",  # tcmalloc / iomp: a speed hint for dedicated servers
+    "CPU backend doesn't allow to use `torch.set_num_threads`",
+)
+
+
+class ExpectedVLLMWarnings(logging.Filter):
+    """Named in align/vllm_logging.json: drops EXPECTED_VLLM, says once what align set up instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not any(text in message for text in EXPECTED_VLLM):
+            return True
+        instead = ("vllm: in-process CPU engine, eager, no chunked prefill, seeded requests "
+                   "(its warnings about these choices are hidden: align/quiet.py)")
+        if instead not in _said:
+            from align.console import console
+
+            _said.add(instead)
+            console.print(f"[dim]{instead}[/]")
+        return False
+
+
+def vllm_logging_config() -> str:
+    """The logging config file align hands vLLM (unless the user set VLLM_LOGGING_CONFIG_PATH)."""
+    from pathlib import Path
+
+    return str(Path(__file__).with_name("vllm_logging.json"))

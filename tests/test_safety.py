@@ -436,3 +436,23 @@ def test_a_tiny_align_run_opens_no_socket_to_the_outside(tmp_path, tiny_llama):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "runs" / "tiny" / "eval" / "report.json").is_file()
     assert not log.exists(), log.read_text()
+
+
+def test_vllms_expected_startup_warnings_are_filtered_and_others_kept():
+    """align/vllm_logging.json is what VLLM_LOGGING_CONFIG_PATH points vLLM at: loaded as vLLM would,
+    its handler drops the warnings about align's own engine settings and passes anything else."""
+    import io
+    import logging.config
+
+    from align.quiet import vllm_logging_config
+
+    config = json.loads(Path(vllm_logging_config()).read_text())
+    stream = io.StringIO()
+    config["handlers"]["vllm"]["stream"] = stream
+    config["loggers"] = {"vllm-test": config["loggers"]["vllm"]}
+    logging.config.dictConfig(config)
+    logger = logging.getLogger("vllm-test.engine.arg_utils")
+    logger.warning("The global random seed is set to 0. Since VLLM_ENABLE_V1_MULTIPROCESSING is set to False, ...")
+    logger.warning("libtcmalloc is not found in LD_PRELOAD. For best performance, ...")
+    logger.warning("KV cache is too small for the requested max_model_len")
+    assert stream.getvalue().splitlines() == ["vllm WARNING KV cache is too small for the requested max_model_len"]

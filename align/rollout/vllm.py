@@ -38,6 +38,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 import weakref
 from pathlib import Path
 
@@ -256,6 +257,11 @@ class VLLMEngine:
         # start-up and every 10 minutes. vLLM reads them once per process, so before it is imported.
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         os.environ.setdefault("DO_NOT_TRACK", "1")
+        if "VLLM_LOGGING_CONFIG_PATH" not in os.environ:  # expected start-up warnings filtered (align/quiet.py)
+            from align.quiet import vllm_logging_config
+
+            os.environ["VLLM_LOGGING_CONFIG_PATH"] = vllm_logging_config()
+        warnings.filterwarnings("ignore", message=r"`torch.distributed.reduce_op` is deprecated", category=FutureWarning)
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
