@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -39,6 +40,50 @@ def test_twenty_qlora_steps_lower_held_out_loss_on_gsm8k(tmp_path):
     print(f"held-out loss {manifest['eval_loss_start']:.4f} -> {manifest['eval_loss']:.4f}")
     assert manifest["steps"] == 20
     assert manifest["eval_loss"] < manifest["eval_loss_start"] - 0.2  # measured here: 1.87 -> 1.12
+    check_exact_fp32_sync(out)
+
+
+def check_exact_fp32_sync(stage):
+    """Issue 18: a real trained QLoRA adapter (not a perturbed one) with trainer and engine both in
+    fp32: the merged sync is exact to the fp32 tolerance, on the probe and on real prompts."""
+    if importlib.util.find_spec("vllm") is None:
+        return
+    from align.models.trained import load_trained
+    from align.rollout.vllm import VLLMEngine
+
+    policy, tokenizer = load_trained(stage, precision="fp32")
+    engine = VLLMEngine(policy, tokenizer, precision="fp32", kv_cache_gib=1, max_model_len=1024)
+    try:
+        assert engine.engine_precision == "fp32" and engine.tolerance == 1e-3
+        assert engine.last_sync_difference < 1e-3 and engine.fidelity["engine_mismatch_mean"] < 1e-3
+    finally:
+        engine.close()
+
+
+def test_the_cpu_default_vllm_engine_answers_like_the_trainer():
+    """Issue 18: a bf16 vLLM engine answered 'What is the capital of France?' with 'L'Etoile, ...':
+    its first token is a near tie ('The' -1.88 vs 'L' -1.97 in fp32) that bf16 rounding flips (bf16
+    autocast in transformers flips it too). The CPU default engine (fp32 weights) answers greedily
+    token for token as the fp32 trainer does, for a policy loaded for bf16 training."""
+    pytest.importorskip("vllm")
+    from align.models.resolve import resolve_model
+    from align.models.trained import load_trained
+    from align.rollout.engine import Sampling, make_engine
+
+    policy, tokenizer = load_trained(resolve_model("smollm2-135m-instruct"))
+    chats = [[{"role": "user", "content": q}] for q in ("What is the capital of France?", "Name the largest planet of the solar system.")]
+    greedy = Sampling(temperature=0, max_new_tokens=12)
+    answers = {}
+    for kind, precision in (("hf", "fp32"), ("vllm", "bf16")):  # vllm: what a bf16-training stage gets by default
+        engine = make_engine(kind, policy, tokenizer, precision, kv_cache_gib=1, max_model_len=1024)
+        try:
+            answers[kind] = [r.completion_ids for r in engine.generate(chats, greedy)]
+            if kind == "vllm":
+                assert engine.engine_precision == "fp32" and engine.fidelity["engine_greedy_agreement"] >= 0.9
+                assert "Paris" in tokenizer.decode(answers[kind][0])
+        finally:
+            engine.close()
+    assert answers["vllm"] == answers["hf"], {k: [tokenizer.decode(a) for a in v] for k, v in answers.items()}
 
 
 def test_dpo_on_factual_summary_pairs_beats_chance_held_out(tmp_path):
