@@ -210,7 +210,7 @@ class RLRolloutConfig(RolloutConfig):
 
     importance_correction: bool | Literal["auto"] = Field(
         "auto", description="truncated importance sampling: each token's policy loss x min(pi_trainer / pi_sampler, importance_cap); "
-        "auto = true when the engine is not the trainer's own forward (vllm), false for hf")
+        "auto = true unless the sampler is the trainer's exact forward (hf in fp32)")
     importance_cap: float = Field(3.0, gt=0, description="upper bound of the importance weight (TRL's default C_max)")
 
 

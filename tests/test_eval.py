@@ -289,7 +289,7 @@ def test_the_report_states_each_models_engine_trainer_mismatch(tmp_path, prompts
 
     real = evaluate.rollout_engine
     monkeypatch.setattr(evaluate, "rollout_engine", lambda *args: ShiftedSampler(real(*args), shift=0.3))
-    cfg = EvalConfig.model_validate({"model": {"name": str(yes_no_model)}, "quantization": {"mode": "none"},
+    cfg = EvalConfig.model_validate({"model": {"name": str(yes_no_model), "precision": "fp32"}, "quantization": {"mode": "none"},
                                      "policy": str(yes_no_model.parent), "judges": {"yes": {"type": "rule", "name": "contains_marker", "marker": "yes"}},
                                      "data": {"eval": str(prompts)}, "rollout": {"engine": "hf", "max_new_tokens": 4}, "bootstrap": 100})
     out = evaluate.run_eval(cfg, tmp_path / "out")
@@ -299,4 +299,4 @@ def test_the_report_states_each_models_engine_trainer_mismatch(tmp_path, prompts
     assert "engine vs trainer logprobs: mean 0.3000" in (out / "report.md").read_text()
     monkeypatch.setattr(evaluate, "rollout_engine", real)
     plain = json.loads((evaluate.run_eval(cfg, tmp_path / "plain") / "report.json").read_text())
-    assert plain["policy"]["engine_trainer_mismatch"] is None  # the hf engine is the model's own forward
+    assert plain["policy"]["engine_trainer_mismatch"] is None  # the hf engine in fp32 is the model's own forward
