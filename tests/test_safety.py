@@ -456,3 +456,40 @@ def test_vllms_expected_startup_warnings_are_filtered_and_others_kept():
     logger.warning("libtcmalloc is not found in LD_PRELOAD. For best performance, ...")
     logger.warning("KV cache is too small for the requested max_model_len")
     assert stream.getvalue().splitlines() == ["vllm WARNING KV cache is too small for the requested max_model_len"]
+
+
+def test_rl_memory_check_runs_a_worst_case_micro_batch_without_a_trace(tmp_path, tiny_llama, monkeypatch):
+    from align.data.prompt_data import load_prompts
+    from align.models.loading import load_tokenizer
+    from align.stages.common import BatchTooLarge
+    from align.stages.online import check_longest_rollout_batch, load_policy
+
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi."}, {"prompt": "A much longer question, with many more words in it?"}])
+    recipe = load_recipe(tiny_recipe(tmp_path / "g.yaml", tiny_llama, str(data), lora={"r": 4, "alpha": 8, "dropout": 0.5}, stages={
+        "grpo": {"reward": REWARD, "rollout": {"engine": "hf", "prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 7},
+                 "train": {"batch_size": 3}}}))
+    cfg = recipe.resolve("grpo")
+    tokenizer = load_tokenizer(cfg.model, tiny_llama)
+    prompts, _, _ = load_prompts(cfg.data, tokenizer, cfg.seed)
+    policy, _, _ = load_policy(cfg, tiny_llama, "fp32", None, needs_reference=False)
+    policy.train()
+    seen = []
+    real_forward = type(policy).forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(tuple(kwargs["input_ids"].shape))
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(policy), "forward", spy)
+    state = torch.get_rng_state()
+    check_longest_rollout_batch(policy, prompts, cfg, "fp32", tokenizer.pad_token_id)
+    longest = max(len(p.prompt_ids) for p in prompts)
+    assert seen == [(3, longest + 7)]  # train.batch_size rows of the longest prompt + max_new_tokens
+    assert torch.equal(torch.get_rng_state(), state) and all(p.grad is None for p in policy.parameters())
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(type(policy), "forward", out_of_memory)
+    with pytest.raises(BatchTooLarge, match=rf"3 rows of {longest} prompt \+ 7 new tokens"):
+        check_longest_rollout_batch(policy, prompts, cfg, "fp32", tokenizer.pad_token_id)

@@ -37,6 +37,7 @@ from align.stages.common import adapter_line, prepare_output, process_state, res
 from align.stages.online import (
     DeadRunAlarm,
     StepLog,
+    check_longest_rollout_batch,
     checkpoint_due,
     importance_weights,
     load_policy,
@@ -98,6 +99,7 @@ def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe
     loop = load_rl_checkpoint(resume_from, policy, optimizer, scheduler) if resume_from else {"step": 0}
     engine = rollout_engine(cfg, policy, tokenizer, precision)
     try:  # closed on every exit: a vLLM engine holds a model-sized copy in /dev/shm
+        check_longest_rollout_batch(policy, prompts, cfg, precision, tokenizer.pad_token_id)
         device = next(policy.parameters()).device
         pad = tokenizer.pad_token_id
         quantized = cfg.quantization.mode != "none"

@@ -72,6 +72,46 @@ def rollout_engine(cfg, policy, tokenizer, precision: str):
     return engine
 
 
+def check_longest_rollout_batch(policy, prompts: list, cfg, precision: str, pad_id: int, value_head=None) -> None:
+    """RELIABILITY 20 for RL: one forward + backward on a micro-batch as long as a step can make
+    (train.batch_size rows of the longest prompt + rollout.max_new_tokens), after the engine has
+    taken its memory and before step 0. No trace: gradients dropped, random state restored."""
+    from align.losses import masked_mean
+    from align.models.loading import autocast
+    from align.rollout.scoring import rollout_batch
+    from align.stages.common import BatchTooLarge
+
+    if not prompts:
+        return
+    longest = max(prompts, key=lambda p: len(p.prompt_ids)).prompt_ids
+    new = cfg.rollout.max_new_tokens
+    rows = min(cfg.train.batch_size, cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt)
+    fake = [Rollout(0, list(longest), [longest[-1]] * new, [0.0] * new, "length", "") for _ in range(rows)]
+    device = next(policy.parameters()).device
+    batch = {k: v.to(device) for k, v in rollout_batch(fake, pad_id).items()}
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            with autocast(precision):
+                logps, _, values = policy_outputs(policy, batch, cfg.rollout.temperature, value_head)
+            loss = masked_mean(logps.float(), batch["completion_mask"].float())
+            if values is not None:
+                loss = loss + values.float().mean()
+            loss.backward()
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        if not isinstance(error, torch.OutOfMemoryError) and "alloc" not in str(error) and "out of memory" not in str(error):
+            raise
+        raise BatchTooLarge(
+            f"the longest micro-batch an RL step can make ({rows} rows of {len(longest)} prompt + {new} new tokens) does not fit in "
+            f"memory: {str(error).splitlines()[0][:200]}. Lower train.batch_size, rollout.max_new_tokens or data.max_length"
+        ) from None
+    finally:
+        policy.zero_grad(set_to_none=True)
+        if value_head is not None:
+            value_head.zero_grad(set_to_none=True)
+    console.print(f"[dim]memory check: forward + backward on the longest RL micro-batch ({rows} x {len(longest) + new} tokens) fits[/]")
+
+
 def importance_weights(cfg, engine, rollouts: list[Rollout], old: torch.Tensor, mask: torch.Tensor, log) -> torch.Tensor | None:
     """[B, T] truncated importance weights pi_trainer / pi_sampler for the policy loss, or None when
     the correction is off (``rollout.importance_correction``; auto = on unless the engine samples

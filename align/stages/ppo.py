@@ -39,6 +39,7 @@ from align.stages.common import adapter_line, prepare_output, process_state, res
 from align.stages.online import (
     DeadRunAlarm,
     StepLog,
+    check_longest_rollout_batch,
     checkpoint_due,
     importance_weights,
     load_policy,
@@ -170,6 +171,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
         scale.count, scale.mean, scale.m2 = loop["scale"]
     engine = rollout_engine(cfg, policy, tokenizer, precision)
     try:  # closed on every exit: a vLLM engine holds a model-sized copy in /dev/shm
+        check_longest_rollout_batch(policy, prompts, cfg, precision, tokenizer.pad_token_id, value_head)
         device = next(policy.parameters()).device
         quantized = cfg.quantization.mode != "none"
         print_plan(f"align ppo - {recipe_name}", {
