@@ -36,12 +36,17 @@ class _Drop(logging.Filter):
         if not self.matches(record.getMessage()):
             return True
         self.dropped += 1
-        if self.instead and self.instead not in _said:
-            from align.console import console
-
-            _said.add(self.instead)
-            console.print(f"[dim]{self.instead}[/]")
+        _say_once(self.instead)
         return False
+
+
+def _say_once(text: str) -> None:
+    """Print what align did instead of a silenced message, once per process."""
+    if text and text not in _said:
+        from align.console import console
+
+        _said.add(text)
+        console.print(f"[dim]{text}[/]")
 
 
 def load_report_rows(message: str) -> list[tuple[str, str]]:
@@ -105,13 +110,8 @@ class ExpectedVLLMWarnings(logging.Filter):
         message = record.getMessage()
         if not any(text in message for text in EXPECTED_VLLM):
             return True
-        instead = ("vllm: in-process CPU engine, eager, no chunked prefill, seeded requests "
-                   "(its warnings about these choices are hidden: align/quiet.py)")
-        if instead not in _said:
-            from align.console import console
-
-            _said.add(instead)
-            console.print(f"[dim]{instead}[/]")
+        _say_once("vllm: in-process CPU engine, eager, no chunked prefill, seeded requests "
+                  "(its warnings about these choices are hidden: align/quiet.py)")
         return False
 
 

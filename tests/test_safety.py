@@ -302,7 +302,7 @@ def test_grpo_whose_groups_all_tie_stops_even_when_completions_end(tmp_path, yes
 
 # --- quiet -----------------------------------------------------------------------------------------
 
-def test_expected_load_reports_are_silenced_and_unexpected_ones_kept(tmp_path, tiny_llama, caplog):
+def test_expected_load_reports_are_silenced_and_unexpected_ones_kept(tmp_path, tiny_llama):
     """A reward model's base always lacks its head ('score.weight MISSING'); that report is noise.
     A report naming any other weight is real and must still reach the user."""
     import logging
@@ -310,15 +310,24 @@ def test_expected_load_reports_are_silenced_and_unexpected_ones_kept(tmp_path, t
     from align.models.reward import load_reward_base
     from align.recipe import ModelConfig, QuantizationConfig
 
-    logger = logging.getLogger("transformers.modeling_utils")  # transformers' loggers do not propagate to the root
-    logger.addHandler(caplog.handler)
+    class Keep(logging.Handler):  # our own handler: caplog's sees a record twice when another test
+        def __init__(self):       # has switched transformers' propagation on
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    keep = Keep()
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addHandler(keep)
     try:
         load_reward_base(ModelConfig(name=str(tiny_llama)), QuantizationConfig(mode="none"), "fp32", tiny_llama)
-        assert not [r for r in caplog.records if "LOAD REPORT" in r.getMessage()]
+        assert not [m for m in keep.messages if "LOAD REPORT" in m]
         report_both_ways(logger)
     finally:
-        logger.removeHandler(caplog.handler)
-    shown = [r.getMessage() for r in caplog.records if "LOAD REPORT" in r.getMessage()]
+        logger.removeHandler(keep)
+    shown = [m for m in keep.messages if "LOAD REPORT" in m]
     assert len(shown) == 1 and "up_proj" in shown[0]
 
 

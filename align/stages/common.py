@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -190,6 +192,21 @@ class BatchTooLarge(MemoryError):
     pass
 
 
+@contextmanager
+def trial_step(batch: str, advice: str) -> Iterator[None]:
+    """Around a forward + backward that must leave no trace and must fail clearly: the random state
+    (dropout) is restored afterwards, and running out of memory becomes BatchTooLarge naming
+    ``batch`` and what to lower (``advice``)."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        if not isinstance(error, torch.OutOfMemoryError) and "alloc" not in str(error) and "out of memory" not in str(error):
+            raise
+        raise BatchTooLarge(f"{batch} does not fit in memory: {str(error).splitlines()[0][:200]}. {advice}") from None
+
+
 def row_length(row: dict) -> int:
     """Tokens of a training row: an SFT row's ids, or a pair's prompt plus its longer answer."""
     if "input_ids" in row:
@@ -209,20 +226,13 @@ def check_longest_batch(trainer, rows: list[dict]) -> None:
     model = trainer.model
     was_training = model.training
     model.train()  # as in training: dropout on, activations kept for backward
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
-        with torch.random.fork_rng(devices=devices):
+        with trial_step(f"the longest batch ({size} rows of up to {tokens} tokens)",
+                        "Lower train.batch_size (raise train.grad_accum to keep the step), lower data.max_length, or set train.gradient_checkpointing=true"):
             batch = trainer._prepare_inputs(trainer.data_collator([rows[i] for i in longest]))
             with trainer.compute_loss_context_manager():
                 loss = trainer.compute_loss(model, batch)
             loss.backward()
-    except (torch.OutOfMemoryError, RuntimeError) as error:
-        if not isinstance(error, torch.OutOfMemoryError) and "alloc" not in str(error) and "out of memory" not in str(error):
-            raise
-        raise BatchTooLarge(
-            f"the longest batch ({size} rows of up to {tokens} tokens) does not fit in memory: {str(error).splitlines()[0][:200]}. "
-            "Lower train.batch_size (raise train.grad_accum to keep the step), lower data.max_length, or set train.gradient_checkpointing=true"
-        ) from None
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)

@@ -79,7 +79,7 @@ def check_longest_rollout_batch(policy, prompts: list, cfg, precision: str, pad_
     from align.losses import masked_mean
     from align.models.loading import autocast
     from align.rollout.scoring import rollout_batch
-    from align.stages.common import BatchTooLarge
+    from align.stages.common import trial_step
 
     if not prompts:
         return
@@ -89,22 +89,15 @@ def check_longest_rollout_batch(policy, prompts: list, cfg, precision: str, pad_
     fake = [Rollout(0, list(longest), [longest[-1]] * new, [0.0] * new, "length", "") for _ in range(rows)]
     device = next(policy.parameters()).device
     batch = {k: v.to(device) for k, v in rollout_batch(fake, pad_id).items()}
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
-        with torch.random.fork_rng(devices=devices):
+        with trial_step(f"the longest micro-batch an RL step can make ({rows} rows of {len(longest)} prompt + {new} new tokens)",
+                        "Lower train.batch_size, rollout.max_new_tokens or data.max_length"):
             with autocast(precision):
                 logps, _, values = policy_outputs(policy, batch, cfg.rollout.temperature, value_head)
             loss = masked_mean(logps.float(), batch["completion_mask"].float())
             if values is not None:
                 loss = loss + values.float().mean()
             loss.backward()
-    except (torch.OutOfMemoryError, RuntimeError) as error:
-        if not isinstance(error, torch.OutOfMemoryError) and "alloc" not in str(error) and "out of memory" not in str(error):
-            raise
-        raise BatchTooLarge(
-            f"the longest micro-batch an RL step can make ({rows} rows of {len(longest)} prompt + {new} new tokens) does not fit in "
-            f"memory: {str(error).splitlines()[0][:200]}. Lower train.batch_size, rollout.max_new_tokens or data.max_length"
-        ) from None
     finally:
         policy.zero_grad(set_to_none=True)
         if value_head is not None:
