@@ -13,6 +13,7 @@ from typing import List, Optional
 
 import typer
 from rich.text import Text
+from typer.core import TyperGroup
 
 from align.console import console
 
@@ -33,7 +34,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from align.data.loading import DataError
     from align.data.templating import TemplateError
     from align.models.resolve import ModelNotFound
-    from align.recipe import RecipeError
+    from align.config import RecipeError
 
     from align.rollout.engine import SyncError
 
@@ -57,71 +58,42 @@ def _resolve_stage(recipe: Path, stage: str, overrides: Optional[List[str]], kin
     return cfg, loaded.name, output_dir or _default_output(loaded, stage)
 
 
-@app.command()
-def sft(
-    recipe: Path = RECIPE,
-    overrides: Optional[List[str]] = OVERRIDES,
-    stage: str = typer.Option("sft", help="stage name in the recipe"),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="default: runs/<recipe>/<stage>"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run in the output folder"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the last complete checkpoint"),
-):
-    """Supervised fine-tuning with prompt-masked labels (QLoRA by default)."""
-    from align.stages.sft import run_sft
-
-    cfg, name, out = _resolve_stage(recipe, stage, overrides, "sft", output_dir)
-    run_sft(cfg, out, recipe_name=name, overwrite=overwrite, resume=resume)
+FROM_DIR = typer.Option(None, "--from-dir", help="start from this finished stage folder instead of runs/<recipe>/<from>")
 
 
-@app.command()
-def dpo(
-    recipe: Path = RECIPE,
-    overrides: Optional[List[str]] = OVERRIDES,
-    stage: str = typer.Option("dpo", help="stage name in the recipe"),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="default: runs/<recipe>/<stage>"),
-    from_dir: Optional[Path] = typer.Option(None, "--from-dir", help="start from this finished stage folder instead of runs/<recipe>/<from>"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run in the output folder"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the last complete checkpoint"),
-):
-    """Preference optimisation (DPO, cDPO, robust, IPO, SimPO) on prompt/chosen/rejected pairs."""
-    from align.stages.dpo import run_dpo
+def _stage_command(kind: str):
+    """`align <kind> --recipe R [overrides]` for a stage kind of the registry: resolve the stage,
+    then call its runner - the same function `align run` calls."""
+    import inspect
 
-    cfg, name, out = _resolve_stage(recipe, stage, overrides, "dpo", output_dir)
-    run_dpo(cfg, out, recipe_name=name, from_dir=from_dir, overwrite=overwrite, resume=resume)
+    from align.stages.registry import REGISTRY
 
+    entry = REGISTRY[kind]
 
-@app.command()
-def grpo(
-    recipe: Path = RECIPE,
-    overrides: Optional[List[str]] = OVERRIDES,
-    stage: str = typer.Option("grpo", help="stage name in the recipe"),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="default: runs/<recipe>/<stage>"),
-    from_dir: Optional[Path] = typer.Option(None, "--from-dir", help="start from this finished stage folder instead of runs/<recipe>/<from>"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run in the output folder"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the last complete checkpoint"),
-):
-    """Online RL with group-relative advantages: GRPO or RLOO (grpo.algorithm), rollouts from hf or vLLM."""
-    from align.stages.grpo import run_grpo
+    def command(
+        recipe: Path = RECIPE,
+        overrides: Optional[List[str]] = OVERRIDES,
+        stage: str = typer.Option((entry.stage_names or (kind,))[0], help="stage name in the recipe"),
+        output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="default: runs/<recipe>/<stage>"),
+        from_dir: Optional[Path] = FROM_DIR,
+        overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run in the output folder"),
+        resume: bool = typer.Option(False, "--resume", help="continue from the last complete checkpoint"),
+    ):
+        cfg, name, out = _resolve_stage(recipe, stage, overrides, kind, output_dir)
+        options = {"from_dir": from_dir} if entry.starts_from else {}
+        entry.runner(cfg, out, recipe_name=name, overwrite=overwrite, resume=resume, **options)
 
-    cfg, name, out = _resolve_stage(recipe, stage, overrides, "grpo", output_dir)
-    run_grpo(cfg, out, recipe_name=name, from_dir=from_dir, overwrite=overwrite, resume=resume)
+    if not entry.starts_from:  # typer reads the signature: a kind that starts from nothing has no --from-dir
+        signature = inspect.signature(command)
+        command.__signature__ = signature.replace(parameters=[p for p in signature.parameters.values() if p.name != "from_dir"])
+    command.__doc__ = entry.summary
+    command.__name__ = kind
+    return command
 
 
-@app.command()
-def ppo(
-    recipe: Path = RECIPE,
-    overrides: Optional[List[str]] = OVERRIDES,
-    stage: str = typer.Option("ppo", help="stage name in the recipe"),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="default: runs/<recipe>/<stage>"),
-    from_dir: Optional[Path] = typer.Option(None, "--from-dir", help="start from this finished stage folder instead of runs/<recipe>/<from>"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run in the output folder"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the last complete checkpoint"),
-):
-    """Online RL with PPO: value head, per-token KL penalty, GAE, clipped policy and value losses."""
-    from align.stages.ppo import run_ppo
-
-    cfg, name, out = _resolve_stage(recipe, stage, overrides, "ppo", output_dir)
-    run_ppo(cfg, out, recipe_name=name, from_dir=from_dir, overwrite=overwrite, resume=resume)
+# The training stages' commands come from the registry; eval has its own (it also runs without a recipe).
+for _kind in ("sft", "dpo", "grpo", "ppo"):
+    app.command(_kind)(_stage_command(_kind))
 
 
 def _option_value(text: str) -> int | float | str:
@@ -155,7 +127,8 @@ def _standalone_eval(policy: Path, baselines: List[str], prompts: List[Path], ju
     """An eval config without a recipe: the model sections are the policy stage's own (so 'base' is
     what it was trained from), or the folder itself for a plain model folder."""
     from align.models.trained import stage_config
-    from align.recipe import EvalConfig, validate
+    from align.config import EvalConfig
+    from align.recipe import validate
     from align.stages.evaluate import check_folder
 
     if not prompts or not judges:
@@ -216,32 +189,32 @@ def eval_(
     run_eval(cfg, output_dir or stage_folder("eval", plain), recipe_name="eval", overwrite=overwrite)
 
 
-@app.command()
-def rm(
-    overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides; or the word 'score' to score a file"),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="recipe YAML file (training)"),
-    stage: str = typer.Option("reward", help="stage name in the recipe"),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="default: runs/<recipe>/<stage>"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run in the output folder"),
-    resume: bool = typer.Option(False, "--resume", help="continue from the last complete checkpoint"),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="(score) a finished reward stage folder"),
-    data: Optional[Path] = typer.Option(None, "--data", help="(score) pairs -> accuracy; prompt/completion rows -> scores file"),
-    output: Optional[Path] = typer.Option(None, "--output", help="(score) where scores go; default <data>.scores.jsonl"),
+class _TrainsByDefault(TyperGroup):
+    """`align rm --recipe R ...` trains (as every stage command does); `align rm score ...` scores."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["train", *args]
+        elif not args:
+            args = ["train", "--help"]
+        return super().parse_args(ctx, args)
+
+
+rm_app = typer.Typer(cls=_TrainsByDefault, help="Train a Bradley-Terry reward model (`align rm --recipe R`), or score with one (`align rm score`).")
+app.add_typer(rm_app, name="rm")
+rm_app.command("train")(_stage_command("rm"))
+
+
+@rm_app.command("score")
+def rm_score(
+    model: Path = typer.Option(..., "--model", "-m", help="a finished reward stage folder"),
+    data: Path = typer.Option(..., "--data", help="pairs -> accuracy; prompt/completion rows -> a scores file"),
+    output: Optional[Path] = typer.Option(None, "--output", help="where scores go; default <data>.scores.jsonl"),
 ):
-    """Train a Bradley-Terry reward model, or `align rm score --model DIR --data FILE` to use one."""
-    if overrides and overrides[0] == "score":
-        from align.stages.reward import score_file
+    """Score a file with a trained reward model: accuracy on pairs, or one score per row."""
+    from align.stages.reward import score_file
 
-        if model is None or data is None:
-            raise typer.BadParameter("align rm score needs --model and --data")
-        score_file(model, data, output)
-        return
-    from align.stages.reward import run_reward
-
-    if recipe is None:
-        raise typer.BadParameter("--recipe is required to train a reward model")
-    cfg, name, out = _resolve_stage(recipe, stage, overrides, "rm", output_dir)
-    run_reward(cfg, out, recipe_name=name, overwrite=overwrite, resume=resume)
+    score_file(model, data, output)
 
 
 @app.command()
@@ -268,7 +241,9 @@ def run(
         console.print("dry run: nothing was run")
         return
     pipeline.run(plans)
-    report = next((p.output / "report.md" for p in reversed(plans) if p.kind == "eval"), None)
+    from align.stages.registry import REGISTRY
+
+    report = next((p.output / "report.md" for p in reversed(plans) if REGISTRY[p.kind].output == "report"), None)
     if report is not None and report.is_file():
         console.print(f"report: {report}")
 
@@ -284,7 +259,7 @@ def _engine_for(model: str, engine: str, precision: str, trust_remote_code: bool
     from align.models.loading import resolve_precision
     from align.models.resolve import resolve_model
     from align.models.trained import load_trained
-    from align.rollout.engine import make_engine
+    from align.rollout.engines import make_engine
 
     folder = Path(model)
     precision = resolve_precision(precision)  # the policy computes in it too: an fp32 engine is then checked against an fp32 trainer
@@ -407,7 +382,7 @@ def data_preview(
 ):
     """Show templated examples with trained tokens highlighted, and the row report."""
     from align.data.sft_data import encode_files
-    from align.data.templating import IGNORE_INDEX
+    from align.tokens import IGNORE_INDEX
     from align.models.loading import load_tokenizer
     from align.recipe import load_recipe
 
@@ -468,7 +443,8 @@ def recipes_list(folder: Path = typer.Option(Path("recipes"), help="where recipe
 @recipes_app.command("keys")
 def recipes_keys():
     """Every recipe key with its default and meaning."""
-    from align.recipe import StageConfig, describe_fields, stage_only_fields
+    from align.config import StageConfig
+    from align.recipe import describe_fields, stage_only_fields
 
     console.print("[bold]every stage[/]")
     for key, description, default in describe_fields(StageConfig):

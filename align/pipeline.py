@@ -27,7 +27,9 @@ from pathlib import Path
 
 from align.artifacts import config_changes, file_hash, flatten, stage_folder, write_atomic, written_by_align
 from align.console import console
-from align.recipe import Recipe, RecipeError, StageConfig
+from align.config import RecipeError, StageConfig
+from align.recipe import Recipe
+from align.stages.registry import REGISTRY
 
 # Keys that change how a stage logs or checkpoints, not what it produces.
 NOT_FINGERPRINTED = ("tracking.", "train.logging_steps", "train.save_steps", "train.save_total_limit", "train.eval_steps")
@@ -164,60 +166,20 @@ def stage_overrides(overrides: list[str], stage: str, stages: list[str]) -> list
 def run_stage(plan: StagePlan, recipe_name: str, resume: bool, provenance: dict) -> Path:
     """One stage through the same function its own command calls; a fresh run replaces the folder
     (only ever a folder align wrote: prepare_run_folder refuses anything else)."""
-    kind, cfg, out = plan.kind, plan.config, plan.output
-    options = dict(recipe_name=recipe_name, overwrite=not resume, resume=resume, provenance=provenance)
-    if kind == "sft":
-        from align.stages.sft import run_sft as runner
-    elif kind == "rm":
-        from align.stages.reward import run_reward as runner
-    elif kind == "dpo":
-        from align.stages.dpo import run_dpo as runner
-    elif kind == "grpo":
-        from align.stages.grpo import run_grpo as runner
-    elif kind == "ppo":
-        from align.stages.ppo import run_ppo as runner
-    elif kind == "eval":
-        from align.stages.evaluate import run_eval as runner
-    else:
-        raise RecipeError(f"stage '{plan.name}': align run cannot run a {kind} stage")
-    return runner(cfg, out, **options)
+    runner = REGISTRY[plan.kind].runner
+    return runner(plan.config, plan.output, recipe_name=recipe_name, overwrite=not resume, resume=resume, provenance=provenance)
 
 
 def describe_data(cfg: StageConfig, tokenizers: dict) -> tuple[str, str]:
-    """(rows, steps) for the plan, from the stage's own data loader: reading every row here is the
+    """(rows, work) for the plan, from the stage's own data loader: reading every row here is the
     validation - a bad row raises DataError naming file, row and field before any stage runs."""
-    import math
-
     from align.models.loading import load_tokenizer
     from align.models.resolve import resolve_model
 
     key = (cfg.model.name, cfg.model.revision, cfg.model.chat_template)
     if key not in tokenizers:  # stages of one recipe share a model: one tokenizer load
         tokenizers[key] = load_tokenizer(cfg.model, resolve_model(cfg.model.name, cfg.model.revision))
-    tokenizer = tokenizers[key]
-    if cfg.kind == "eval":
-        from align.stages.evaluate import held_out_prompts
-
-        prompts, _ = held_out_prompts(cfg.data, tokenizer)
-        return f"{len(prompts)} prompts", f"{len(prompts)} answers x {1 + len(cfg.baselines)} models"
-    if cfg.kind == "sft":
-        from align.data.sft_data import load_sft_data
-
-        data = load_sft_data(cfg.data, tokenizer, cfg.seed)
-        train, held_out = data.train, data.eval
-    elif cfg.kind in ("dpo", "rm"):
-        from align.data.preference_data import load_pairs
-
-        train, held_out, _ = load_pairs(cfg.data, tokenizer, cfg.seed)
-    else:
-        from align.data.prompt_data import load_prompts
-
-        train, held_out, _ = load_prompts(cfg.data, tokenizer, cfg.seed)
-        steps = cfg.train.max_steps or math.ceil(len(train) * cfg.train.epochs / cfg.rollout.prompts_per_step)
-        return f"{len(train)} prompts + {len(held_out)} held out", f"{steps} RL steps"
-    from align.stages.common import total_steps
-
-    return f"{len(train)} + {len(held_out)} held out", f"{total_steps(cfg, len(train), 1)} steps"
+    return REGISTRY[cfg.kind].planner(cfg, tokenizers[key])
 
 
 def _fingerprint(cfg: StageConfig, inputs: dict[str, str]) -> str:

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from align.data.batching import PaddingCollator
-from align.data.templating import IGNORE_INDEX, encode_prompt
+from align.data.templating import encode_prompt
+from align.tokens import IGNORE_INDEX
 
 PAIRWISE = (
     "You are judging two answers to the same question.\n\nQuestion:\n{question}\n\n"

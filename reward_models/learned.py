@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from align.data.batching import PaddingCollator
-from align.data.templating import IGNORE_INDEX, encode_conversation, end_of_turn_ids
+from align.data.templating import encode_conversation, end_of_turn_ids
+from align.tokens import IGNORE_INDEX
 from align.models.reward import load_reward_model, reward_scores
 
 

@@ -44,7 +44,7 @@ def policy(precision: str, adapter: bool = True):
 
     from align.models.adapters import add_adapter
     from align.models.loading import load_base_model, load_tokenizer
-    from align.recipe import AdapterConfig, LoraConfig, ModelConfig, QuantizationConfig
+    from align.config import AdapterConfig, LoraConfig, ModelConfig, QuantizationConfig
 
     model_cfg = ModelConfig()
     if not adapter:  # a plain bf16/fp32 model, as a full fine-tune would be

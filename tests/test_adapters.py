@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from align.models.adapters import add_adapter
-from align.recipe import AdapterConfig, LoraConfig
+from align.config import AdapterConfig, LoraConfig
 
 from conftest import load_tiny
 
@@ -47,7 +47,7 @@ def test_each_method_builds_and_its_weights_train(tiny_llama, method, lora, adap
 
 
 def test_loraplus_gives_b_matrices_ratio_times_the_learning_rate(tiny_llama):
-    from align.recipe import SFTConfig
+    from align.config import SFTConfig
     from align.stages.common import loraplus_optimizer
 
     cfg = SFTConfig(lora={"r": 4, "loraplus_lr_ratio": 16}, train={"lr": 1e-4})
@@ -69,7 +69,7 @@ def test_qlora_gradients_are_unchanged_by_an_eval_pass(tiny_llama):
     gradient through the frozen base silently goes wrong. Evaluating mid-training must not change
     the gradients of the next step."""
     from align.models.loading import load_base_model
-    from align.recipe import ModelConfig, QuantizationConfig
+    from align.config import ModelConfig, QuantizationConfig
 
     torch.manual_seed(0)
     model = load_base_model(ModelConfig(name=str(tiny_llama), attn_implementation="eager"), QuantizationConfig(mode="nf4"), "fp32")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from align.data.batching import PackedCollator, PaddingCollator, as_rows, pack
-from align.data.templating import IGNORE_INDEX, encode_conversation
+from align.data.templating import encode_conversation
+from align.tokens import IGNORE_INDEX
 
 from conftest import load_tiny
 

@@ -8,8 +8,8 @@ import pytest
 
 from align.data.loading import DataError
 from align.data.sft_data import encode_files, load_sft_data
-from align.data.templating import IGNORE_INDEX
-from align.recipe import DataConfig
+from align.tokens import IGNORE_INDEX
+from align.config import DataConfig
 
 from conftest import FIXTURES, write_jsonl
 

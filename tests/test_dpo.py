@@ -12,7 +12,8 @@ from align.data.batching import PairCollator
 from align.data.preference_data import encode_pair_files, to_pair_messages
 from align.data.templating import encode_prompt
 from align.losses import PreferenceLoss, dpo_robust, dpo_sigmoid, ipo, simpo
-from align.recipe import DataConfig, DPOOptions, load_recipe
+from align.config import DPOOptions, DataConfig
+from align.recipe import load_recipe
 from align.stages.dpo import run_dpo
 from align.stages.sft import run_sft
 

@@ -238,7 +238,7 @@ def test_an_unfinished_policy_stops_before_anything_is_generated(tmp_path, promp
 
 
 def test_missing_models_and_bad_judges_are_reported_before_loading(tmp_path, prompts, yes_no_model):
-    from align.recipe import EvalConfig, RecipeError
+    from align.config import EvalConfig, RecipeError
     from align.stages.evaluate import run_eval
 
     def config(**changes):
@@ -285,7 +285,7 @@ def test_the_report_states_each_models_engine_trainer_mismatch(tmp_path, prompts
     """An engine that is not the trainer's forward (here: the hf engine reporting logprobs 0.3 too
     low, as a mismatched vLLM kernel would) is measured against the trainer on its own answers."""
     import align.stages.evaluate as evaluate
-    from align.recipe import EvalConfig
+    from align.config import EvalConfig
 
     real = evaluate.rollout_engine
     monkeypatch.setattr(evaluate, "rollout_engine", lambda *args: ShiftedSampler(real(*args), shift=0.3))

@@ -105,7 +105,7 @@ def test_gsm8k_prompts_with_the_exact_answer_rule_run_end_to_end(tmp_path, tiny_
 
 
 def test_recipe_checks_groups_and_reward_sources(tmp_path, tiny_llama):
-    from align.recipe import RecipeError
+    from align.config import RecipeError
 
     recipe = load_recipe(grpo_recipe(tmp_path, tiny_llama, [{"prompt": "x"}]))
     with pytest.raises(RecipeError, match="samples_per_prompt >= 2"):

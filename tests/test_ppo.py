@@ -98,7 +98,7 @@ def test_value_head_can_start_from_the_reward_models_head(tmp_path, tiny_llama):
     from safetensors.torch import load_file
     from test_reward import train_toy
 
-    from align.recipe import RecipeError
+    from align.config import RecipeError
     from align.stages.ppo import value_head_for
 
     rm = train_toy(tmp_path, tiny_llama, steps=2)

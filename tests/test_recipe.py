@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from align.recipe import STAGE_SCHEMAS, RecipeError, load_recipe, recipe_files, recipe_from_dict
+from align.config import RecipeError
+from align.recipe import load_recipe, recipe_files, recipe_from_dict
+from align.stages.registry import REGISTRY
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,7 +95,7 @@ def test_every_shipped_recipe_validates(path):
     recipe = load_recipe(path)
     order = list(recipe.stages)
     for stage, cfg in recipe.validate_all().items():
-        assert cfg.kind in STAGE_SCHEMAS
+        assert cfg.kind in REGISTRY
         assert cfg.data.eval if cfg.kind == "eval" else cfg.data.train, f"{path}: stage {stage} has no data"
         assert all(order.index(dep) < order.index(stage) for dep in recipe.dependencies(stage))
     assert recipe.description, f"{path}: the README's recipe list needs a description"
@@ -110,7 +112,8 @@ def test_overrides_do_not_leak_into_the_next_resolve(tmp_path):
 
 def test_every_key_of_every_stage_is_described():
     """`align recipes keys` lists the shared keys and each kind's own; each has a description (STYLE 5)."""
-    from align.recipe import StageConfig, describe_fields, stage_only_fields
+    from align.config import StageConfig
+    from align.recipe import describe_fields, stage_only_fields
 
     own = stage_only_fields()
     assert {"dpo.beta", "from"} <= {k for k, _, _ in own["dpo"]}
@@ -130,3 +133,27 @@ def test_accelerate_configs_parse_with_accelerate(name):
     assert config.distributed_type.value == expected and config.mixed_precision == "bf16"
     if name.startswith("zero"):
         assert config.deepspeed_config["zero_stage"] == int(name[-1])
+
+
+def test_registry_entries_resolve_and_drive_the_cli():
+    """Every kind's runner and planner import and are callables; its schema says the same kind; the
+    CLI has a command per kind (the trainers' made from the entry, with --from-dir exactly where
+    the kind starts from a policy)."""
+    import inspect
+
+    from typer.testing import CliRunner
+
+    from align.cli import app
+    from align.stages.registry import POLICY_KINDS, REGISTRY, default_kind
+
+    for kind, entry in REGISTRY.items():
+        assert callable(entry.runner) and callable(entry.planner), kind
+        assert entry.schema.model_fields["kind"].default == kind
+        assert {"recipe_name", "overwrite", "resume", "provenance"} <= set(inspect.signature(entry.runner).parameters), kind
+        assert ("from_dir" in inspect.signature(entry.runner).parameters) == entry.starts_from, kind
+        command = ["rm", "train"] if kind == "rm" else [kind]
+        shown = CliRunner().invoke(app, [*command, "--help"], terminal_width=200).output
+        assert "--recipe" in shown, kind
+        assert ("--from-dir" in shown) == entry.starts_from, kind
+    assert POLICY_KINDS == ("sft", "dpo", "grpo", "ppo")
+    assert default_kind("reward") == "rm" and default_kind("rloo") == "grpo" and default_kind("sft") == "sft"

@@ -7,7 +7,8 @@ import torch
 from conftest import load_tiny
 
 from align.data.templating import encode_conversation, encode_prompt
-from align.rollout.engine import Rollout, Sampling, finish, pick_engine, stop_token_ids
+from align.rollout.engine import Rollout, Sampling, finish, stop_token_ids
+from align.rollout.engines import pick_engine
 from align.rollout.hf import HFEngine, filter_logits
 from align.rollout.scoring import logprob_mismatch, rollout_batch, score_rollouts
 
@@ -111,7 +112,7 @@ def test_rescoring_alone_equals_left_and_right_padded_batches(tiny_model_dir, to
 def test_qlora_policy_generates_and_its_logprobs_match(tiny_llama, tokenizer):
     from align.models.adapters import add_adapter
     from align.models.loading import load_base_model
-    from align.recipe import AdapterConfig, LoraConfig, ModelConfig, QuantizationConfig
+    from align.config import AdapterConfig, LoraConfig, ModelConfig, QuantizationConfig
 
     base = load_base_model(ModelConfig(name=str(tiny_llama), attn_implementation="eager"), QuantizationConfig(mode="nf4"), "fp32")
     policy = add_adapter(base, AdapterConfig(), LoraConfig(dropout=0.0), quantized=True, gradient_checkpointing=True)
@@ -129,7 +130,7 @@ def test_qlora_policy_generates_and_its_logprobs_match(tiny_llama, tokenizer):
 
 
 def test_engine_choice(monkeypatch):
-    import align.rollout.engine as engine
+    import align.rollout.engines as engine
 
     monkeypatch.setattr(engine, "vllm_available", lambda: False)
     assert pick_engine("auto") == "hf"

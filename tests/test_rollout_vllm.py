@@ -40,7 +40,7 @@ def vllm_llama(tmp_path_factory, tokenizer):
 def lora_policy(folder, quantization="none"):
     from align.models.adapters import add_adapter
     from align.models.loading import load_base_model
-    from align.recipe import AdapterConfig, LoraConfig, ModelConfig, QuantizationConfig
+    from align.config import AdapterConfig, LoraConfig, ModelConfig, QuantizationConfig
 
     base = load_base_model(ModelConfig(name=str(folder), attn_implementation="eager"), QuantizationConfig(mode=quantization), "fp32")
     policy = add_adapter(base, AdapterConfig(), LoraConfig(r=8, dropout=0.0), quantized=quantization != "none", gradient_checkpointing=False)
@@ -168,7 +168,7 @@ def test_qlora_policy_is_served_on_its_dequantized_base(vllm_llama, tokenizer, s
 def test_adapters_vllm_cannot_serve_are_refused(vllm_llama, tokenizer):
     from align.models.adapters import add_adapter
     from align.models.loading import load_base_model
-    from align.recipe import AdapterConfig, LoraConfig, ModelConfig, QuantizationConfig
+    from align.config import AdapterConfig, LoraConfig, ModelConfig, QuantizationConfig
 
     base = load_base_model(ModelConfig(name=str(vllm_llama)), QuantizationConfig(mode="none"), "fp32")
     policy = add_adapter(base, AdapterConfig(method="ia3"), LoraConfig(), quantized=False, gradient_checkpointing=False)
@@ -441,7 +441,7 @@ def test_sync_tolerance_follows_what_the_policy_computes_in(vllm_llama):
     from transformers import AutoModelForCausalLM
 
     from align.models.loading import load_base_model
-    from align.recipe import ModelConfig, QuantizationConfig
+    from align.config import ModelConfig, QuantizationConfig
     from align.rollout.vllm import compute_precision
 
     plain = AutoModelForCausalLM.from_pretrained(vllm_llama, dtype=torch.float32)

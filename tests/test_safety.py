@@ -20,7 +20,8 @@ import yaml
 from conftest import FIXTURES, tiny_recipe, write_jsonl
 
 from align.artifacts import OWNER_MARKER, RunFolderError, prepare_run_folder, remove_align_folder, written_by_align
-from align.recipe import RecipeError, load_recipe, recipe_from_dict
+from align.config import RecipeError
+from align.recipe import load_recipe, recipe_from_dict
 
 GSM8K = str(FIXTURES / "gsm8k-40.jsonl")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -146,7 +147,8 @@ class EvilTokenizer(PreTrainedTokenizerFast):
 def planted_stage(tmp_path: Path, tiny_llama: Path, kind: str) -> tuple[Path, Path]:
     """A finished-looking stage folder whose config.yaml turns on trust_remote_code and whose model
     folder ships a module that writes a file when imported."""
-    from align.recipe import STAGE_SCHEMAS, dump_config
+    from align.config import dump_config
+    from align.stages.registry import REGISTRY
 
     marker = tmp_path / "PWNED"
     stage = tmp_path / f"downloaded-{kind}"
@@ -159,7 +161,7 @@ def planted_stage(tmp_path: Path, tiny_llama: Path, kind: str) -> tuple[Path, Pa
     tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
     (model / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "auto_map": {"AutoTokenizer": [None, "evil.EvilTokenizer"]}}))
     extra = {"reward": {"type": "rule", "name": "answer_format"}} if kind in ("grpo", "ppo") else {}
-    cfg = STAGE_SCHEMAS[kind].model_validate({"model": {"name": str(model), "trust_remote_code": True}, **extra})
+    cfg = REGISTRY[kind].schema.model_validate({"model": {"name": str(model), "trust_remote_code": True}, **extra})
     (stage / "config.yaml").write_text(dump_config(cfg))
     (stage / "manifest.json").write_text(json.dumps({"status": "complete", "artifact": "model", "kind": kind, "precision": "fp32",
                                                      "base_model": str(model), "base_model_path": str(model)}))
@@ -308,7 +310,7 @@ def test_expected_load_reports_are_silenced_and_unexpected_ones_kept(tmp_path, t
     import logging
 
     from align.models.reward import load_reward_base
-    from align.recipe import ModelConfig, QuantizationConfig
+    from align.config import ModelConfig, QuantizationConfig
 
     class Keep(logging.Handler):  # our own handler: caplog's sees a record twice when another test
         def __init__(self):       # has switched transformers' propagation on

@@ -68,7 +68,8 @@ def test_the_cpu_default_vllm_engine_answers_like_the_trainer():
     pytest.importorskip("vllm")
     from align.models.resolve import resolve_model
     from align.models.trained import load_trained
-    from align.rollout.engine import Sampling, make_engine
+    from align.rollout.engine import Sampling
+    from align.rollout.engines import make_engine
 
     policy, tokenizer = load_trained(resolve_model("smollm2-135m-instruct"))
     chats = [[{"role": "user", "content": q}] for q in ("What is the capital of France?", "Name the largest planet of the solar system.")]
@@ -128,7 +129,7 @@ def test_grpo_with_vllm_rollouts_raises_reward_on_the_embedded_model(tmp_path):
     """Online RL on the real model: QLoRA GRPO, rollouts from vLLM when it imports (hf otherwise),
     reward = shorter answers (length_penalty, target 10 words) on GSM8K questions."""
     from align.recipe import recipe_from_dict
-    from align.rollout.engine import vllm_available
+    from align.rollout.engines import vllm_available
     from align.stages.grpo import run_grpo
 
     recipe = recipe_from_dict({

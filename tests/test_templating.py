@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from align.data.formats import RowError
-from align.data.templating import IGNORE_INDEX, TemplateError, encode_conversation, encode_prompt
+from align.data.templating import TemplateError, encode_conversation, encode_prompt
+from align.tokens import IGNORE_INDEX
 
 from conftest import FIXTURES
 

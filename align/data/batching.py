@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from align.data.templating import IGNORE_INDEX, Encoded
+from align.data.templating import Encoded
+from align.tokens import IGNORE_INDEX
 
 
 class PaddingCollator:

@@ -19,8 +19,9 @@ from align.data.formats import Message, RowError, _check_messages, _text
 from align.data.loading import read_records
 from align.data.report import RowProblem, RowReport
 from align.data.splits import load_splits
-from align.data.templating import IGNORE_INDEX, check_no_special_tokens, control_token_texts, encode_conversation, encode_prompt, end_of_turn_ids
-from align.recipe import DataConfig
+from align.data.templating import check_no_special_tokens, control_token_texts, encode_conversation, encode_prompt, end_of_turn_ids
+from align.tokens import IGNORE_INDEX
+from align.config import DataConfig
 
 LENGTH_REASONS = {"prompt_too_long", "identical_after_truncation"}
 
@@ -139,3 +140,12 @@ def encode_pair_files(paths: list[str], tokenizer, cfg: DataConfig, name: str) -
 def load_pairs(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[Pair], list[Pair], list[RowReport]]:
     """Train and held-out pairs with their row reports."""
     return load_splits(cfg, seed, lambda paths, c, name: encode_pair_files(paths, tokenizer, c, name), "preference pairs")
+
+
+def pair_rows(pairs: list[Pair]) -> list[dict]:
+    """Pairs as the rows PairCollator batches; the margin column only when every pair has one."""
+    rows = [{"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids} for p in pairs]
+    if pairs and all(p.margin is not None for p in pairs):
+        for row, pair in zip(rows, pairs):
+            row["margin"] = pair.margin
+    return rows

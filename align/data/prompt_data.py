@@ -19,7 +19,7 @@ from align.data.loading import read_records
 from align.data.report import RowProblem, RowReport
 from align.data.splits import load_splits
 from align.data.templating import check_no_special_tokens, control_token_texts, encode_prompt
-from align.recipe import DataConfig
+from align.config import DataConfig
 
 SKIPPED_COLUMNS = {"prompt", "messages", "completion"}
 

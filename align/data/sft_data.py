@@ -9,7 +9,7 @@ from align.data.loading import DataError, read_records
 from align.data.report import RowProblem, RowReport
 from align.data.splits import load_splits
 from align.data.templating import Encoded, check_no_special_tokens, control_token_texts, encode_conversation, end_of_turn_ids
-from align.recipe import DataConfig
+from align.config import DataConfig
 
 # Drops that come from the length budget, not from a broken row: counted, never fatal.
 LENGTH_REASONS = {"prompt_too_long", "no_trained_tokens"}

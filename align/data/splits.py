@@ -7,7 +7,7 @@ from typing import Callable, TypeVar
 
 from align.data.loading import DataError
 from align.data.report import RowReport
-from align.recipe import DataConfig
+from align.config import DataConfig
 
 Example = TypeVar("Example")
 Encoder = Callable[[list[str], DataConfig, str], tuple[list, RowReport]]

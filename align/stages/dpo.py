@@ -29,27 +29,28 @@ from transformers import Trainer
 
 from align.console import console, print_plan
 from align.data.batching import PairCollator
-from align.data.preference_data import Pair, load_pairs
-from align.data.templating import IGNORE_INDEX
+from align.data.preference_data import Pair, load_pairs, pair_rows
+from align.tokens import IGNORE_INDEX
 from align.losses import PreferenceLoss, sequence_logps
 from align.models.adapters import add_adapter, load_adapter_for_training, reference_mode, trainable_summary
 from align.models.loading import autocast, load_base_model, load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
-from align.recipe import DPOConfig, RecipeError
+from align.config import DPOConfig, RecipeError
 from align.stages.common import (
     adapter_line,
     check_longest_batch,
     loraplus_optimizer,
     loss_only_prediction,
     merge_stats,
-    stage_callbacks,
     prepare_output,
     process_state,
     resume_line,
     save_stage,
     source_stage,
+    stage_callbacks,
     steps_line,
     total_steps,
+    trainer_plan,
     training_arguments,
 )
 
@@ -65,14 +66,6 @@ def completion_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     keep = labels.shape[1] - first + 1
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False).logits
     return sequence_logps(logits[:, :-1], labels[:, first:])
-
-
-def pair_rows(pairs: list[Pair]) -> list[dict]:
-    rows = [{"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids} for p in pairs]
-    if pairs and all(p.margin is not None for p in pairs):
-        for row, pair in zip(rows, pairs):
-            row["margin"] = pair.margin
-    return rows
 
 
 @torch.no_grad()
@@ -154,6 +147,12 @@ class PreferenceTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         merge_stats(self._stats, logs)
         super().log(logs, start_time)
+
+
+def plan(cfg: DPOConfig, tokenizer) -> tuple[str, str]:
+    """(rows, work) for `align run`'s plan; reading every pair is the validation."""
+    train, held_out, _ = load_pairs(cfg.data, tokenizer, cfg.seed)
+    return trainer_plan(cfg, train, held_out)
 
 
 def run_dpo(cfg: DPOConfig, output_dir: str | Path, recipe_name: str = "recipe", from_dir: str | Path | None = None,

@@ -30,7 +30,7 @@ from align.eval.report import print_table, write_report
 from align.eval.winrate import outcomes_from_probabilities, outcomes_from_scores, summarize
 from align.models.loading import load_base_model, load_tokenizer, read_stage_manifest, resolve_precision
 from align.models.resolve import resolve_model
-from align.recipe import DataConfig, EvalConfig, RecipeError, stage_references
+from align.config import DataConfig, EvalConfig, RecipeError, stage_references
 from align.rollout.engine import Rollout, Sampling
 from align.rollout.scoring import logprob_mismatch, score_rollouts
 from align.stages.common import prepare_output, process_state
@@ -45,6 +45,12 @@ class Contestant:
     folder: Path
     description: str
     is_base: bool = False  # the recipe's model itself, loaded as the stages load their base
+
+
+def plan(cfg: EvalConfig, tokenizer) -> tuple[str, str]:
+    """(prompts, work) for `align run`'s plan; reading every prompt is the validation."""
+    prompts, _ = held_out_prompts(cfg.data, tokenizer)
+    return f"{len(prompts)} prompts", f"{len(prompts)} answers x {1 + len(cfg.baselines)} models"
 
 
 def run_eval(cfg: EvalConfig, output_dir: str | Path, recipe_name: str = "recipe", overwrite: bool = False,

@@ -10,6 +10,7 @@ PPO, GRPO and RLOO also keeps them comparable (scripts/bench_rl.py).
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from collections import defaultdict
@@ -25,9 +26,24 @@ from align.data.prompt_data import PromptExample
 from align.losses import token_logps, truncated_importance_weights
 from align.models.adapters import add_adapter, load_adapter_for_training
 from align.models.loading import load_base_model
-from align.recipe import RecipeError
-from align.rollout.engine import Rollout, Sampling, make_engine
+from align.config import RecipeError
+from align.rollout.engine import Rollout, Sampling
+from align.rollout.engines import make_engine
 from align.tracking import plot_losses
+
+
+def rl_steps(cfg, prompts: int) -> int:
+    """RL steps of a run: train.max_steps, else epochs over the prompts, prompts_per_step at a time.
+    The one place this is computed: the plan and the run cannot disagree."""
+    return cfg.train.max_steps or math.ceil(prompts * cfg.train.epochs / cfg.rollout.prompts_per_step)
+
+
+def plan(cfg, tokenizer) -> tuple[str, str]:
+    """(prompts, work) for `align run`'s plan; reading every prompt is the validation."""
+    from align.data.prompt_data import load_prompts
+
+    train, held_out, _ = load_prompts(cfg.data, tokenizer, cfg.seed)
+    return f"{len(train)} prompts + {len(held_out)} held out", f"{rl_steps(cfg, len(train))} RL steps"
 
 
 def stage_dirs(cfg, recipe_name: str) -> dict[str, Path]:
@@ -66,10 +82,7 @@ def load_policy(cfg, model_path: Path, precision: str, source: Path | None, need
 def rollout_engine(cfg, policy, tokenizer, precision: str):
     options = dict(kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, seed=cfg.seed,
                    sync=cfg.rollout.vllm_sync, engine_precision=cfg.rollout.engine_precision)
-    engine = make_engine(cfg.rollout.engine, policy, tokenizer, precision, **options)
-    if engine.name == "hf":
-        engine.batch_size = cfg.rollout.batch_size
-    return engine
+    return make_engine(cfg.rollout.engine, policy, tokenizer, precision, batch_size=cfg.rollout.batch_size, **options)
 
 
 def check_longest_rollout_batch(policy, prompts: list, cfg, precision: str, pad_id: int, value_head=None) -> None:

@@ -32,11 +32,12 @@ from align.losses import clipped_policy_loss, clipped_value_loss, gae, kl_estima
 from align.models.adapters import reference_mode, trainable_summary
 from align.models.loading import autocast, load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
-from align.recipe import PPOConfig, RecipeError
+from align.config import PPOConfig, RecipeError
 from align.rollout.scoring import logprob_mismatch, rollout_batch
 from align.faults import fault_point
 from align.stages.common import adapter_line, prepare_output, process_state, resume_line, source_stage
 from align.stages.online import (
+    rl_steps,
     DeadRunAlarm,
     StepLog,
     check_longest_rollout_batch,
@@ -146,7 +147,7 @@ def run_ppo(cfg: PPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
     policy, reference, reference_line = load_policy(cfg, model_path, precision, source, needs_reference)
     value_head = value_head_for(policy, opts.value_head_init, next(iter(reward_stages.values()), None))
     trainable, total = trainable_summary(policy)
-    steps = cfg.train.max_steps or math.ceil(len(prompts) * cfg.train.epochs / cfg.rollout.prompts_per_step)
+    steps = rl_steps(cfg, len(prompts))
     completions_per_step = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
     minibatch = min(opts.minibatch_size or completions_per_step, completions_per_step)
     updates = steps * opts.epochs * math.ceil(completions_per_step / minibatch)

@@ -24,14 +24,14 @@ from transformers import Trainer
 from align.console import console, print_plan
 from align.data.batching import PairCollator
 from align.data.loading import DataError
-from align.data.preference_data import load_pairs
-from align.data.templating import IGNORE_INDEX
+from align.data.preference_data import load_pairs, pair_rows
+from align.tokens import IGNORE_INDEX
 from align.losses import bradley_terry
 from align.models.adapters import add_adapter, trainable_summary
 from align.models.loading import load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
 from align.models.reward import load_reward_base, reward_scores
-from align.recipe import RewardConfig
+from align.config import RewardConfig
 from align.stages.common import (
     adapter_line,
     check_longest_batch,
@@ -45,9 +45,9 @@ from align.stages.common import (
     stage_callbacks,
     steps_line,
     total_steps,
+    trainer_plan,
     training_arguments,
 )
-from align.stages.dpo import pair_rows
 
 
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -96,6 +96,12 @@ class RewardTrainer(Trainer):
                          "eval_length_correlation": pearson(scores, lengths.float())})
             self._eval_scores, self._eval_lengths = [], []
         super().log(logs, start_time)
+
+
+def plan(cfg: RewardConfig, tokenizer) -> tuple[str, str]:
+    """(rows, work) for `align run`'s plan; reading every pair is the validation."""
+    train, held_out, _ = load_pairs(cfg.data, tokenizer, cfg.seed)
+    return trainer_plan(cfg, train, held_out)
 
 
 def run_reward(cfg: RewardConfig, output_dir: str | Path, recipe_name: str = "recipe", overwrite: bool = False, resume: bool = False,

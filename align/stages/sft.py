@@ -25,7 +25,7 @@ from align.data.sft_data import load_sft_data
 from align.models.adapters import add_adapter, trainable_summary
 from align.models.loading import load_base_model, load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
-from align.recipe import SFTConfig
+from align.config import SFTConfig
 from align.stages.common import (
     adapter_line,
     check_longest_batch,
@@ -37,8 +37,15 @@ from align.stages.common import (
     stage_callbacks,
     steps_line,
     total_steps,
+    trainer_plan,
     training_arguments,
 )
+
+
+def plan(cfg: SFTConfig, tokenizer) -> tuple[str, str]:
+    """(rows, work) for `align run`'s plan; reading every row is the validation."""
+    data = load_sft_data(cfg.data, tokenizer, cfg.seed)
+    return trainer_plan(cfg, data.train, data.eval)
 
 
 def run_sft(cfg: SFTConfig, output_dir: str | Path, recipe_name: str = "recipe", overwrite: bool = False, resume: bool = False,
