@@ -44,6 +44,11 @@ RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "train.save_steps", "tra
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 
 
+# A sample stage's outputs, which dpo and rm stages read through `data: {from: <sample stage>}`.
+PAIRS_FILE = "pairs.jsonl"
+EVAL_PAIRS_FILE = "eval_pairs.jsonl"
+
+
 def check_name(name: str, what: str) -> str:
     """``name`` if it is safe as one path part (letters, digits, '-', '_', '.'), else RunFolderError."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:

@@ -37,8 +37,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from align.config import RecipeError
 
     from align.rollout.engine import SyncError
+    from align.stages.checkup import CollapseAlarm
 
-    return (RecipeError, DataError, TemplateError, ModelNotFound, RunFolderError, FileExistsError, FileNotFoundError, SyncError)
+    return (RecipeError, DataError, TemplateError, ModelNotFound, RunFolderError, FileExistsError, FileNotFoundError, SyncError,
+            CollapseAlarm)
 
 
 def _default_output(recipe, stage: str) -> Path:
@@ -92,7 +94,7 @@ def _stage_command(kind: str):
 
 
 # The training stages' commands come from the registry; eval has its own (it also runs without a recipe).
-for _kind in ("sft", "dpo", "grpo", "ppo"):
+for _kind in ("sft", "sample", "dpo", "grpo", "ppo"):
     app.command(_kind)(_stage_command(_kind))
 
 
@@ -361,7 +363,7 @@ def merge(
 
 @data_app.command("prepare")
 def data_prepare(
-    name: str = typer.Argument(..., help="gsm8k, chitchat or summary-pairs"),
+    name: str = typer.Argument(..., help="gsm8k, chitchat, summary-pairs or arithmetic"),
     out: Optional[Path] = typer.Option(None, "--out", help="default: data/<name>"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace files that already exist"),
 ):

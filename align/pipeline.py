@@ -106,6 +106,9 @@ class Pipeline:
             if stale:
                 return "run", f"input stage(s) {', '.join(stale)} were re-made since it ran"
             return "skip", "up to date"
+        if manifest and manifest.get("status") == "collapsed":  # never built on, never resumed: it would collapse again
+            reasons = "; ".join((manifest.get("checkup") or {}).get("collapse") or [])
+            return "run", f"the collapse alarm stopped it last time ({reasons}); change its config or set checkup.alarm=false"
         attempt = self._attempts().get(plan.name, {})
         if plan.output.exists() and attempt.get("fingerprint") == plan.fingerprint:
             return "resume", "interrupted; resuming from its last complete checkpoint"
@@ -172,9 +175,14 @@ def run_stage(plan: StagePlan, recipe_name: str, resume: bool, provenance: dict)
 
 def describe_data(cfg: StageConfig, tokenizers: dict) -> tuple[str, str]:
     """(rows, work) for the plan, from the stage's own data loader: reading every row here is the
-    validation - a bad row raises DataError naming file, row and field before any stage runs."""
+    validation - a bad row raises DataError naming file, row and field before any stage runs.
+    Pairs a sample stage has yet to write are read (and checked) when this stage starts."""
     from align.models.loading import load_tokenizer
     from align.models.resolve import resolve_model
+
+    if cfg.data.from_stage and not all(Path(p).exists() for p in [*cfg.data.train, *cfg.data.eval]):
+        steps = f"{cfg.train.max_steps} steps" if cfg.train.max_steps else "-"
+        return f"pairs from {cfg.data.from_stage} (made when it runs)", steps
 
     key = (cfg.model.name, cfg.model.revision, cfg.model.chat_template)
     if key not in tokenizers:  # stages of one recipe share a model: one tokenizer load
@@ -184,7 +192,10 @@ def describe_data(cfg: StageConfig, tokenizers: dict) -> tuple[str, str]:
 
 def _fingerprint(cfg: StageConfig, inputs: dict[str, str]) -> str:
     config = {k: v for k, v in flatten(cfg.model_dump(mode="json", by_alias=True)).items() if not k.startswith(NOT_FINGERPRINTED)}
-    files = {path: file_hash(Path(path)) for path in [*cfg.data.train, *cfg.data.eval] if Path(path).exists()}
+    # Pairs made by an input stage are not hashed as data: its fingerprint and artifact hash cover them
+    # (hashing them would change this fingerprint between the plan that makes them and the next run).
+    made = [p for p in [*cfg.data.train, *cfg.data.eval] if cfg.data.from_stage and Path(p).parent.name == cfg.data.from_stage]
+    files = {path: file_hash(Path(path)) for path in [*cfg.data.train, *cfg.data.eval] if Path(path).exists() and path not in made}
     blob = json.dumps({"config": config, "data": files, "inputs": inputs}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -100,6 +100,10 @@ EXPECTED_VLLM = (
     "Reset SSM cache type",
     "is not found in LD_PRELOAD",  # tcmalloc / iomp: a speed hint for dedicated servers
     "CPU backend doesn't allow to use `torch.set_num_threads`",
+    # a second engine in one process (align run: sample, then grpo, then eval) registers vLLM's kernels
+    # again and sees the variable its first engine set
+    "is already registered. Overwriting.",
+    "Unknown vLLM environment variable detected: VLLM_DIST_IDENT",
 )
 
 

@@ -16,9 +16,16 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
-from align.artifacts import NAME_PATTERN
+from align.artifacts import EVAL_PAIRS_FILE, NAME_PATTERN, PAIRS_FILE, stage_folder
 from align.config import SHARED_SECTIONS, EvalConfig, RecipeError, SFTConfig, StageConfig, _Strict, stage_references
 from align.stages.registry import POLICY_KINDS, REGISTRY, default_kind, kinds_making
+
+# What each way of naming another stage needs it to make: (kinds that make it, what that is).
+REFERENCE_KINDS = {
+    "from": (POLICY_KINDS, "a policy to start from"),
+    "reward from": (kinds_making("reward"), "a learned reward (a reward model)"),
+    "data from": (kinds_making("pairs"), "preference pairs to train on"),
+}
 
 __all__ = ["Recipe", "RecipeError", "load_recipe", "recipe_from_dict", "apply_override", "validate", "describe_fields"]
 
@@ -52,11 +59,12 @@ class Recipe(_Strict):
         for key, source in stage_references(config):
             if source not in earlier:
                 raise RecipeError(f"{self._where()}, stage '{stage}': {key}: {source} names no earlier stage (earlier: {', '.join(earlier) or 'none'})")
-            wanted = POLICY_KINDS if key == "from" else kinds_making("reward")
+            wanted, what = REFERENCE_KINDS.get(key, REFERENCE_KINDS["reward from"])
             if self.stage_kind(source) not in wanted:
-                what = "a policy to start from" if key == "from" else "a learned reward (a reward model)"
                 raise RecipeError(f"{self._where()}, stage '{stage}': {key}: {source} is a {self.stage_kind(source)} stage, but {what} "
                                   f"must come from a stage of kind {' or '.join(wanted)}")
+        if config.data.from_stage:
+            self._read_pairs_of(config, stage)
         if isinstance(config, EvalConfig):
             trained = [s for s in earlier if self.stage_kind(s) in POLICY_KINDS]
             for key, name in [("policy", config.policy)] + [("baselines", b) for b in config.baselines]:
@@ -70,6 +78,20 @@ class Recipe(_Strict):
                     raise RecipeError(f"{self._where()}, stage '{stage}': no policy to evaluate (set policy: <stage or folder>)")
                 config.policy = trained[-1]
         return config
+
+    def _read_pairs_of(self, config: StageConfig, stage: str) -> None:
+        """`data: {from: sample}`: the sample stage's pairs become this stage's data files (its held-out
+        pairs the eval files, unless the stage names its own). Files in the recipe's shared data section
+        are not this stage's. The paths are in the resolved config."""
+        own = self.stages[stage].get("data") or {}
+        if own.get("train"):
+            raise RecipeError(f"{self._where()}, stage '{stage}': give data.train or data.from ({config.data.from_stage}), not both")
+        folder = stage_folder(self.name, config.data.from_stage)
+        config.data.train = [str(folder / PAIRS_FILE)]
+        sampler = self.resolve(config.data.from_stage).data
+        if not own.get("eval") and not own.get("eval_rows"):
+            config.data.eval_rows = 0
+            config.data.eval = [str(folder / EVAL_PAIRS_FILE)] if sampler.eval or sampler.eval_rows else []
 
     def dependencies(self, stage: str) -> list[str]:
         """The earlier stages whose artifacts this stage reads (from, reward from, eval's policy and baselines)."""

@@ -30,13 +30,46 @@ def final_number(text: str) -> str | None:
     return value
 
 
-def gsm8k_exact(prompts: list, completions: list[str], reference: list[str]) -> list[float]:
-    """1.0 when the completion's final number equals the reference answer's, else 0.0.
+def answer_text(text: str) -> str:
+    """What a math answer checker reads: the text after GSM8K's last '####' marker, else all of it.
 
-    >>> gsm8k_exact([[], []], ["... #### 18", "I think 17"], ["Janet makes 18.\\n#### 18", "#### 18"])
-    [1.0, 0.0]
+    >>> answer_text("so 3 + 4 = 7\\n#### 7")
+    '7'
     """
-    return [1.0 if (got := final_number(c)) is not None and got == final_number(r) else 0.0 for c, r in zip(completions, reference)]
+    return text.split("####")[-1].strip() if "####" in text else text
+
+
+def same_answer(completion: str, reference: str) -> bool:
+    """The completion's final answer equals the reference's: the same normalised number, else equal
+    as mathematics by HF's math-verify (1/2 = 0.5, 1,250.00 = 1250, \\frac{3}{4} = 0.75), which the
+    field uses to check math answers. Its timeouts use SIGALRM, which only the main thread may set:
+    elsewhere they are off (and its warning that says so is silenced).
+
+    >>> same_answer("so the half is 1/2", "#### 0.5"), same_answer("#### 12", "#### 13")
+    (True, False)
+    """
+    got, want = final_number(completion), final_number(reference)
+    if got is not None and got == want:
+        return True
+    import logging
+    import threading
+
+    from math_verify import parse, verify
+
+    seconds = 5 if threading.current_thread() is threading.main_thread() else None
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    gold = parse(answer_text(reference), parsing_timeout=seconds)
+    answer = parse(answer_text(completion), parsing_timeout=seconds)
+    return bool(gold and answer and verify(gold, answer, timeout_seconds=seconds))
+
+
+def gsm8k_exact(prompts: list, completions: list[str], reference: list[str]) -> list[float]:
+    """1.0 when the completion's final answer equals the reference answer's (``same_answer``), else 0.0.
+
+    >>> gsm8k_exact([[], [], []], ["... #### 18", "I think 17", "#### 18.0"], ["Janet makes 18.\\n#### 18", "#### 18", "#### 18"])
+    [1.0, 0.0, 1.0]
+    """
+    return [1.0 if same_answer(c, r) else 0.0 for c, r in zip(completions, reference)]
 
 
 def answer_format(prompts: list, completions: list[str]) -> list[float]:

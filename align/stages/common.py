@@ -169,7 +169,7 @@ def save_stage(trainer, tokenizer, output_dir: Path, artifact: str, started: flo
     evals = [r for r in read_metrics(output_dir / "metrics.jsonl") if "eval_loss" in r]
     manifest = write_manifest(
         output_dir,
-        status="complete",
+        status=manifest.pop("status", "complete"),
         artifact=artifact,
         eval_loss_start=evals[0]["eval_loss"] if evals else None,
         seconds=round(time.time() - started, 1),

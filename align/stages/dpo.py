@@ -25,7 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from align.console import console, print_plan
 from align.data.batching import PairCollator
@@ -36,6 +36,7 @@ from align.models.adapters import add_adapter, load_adapter_for_training, refere
 from align.models.loading import autocast, load_base_model, load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
 from align.config import DPOConfig, RecipeError
+from align.stages.checkup import checkup_status, raise_if_collapsed, run_checkup, with_training_alarm
 from align.stages.common import (
     adapter_line,
     check_longest_batch,
@@ -136,6 +137,8 @@ class PreferenceTrainer(Trainer):
             # (not a KL: these answers are not sampled from the policy)
             logratio = torch.cat([policy_chosen - ref[:n], policy_rejected - ref[n:]]).sum() / counts.sum()
             stats[prefix + "logratio_per_token"].append(logratio.item())
+            # the chosen answers alone: falling far below the start is DPO's way of wrecking a model
+            stats[prefix + "chosen_logratio_per_token"].append(((policy_chosen - ref[:n]).sum() / counts[:n].sum()).item())
         else:
             margin = policy_chosen / counts[:n] - policy_rejected / counts[n:]
             stats[prefix + "rewards/accuracies"].append((margin > 0).float().mean().item())
@@ -147,6 +150,24 @@ class PreferenceTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         merge_stats(self._stats, logs)
         super().log(logs, start_time)
+
+
+class ChosenWatch(TrainerCallback):
+    """DPO's side of the collapse alarm: training stops when the policy's log-probability of the
+    chosen answers, per token, falls more than checkup.max_chosen_drop below the reference's (both
+    answers pushed down, the likelihood displacement that makes DPO'd models ramble)."""
+
+    def __init__(self, checkup):
+        self.checkup = checkup
+        self.reason: str | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key, where in (("eval_chosen_logratio_per_token", "held-out"), ("chosen_logratio_per_token", "training")):
+            value = (logs or {}).get(key)
+            if self.checkup.alarm and value is not None and value < -self.checkup.max_chosen_drop and not self.reason:
+                self.reason = (f"step {state.global_step}: the {where} chosen answers' log-probability fell {value:.3f} per token below "
+                               f"the start's (threshold checkup.max_chosen_drop {self.checkup.max_chosen_drop})")
+                control.should_training_stop = True
 
 
 def plan(cfg: DPOConfig, tokenizer) -> tuple[str, str]:
@@ -227,15 +248,16 @@ def run_dpo(cfg: DPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
             "output": str(output_dir),
         })
 
-    # 5. Train.
+    # 5. Train (ChosenWatch stops it if the chosen answers' likelihood collapses).
     has_eval = bool(eval_rows)
+    watch = ChosenWatch(cfg.checkup)
     trainer = PreferenceTrainer(
         model=model,
         args=training_arguments(cfg, output_dir, precision, has_eval, resume_from, f"{recipe_name}/dpo"),
         train_dataset=train_rows,
         eval_dataset=eval_rows or None,
         data_collator=collator,
-        callbacks=stage_callbacks(output_dir, cfg, model),
+        callbacks=[*stage_callbacks(output_dir, cfg, model), watch],
         optimizers=(loraplus_optimizer(model, cfg), None),
         options=cfg.dpo,
         reference_adapter=reference_adapter,
@@ -248,6 +270,7 @@ def run_dpo(cfg: DPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
     if trainer.is_world_process_zero():
         if reference_adapter:
             model.delete_adapter(reference_adapter)
+        checkup = with_training_alarm(run_checkup(cfg, model, tokenizer, source, precision), watch.reason)
         save_stage(
             trainer, tokenizer, output_dir, "adapter", started,
             stage="dpo", kind="dpo", recipe=recipe_name, from_stage=str(source) if source else None,
@@ -257,8 +280,10 @@ def run_dpo(cfg: DPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
             data={r.name: r.as_dict() for r in reports},
             steps=result.global_step, train_loss=result.training_loss,
             eval_loss=final_eval.get("eval_loss"), eval_reward_accuracy=final_eval.get("eval_rewards/accuracies"),
-            resumed_from=str(resume_from) if resume_from else None, **(provenance or {}),
+            resumed_from=str(resume_from) if resume_from else None, checkup=checkup, status=checkup_status(cfg, checkup),
+            **(provenance or {}),
         )
+        raise_if_collapsed(cfg, checkup, output_dir)
         if final_eval:
             console.print(f"held-out reward accuracy {final_eval.get('eval_rewards/accuracies', float('nan')):.3f}, loss {final_eval['eval_loss']:.4f}")
         console.print(f"next: align generate --model {output_dir} --prompt \"...\"")

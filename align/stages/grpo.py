@@ -33,9 +33,11 @@ from align.models.resolve import resolve_model
 from align.config import GRPOConfig
 from align.rollout.scoring import logprob_mismatch, rollout_batch
 from align.faults import fault_point
+from align.stages.checkup import checkup_status, raise_if_collapsed, run_checkup, with_training_alarm
 from align.stages.common import adapter_line, prepare_output, process_state, resume_line, source_stage
 from align.stages.online import (
     rl_steps,
+    CollapseWatch,
     DeadRunAlarm,
     StepLog,
     check_longest_rollout_batch,
@@ -120,8 +122,9 @@ def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe
         })
 
         log = StepLog(output_dir / "metrics.jsonl")
-        stopped = None
+        stopped = collapsed = None
         alarm = DeadRunAlarm(opts.dead_steps, cfg.rollout.max_new_tokens)
+        watch = CollapseWatch(cfg.checkup)
         alarm.streak = loop.get("dead_streak", 0)
         if "eval_reward_start" in loop:  # resumed: the start was measured before the first step
             eval_start = loop["eval_reward_start"]
@@ -201,6 +204,8 @@ def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe
             console.print(f"step {step}/{steps}: reward {stats['reward_mean']:.3f} (std {stats['reward_std']:.3f}), "
                           f"length {stats['completion_length']:.0f}, truncated {stats['truncated_fraction']:.0%}, loss {record['loss']:+.4f}")
             stopped = alarm.check(stats["truncated_fraction"], stats["reward_std"], zero_advantage=bool((advantages == 0).all()))
+            collapsed = watch.check(stats["loop_fraction"], record.get("kl"))
+            stopped = stopped or (f"collapse: {collapsed}" if collapsed else None)
             if stopped:
                 console.print(f"[yellow]stopping early: {stopped}[/]")
                 break
@@ -212,6 +217,7 @@ def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe
         eval_end = held_out_reward(engine, reward, held_out, cfg) if held_out else None
     finally:
         engine.close()
+    checkup = with_training_alarm(run_checkup(cfg, policy, tokenizer, source, precision), collapsed)
     save_rl_stage(
         policy, tokenizer, output_dir, started,
         stage="grpo", kind="grpo", recipe=recipe_name, algorithm=opts.algorithm, from_stage=str(source) if source else None,
@@ -219,10 +225,11 @@ def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe
         quantization=cfg.quantization.mode if quantized else "none", engine=engine.name, steps=step, stopped_early=stopped,
         reward=getattr(reward, "name", str(cfg.reward)), data={r.name: r.as_dict() for r in reports},
         eval_reward_start=eval_start, eval_reward_end=eval_end, resumed_from=str(resume_from) if resume_from else None,
-        **(provenance or {}),
+        checkup=checkup, status=checkup_status(cfg, checkup), **(provenance or {}),
     )
     if eval_start is not None:
         console.print(f"held-out reward {eval_start:.3f} -> {eval_end:.3f}")
+    raise_if_collapsed(cfg, checkup, output_dir)
     return output_dir
 
 

@@ -265,13 +265,39 @@ class StepLog:
 
 
 def rollout_stats(rollouts: list[Rollout], rewards: torch.Tensor) -> dict[str, float]:
+    from align.eval.health import distinct_n, has_loop
+
     lengths = torch.tensor([len(r.completion_ids) for r in rollouts], dtype=torch.float32)
     return {
         "reward_mean": rewards.mean().item(),
         "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
         "completion_length": lengths.mean().item(),
         "truncated_fraction": sum(r.truncated for r in rollouts) / len(rollouts),
+        "loop_fraction": sum(has_loop(r.completion_ids) for r in rollouts) / len(rollouts),
+        "distinct_2": distinct_n([r.completion_ids for r in rollouts], 2),
     }
+
+
+class CollapseWatch:
+    """The RL side of the collapse alarm, every step: the KL to the reference (when the loss has one)
+    past checkup.max_kl, or the share of looping rollouts risen past checkup.max_loop_rise above the
+    first step's. Off when checkup.alarm is false; the reason stops the loop like the dead-run alarm."""
+
+    def __init__(self, checkup):
+        self.checkup = checkup
+        self.first_loops: float | None = None
+
+    def check(self, loop_fraction: float, kl: float | None) -> str | None:
+        if self.first_loops is None:
+            self.first_loops = loop_fraction
+        if not self.checkup.alarm:
+            return None
+        if kl is not None and kl > self.checkup.max_kl:
+            return f"KL to the reference {kl:.3f} per token (threshold checkup.max_kl {self.checkup.max_kl})"
+        if loop_fraction - self.first_loops > self.checkup.max_loop_rise:
+            return (f"rollouts stuck in a repeated loop rose from {self.first_loops:.2f} to {loop_fraction:.2f} "
+                    f"(threshold checkup.max_loop_rise {self.checkup.max_loop_rise})")
+        return None
 
 
 def save_rl_stage(policy, tokenizer, output_dir: Path, started: float, extra_files: dict[str, dict[str, torch.Tensor]] | None = None, **manifest) -> dict:
@@ -286,7 +312,7 @@ def save_rl_stage(policy, tokenizer, output_dir: Path, started: float, extra_fil
         for name, tensors in (extra_files or {}).items():
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(staging / name))
     _plot_rewards(output_dir)
-    manifest = write_manifest(output_dir, status="complete", artifact="adapter", seconds=round(time.time() - started, 1), **manifest)
+    manifest = write_manifest(output_dir, status=manifest.pop("status", "complete"), artifact="adapter", seconds=round(time.time() - started, 1), **manifest)
     console.print(f"[bold green]done[/] in {time.time() - started:.0f}s: {output_dir}")
     return manifest
 

@@ -35,9 +35,11 @@ from align.models.resolve import resolve_model
 from align.config import PPOConfig, RecipeError
 from align.rollout.scoring import logprob_mismatch, rollout_batch
 from align.faults import fault_point
+from align.stages.checkup import checkup_status, raise_if_collapsed, run_checkup, with_training_alarm
 from align.stages.common import adapter_line, prepare_output, process_state, resume_line, source_stage
 from align.stages.online import (
     rl_steps,
+    CollapseWatch,
     DeadRunAlarm,
     StepLog,
     check_longest_rollout_batch,
@@ -194,7 +196,8 @@ def run_ppo(cfg: PPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
         log = StepLog(output_dir / "metrics.jsonl")
         alarm = DeadRunAlarm(opts.dead_steps, cfg.rollout.max_new_tokens)
         alarm.streak = loop.get("dead_streak", 0)
-        stopped = None
+        stopped = collapsed = None
+        watch = CollapseWatch(cfg.checkup)
         policy.train()
         temperature = cfg.rollout.temperature
         step = start = loop["step"]
@@ -294,6 +297,9 @@ def run_ppo(cfg: PPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
             console.print(f"step {step}/{steps}: reward {stats['reward_mean']:.3f} (std {stats['reward_std']:.3f}), KL {kl_per_completion:.4f}, "
                           f"length {stats['completion_length']:.0f}, truncated {stats['truncated_fraction']:.0%}, loss {record['loss']:+.4f}")
             stopped = alarm.check(stats["truncated_fraction"], stats["reward_std"])
+            # PPO logs KL per completion (the penalty's sum); the alarm's threshold is per token
+            collapsed = watch.check(stats["loop_fraction"], kl_per_completion / max(stats["completion_length"], 1.0))
+            stopped = stopped or (f"collapse: {collapsed}" if collapsed else None)
             if stopped:
                 console.print(f"[yellow]stopping early: {stopped}[/]")
                 break
@@ -304,12 +310,15 @@ def run_ppo(cfg: PPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
                                    {VALUE_HEAD_FILE: value_head.state_dict()})
     finally:
         engine.close()
+    checkup = with_training_alarm(run_checkup(cfg, policy, tokenizer, source, precision), collapsed)
     save_rl_stage(
         policy, tokenizer, output_dir, started, extra_files={VALUE_HEAD_FILE: value_head.state_dict()},
         stage="ppo", kind="ppo", recipe=recipe_name, from_stage=str(source) if source else None,
         base_model=cfg.model.name, base_model_path=str(model_path), precision=precision,
         quantization=cfg.quantization.mode if quantized else "none", engine=engine.name, steps=step, stopped_early=stopped,
         reward=getattr(reward, "name", str(cfg.reward)), data={r.name: r.as_dict() for r in reports}, final_kl_coef=kl_control.coef,
-        resumed_from=str(resume_from) if resume_from else None, **(provenance or {}),
+        resumed_from=str(resume_from) if resume_from else None, checkup=checkup, status=checkup_status(cfg, checkup),
+        **(provenance or {}),
     )
+    raise_if_collapsed(cfg, checkup, output_dir)
     return output_dir

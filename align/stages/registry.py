@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from importlib import import_module
 from typing import Callable, Literal
 
-from align.config import DPOConfig, EvalConfig, GRPOConfig, PPOConfig, RewardConfig, SFTConfig, StageConfig
+from align.config import DPOConfig, EvalConfig, GRPOConfig, PPOConfig, RewardConfig, SampleConfig, SFTConfig, StageConfig
 
 # What a finished stage folder holds, which decides where it may be used:
 #   policy  a causal LM (adapter or whole model): `from:`, eval's policy and baselines
 #   reward  a scalar reward model: `reward: {type: learned, from: ...}`, eval judges, PPO's value head
+#   pairs   preference pairs (pairs.jsonl, eval_pairs.jsonl): `data: {from: ...}` of dpo and rm stages
 #   report  an evaluation report; nothing reads it as an input
-Output = Literal["policy", "reward", "report"]
+Output = Literal["policy", "reward", "pairs", "report"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,9 @@ REGISTRY: dict[str, StageKind] = {entry.kind: entry for entry in (
               starts_from=True, stage_names=("grpo", "rloo")),
     StageKind("ppo", PPOConfig, "align.stages.ppo:run_ppo", "align.stages.online:plan", "policy",
               "Online RL with PPO: value head, per-token KL penalty, GAE, clipped policy and value losses.", starts_from=True),
+    StageKind("sample", SampleConfig, "align.stages.sample:run_sample", "align.stages.sample:plan", "pairs",
+              "Preference pairs from a policy's own answers: n samples per prompt ranked by a reward, best vs worst.",
+              starts_from=True),
     StageKind("eval", EvalConfig, "align.stages.evaluate:run_eval", "align.stages.evaluate:plan", "report",
               "Win-rate of a policy against baselines on held-out prompts."),
 )}

@@ -26,6 +26,7 @@ from align.models.adapters import add_adapter, trainable_summary
 from align.models.loading import load_base_model, load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
 from align.config import SFTConfig
+from align.stages.checkup import checkup_status, raise_if_collapsed, run_checkup
 from align.stages.common import (
     adapter_line,
     check_longest_batch,
@@ -107,8 +108,10 @@ def run_sft(cfg: SFTConfig, output_dir: str | Path, recipe_name: str = "recipe",
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     final_eval = trainer.evaluate() if has_eval else {}
 
-    # 6. Save: adapter (or whole model), curve, manifest last.
+    # 6. Checkup: the trained policy against the base on held-out prompts of the task, then save:
+    #    adapter (or whole model), curve, manifest last.
     if trainer.is_world_process_zero():
+        checkup = run_checkup(cfg, trainer.model, tokenizer, None, precision)
         manifest = save_stage(
             trainer, tokenizer, output_dir, "model" if full else "adapter", started,
             stage="sft", kind="sft", recipe=recipe_name,
@@ -116,9 +119,11 @@ def run_sft(cfg: SFTConfig, output_dir: str | Path, recipe_name: str = "recipe",
             precision=precision, quantization=cfg.quantization.mode if quantized else "none",
             data={r.name: r.as_dict() for r in data.reports},
             steps=result.global_step, train_loss=result.training_loss, eval_loss=final_eval.get("eval_loss"),
-            resumed_from=str(resume_from) if resume_from else None, **(provenance or {}),
+            resumed_from=str(resume_from) if resume_from else None, checkup=checkup, status=checkup_status(cfg, checkup),
+            **(provenance or {}),
         )
         if final_eval:
             console.print(f"held-out loss {manifest['eval_loss_start']:.4f} -> {final_eval['eval_loss']:.4f}")
+        raise_if_collapsed(cfg, checkup, output_dir)
         console.print(f"next: align generate --model {output_dir} --prompt \"...\"   or   align merge --model {output_dir}")
     return output_dir

@@ -1,0 +1,170 @@
+"""Before and after: what a policy stage did to the model, on held-out prompts of the recipe's task.
+
+Every stage that changes a policy (sft, dpo, grpo, ppo) runs this at its end when the recipe has a
+``checkup:`` section, on the model still in memory, before it is saved:
+  1. answers  - greedy answers of the trained policy and of its start (the stage it started from, or
+                the base with the adapter off) to checkup.prompts, from the hf engine on the policy
+                object itself (no export, no second base in memory)
+  2. measure  - per model: the verifier's mean reward, the share of answers stuck in a loop, distinct-2,
+                mean length, the share cut at max_new_tokens (align/eval/health.py); and the KL per token
+                from the start, exact over the vocabulary, on the trained policy's answers
+  3. verdict  - a table before -> after; past a threshold (KL, loops, reward) the stage is marked
+                collapsed, not complete, and stops the pipeline with the reasons (checkup.alarm: false
+                reports without stopping)
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from align.config import StageConfig
+from align.console import console
+from align.data.prompt_data import PromptExample, encode_prompt_files
+from align.eval.health import collapse_reasons, degeneration
+from align.models.adapters import reference_mode
+from align.models.loading import autocast
+from align.rollout.engine import Rollout, Sampling
+from align.rollout.scoring import rollout_batch
+
+START_ADAPTER = "checkup_start"
+
+
+class CollapseAlarm(RuntimeError):
+    """A stage made the model measurably worse on the recipe's task; its folder is marked collapsed."""
+
+
+def checkup_prompts(cfg: StageConfig, tokenizer) -> list[PromptExample]:
+    """The checkup's prompts (read with the stage's own prompt rules; bad rows stop the stage)."""
+    c = cfg.checkup
+    prompts, report = encode_prompt_files(c.prompts, tokenizer, cfg.data.model_copy(update={"max_length": 10**6}), "checkup")
+    report.raise_if_bad()
+    return prompts[: c.max_prompts]
+
+
+@torch.no_grad()
+def run_checkup(cfg: StageConfig, model, tokenizer, source: Path | None, precision: str) -> dict | None:
+    """{"before", "after", "kl_per_token", "collapse": [reasons], "prompts", "settings"} or None without a checkup section.
+
+    ``source`` is the stage the policy started from (its adapter is loaded beside the trained one
+    for the comparison and removed again); None means the start is the base with the adapter off.
+    """
+    from reward_models import build_reward
+
+    from align.rollout.hf import HFEngine
+
+    c = cfg.checkup
+    if not c.prompts:
+        return None
+    if not hasattr(model, "disable_adapter"):
+        console.print("[yellow]checkup skipped: full fine-tuning keeps no start to compare with in memory[/]")
+        return None
+    started = time.time()
+    prompts = checkup_prompts(cfg, tokenizer)
+    reward = build_reward(c.reward, trust_remote_code=cfg.model.trust_remote_code) if c.reward is not None else None
+    was_training = model.training
+    engine = HFEngine(model, tokenizer, precision, batch_size=len(prompts))
+    settings = Sampling(temperature=0.0, max_new_tokens=c.max_new_tokens, seed=cfg.seed)
+    conversations = [p.messages for p in prompts]
+    try:
+        with start_policy(model, source):
+            start_answers = engine.generate(conversations, settings)
+        model.eval()
+        answers = engine.generate(conversations, settings)
+        kl = kl_per_token(model, source, answers, tokenizer.pad_token_id, precision)
+    finally:
+        if START_ADAPTER in getattr(model, "peft_config", {}):
+            model.delete_adapter(START_ADAPTER)
+        model.train(was_training)
+    before, after = measure(start_answers, reward, prompts), measure(answers, reward, prompts)
+    reasons = collapse_reasons(before, after, kl if cfg.CHECKUP_KL_ALARM else None, c.max_kl, c.max_loop_rise, c.max_reward_drop)
+    result = {"prompts": len(prompts), "before": before, "after": after, "kl_per_token": kl, "collapse": reasons,
+              "start": str(source) if source else "base (adapter off)", "seconds": round(time.time() - started, 1),
+              "examples": [{"prompt": p.messages[-1]["content"], "before": b.text, "after": a.text}
+                           for p, b, a in list(zip(prompts, start_answers, answers))[:3]]}
+    print_checkup(cfg.kind, result)
+    return result
+
+
+def measure(answers: list[Rollout], reward, prompts: list[PromptExample]) -> dict[str, float]:
+    from align.stages.online import score
+
+    stats = degeneration([a.completion_ids for a in answers], [a.truncated for a in answers])
+    stats["reward"] = score(reward, prompts, answers).mean().item() if reward is not None else None
+    return stats
+
+
+@contextmanager
+def start_policy(model, source: Path | None):
+    """The policy as the stage found it: the starting stage's adapter, or the base with adapters off."""
+    if source is not None and START_ADAPTER not in model.peft_config:
+        model.load_adapter(str(source / "adapter"), adapter_name=START_ADAPTER, is_trainable=False)
+    with reference_mode(model, START_ADAPTER if source is not None else None):
+        yield
+
+
+def kl_per_token(model, source: Path | None, answers: list[Rollout], pad_id: int, precision: str, batch_size: int = 8) -> float:
+    """Mean over the answers' tokens of KL(policy || start) of the next-token distributions, summed
+    exactly over the vocabulary (not a sampled estimate: greedy answers would bias one)."""
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    for i in range(0, len(answers), batch_size):
+        chunk = [a for a in answers[i:i + batch_size] if a.completion_ids]
+        if not chunk:
+            continue
+        batch = {k: v.to(device) for k, v in rollout_batch(chunk, pad_id).items()}
+        policy = completion_logprobs(model, batch, precision)
+        with start_policy(model, source):
+            start = completion_logprobs(model, batch, precision)
+        mask = batch["completion_mask"].float()
+        per_token = (policy.exp() * (policy - start)).sum(-1)
+        total += (per_token * mask).sum().item()
+        tokens += int(mask.sum().item())
+    return total / max(tokens, 1)
+
+
+def completion_logprobs(model, batch: dict[str, torch.Tensor], precision: str) -> torch.Tensor:
+    """Log-softmax over the vocabulary at each completion position, [B, C, V] in fp32."""
+    completion_len = batch["completion_ids"].shape[1]
+    with autocast(precision):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                       logits_to_keep=completion_len + 1, use_cache=False).logits[:, :-1]
+    return logits.float().log_softmax(-1)
+
+
+def print_checkup(kind: str, result: dict) -> None:
+    before, after = result["before"], result["after"]
+    rows = [("reward", "reward", "{:.3f}"), ("in a loop", "loop_fraction", "{:.2f}"), ("distinct-2", "distinct_2", "{:.3f}"),
+            ("length (tokens)", "length_mean", "{:.1f}"), ("cut off", "truncated_fraction", "{:.2f}")]
+    console.print(f"checkup of {kind} on {result['prompts']} held-out prompts (greedy, {result['seconds']:.0f}s), start -> end; "
+                  f"KL to start {result['kl_per_token']:.4f} per token")
+    for label, key, fmt in rows:
+        if before.get(key) is not None:
+            console.print(f"  {label:<16} {fmt.format(before[key])} -> {fmt.format(after[key])}")
+    for reason in result["collapse"]:
+        console.print(f"[bold red]collapse: {reason}[/]")
+
+
+def with_training_alarm(result: dict | None, reason: str | None) -> dict | None:
+    """The checkup's result with the training loop's own collapse reason (RL: CollapseWatch, DPO: ChosenWatch) added."""
+    if not reason:
+        return result
+    result = result or {"collapse": []}
+    result["collapse"] = [f"during training: {reason}", *result["collapse"]]
+    return result
+
+
+def checkup_status(cfg: StageConfig, result: dict | None) -> str:
+    """The manifest status a stage gets: complete, or collapsed when the alarm is on and went off."""
+    return "collapsed" if result and result["collapse"] and cfg.checkup.alarm else "complete"
+
+
+def raise_if_collapsed(cfg: StageConfig, result: dict | None, output_dir: Path) -> None:
+    if checkup_status(cfg, result) == "collapsed":
+        raise CollapseAlarm(f"{cfg.kind} stage stopped by the collapse alarm ({output_dir}): " + "; ".join(result["collapse"])
+                            + ". Its folder is kept for inspection and marked collapsed; lower train.lr (or raise the KL weight), "
+                            "or set checkup.alarm=false to accept it")
+
