@@ -15,6 +15,7 @@ Every stage that changes a policy (sft, dpo, grpo, ppo) runs this at its end whe
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,9 +70,12 @@ def run_checkup(cfg: StageConfig, model, tokenizer, source: Path | None, precisi
     engine = HFEngine(model, tokenizer, precision, batch_size=len(prompts))
     settings = Sampling(temperature=0.0, max_new_tokens=c.max_new_tokens, seed=cfg.seed)
     conversations = [p.messages for p in prompts]
+    settings_record = c.model_dump(mode="json", include={"prompts", "max_prompts", "reward", "max_new_tokens"})  # what the answers depend on
+    earlier = _checkup_of(source)
     try:
-        with start_policy(model, source):
-            start_answers = engine.generate(conversations, settings)
+        if earlier is None or earlier.get("settings") != settings_record:
+            with start_policy(model, source):
+                start_answers = engine.generate(conversations, settings)
         model.eval()
         answers = engine.generate(conversations, settings)
         kl = kl_per_token(model, source, answers, tokenizer.pad_token_id, precision)
@@ -79,14 +83,24 @@ def run_checkup(cfg: StageConfig, model, tokenizer, source: Path | None, precisi
         if START_ADAPTER in getattr(model, "peft_config", {}):
             model.delete_adapter(START_ADAPTER)
         model.train(was_training)
-    before, after = measure(start_answers, reward, prompts), measure(answers, reward, prompts)
+    # The start is the stage it started from, whose own checkup measured these answers as its end.
+    reused = earlier is not None and earlier.get("settings") == settings_record
+    before = earlier["after"] if reused else measure(start_answers, reward, prompts)
+    after = measure(answers, reward, prompts)
     reasons = collapse_reasons(before, after, kl if cfg.CHECKUP_KL_ALARM else None, c.max_kl, c.max_loop_rise, c.max_reward_drop)
     result = {"prompts": len(prompts), "before": before, "after": after, "kl_per_token": kl, "collapse": reasons,
               "start": str(source) if source else "base (adapter off)", "seconds": round(time.time() - started, 1),
-              "examples": [{"prompt": p.messages[-1]["content"], "before": b.text, "after": a.text}
-                           for p, b, a in list(zip(prompts, start_answers, answers))[:3]]}
+              "before_from": "the start stage's own checkup" if reused else "measured now", "settings": settings_record,
+              "examples": [{"prompt": p.messages[-1]["content"], "after": a.text} for p, a in list(zip(prompts, answers))[:3]]}
     print_checkup(cfg.kind, result)
     return result
+
+
+def _checkup_of(source: Path | None) -> dict | None:
+    """The checkup a finished start stage recorded in its manifest (None for the base, or none made)."""
+    if source is None or not (source / "manifest.json").is_file():
+        return None
+    return json.loads((source / "manifest.json").read_text(encoding="utf-8")).get("checkup")
 
 
 def measure(answers: list[Rollout], reward, prompts: list[PromptExample]) -> dict[str, float]:
