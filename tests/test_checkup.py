@@ -75,6 +75,23 @@ def test_grpo_reports_its_checkup_and_completes(tmp_path, yes_no_model):
     assert all("loop_fraction" in r and "distinct_2" in r for r in records)
 
 
+def test_sft_raises_held_out_exact_match_from_zero(tmp_path, tiny_llama):
+    """SFT's checkup on prompts it never trained on: the random tiny model never answers "yes"
+    (reward 0); taught to answer "yes" to 24 questions, it answers the 4 held-out ones with it
+    (reward 1). With the update disabled the after side equals the before side, so this fails."""
+    from align.stages.sft import run_sft
+
+    rows = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"Is {i} a number?", "completion": "yes"} for i in range(24)])
+    held_out = write_jsonl(tmp_path / "held-out.jsonl", [{"prompt": f"Is {i} a number?"} for i in range(90, 94)])
+    recipe = load_recipe(tiny_recipe(tmp_path / "recipe.yaml", tiny_llama, str(rows), lora={"r": 8, "alpha": 16, "dropout": 0.0},
+                                     checkup={"prompts": str(held_out), "max_prompts": 4, "max_new_tokens": 4, "reward": YES},
+                                     stages={"sft": {"train": {"max_steps": 30, "lr": 2e-2, "batch_size": 8}}}))
+    out = run_sft(recipe.resolve("sft"), tmp_path / "sft", recipe_name="tiny")
+    checkup = json.loads((out / "manifest.json").read_text())["checkup"]
+    assert checkup["before"]["reward"] == 0.0 and checkup["after"]["reward"] == 1.0, checkup
+    assert checkup["collapse"] == []  # SFT has no KL alarm: moving far from the start is its job
+
+
 def test_collapse_alarm_stops_rl_with_a_huge_learning_rate(tmp_path, yes_no_model):
     from align.stages.grpo import run_grpo
 
@@ -102,11 +119,13 @@ def test_collapse_alarm_stops_dpo_when_the_chosen_answers_fall(tmp_path, yes_no_
     manifest = json.loads((tmp_path / "dpo" / "manifest.json").read_text())
     assert manifest["status"] == "collapsed" and manifest["steps"] < 20
     # a sane learning rate: no alarm, and the chosen answer gained
-    stage["train"] = {"max_steps": 6, "lr": 1e-2, "batch_size": 4}
+    stage["train"] = {"max_steps": 6, "lr": 1e-3, "batch_size": 4}
     recipe = recipe_with_checkup(tmp_path, yes_no_model, {"dpo": stage})
     out = run_dpo(recipe.resolve("dpo"), tmp_path / "dpo-sane", recipe_name="tiny")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["checkup"]["collapse"] == []
+    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line][-1]
+    assert last["chosen_logratio_per_token"] > 0  # lr 1e-2 already overshoots on this tiny model (CI, 2026-12-02)
 
 
 def test_a_collapsed_stage_is_not_an_input(tmp_path, yes_no_model, monkeypatch):
