@@ -92,6 +92,21 @@ def test_sft_raises_held_out_exact_match_from_zero(tmp_path, tiny_llama):
     assert checkup["collapse"] == []  # SFT has no KL alarm: moving far from the start is its job
 
 
+def test_grpo_raises_the_checkup_reward_from_zero(tmp_path, yes_no_model):
+    """The start's greedy answer is "yes" (it samples no about half the time): rewarded for "no", GRPO
+    turns the greedy answer around, so the checkup's verifier goes 0 -> 1. With the update disabled
+    the greedy answer stays "yes" and this fails."""
+    from align.stages.grpo import run_grpo
+
+    no = {"type": "rule", "name": "contains_marker", "marker": "no"}
+    grpo = {**GRPO, "reward": no, "train": {"max_steps": 6, "lr": 1e-2, "batch_size": 16}}
+    recipe = recipe_with_checkup(tmp_path, yes_no_model, {"grpo": grpo}, reward=no)
+    out = run_grpo(recipe.resolve("grpo"), tmp_path / "grpo", recipe_name="tiny")
+    checkup = json.loads((out / "manifest.json").read_text())["checkup"]
+    assert checkup["before"]["reward"] == 0.0 and checkup["after"]["reward"] == 1.0, checkup
+    assert checkup["collapse"] == []
+
+
 def test_collapse_alarm_stops_rl_with_a_huge_learning_rate(tmp_path, yes_no_model):
     from align.stages.grpo import run_grpo
 
