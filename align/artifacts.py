@@ -38,8 +38,15 @@ class RunFolderError(RuntimeError):
 # deleted or replaced: a config.yaml or a checkpoints/ folder could be anyone's.
 OWNER_MARKER = ".align-run"
 # Keys a resumed run may change: how long it goes on and how it logs, not what it trains.
-RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "train.save_steps", "train.eval_steps",
-                     "train.logging_steps", "train.save_total_limit", "tracking.")
+RESUMABLE_CHANGES = (
+    "train.max_steps",
+    "train.epochs",
+    "train.save_steps",
+    "train.eval_steps",
+    "train.logging_steps",
+    "train.save_total_limit",
+    "tracking.",
+)
 # Recipe and stage names become folder names: plain names only, no separators, no '..'.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 
@@ -130,7 +137,8 @@ def prepare_run_folder(folder: Path, overwrite: bool, resume: bool, kind: str = 
     if folder.exists() and any(folder.iterdir()):
         if not written_by_align(folder):
             raise RunFolderError(
-                f"{folder} is not empty and was not written by align (no {OWNER_MARKER} marker, no align manifest.json); "
+                f"{folder} is not empty and was not written by align (no {OWNER_MARKER} marker, no align "
+                "manifest.json); "
                 "refusing to touch it - choose another --output-dir"
             )
         if resume:
@@ -153,9 +161,13 @@ def check_resume_config(folder: Path, new_config: dict) -> None:
     path = folder / "config.yaml"
     if not path.is_file():
         return
-    changed = config_changes(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, new_config, ignore=RESUMABLE_CHANGES)
+    changed = config_changes(
+        yaml.safe_load(path.read_text(encoding="utf-8")) or {}, new_config, ignore=RESUMABLE_CHANGES
+    )
     if changed:
-        raise RunFolderError(f"--resume: {folder} was trained with a different config ({', '.join(changed[:6])}); use a new --output-dir")
+        raise RunFolderError(
+            f"--resume: {folder} was trained with a different config ({', '.join(changed[:6])}); use a new --output-dir"
+        )
 
 
 def config_changes(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:
@@ -180,7 +192,11 @@ def trim_metrics(path: Path, last_step: int) -> None:
     """On resume, drop what was logged after the checkpoint: those steps are run again."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    kept = [
+        line
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and json.loads(line)["step"] <= last_step
+    ]
     write_atomic(path, "".join(line + "\n" for line in kept))
 
 
@@ -189,7 +205,8 @@ def last_complete_checkpoint(checkpoints: Path) -> Path | None:
     if not checkpoints.is_dir():
         return None
     complete = [
-        path for path in checkpoints.glob("checkpoint-*")
+        path
+        for path in checkpoints.glob("checkpoint-*")
         if (path / CHECKPOINT_MARKER).is_file() and path.name.split("-")[-1].isdigit()
     ]
     return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
@@ -221,8 +238,10 @@ def remove_staging_leftovers(folder: Path) -> None:
 
 def prune_checkpoints(checkpoints: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` complete checkpoints (torn ones go too)."""
-    numbered = sorted((p for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                      key=lambda p: int(p.name.split("-")[-1]))
+    numbered = sorted(
+        (p for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
     complete = [p for p in numbered if (p / CHECKPOINT_MARKER).is_file()]
     for path in numbered:
         if path not in complete[-keep:]:

@@ -17,7 +17,12 @@ from typer.core import TyperGroup
 
 from align.console import console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="Post-training alignment for LLMs from one recipe.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help="Post-training alignment for LLMs from one recipe.",
+)
 data_app = typer.Typer(no_args_is_help=True, help="Prepare, check and preview training data.")
 models_app = typer.Typer(no_args_is_help=True, help="Import and inspect models.")
 recipes_app = typer.Typer(no_args_is_help=True, help="Shipped recipes and the recipe keys.")
@@ -31,16 +36,24 @@ OVERRIDES = typer.Argument(None, help="dotted overrides, e.g. lora.r=32 train.lr
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from align.artifacts import RunFolderError
+    from align.config import RecipeError
     from align.data.loading import DataError
     from align.data.templating import TemplateError
     from align.models.resolve import ModelNotFound
-    from align.config import RecipeError
-
     from align.rollout.engine import SyncError
     from align.stages.checkup import CollapseAlarm
 
-    return (RecipeError, DataError, TemplateError, ModelNotFound, RunFolderError, FileExistsError, FileNotFoundError, SyncError,
-            CollapseAlarm)
+    return (
+        RecipeError,
+        DataError,
+        TemplateError,
+        ModelNotFound,
+        RunFolderError,
+        FileExistsError,
+        FileNotFoundError,
+        SyncError,
+        CollapseAlarm,
+    )
 
 
 def _default_output(recipe, stage: str) -> Path:
@@ -60,7 +73,9 @@ def _resolve_stage(recipe: Path, stage: str, overrides: Optional[List[str]], kin
     return cfg, loaded.name, output_dir or _default_output(loaded, stage)
 
 
-FROM_DIR = typer.Option(None, "--from-dir", help="start from this finished stage folder instead of runs/<recipe>/<from>")
+FROM_DIR = typer.Option(
+    None, "--from-dir", help="start from this finished stage folder instead of runs/<recipe>/<from>"
+)
 
 
 def _stage_command(kind: str):
@@ -87,7 +102,9 @@ def _stage_command(kind: str):
 
     if not entry.starts_from:  # typer reads the signature: a kind that starts from nothing has no --from-dir
         signature = inspect.signature(command)
-        command.__signature__ = signature.replace(parameters=[p for p in signature.parameters.values() if p.name != "from_dir"])
+        command.__signature__ = signature.replace(
+            parameters=[p for p in signature.parameters.values() if p.name != "from_dir"]
+        )
     command.__doc__ = entry.summary
     command.__name__ = kind
     return command
@@ -115,7 +132,9 @@ def _judge_spec(text: str) -> dict:
         name, *options = rest.split(",")
         pairs = [option.partition("=") for option in options]
         if any(not sep for _, sep, _ in pairs):
-            raise typer.BadParameter(f"--judge {text}: rule options are key=value, e.g. rule:contains_marker,marker=yes")
+            raise typer.BadParameter(
+                f"--judge {text}: rule options are key=value, e.g. rule:contains_marker,marker=yes"
+            )
         return {"type": "rule", "name": name, **{key: _option_value(value) for key, _, value in pairs}}
     if kind == "learned" and rest:
         return {"type": "learned", "path": rest}
@@ -124,12 +143,20 @@ def _judge_spec(text: str) -> dict:
     raise typer.BadParameter(f"--judge {text}: use rule:NAME, learned:DIR, judge:MODEL or judge-pointwise:MODEL")
 
 
-def _standalone_eval(policy: Path, baselines: List[str], prompts: List[Path], judges: List[str], max_prompts: Optional[int],
-                     max_new_tokens: Optional[int], temperature: Optional[float], engine: str):
+def _standalone_eval(
+    policy: Path,
+    baselines: List[str],
+    prompts: List[Path],
+    judges: List[str],
+    max_prompts: Optional[int],
+    max_new_tokens: Optional[int],
+    temperature: Optional[float],
+    engine: str,
+):
     """An eval config without a recipe: the model sections are the policy stage's own (so 'base' is
     what it was trained from), or the folder itself for a plain model folder."""
-    from align.models.trained import stage_config
     from align.config import EvalConfig
+    from align.models.trained import stage_config
     from align.recipe import validate
     from align.stages.evaluate import check_folder
 
@@ -140,33 +167,64 @@ def _standalone_eval(policy: Path, baselines: List[str], prompts: List[Path], ju
         model, quantization = trained.model.model_dump(), trained.quantization.model_dump()
     else:
         model, quantization = {"name": str(policy)}, {"mode": "none"}
-    rollout = {"engine": engine, **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}),
-               **({"temperature": temperature} if temperature is not None else {})}
-    return validate(EvalConfig, {
-        "model": model, "quantization": quantization,
-        # folders as absolute paths: a bare name would be read as a stage of a recipe
-        "policy": str(policy.resolve()),
-        "baselines": [b if b == "base" else str(Path(b).resolve()) for b in baselines or ["base"]],
-        "judges": {text: _judge_spec(text) for text in judges},
-        "data": {"eval": [str(p) for p in prompts], "max_eval_rows": max_prompts},
-        "rollout": rollout,
-    }, where="align eval")
+    rollout = {
+        "engine": engine,
+        **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}),
+        **({"temperature": temperature} if temperature is not None else {}),
+    }
+    return validate(
+        EvalConfig,
+        {
+            "model": model,
+            "quantization": quantization,
+            # folders as absolute paths: a bare name would be read as a stage of a recipe
+            "policy": str(policy.resolve()),
+            "baselines": [b if b == "base" else str(Path(b).resolve()) for b in baselines or ["base"]],
+            "judges": {text: _judge_spec(text) for text in judges},
+            "data": {"eval": [str(p) for p in prompts], "max_eval_rows": max_prompts},
+            "rollout": rollout,
+        },
+        where="align eval",
+    )
 
 
 @app.command("eval")
 def eval_(
-    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="recipe YAML file; or use --policy and the options below"),
+    recipe: Optional[Path] = typer.Option(
+        None, "--recipe", "-r", help="recipe YAML file; or use --policy and the options below"
+    ),
     overrides: Optional[List[str]] = OVERRIDES,
     stage: str = typer.Option("eval", help="stage name in the recipe"),
-    policy: Optional[Path] = typer.Option(None, "--policy", help="(no recipe) a finished stage folder or a model folder to evaluate"),
-    baseline: Optional[List[str]] = typer.Option(None, "--baseline", help="(no recipe) 'base' (the policy's base model) or a folder; repeatable; default base"),
-    prompts: Optional[List[Path]] = typer.Option(None, "--prompts", help="(no recipe) held-out prompt file; repeatable"),
-    judge: Optional[List[str]] = typer.Option(None, "--judge", help="(no recipe) rule:NAME[,key=value], learned:DIR, judge:MODEL (pairwise) or judge-pointwise:MODEL; repeatable"),
-    max_prompts: Optional[int] = typer.Option(None, "--max-prompts", min=1, help="(no recipe) evaluate at most this many prompts"),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="(no recipe) answer tokens at most (default 256)"),
-    temperature: Optional[float] = typer.Option(None, "--temperature", min=0, help="(no recipe) sampling temperature (default 0.7, as in a recipe's eval stage)"),
-    engine: str = typer.Option("auto", "--engine", "-e", help="(no recipe) auto (vllm when installed, else hf), hf or vllm"),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="default: runs/<recipe>/<stage>, or runs/eval/<policy folder name>"),
+    policy: Optional[Path] = typer.Option(
+        None, "--policy", help="(no recipe) a finished stage folder or a model folder to evaluate"
+    ),
+    baseline: Optional[List[str]] = typer.Option(
+        None, "--baseline", help="(no recipe) 'base' (the policy's base model) or a folder; repeatable; default base"
+    ),
+    prompts: Optional[List[Path]] = typer.Option(
+        None, "--prompts", help="(no recipe) held-out prompt file; repeatable"
+    ),
+    judge: Optional[List[str]] = typer.Option(
+        None,
+        "--judge",
+        help="(no recipe) rule:NAME[,key=value], learned:DIR, judge:MODEL (pairwise) or judge-pointwise:MODEL; "
+        "repeatable",
+    ),
+    max_prompts: Optional[int] = typer.Option(
+        None, "--max-prompts", min=1, help="(no recipe) evaluate at most this many prompts"
+    ),
+    max_new_tokens: Optional[int] = typer.Option(
+        None, "--max-new-tokens", min=1, help="(no recipe) answer tokens at most (default 256)"
+    ),
+    temperature: Optional[float] = typer.Option(
+        None, "--temperature", min=0, help="(no recipe) sampling temperature (default 0.7, as in a recipe's eval stage)"
+    ),
+    engine: str = typer.Option(
+        "auto", "--engine", "-e", help="(no recipe) auto (vllm when installed, else hf), hf or vllm"
+    ),
+    output_dir: Optional[Path] = typer.Option(
+        None, "--output-dir", "-o", help="default: runs/<recipe>/<stage>, or runs/eval/<policy folder name>"
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing report in the output folder"),
 ):
     """Win-rate of a policy against baselines on held-out prompts: bootstrap 95% interval,
@@ -176,7 +234,10 @@ def eval_(
     standalone = [policy, baseline, prompts, judge, max_prompts, max_new_tokens, temperature]
     if recipe is not None:
         if any(option not in (None, [], ()) for option in standalone) or engine != "auto":
-            raise typer.BadParameter("with --recipe, change the eval stage with overrides (e.g. rollout.temperature=0), not --policy/--judge/...")
+            raise typer.BadParameter(
+                "with --recipe, change the eval stage with overrides (e.g. rollout.temperature=0), not "
+                "--policy/--judge/..."
+            )
         cfg, name, out = _resolve_stage(recipe, stage, overrides, "eval", output_dir)
         run_eval(cfg, out, recipe_name=name, overwrite=overwrite)
         return
@@ -186,8 +247,12 @@ def eval_(
         raise typer.BadParameter(f"overrides ({' '.join(overrides)}) need --recipe")
     from align.artifacts import stage_folder
 
-    cfg = _standalone_eval(policy, baseline or [], prompts or [], judge or [], max_prompts, max_new_tokens, temperature, engine)
-    plain = re.sub(r"[^A-Za-z0-9._-]+", "-", policy.resolve().name).strip(".-") or "policy"  # a folder name as a plain name
+    cfg = _standalone_eval(
+        policy, baseline or [], prompts or [], judge or [], max_prompts, max_new_tokens, temperature, engine
+    )
+    plain = (
+        re.sub(r"[^A-Za-z0-9._-]+", "-", policy.resolve().name).strip(".-") or "policy"
+    )  # a folder name as a plain name
     run_eval(cfg, output_dir or stage_folder("eval", plain), recipe_name="eval", overwrite=overwrite)
 
 
@@ -202,7 +267,10 @@ class _TrainsByDefault(TyperGroup):
         return super().parse_args(ctx, args)
 
 
-rm_app = typer.Typer(cls=_TrainsByDefault, help="Train a Bradley-Terry reward model (`align rm --recipe R`), or score with one (`align rm score`).")
+rm_app = typer.Typer(
+    cls=_TrainsByDefault,
+    help="Train a Bradley-Terry reward model (`align rm --recipe R`), or score with one (`align rm score`).",
+)
 app.add_typer(rm_app, name="rm")
 rm_app.command("train")(_stage_command("rm"))
 
@@ -253,7 +321,9 @@ def run(
 ENGINE = typer.Option("auto", "--engine", "-e", help="auto (vllm when installed, else hf), hf or vllm")
 PRECISION = typer.Option("auto", help="auto (bf16 where the hardware has it), bf16 or fp32")
 # Remote code is the user's own decision on their own command line; a folder's config never turns it on.
-TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code", help="run Python code shipped with the model folder (off unless you trust its author)")
+TRUST_REMOTE_CODE = typer.Option(
+    False, "--trust-remote-code", help="run Python code shipped with the model folder (off unless you trust its author)"
+)
 
 
 def _engine_for(model: str, engine: str, precision: str, trust_remote_code: bool = False):
@@ -264,8 +334,12 @@ def _engine_for(model: str, engine: str, precision: str, trust_remote_code: bool
     from align.rollout.engines import make_engine
 
     folder = Path(model)
-    precision = resolve_precision(precision)  # the policy computes in it too: an fp32 engine is then checked against an fp32 trainer
-    policy, tokenizer = load_trained(folder if folder.is_dir() else resolve_model(model), precision=precision, trust_remote_code=trust_remote_code)
+    precision = resolve_precision(
+        precision
+    )  # the policy computes in it too: an fp32 engine is then checked against an fp32 trainer
+    policy, tokenizer = load_trained(
+        folder if folder.is_dir() else resolve_model(model), precision=precision, trust_remote_code=trust_remote_code
+    )
     rollout_engine = make_engine(engine, policy, tokenizer, precision)
     console.print(f"[dim]engine: {rollout_engine.describe()}[/]")
     return rollout_engine
@@ -273,7 +347,9 @@ def _engine_for(model: str, engine: str, precision: str, trust_remote_code: bool
 
 @app.command()
 def generate(
-    model: str = typer.Option(..., "--model", "-m", help="a stage folder (runs/<recipe>/sft), a model folder, or an alias"),
+    model: str = typer.Option(
+        ..., "--model", "-m", help="a stage folder (runs/<recipe>/sft), a model folder, or an alias"
+    ),
     prompt: List[str] = typer.Option(..., "--prompt", "-p", help="user message; repeat for several prompts"),
     system: Optional[str] = typer.Option(None, help="system message"),
     n: int = typer.Option(1, "-n", help="samples per prompt"),
@@ -291,8 +367,18 @@ def generate(
     from align.rollout.engine import Sampling
 
     rollout_engine = _engine_for(model, engine, precision, trust_remote_code)
-    conversations = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}] for p in prompt]
-    sampling = Sampling(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, stop=tuple(stop or ()), seed=seed)
+    conversations = [
+        ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}] for p in prompt
+    ]
+    sampling = Sampling(
+        n=n,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        max_new_tokens=max_new_tokens,
+        stop=tuple(stop or ()),
+        seed=seed,
+    )
     try:
         rollouts = rollout_engine.generate(conversations, sampling)
     finally:
@@ -384,9 +470,9 @@ def data_preview(
 ):
     """Show templated examples with trained tokens highlighted, and the row report."""
     from align.data.sft_data import encode_files
-    from align.tokens import IGNORE_INDEX
     from align.models.loading import load_tokenizer
     from align.recipe import load_recipe
+    from align.tokens import IGNORE_INDEX
 
     cfg = load_recipe(recipe).resolve(stage, overrides)
     tokenizer = load_tokenizer(cfg.model)
@@ -402,8 +488,10 @@ def data_preview(
             for token, label in zip(example.input_ids, example.labels):
                 piece = tokenizer.decode([token])
                 text.append(piece, style="bold green" if label != IGNORE_INDEX else "dim")
-            console.rule(f"{name} example {index + 1}: {len(example.input_ids)} tokens, {example.trained_tokens} trained"
-                         + (" (truncated)" if example.truncated else ""))
+            console.rule(
+                f"{name} example {index + 1}: {len(example.input_ids)} tokens, {example.trained_tokens} trained"
+                + (" (truncated)" if example.truncated else "")
+            )
             console.print(text)
     console.rule("row report")
     for report in reports:
@@ -464,9 +552,13 @@ def main() -> None:
     try:
         app()
     except _user_errors() as exc:
-        console.print(Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True)  # Text: a path with [..] is not markup
+        console.print(
+            Text.assemble(("error: ", "bold red"), str(exc)), soft_wrap=True
+        )  # Text: a path with [..] is not markup
         if type(exc).__name__ == "SyncError":
-            console.print("the vLLM engine does not serve what the trainer computes here; try --precision fp32, or --engine hf")
+            console.print(
+                "the vLLM engine does not serve what the trainer computes here; try --precision fp32, or --engine hf"
+            )
         sys.exit(2)
 
 

@@ -23,49 +23,86 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    name: str = Field("smollm2-135m-instruct", description="alias, local folder, .gguf file, or hub id already in the local cache")
+    name: str = Field(
+        "smollm2-135m-instruct", description="alias, local folder, .gguf file, or hub id already in the local cache"
+    )
     revision: str | None = Field(None, description="hub revision, for hub ids only")
-    trust_remote_code: bool = Field(False, description="run Python code shipped with the model; off unless you trust its author")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="compute precision; auto = bf16 where the hardware has it, else fp32")
+    trust_remote_code: bool = Field(
+        False, description="run Python code shipped with the model; off unless you trust its author"
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="compute precision; auto = bf16 where the hardware has it, else fp32"
+    )
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel passed to transformers")
-    chat_template: str | None = Field(None, description="'chatml' or a .jinja file, used when the tokenizer has no chat template")
+    chat_template: str | None = Field(
+        None, description="'chatml' or a .jinja file, used when the tokenizer has no chat template"
+    )
 
 
 class QuantizationConfig(_Strict):
-    mode: Literal["none", "nf4", "fp4", "int8"] = Field("nf4", description="bitsandbytes quantization of the frozen base; none for LoRA or full fine-tuning")
+    mode: Literal["none", "nf4", "fp4", "int8"] = Field(
+        "nf4", description="bitsandbytes quantization of the frozen base; none for LoRA or full fine-tuning"
+    )
     double_quant: bool = Field(True, description="quantize the 4-bit quantization constants too (QLoRA)")
 
 
 class AdapterConfig(_Strict):
-    method: Literal["lora", "ia3", "vera", "loha", "lokr", "oft", "adalora", "full"] = Field("lora", description="peft method, or full to train every weight")
-    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="module names to adapt, or all-linear")
-    options: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the peft config of this method")
+    method: Literal["lora", "ia3", "vera", "loha", "lokr", "oft", "adalora", "full"] = Field(
+        "lora", description="peft method, or full to train every weight"
+    )
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt, or all-linear"
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="extra keyword arguments for the peft config of this method"
+    )
 
 
 class LoraConfig(_Strict):
     r: int = Field(16, gt=0, description="adapter rank (also used by vera, loha, lokr, adalora)")
-    alpha: float = Field(32, gt=0, description="LoRA scaling numerator: scale = alpha / r (alpha / sqrt(r) with rslora)")
+    alpha: float = Field(
+        32, gt=0, description="LoRA scaling numerator: scale = alpha / r (alpha / sqrt(r) with rslora)"
+    )
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter input")
     use_rslora: bool = Field(False, description="rank-stabilised scaling alpha / sqrt(r)")
     use_dora: bool = Field(False, description="weight-decomposed LoRA (DoRA)")
-    loraplus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: learning rate of B = ratio x learning rate of A")
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: learning rate of B = ratio x learning rate of A"
+    )
 
 
 class DataConfig(_Strict):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
     from_stage: str | None = Field(
-        None, alias="from", description="a sample stage whose pairs this stage trains on (dpo, rm): its pairs.jsonl becomes data.train "
-        "and its held-out eval_pairs.jsonl data.eval")
-    train: list[str] = Field(default_factory=list, description="training files or HF dataset folders (json, jsonl, parquet, csv)")
-    eval: list[str] = Field(default_factory=list, description="held-out files; if empty, eval_rows are held out from train")
+        None,
+        alias="from",
+        description="a sample stage whose pairs this stage trains on (dpo, rm): its pairs.jsonl becomes data.train "
+        "and its held-out eval_pairs.jsonl data.eval",
+    )
+    train: list[str] = Field(
+        default_factory=list, description="training files or HF dataset folders (json, jsonl, parquet, csv)"
+    )
+    eval: list[str] = Field(
+        default_factory=list, description="held-out files; if empty, eval_rows are held out from train"
+    )
     eval_rows: int = Field(0, ge=0, description="rows held out from train for evaluation when no eval file is given")
-    format: Literal["auto", "messages", "prompt_completion", "alpaca"] = Field("auto", description="row format; auto detects it from the keys of the first row")
+    format: Literal["auto", "messages", "prompt_completion", "alpaca"] = Field(
+        "auto", description="row format; auto detects it from the keys of the first row"
+    )
     system_prompt: str | None = Field(None, description="system message added to rows that have none")
-    max_length: int = Field(1024, gt=8, description="tokens per example; longer rows are truncated, or dropped when nothing trainable is left")
+    max_length: int = Field(
+        1024,
+        gt=8,
+        description="tokens per example; longer rows are truncated, or dropped when nothing trainable is left",
+    )
     max_rows: int | None = Field(None, gt=0, description="use at most this many training rows (after shuffling)")
     max_eval_rows: int | None = Field(None, gt=0, description="use at most this many held-out rows")
-    packing: bool = Field(False, description="pack several examples into one row of max_length tokens (no attention across examples)")
-    on_bad_rows: Literal["error", "skip"] = Field("error", description="error: stop before training, naming file, row and field; skip: drop and count")
+    packing: bool = Field(
+        False, description="pack several examples into one row of max_length tokens (no attention across examples)"
+    )
+    on_bad_rows: Literal["error", "skip"] = Field(
+        "error", description="error: stop before training, naming file, row and field; skip: drop and count"
+    )
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -78,18 +115,32 @@ class TrainConfig(_Strict):
     epochs: float = Field(1.0, gt=0, description="passes over the training data (ignored when max_steps is set)")
     max_steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs")
     batch_size: int = Field(4, gt=0, description="examples per device per micro-batch")
-    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step; the loss is normalised by the tokens of the whole step")
+    grad_accum: int = Field(
+        1, gt=0, description="micro-batches per optimizer step; the loss is normalised by the tokens of the whole step"
+    )
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="fraction of steps with linear warm-up")
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine", description="learning-rate schedule")
-    optim: str = Field("adamw_torch", description="transformers optimizer name: adamw_torch, adamw_torch_fused, paged_adamw_8bit, sgd, ...")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="learning-rate schedule"
+    )
+    optim: str = Field(
+        "adamw_torch",
+        description="transformers optimizer name: adamw_torch, adamw_torch_fused, paged_adamw_8bit, sgd, ...",
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm (0 disables)")
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, about 30% slower")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward: less memory, about 30% slower"
+    )
     logging_steps: int = Field(1, gt=0, description="log metrics every N optimizer steps")
     save_steps: int = Field(100, gt=0, description="write a resumable checkpoint every N optimizer steps")
-    save_total_limit: int = Field(2, ge=2, description="checkpoints kept on disk (at least 2: the newest may be mid-save when killed)")
-    eval_steps: int | None = Field(None, gt=0, description="evaluate on the held-out rows every N steps (always before the first step and after the last)")
-
+    save_total_limit: int = Field(
+        2, ge=2, description="checkpoints kept on disk (at least 2: the newest may be mid-save when killed)"
+    )
+    eval_steps: int | None = Field(
+        None,
+        gt=0,
+        description="evaluate on the held-out rows every N steps (always before the first step and after the last)",
+    )
 
     @field_validator("optim")
     @classmethod
@@ -118,16 +169,31 @@ def _check_reward_spec(value: Any) -> Any:
 
 
 class CheckupConfig(_Strict):
-    prompts: list[str] = Field(default_factory=list, description="held-out prompt files of the recipe's task: every policy stage (sft, dpo, grpo, ppo) "
-                               "answers them greedily at its start and its end and reports what changed (empty = no checkup)")
+    prompts: list[str] = Field(
+        default_factory=list,
+        description="held-out prompt files of the recipe's task: every policy stage (sft, dpo, grpo, ppo) "
+        "answers them greedily at its start and its end and reports what changed (empty = no checkup)",
+    )
     max_prompts: int = Field(32, gt=0, description="prompts used, from the top of the files")
-    reward: Any = Field(None, description="the task's verifier or reward on those answers, e.g. {type: rule, name: gsm8k_exact}")
+    reward: Any = Field(
+        None, description="the task's verifier or reward on those answers, e.g. {type: rule, name: gsm8k_exact}"
+    )
     max_new_tokens: int = Field(128, gt=0, description="answer tokens at most")
-    alarm: bool = Field(True, description="a stage past a threshold below is marked collapsed and stops the pipeline (false: report only)")
-    max_kl: float = Field(1.0, gt=0, description="KL per token from the stage's start, on its own answers (dpo, grpo, ppo; sft is meant to move far from the base)")
+    alarm: bool = Field(
+        True,
+        description="a stage past a threshold below is marked collapsed and stops the pipeline (false: report only)",
+    )
+    max_kl: float = Field(
+        1.0,
+        gt=0,
+        description="KL per token from the stage's start, on its own answers (dpo, grpo, ppo; sft is meant to move far "
+        "from the base)",
+    )
     max_loop_rise: float = Field(0.25, gt=0, description="rise of the share of answers stuck in a repeated n-gram loop")
     max_reward_drop: float = Field(0.15, gt=0, description="fall of the mean reward on the checkup prompts")
-    max_chosen_drop: float = Field(0.5, gt=0, description="dpo: fall of the chosen answers' log-probability per token below the reference's")
+    max_chosen_drop: float = Field(
+        0.5, gt=0, description="dpo: fall of the chosen answers' log-probability per token below the reference's"
+    )
 
     @field_validator("prompts", mode="before")
     @classmethod
@@ -140,8 +206,10 @@ class CheckupConfig(_Strict):
         if value is None:
             return value
         if any(isinstance(part, dict) and "from" in part for part in (value if isinstance(value, list) else [value])):
-            raise ValueError("checkup.reward is shared by every stage, those before a reward stage too: use a rule, or a reward "
-                             "model by its folder ({type: learned, path: ...}), not from: a stage")
+            raise ValueError(
+                "checkup.reward is shared by every stage, those before a reward stage too: use a rule, or a reward "
+                "model by its folder ({type: learned, path: ...}), not from: a stage"
+            )
         return _check_reward_spec(value)
 
 
@@ -175,10 +243,14 @@ class StageConfig(_Strict):
             value = getattr(getattr(self, section), name)
             default = type(getattr(self, section)).model_fields[name].get_default(call_default_factory=True)
             if value != default:
-                raise ValueError(f"{key}={value!r} has no effect in a {self.kind} stage ({why}); remove it for this stage")
+                raise ValueError(
+                    f"{key}={value!r} has no effect in a {self.kind} stage ({why}); remove it for this stage"
+                )
         if self.data.from_stage is not None and not self.READS_PAIRS:
-            raise ValueError(f"data.from={self.data.from_stage!r}: a {self.kind} stage does not train on preference pairs "
-                             "(data.from is for dpo and rm stages that train on a sample stage's pairs)")
+            raise ValueError(
+                f"data.from={self.data.from_stage!r}: a {self.kind} stage does not train on preference pairs "
+                "(data.from is for dpo and rm stages that train on a sample stage's pairs)"
+            )
         return self
 
 
@@ -192,13 +264,17 @@ class SFTConfig(StageConfig):
 
 
 class DPOOptions(_Strict):
-    loss: Literal["sigmoid", "cdpo", "robust", "ipo", "simpo"] = Field("sigmoid", description="sigmoid (DPO), cdpo (label smoothing), robust, ipo, simpo (reference-free)")
+    loss: Literal["sigmoid", "cdpo", "robust", "ipo", "simpo"] = Field(
+        "sigmoid", description="sigmoid (DPO), cdpo (label smoothing), robust, ipo, simpo (reference-free)"
+    )
     beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference (SimPO: reward scale)")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="assumed label-flip rate for cdpo and robust")
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin")
     rpo_alpha: float | None = Field(None, ge=0, description="add alpha x the SFT loss on chosen answers (RPO)")
     reference: Literal["precomputed", "live"] = Field(
-        "precomputed", description="precomputed: reference logprobs computed once before training; live: every step (adapter disabled / frozen start adapter)"
+        "precomputed",
+        description="precomputed: reference logprobs computed once before training; live: every step (adapter disabled "
+        "/ frozen start adapter)",
     )
 
     @model_validator(mode="after")
@@ -214,8 +290,12 @@ class DPOConfig(StageConfig):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
     kind: Literal["dpo"] = "dpo"
     READS_PAIRS: ClassVar[bool] = True
-    UNUSED: ClassVar[dict[str, str]] = {"data.packing": "chosen and rejected answers are scored as separate padded rows, never packed"}
-    from_stage: str | None = Field(None, alias="from", description="stage whose adapter this one starts from (e.g. sft); none = a fresh adapter")
+    UNUSED: ClassVar[dict[str, str]] = {
+        "data.packing": "chosen and rejected answers are scored as separate padded rows, never packed"
+    }
+    from_stage: str | None = Field(
+        None, alias="from", description="stage whose adapter this one starts from (e.g. sft); none = a fresh adapter"
+    )
     dpo: DPOOptions = Field(default_factory=DPOOptions)
 
 
@@ -231,27 +311,42 @@ class RewardConfig(StageConfig):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
     kind: Literal["rm"] = "rm"
     READS_PAIRS: ClassVar[bool] = True
-    UNUSED: ClassVar[dict[str, str]] = {"data.packing": "each answer is scored at its own last token, so rows are never packed"}
+    UNUSED: ClassVar[dict[str, str]] = {
+        "data.packing": "each answer is scored at its own last token, so rows are never packed"
+    }
     reward: RewardOptions = Field(default_factory=RewardOptions)
 
 
 class RolloutConfig(_Strict):
-    engine: Literal["auto", "hf", "vllm"] = Field("auto", description="auto: vllm when it is installed and can serve the policy, else hf")
+    engine: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="auto: vllm when it is installed and can serve the policy, else hf"
+    )
     prompts_per_step: int = Field(8, gt=0, description="prompts sampled for each RL step")
     samples_per_prompt: int = Field(1, gt=0, description="completions per prompt (GRPO/RLOO groups need >= 2)")
     temperature: float = Field(1.0, gt=0, description="sampling temperature; the trainer's logprobs use the same one")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling (1 = off)")
     top_k: int = Field(0, ge=0, description="top-k sampling (0 = off)")
-    max_new_tokens: int = Field(128, gt=0, description="completion tokens at most; longer ones are cut and count as truncated")
-    stop: list[str] = Field(default_factory=list, description="strings that end a completion besides the end-of-turn token")
+    max_new_tokens: int = Field(
+        128, gt=0, description="completion tokens at most; longer ones are cut and count as truncated"
+    )
+    stop: list[str] = Field(
+        default_factory=list, description="strings that end a completion besides the end-of-turn token"
+    )
     batch_size: int = Field(32, gt=0, description="hf engine: sequences per generate call")
     kv_cache_gib: int = Field(2, gt=0, description="vllm on CPU: KV-cache size in GiB")
-    gpu_memory_utilization: float = Field(0.3, gt=0, lt=1, description="vllm on GPU: its share of GPU memory, the rest is the trainer's")
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, lt=1, description="vllm on GPU: its share of GPU memory, the rest is the trainer's"
+    )
     engine_precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="vllm: the dtype it serves the policy in; auto = the trainer's on GPU, fp32 on CPU (a bf16 CPU engine rounds every "
-        "weight and answered unlike the trainer; bf16 is faster)")
+        "auto",
+        description="vllm: the dtype it serves the policy in; auto = the trainer's on GPU, fp32 on CPU (a bf16 CPU "
+        "engine rounds every "
+        "weight and answered unlike the trainer; bf16 is faster)",
+    )
     vllm_sync: Literal["auto", "lora", "merged"] = Field(
-        "auto", description="vllm with an adapter policy: lora (a LoRARequest per step), merged (deltas added to the dequantized base, weights pushed); auto: lora on GPU, merged on CPU"
+        "auto",
+        description="vllm with an adapter policy: lora (a LoRARequest per step), merged (deltas added to the "
+        "dequantized base, weights pushed); auto: lora on GPU, merged on CPU",
     )
 
 
@@ -259,40 +354,59 @@ class RLRolloutConfig(RolloutConfig):
     """Rollouts that train a policy (ppo, grpo)."""
 
     importance_correction: bool | Literal["auto"] = Field(
-        "auto", description="truncated importance sampling: each token's policy loss x min(pi_trainer / pi_sampler, importance_cap); "
-        "auto = true unless the sampler is the trainer's exact forward (hf in fp32)")
+        "auto",
+        description="truncated importance sampling: each token's policy loss x min(pi_trainer / pi_sampler, "
+        "importance_cap); "
+        "auto = true unless the sampler is the trainer's exact forward (hf in fp32)",
+    )
     importance_cap: float = Field(3.0, gt=0, description="upper bound of the importance weight (TRL's default C_max)")
 
 
 class GRPORolloutConfig(RLRolloutConfig):
-    samples_per_prompt: int = Field(4, gt=0, description="completions per prompt: the group each advantage is relative to (>= 2)")
+    samples_per_prompt: int = Field(
+        4, gt=0, description="completions per prompt: the group each advantage is relative to (>= 2)"
+    )
 
 
 class EvalRolloutConfig(RolloutConfig):
     """Eval's own defaults, which hold whether or not a recipe writes a rollout: section."""
 
-    temperature: float = Field(0.7, gt=0, description="sampling temperature, the same for the policy and every baseline")
+    temperature: float = Field(
+        0.7, gt=0, description="sampling temperature, the same for the policy and every baseline"
+    )
     max_new_tokens: int = Field(256, gt=0, description="answer tokens at most")
 
 
 class GRPOOptions(_Strict):
-    algorithm: Literal["grpo", "rloo"] = Field("grpo", description="grpo: reward minus group mean (/ group std); rloo: minus the mean of the other samples")
+    algorithm: Literal["grpo", "rloo"] = Field(
+        "grpo", description="grpo: reward minus group mean (/ group std); rloo: minus the mean of the other samples"
+    )
     scale_rewards: bool = Field(True, description="grpo: divide by the group's reward std (false = Dr. GRPO)")
     loss_aggregation: Literal["token", "sequence", "constant"] = Field(
-        "token", description="token: mean over all completion tokens (DAPO); sequence: per-completion mean, then mean (GRPO paper); constant: sum / (completions x max_new_tokens) (Dr. GRPO)"
+        "token",
+        description="token: mean over all completion tokens (DAPO); sequence: per-completion mean, then mean (GRPO "
+        "paper); constant: sum / (completions x max_new_tokens) (Dr. GRPO)",
     )
     clip: float = Field(0.2, gt=0, description="PPO clip range of the probability ratio")
     epochs: int = Field(1, gt=0, description="passes over each batch of rollouts")
     minibatch_size: int | None = Field(None, gt=0, description="completions per optimizer step; none = the whole batch")
-    kl_coef: float = Field(0.0, ge=0, description="weight of the KL to the reference in the loss (0 = no reference needed)")
+    kl_coef: float = Field(
+        0.0, ge=0, description="weight of the KL to the reference in the loss (0 = no reference needed)"
+    )
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="per-token KL estimator in the loss")
-    dead_steps: int = Field(5, ge=0, description="stop when for this many steps every completion is truncated and rewards are all equal (0 = never)")
+    dead_steps: int = Field(
+        5,
+        ge=0,
+        description="stop when for this many steps every completion is truncated and rewards are all equal (0 = never)",
+    )
 
 
 class PPOOptions(_Strict):
     kl_coef: float = Field(0.05, ge=0, description="initial weight of the per-token KL penalty in the reward")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="per-token KL estimator in the reward penalty")
-    target_kl: float | None = Field(None, gt=0, description="adapt kl_coef towards this KL per completion (Ziegler et al.); none = fixed")
+    target_kl: float | None = Field(
+        None, gt=0, description="adapt kl_coef towards this KL per completion (Ziegler et al.); none = fixed"
+    )
     kl_horizon: int = Field(10000, gt=0, description="adaptive KL controller horizon, in completions")
     gamma: float = Field(1.0, gt=0, le=1, description="discount")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
@@ -300,28 +414,46 @@ class PPOOptions(_Strict):
     value_clip: float = Field(0.2, gt=0, description="value change clip range")
     vf_coef: float = Field(0.1, ge=0, description="weight of the value loss")
     value_lr: float | None = Field(None, gt=0, description="learning rate of the value head (none = train.lr)")
-    value_head_init: Literal["zero", "reward"] = Field("zero", description="reward: copy the learned reward model's head (same hidden size)")
+    value_head_init: Literal["zero", "reward"] = Field(
+        "zero", description="reward: copy the learned reward model's head (same hidden size)"
+    )
     epochs: int = Field(4, gt=0, description="PPO epochs over each batch of rollouts")
     minibatch_size: int | None = Field(None, gt=0, description="completions per optimizer step; none = the whole batch")
     whiten_rewards: bool = Field(False, description="whiten the per-token rewards of each batch (keeping their mean)")
     normalize_rewards: bool = Field(False, description="scale scores by a running std of all scores seen")
     reward_clip: float | None = Field(None, gt=0, description="clip scores to +-this after normalisation")
-    missing_eos_penalty: float | None = Field(None, description="subtract this from the score of completions cut at max_new_tokens")
-    early_stop_kl: float | None = Field(None, gt=0, description="stop a step's PPO epochs once the approximate KL to the rollout policy exceeds this")
-    dead_steps: int = Field(5, ge=0, description="stop when for this many steps every completion is truncated and rewards are all equal (0 = never)")
+    missing_eos_penalty: float | None = Field(
+        None, description="subtract this from the score of completions cut at max_new_tokens"
+    )
+    early_stop_kl: float | None = Field(
+        None, gt=0, description="stop a step's PPO epochs once the approximate KL to the rollout policy exceeds this"
+    )
+    dead_steps: int = Field(
+        5,
+        ge=0,
+        description="stop when for this many steps every completion is truncated and rewards are all equal (0 = never)",
+    )
 
 
 class _OnlineRLConfig(StageConfig):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
     UNUSED: ClassVar[dict[str, str]] = {
         "data.packing": "rollouts are sampled and scored per completion, never packed",
-        "train.grad_accum": "the optimizer step is one minibatch of completions (grpo/ppo.minibatch_size); train.batch_size only splits it into micro-batches",
+        "train.grad_accum": "the optimizer step is one minibatch of completions (grpo/ppo.minibatch_size); "
+        "train.batch_size only splits it into micro-batches",
         "train.optim": "RL stages use torch AdamW (with train.lr and train.weight_decay)",
-        "train.eval_steps": "RL stages do not evaluate every N steps (grpo measures the held-out reward before the first step and after the last)",
+        "train.eval_steps": "RL stages do not evaluate every N steps (grpo measures the held-out reward before the "
+        "first step and after the last)",
         "lora.loraplus_lr_ratio": "RL stages use one learning rate for the whole adapter",
     }
-    from_stage: str | None = Field(None, alias="from", description="stage whose adapter the policy starts from (e.g. sft); none = a fresh adapter")
-    reward: Any = Field(..., description="{type: rule, name: gsm8k_exact} | {type: learned, from: reward} | {type: judge, ...} | a list with weights")
+    from_stage: str | None = Field(
+        None, alias="from", description="stage whose adapter the policy starts from (e.g. sft); none = a fresh adapter"
+    )
+    reward: Any = Field(
+        ...,
+        description="{type: rule, name: gsm8k_exact} | {type: learned, from: reward} | {type: judge, ...} | a list "
+        "with weights",
+    )
     rollout: RLRolloutConfig = Field(default_factory=RLRolloutConfig)
 
     @field_validator("reward")
@@ -361,17 +493,28 @@ class SampleConfig(StageConfig):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
     kind: Literal["sample"] = "sample"
     UNUSED: ClassVar[dict[str, str]] = {"data.packing": "prompts are answered one by one, never packed"}
-    from_stage: str | None = Field(None, alias="from", description="stage whose policy answers (e.g. sft); none = the base model")
-    reward: Any = Field(..., description="what ranks the answers: {type: rule, name: gsm8k_exact} | {type: learned, from: reward} | "
-                        "{type: judge, model: ..., mode: pointwise} | a list with weights")
+    from_stage: str | None = Field(
+        None, alias="from", description="stage whose policy answers (e.g. sft); none = the base model"
+    )
+    reward: Any = Field(
+        ...,
+        description="what ranks the answers: {type: rule, name: gsm8k_exact} | {type: learned, from: reward} | "
+        "{type: judge, model: ..., mode: pointwise} | a list with weights",
+    )
     rollout: SampleRolloutConfig = Field(default_factory=SampleRolloutConfig)
-    tie_margin: float = Field(0.0, ge=0, description="a prompt whose best and worst scores differ by no more than this gives no pair (counted)")
+    tie_margin: float = Field(
+        0.0,
+        ge=0,
+        description="a prompt whose best and worst scores differ by no more than this gives no pair (counted)",
+    )
 
     @field_validator("reward")
     @classmethod
     def _reward_shape(cls, value: Any) -> Any:
-        if any(isinstance(part, dict) and part.get("type") == "judge" and part.get("mode", "pairwise") == "pairwise"
-               for part in (value if isinstance(value, list) else [value])):
+        if any(
+            isinstance(part, dict) and part.get("type") == "judge" and part.get("mode", "pairwise") == "pairwise"
+            for part in (value if isinstance(value, list) else [value])
+        ):
             raise ValueError("a sample stage scores each answer on its own: use a pointwise judge (mode: pointwise)")
         return _check_reward_spec(value)
 
@@ -380,11 +523,24 @@ class EvalConfig(StageConfig):
     """Win-rate of a policy against baselines on held-out prompts (data.eval), judged by rewards."""
 
     kind: Literal["eval"] = "eval"
-    policy: str | None = Field(None, description="stage name (or finished stage folder) to evaluate; none = the last training stage before this one")
-    baselines: list[str] = Field(default_factory=lambda: ["base"], description="compared with: stage names, 'base' (the recipe's model, no adapter), or model/stage folders")
-    judges: dict[str, Any] = Field(..., description="name -> reward spec ({type: rule|learned|judge, ...}); each judge gets its own win-rate table")
-    rollout: EvalRolloutConfig = Field(default_factory=EvalRolloutConfig, description="sampling, identical for the policy and every baseline (fixed seeds)")
-    tie_margin: float = Field(0.0, ge=0, description="score differences within this count as ties (learned, rule and pointwise judges)")
+    policy: str | None = Field(
+        None,
+        description="stage name (or finished stage folder) to evaluate; none = the last training stage before this one",
+    )
+    baselines: list[str] = Field(
+        default_factory=lambda: ["base"],
+        description="compared with: stage names, 'base' (the recipe's model, no adapter), or model/stage folders",
+    )
+    judges: dict[str, Any] = Field(
+        ..., description="name -> reward spec ({type: rule|learned|judge, ...}); each judge gets its own win-rate table"
+    )
+    rollout: EvalRolloutConfig = Field(
+        default_factory=EvalRolloutConfig,
+        description="sampling, identical for the policy and every baseline (fixed seeds)",
+    )
+    tie_margin: float = Field(
+        0.0, ge=0, description="score differences within this count as ties (learned, rule and pointwise judges)"
+    )
     bootstrap: int = Field(2000, ge=100, description="bootstrap resamples of the prompts for the 95% interval")
     examples: int = Field(5, ge=0, description="example pairs written to report.md")
 
@@ -392,7 +548,9 @@ class EvalConfig(StageConfig):
     @classmethod
     def _judge_specs(cls, value: dict[str, Any]) -> dict[str, Any]:
         if not value:
-            raise ValueError("an eval stage needs at least one judge, e.g. judges: {correct: {type: rule, name: gsm8k_exact}}")
+            raise ValueError(
+                "an eval stage needs at least one judge, e.g. judges: {correct: {type: rule, name: gsm8k_exact}}"
+            )
         for spec in value.values():
             _check_reward_spec(spec)
         return value
@@ -400,7 +558,9 @@ class EvalConfig(StageConfig):
     @model_validator(mode="after")
     def _prompts(self):
         if not self.data.eval:
-            raise ValueError("an eval stage reads its held-out prompts from data.eval (data.max_eval_rows caps how many)")
+            raise ValueError(
+                "an eval stage reads its held-out prompts from data.eval (data.max_eval_rows caps how many)"
+            )
         if self.rollout.samples_per_prompt != 1:
             raise ValueError("eval compares one answer per prompt: rollout.samples_per_prompt must be 1")
         return self
@@ -418,7 +578,9 @@ def stage_references(config: StageConfig) -> list[tuple[str, str]]:
         specs += judge if isinstance(judge, list) else [judge]
     found = [("from", config.from_stage)] if getattr(config, "from_stage", None) else []
     found += [("data from", config.data.from_stage)] if config.data.from_stage else []
-    return found + [("reward from" if reward else "judge from", s["from"]) for s in specs if isinstance(s, dict) and s.get("from")]
+    return found + [
+        ("reward from" if reward else "judge from", s["from"]) for s in specs if isinstance(s, dict) and s.get("from")
+    ]
 
 
 def dump_config(config: StageConfig) -> str:

@@ -15,4 +15,3 @@ import signal
 def fault_point(stage: str, event: str, step: int) -> None:
     if os.environ.get("ALIGN_FAULT") == f"{stage}:{event}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
-

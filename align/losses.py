@@ -51,7 +51,9 @@ def token_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float =
     return torch.stack(rows)
 
 
-def dpo_sigmoid(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.0, **_) -> torch.Tensor:
+def dpo_sigmoid(
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.0, **_
+) -> torch.Tensor:
     """DPO (Rafailov et al. 2023, eq. 7); with label_smoothing > 0, conservative DPO (cDPO):
 
         h = beta * ((pi_c - ref_c) - (pi_r - ref_r))
@@ -63,28 +65,36 @@ def dpo_sigmoid(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: 
     return -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
 
 
-def dpo_robust(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.0, **_) -> torch.Tensor:
+def dpo_robust(
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.0, **_
+) -> torch.Tensor:
     """Robust DPO (Chowdhury et al. 2024, eq. 8): unbiased under label-flip rate eps < 0.5.
 
-        loss = ((1 - eps) * -log sigmoid(h) - eps * -log sigmoid(-h)) / (1 - 2 eps)
+    loss = ((1 - eps) * -log sigmoid(h) - eps * -log sigmoid(-h)) / (1 - 2 eps)
     """
     h = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
     return (-(1 - label_smoothing) * F.logsigmoid(h) + label_smoothing * F.logsigmoid(-h)) / (1 - 2 * label_smoothing)
 
 
-def ipo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, chosen_tokens=None, rejected_tokens=None, **_) -> torch.Tensor:
+def ipo(
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, chosen_tokens=None, rejected_tokens=None, **_
+) -> torch.Tensor:
     """IPO (Azar et al. 2023, eq. 17) on per-token average log-ratios (as the IPO authors and TRL do):
 
-        h = (pi_c - ref_c) / |c| - (pi_r - ref_r) / |r|;   loss = (h - 1 / (2 beta))^2
+    h = (pi_c - ref_c) / |c| - (pi_r - ref_r) / |r|;   loss = (h - 1 / (2 beta))^2
     """
-    h = (policy_chosen - ref_chosen) / chosen_tokens.clamp(min=1) - (policy_rejected - ref_rejected) / rejected_tokens.clamp(min=1)
+    h = (policy_chosen - ref_chosen) / chosen_tokens.clamp(min=1) - (
+        policy_rejected - ref_rejected
+    ) / rejected_tokens.clamp(min=1)
     return (h - 1 / (2 * beta)) ** 2
 
 
-def simpo(policy_chosen, policy_rejected, beta: float, gamma: float = 0.5, chosen_tokens=None, rejected_tokens=None, **_) -> torch.Tensor:
+def simpo(
+    policy_chosen, policy_rejected, beta: float, gamma: float = 0.5, chosen_tokens=None, rejected_tokens=None, **_
+) -> torch.Tensor:
     """SimPO (Meng et al. 2024, eq. 6): reference-free, length-normalised, with a target margin gamma.
 
-        loss = -log sigmoid(beta * (pi_c / |c| - pi_r / |r|) - gamma)
+    loss = -log sigmoid(beta * (pi_c / |c| - pi_r / |r|) - gamma)
     """
     margin = policy_chosen / chosen_tokens.clamp(min=1) - policy_rejected / rejected_tokens.clamp(min=1)
     return -F.logsigmoid(beta * margin - gamma)
@@ -172,7 +182,9 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1
     raise ValueError(f"KL estimator must be k1, k2 or k3, not {estimator!r}")
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016), right to left over each completion:
 
         delta_t = r_t + gamma * V_{t+1} - V_t        (V after the last token is 0)
@@ -216,7 +228,9 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return (grouped - others).reshape(-1)
 
 
-def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+def clipped_policy_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate per token (Schulman et al. 2017, eq. 7), as a loss to minimise:
 
         ratio = exp(logp - old_logp);  loss = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))
@@ -229,7 +243,9 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
     return torch.maximum(unclipped, clipped), (clipped > unclipped).float()
 
 
-def truncated_importance_weights(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+def truncated_importance_weights(
+    trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, cap: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncated importance sampling (TIS; Yao et al. 2025, "Your efficient RL framework secretly
     brings you off-policy RL training"; TRL's and veRL's correction for vLLM rollouts).
 
@@ -247,7 +263,9 @@ def truncated_importance_weights(trainer_logp: torch.Tensor, sampler_logp: torch
     return ratio.clamp(max=cap), (ratio > cap).float()
 
 
-def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's value loss with the value change clipped to +-clip around the rollout's values:
     0.5 * max((V - R)^2, (clip(V, V_old +- c) - R)^2). [B, T] each -> (loss [B, T], clipped [B, T])."""
     clipped_values = old_values + (values - old_values).clamp(-clip, clip)

@@ -26,13 +26,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from align.artifacts import config_changes, file_hash, flatten, stage_folder, write_atomic, written_by_align
-from align.console import console
 from align.config import RecipeError, StageConfig
+from align.console import console
 from align.recipe import Recipe
 from align.stages.registry import REGISTRY
 
 # Keys that change how a stage logs or checkpoints, not what it produces.
-NOT_FINGERPRINTED = ("tracking.", "train.logging_steps", "train.save_steps", "train.save_total_limit", "train.eval_steps")
+NOT_FINGERPRINTED = (
+    "tracking.",
+    "train.logging_steps",
+    "train.save_steps",
+    "train.save_total_limit",
+    "train.eval_steps",
+)
 
 
 @dataclass
@@ -70,7 +76,7 @@ class Pipeline:
             inputs = self.recipe.dependencies(name)
             fingerprint = _fingerprint(cfg, {dep: plans[dep].fingerprint for dep in inputs})
             plans[name] = StagePlan(name, cfg.kind, cfg, self.folder / name, inputs, fingerprint)
-        selected = [only] if only else names[names.index(start):] if start else names
+        selected = [only] if only else names[names.index(start) :] if start else names
         tokenizers: dict = {}
         for name in names:
             plan = plans[name]
@@ -80,16 +86,27 @@ class Pipeline:
                 continue
             upstream = [dep for dep in plan.inputs if plans[dep].action in ("run", "resume")]
             plan.action, plan.reason = self._action(plan, force or bool(start), upstream)
-        for name in selected:  # a folder align would replace must be one align wrote: say so now, not after earlier stages
+        for (
+            name
+        ) in selected:  # a folder align would replace must be one align wrote: say so now, not after earlier stages
             plan = plans[name]
-            if plan.action != "skip" and plan.output.is_dir() and any(plan.output.iterdir()) and not written_by_align(plan.output):
-                raise RecipeError(f"stage '{name}' writes to {plan.output}, which holds files align did not write; "
-                                  "move them away or rename the recipe (name:)")
+            if (
+                plan.action != "skip"
+                and plan.output.is_dir()
+                and any(plan.output.iterdir())
+                and not written_by_align(plan.output)
+            ):
+                raise RecipeError(
+                    f"stage '{name}' writes to {plan.output}, which holds files align did not write; "
+                    "move them away or rename the recipe (name:)"
+                )
         for name in selected:  # a selected stage's inputs must be there when they are not run now
             for dep in plans[name].inputs:
                 if plans[dep].action == "skip" and not _complete(plans[dep].output):
-                    raise RecipeError(f"stage '{name}' needs '{dep}', which has not finished ({plans[dep].output}); run it first "
-                                      f"(align run {self.recipe.path} --only {dep}) or drop --only/--from")
+                    raise RecipeError(
+                        f"stage '{name}' needs '{dep}', which has not finished ({plans[dep].output}); run it first "
+                        f"(align run {self.recipe.path} --only {dep}) or drop --only/--from"
+                    )
         return [plans[name] for name in names]
 
     def _action(self, plan: StagePlan, force: bool, upstream: list[str]) -> tuple[str, str]:
@@ -101,14 +118,21 @@ class Pipeline:
             return "run", f"input stage(s) {', '.join(upstream)} run first"
         if manifest and manifest.get("status") == "complete":
             if recorded.get("fingerprint") != plan.fingerprint:
-                return "run", "changed since it ran: " + _config_changes(plan) if recorded else "finished outside align run; re-run to record its inputs"
-            stale = [dep for dep, digest in (recorded.get("inputs") or {}).items() if digest != self._artifact_hash(dep)]
+                return "run", "changed since it ran: " + _config_changes(
+                    plan
+                ) if recorded else "finished outside align run; re-run to record its inputs"
+            stale = [
+                dep for dep, digest in (recorded.get("inputs") or {}).items() if digest != self._artifact_hash(dep)
+            ]
             if stale:
                 return "run", f"input stage(s) {', '.join(stale)} were re-made since it ran"
             return "skip", "up to date"
         if manifest and manifest.get("status") == "collapsed":  # never built on, never resumed: it would collapse again
             reasons = "; ".join((manifest.get("checkup") or {}).get("collapse") or [])
-            return "run", f"the collapse alarm stopped it last time ({reasons}); change its config or set checkup.alarm=false"
+            return (
+                "run",
+                f"the collapse alarm stopped it last time ({reasons}); change its config or set checkup.alarm=false",
+            )
         attempt = self._attempts().get(plan.name, {})
         if plan.output.exists() and attempt.get("fingerprint") == plan.fingerprint:
             return "resume", "interrupted; resuming from its last complete checkpoint"
@@ -127,7 +151,13 @@ class Pipeline:
             inputs = {dep: self._artifact_hash(dep) for dep in plan.inputs}
             self._record_attempt(plan.name, plan.fingerprint)
             console.rule(f"[bold]stage {plan.name}[/] ({plan.kind}): {plan.action} - {plan.reason}")
-            provenance = {"pipeline": {"fingerprint": plan.fingerprint, "inputs": inputs, "recipe": str(self.recipe.path or self.recipe.name)}}
+            provenance = {
+                "pipeline": {
+                    "fingerprint": plan.fingerprint,
+                    "inputs": inputs,
+                    "recipe": str(self.recipe.path or self.recipe.name),
+                }
+            }
             run_stage(plan, self.recipe.name, resume=plan.action == "resume", provenance=provenance)
             gc.collect()
             _empty_device_cache()
@@ -143,7 +173,11 @@ class Pipeline:
         return file_hash(artifact) if artifact.exists() else None
 
     def _attempts(self) -> dict:
-        return json.loads(self.state_file.read_text(encoding="utf-8")).get("stages", {}) if self.state_file.is_file() else {}
+        return (
+            json.loads(self.state_file.read_text(encoding="utf-8")).get("stages", {})
+            if self.state_file.is_file()
+            else {}
+        )
 
     def _record_attempt(self, stage: str, fingerprint: str) -> None:
         """Written before a stage starts, so a killed run knows which fingerprint it was making."""
@@ -170,7 +204,9 @@ def run_stage(plan: StagePlan, recipe_name: str, resume: bool, provenance: dict)
     """One stage through the same function its own command calls; a fresh run replaces the folder
     (only ever a folder align wrote: prepare_run_folder refuses anything else)."""
     runner = REGISTRY[plan.kind].runner
-    return runner(plan.config, plan.output, recipe_name=recipe_name, overwrite=not resume, resume=resume, provenance=provenance)
+    return runner(
+        plan.config, plan.output, recipe_name=recipe_name, overwrite=not resume, resume=resume, provenance=provenance
+    )
 
 
 def describe_data(cfg: StageConfig, tokenizers: dict) -> tuple[str, str]:
@@ -191,11 +227,23 @@ def describe_data(cfg: StageConfig, tokenizers: dict) -> tuple[str, str]:
 
 
 def _fingerprint(cfg: StageConfig, inputs: dict[str, str]) -> str:
-    config = {k: v for k, v in flatten(cfg.model_dump(mode="json", by_alias=True)).items() if not k.startswith(NOT_FINGERPRINTED)}
+    config = {
+        k: v
+        for k, v in flatten(cfg.model_dump(mode="json", by_alias=True)).items()
+        if not k.startswith(NOT_FINGERPRINTED)
+    }
     # Pairs made by an input stage are not hashed as data: its fingerprint and artifact hash cover them
     # (hashing them would change this fingerprint between the plan that makes them and the next run).
-    made = [p for p in [*cfg.data.train, *cfg.data.eval] if cfg.data.from_stage and Path(p).parent.name == cfg.data.from_stage]
-    files = {path: file_hash(Path(path)) for path in [*cfg.data.train, *cfg.data.eval] if Path(path).exists() and path not in made}
+    made = [
+        p
+        for p in [*cfg.data.train, *cfg.data.eval]
+        if cfg.data.from_stage and Path(p).parent.name == cfg.data.from_stage
+    ]
+    files = {
+        path: file_hash(Path(path))
+        for path in [*cfg.data.train, *cfg.data.eval]
+        if Path(path).exists() and path not in made
+    }
     blob = json.dumps({"config": config, "data": files, "inputs": inputs}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -254,8 +302,16 @@ def print_plan_table(recipe: Recipe, plans: list[StagePlan]) -> None:
     style = {"skip": "dim", "resume": "yellow", "run": "bold green"}
     for plan in plans:
         seconds = (_manifest(plan.output) or {}).get("seconds")  # the last finished run of this stage: an estimate
-        table.add_row(plan.name, plan.kind, ", ".join(plan.inputs) or "-", plan.rows, plan.steps,
-                      f"{seconds:.0f}s" if seconds else "-", f"[{style[plan.action]}]{plan.action}[/]", plan.reason)
+        table.add_row(
+            plan.name,
+            plan.kind,
+            ", ".join(plan.inputs) or "-",
+            plan.rows,
+            plan.steps,
+            f"{seconds:.0f}s" if seconds else "-",
+            f"[{style[plan.action]}]{plan.action}[/]",
+            plan.reason,
+        )
     console.print(table)
     model = plans[0].config.model.name
     console.print(f"model: {model}; outputs: {stage_folder(recipe.name)}/<stage>/")

@@ -83,9 +83,13 @@ def silence_bitsandbytes_kernel_download() -> None:
     """Install (once) the filter for bitsandbytes' optional-kernel warning; call before it imports."""
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
     if not any(isinstance(f, _Drop) for f in logger.filters):
-        logger.addFilter(_Drop(lambda m: m.startswith("Failed to load CPU gemm_4bit_forward from kernels-community"),
-                               "bitsandbytes: 4-bit matmuls use its built-in CPU kernel (the optional kernels-community "
-                               "kernel is a hub download; align stays offline)"))
+        logger.addFilter(
+            _Drop(
+                lambda m: m.startswith("Failed to load CPU gemm_4bit_forward from kernels-community"),
+                "bitsandbytes: 4-bit matmuls use its built-in CPU kernel (the optional kernels-community "
+                "kernel is a hub download; align stays offline)",
+            )
+        )
 
 
 # vLLM warnings that describe choices align makes for its in-process CPU engine (align/rollout/vllm.py).
@@ -117,8 +121,10 @@ class ExpectedVLLMWarnings(logging.Filter):
         message = record.getMessage()
         if not any(text in message for text in EXPECTED_VLLM):
             return True
-        _say_once("vllm: in-process CPU engine, eager, no chunked prefill, seeded requests "
-                  "(its warnings about these choices are hidden: align/quiet.py)")
+        _say_once(
+            "vllm: in-process CPU engine, eager, no chunked prefill, seeded requests "
+            "(its warnings about these choices are hidden: align/quiet.py)"
+        )
         return False
 
 

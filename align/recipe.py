@@ -58,11 +58,17 @@ class Recipe(_Strict):
         earlier = list(self.stages)[: list(self.stages).index(stage)]
         for key, source in stage_references(config):
             if source not in earlier:
-                raise RecipeError(f"{self._where()}, stage '{stage}': {key}: {source} names no earlier stage (earlier: {', '.join(earlier) or 'none'})")
+                raise RecipeError(
+                    f"{self._where()}, stage '{stage}': {key}: {source} names no earlier stage (earlier: "
+                    f"{', '.join(earlier) or 'none'})"
+                )
             wanted, what = REFERENCE_KINDS.get(key, REFERENCE_KINDS["reward from"])
             if self.stage_kind(source) not in wanted:
-                raise RecipeError(f"{self._where()}, stage '{stage}': {key}: {source} is a {self.stage_kind(source)} stage, but {what} "
-                                  f"must come from a stage of kind {' or '.join(wanted)}")
+                raise RecipeError(
+                    f"{self._where()}, stage '{stage}': {key}: {source} is a {self.stage_kind(source)} stage, but "
+                    f"{what} "
+                    f"must come from a stage of kind {' or '.join(wanted)}"
+                )
         if config.data.from_stage:
             self._read_pairs_of(config, stage)
         if isinstance(config, EvalConfig):
@@ -71,11 +77,15 @@ class Recipe(_Strict):
                 if name is not None and name in self.stages and name not in earlier:
                     raise RecipeError(f"{self._where()}, stage '{stage}': {key}: {name} is not an earlier stage")
                 if name in earlier and self.stage_kind(name) not in POLICY_KINDS:
-                    raise RecipeError(f"{self._where()}, stage '{stage}': {key}: {name} is a {self.stage_kind(name)} stage, "
-                                      f"not a policy that answers (kinds {', '.join(POLICY_KINDS)})")
+                    raise RecipeError(
+                        f"{self._where()}, stage '{stage}': {key}: {name} is a {self.stage_kind(name)} stage, "
+                        f"not a policy that answers (kinds {', '.join(POLICY_KINDS)})"
+                    )
             if config.policy is None:
                 if not trained:
-                    raise RecipeError(f"{self._where()}, stage '{stage}': no policy to evaluate (set policy: <stage or folder>)")
+                    raise RecipeError(
+                        f"{self._where()}, stage '{stage}': no policy to evaluate (set policy: <stage or folder>)"
+                    )
                 config.policy = trained[-1]
         return config
 
@@ -85,7 +95,9 @@ class Recipe(_Strict):
         are not this stage's. The paths are in the resolved config."""
         own = self.stages[stage].get("data") or {}
         if own.get("train"):
-            raise RecipeError(f"{self._where()}, stage '{stage}': give data.train or data.from ({config.data.from_stage}), not both")
+            raise RecipeError(
+                f"{self._where()}, stage '{stage}': give data.train or data.from ({config.data.from_stage}), not both"
+            )
         folder = stage_folder(self.name, config.data.from_stage)
         config.data.train = [str(folder / PAIRS_FILE)]
         sampler = self.resolve(config.data.from_stage).data
@@ -136,11 +148,16 @@ def recipe_from_dict(raw: dict[str, Any], path: Path | None = None) -> Recipe:
         raise RecipeError(f"{where}: a recipe needs a non-empty 'stages:' mapping (e.g. stages: {{sft: {{}}}})")
     for key in raw:
         if key not in SHARED_SECTIONS:
-            raise RecipeError(f"{where}: unknown key '{key}'{_suggest(key, _known_keys(StageConfig) + ['name', 'description', 'stages'])}")
+            raise RecipeError(
+                f"{where}: unknown key "
+                f"'{key}'{_suggest(key, _known_keys(StageConfig) + ['name', 'description', 'stages'])}"
+            )
     for what, value in [("name", name)] + [("stage name", stage) for stage in stages]:
         if not isinstance(value, str) or not NAME_PATTERN.match(value) or ".." in value:
-            raise RecipeError(f"{where}: {what} {value!r} is not a plain name - use letters, digits, '-', '_' and '.', "
-                              "no '/' and no '..' (it becomes a folder under runs/)")
+            raise RecipeError(
+                f"{where}: {what} {value!r} is not a plain name - use letters, digits, '-', '_' and '.', "
+                "no '/' and no '..' (it becomes a folder under runs/)"
+            )
     stages = {stage: (section or {}) for stage, section in stages.items()}
     recipe = Recipe(name=str(name), description=str(description), path=path, shared=raw, stages=stages)
     recipe.validate_all()
@@ -210,12 +227,28 @@ def _known_keys(schema: type[BaseModel], prefix: str = "") -> list[str]:
 
 # Names users bring from transformers, TRL, peft and axolotl -> align's name for the same setting.
 KEY_ALIASES = {
-    "learning_rate": "lr", "lora_alpha": "alpha", "lora_r": "r", "rank": "r", "lora_dropout": "dropout",
-    "epoch": "epochs", "num_epochs": "epochs", "num_train_epochs": "epochs", "batch": "batch_size",
-    "micro_batch_size": "batch_size", "per_device_train_batch_size": "batch_size",
-    "gradient_accumulation_steps": "grad_accum", "gradient_accumulation": "grad_accum", "warmup": "warmup_ratio",
-    "max_seq_length": "max_length", "sequence_len": "max_length", "seq_len": "max_length", "steps": "max_steps",
-    "optimizer": "optim", "scheduler": "lr_scheduler", "lr_scheduler_type": "lr_scheduler", "max_grad_norm_clip": "max_grad_norm",
+    "learning_rate": "lr",
+    "lora_alpha": "alpha",
+    "lora_r": "r",
+    "rank": "r",
+    "lora_dropout": "dropout",
+    "epoch": "epochs",
+    "num_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "batch": "batch_size",
+    "micro_batch_size": "batch_size",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "gradient_accumulation": "grad_accum",
+    "warmup": "warmup_ratio",
+    "max_seq_length": "max_length",
+    "sequence_len": "max_length",
+    "seq_len": "max_length",
+    "steps": "max_steps",
+    "optimizer": "optim",
+    "scheduler": "lr_scheduler",
+    "lr_scheduler_type": "lr_scheduler",
+    "max_grad_norm_clip": "max_grad_norm",
 }
 
 
@@ -252,4 +285,6 @@ def describe_fields(schema: type[BaseModel] = SFTConfig, prefix: str = "") -> li
 def stage_only_fields() -> dict[str, list[tuple[str, str, Any]]]:
     """Per stage kind, the keys it has beyond the shared sections (dpo.*, reward.*, rollout.*, ...)."""
     shared = {key for key, _, _ in describe_fields(StageConfig)}
-    return {kind: [row for row in describe_fields(entry.schema) if row[0] not in shared] for kind, entry in REGISTRY.items()}
+    return {
+        kind: [row for row in describe_fields(entry.schema) if row[0] not in shared] for kind, entry in REGISTRY.items()
+    }

@@ -61,8 +61,15 @@ def check_spec(spec: Any) -> None:
         if kind == "rule":
             name = part.get("name")
             if name not in rules.RULES:
-                raise ValueError(f"{where}: unknown rule {name!r}{_close(name, rules.RULES)} (rules: {', '.join(sorted(rules.RULES))})")
-            options = [p for p, v in inspect.signature(rules.RULES[name]).parameters.items() if v.default is not inspect.Parameter.empty]
+                raise ValueError(
+                    f"{where}: unknown rule {name!r}{_close(name, rules.RULES)} (rules: "
+                    f"{', '.join(sorted(rules.RULES))})"
+                )
+            options = [
+                p
+                for p, v in inspect.signature(rules.RULES[name]).parameters.items()
+                if v.default is not inspect.Parameter.empty
+            ]
             allowed = SPEC_KEYS["rule"] | set(options)
         else:
             allowed = SPEC_KEYS[kind]
@@ -74,8 +81,10 @@ def check_spec(spec: Any) -> None:
             if kind == "judge" and part.get("mode", "pairwise") not in ("pairwise", "pointwise"):
                 raise ValueError(f"{where}: judge mode must be pairwise or pointwise, not {part['mode']!r}")
         for key in sorted(keys - allowed):
-            raise ValueError(f"{where}: a {kind} reward{' ' + repr(part.get('name')) if kind == 'rule' else ''} has no key {key!r}"
-                             f"{_close(key, allowed)} (keys: {', '.join(sorted(allowed))})")
+            raise ValueError(
+                f"{where}: a {kind} reward{' ' + repr(part.get('name')) if kind == 'rule' else ''} has no key {key!r}"
+                f"{_close(key, allowed)} (keys: {', '.join(sorted(allowed))})"
+            )
 
 
 class RuleReward:
@@ -93,7 +102,11 @@ class RuleReward:
 
     def __call__(self, prompts, completions, **columns):
         wanted = self.parameters
-        missing = [p for p in wanted if p not in ("prompts", "completions") and p not in columns and wanted[p].default is inspect.Parameter.empty]
+        missing = [
+            p
+            for p in wanted
+            if p not in ("prompts", "completions") and p not in columns and wanted[p].default is inspect.Parameter.empty
+        ]
         if missing:
             raise KeyError(f"rule '{self.name}' needs the data column(s) {missing}")
         return self.function(prompts, completions, **{k: v for k, v in columns.items() if k in wanted}, **self.options)
@@ -114,7 +127,9 @@ class WeightedSum:
         return totals
 
 
-def build_reward(spec: dict | list[dict], stage_dirs: dict[str, Path] | None = None, trust_remote_code: bool = False) -> Reward:
+def build_reward(
+    spec: dict | list[dict], stage_dirs: dict[str, Path] | None = None, trust_remote_code: bool = False
+) -> Reward:
     """A reward from a recipe's ``reward:`` section (a spec, or a list of weighted specs).
 
     ``{type: learned, from: reward}`` names a stage; ``stage_dirs`` maps stage names to their
@@ -122,8 +137,15 @@ def build_reward(spec: dict | list[dict], stage_dirs: dict[str, Path] | None = N
     the recipe being run (its model section), never from the folders the rewards are read from.
     """
     if isinstance(spec, list):
-        return WeightedSum([(float(part.get("weight", 1.0)), build_reward({k: v for k, v in part.items() if k != "weight"}, stage_dirs, trust_remote_code))
-                            for part in spec])
+        return WeightedSum(
+            [
+                (
+                    float(part.get("weight", 1.0)),
+                    build_reward({k: v for k, v in part.items() if k != "weight"}, stage_dirs, trust_remote_code),
+                )
+                for part in spec
+            ]
+        )
     kind = spec.get("type")
     if kind == "rule":
         return RuleReward(spec["name"], **{k: v for k, v in spec.items() if k not in ("type", "name")})
@@ -132,7 +154,9 @@ def build_reward(spec: dict | list[dict], stage_dirs: dict[str, Path] | None = N
 
         if "from" in spec:
             if not stage_dirs or spec["from"] not in stage_dirs:
-                raise KeyError(f"reward from: {spec['from']} names no finished stage (known: {sorted(stage_dirs or {})})")
+                raise KeyError(
+                    f"reward from: {spec['from']} names no finished stage (known: {sorted(stage_dirs or {})})"
+                )
             path = stage_dirs[spec["from"]]
         else:
             path = spec["path"]
@@ -140,5 +164,10 @@ def build_reward(spec: dict | list[dict], stage_dirs: dict[str, Path] | None = N
     if kind == "judge":
         from reward_models.judge import LLMJudge
 
-        return LLMJudge(spec["model"], mode=spec.get("mode", "pairwise"), batch_size=int(spec.get("batch_size", 4)), trust_remote_code=trust_remote_code)
+        return LLMJudge(
+            spec["model"],
+            mode=spec.get("mode", "pairwise"),
+            batch_size=int(spec.get("batch_size", 4)),
+            trust_remote_code=trust_remote_code,
+        )
     raise KeyError(f"unknown reward type {kind!r} (rule, learned, judge)")

@@ -23,8 +23,7 @@ PAIRWISE = (
     "Which answer is better: more correct, more helpful, and no longer than needed? Reply with one letter, A or B."
 )
 POINTWISE = (
-    "Question:\n{question}\n\nAnswer:\n{answer}\n\n"
-    "Is this answer correct and helpful? Reply with one word, Yes or No."
+    "Question:\n{question}\n\nAnswer:\n{answer}\n\nIs this answer correct and helpful? Reply with one word, Yes or No."
 )
 
 
@@ -72,8 +71,12 @@ class LLMJudge:
     def compare(self, prompts: list[list[dict]], answers: list[str], others: list[str]) -> list[float]:
         """Probability that each answer beats the other one, averaged over both presentation orders."""
         questions = [_question(p) for p in prompts]
-        as_a = self._choice_probs([PAIRWISE.format(question=q, a=x, b=y) for q, x, y in zip(questions, answers, others)])
-        as_b = self._choice_probs([PAIRWISE.format(question=q, a=y, b=x) for q, x, y in zip(questions, answers, others)])
+        as_a = self._choice_probs(
+            [PAIRWISE.format(question=q, a=x, b=y) for q, x, y in zip(questions, answers, others)]
+        )
+        as_b = self._choice_probs(
+            [PAIRWISE.format(question=q, a=y, b=x) for q, x, y in zip(questions, answers, others)]
+        )
         wins = [(p1 + (1 - p2)) / 2 for p1, p2 in zip(as_a, as_b)]
         # the orders disagree when the same slot wins both times: the verdict followed the position
         flips = [(p1 > 0.5) == (p2 > 0.5) for p1, p2 in zip(as_a, as_b)]
@@ -82,7 +85,9 @@ class LLMJudge:
 
     def __call__(self, prompts, completions, baseline: list[str] | None = None, **columns) -> list[float]:
         if self.mode == "pointwise":
-            return self._choice_probs([POINTWISE.format(question=_question(p), answer=c) for p, c in zip(prompts, completions)])
+            return self._choice_probs(
+                [POINTWISE.format(question=_question(p), answer=c) for p, c in zip(prompts, completions)]
+            )
         if baseline is None:
             raise KeyError("a pairwise judge needs a 'baseline' column: the answer each completion is compared with")
         return self.compare(prompts, completions, baseline)

@@ -6,8 +6,8 @@ import torch
 
 from align.data.batching import PaddingCollator
 from align.data.templating import encode_conversation, end_of_turn_ids
-from align.tokens import IGNORE_INDEX
 from align.models.reward import load_reward_model, reward_scores
+from align.tokens import IGNORE_INDEX
 
 
 class LearnedReward:
@@ -32,7 +32,9 @@ class LearnedReward:
     def encode(self, prompt: list[dict], completion: str) -> list[int]:
         if self.system_prompt and prompt[0]["role"] != "system":
             prompt = [{"role": "system", "content": self.system_prompt}] + prompt
-        encoded = encode_conversation(self.tokenizer, prompt + [{"role": "assistant", "content": completion}], 1 << 30, self.eot_ids)
+        encoded = encode_conversation(
+            self.tokenizer, prompt + [{"role": "assistant", "content": completion}], 1 << 30, self.eot_ids
+        )
         last = max(i for i, label in enumerate(encoded.labels) if label != IGNORE_INDEX)
         return encoded.input_ids[: min(last + 1, self.max_length)]  # training cut answers at max_length too
 
@@ -44,5 +46,7 @@ class LearnedReward:
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start : start + self.batch_size]
             batch = self.collate([{"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids)} for ids in chunk])
-            scores += reward_scores(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).tolist()
+            scores += reward_scores(
+                self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            ).tolist()
         return scores

@@ -66,7 +66,8 @@ def same_answer(completion: str, reference: str) -> bool:
 def gsm8k_exact(prompts: list, completions: list[str], reference: list[str]) -> list[float]:
     """1.0 when the completion's final answer equals the reference answer's (``same_answer``), else 0.0.
 
-    >>> gsm8k_exact([[], [], []], ["... #### 18", "I think 17", "#### 18.0"], ["Janet makes 18.\\n#### 18", "#### 18", "#### 18"])
+    >>> answers = ["... #### 18", "I think 17", "#### 18.0"]
+    >>> gsm8k_exact([[], [], []], answers, ["Janet makes 18.\\n#### 18", "#### 18", "#### 18"])
     [1.0, 0.0, 1.0]
     """
     return [1.0 if same_answer(c, r) else 0.0 for c, r in zip(completions, reference)]

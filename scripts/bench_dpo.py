@@ -30,17 +30,25 @@ def worker_align(reference: str, steps: int, batch: int) -> dict:
 
     folder = Path(tempfile.mkdtemp())
     (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs(steps * batch)))
-    recipe = recipe_from_dict({
-        "name": "bench", "lora": LORA, "quantization": {"mode": "nf4"},
-        "data": {"train": str(folder / "pairs.jsonl"), "max_length": 256},
-        "train": {"max_steps": steps, "batch_size": batch, "save_steps": 10_000, "lr": 5e-4},
-        "stages": {"dpo": {"dpo": {"reference": reference}}},
-    })
+    recipe = recipe_from_dict(
+        {
+            "name": "bench",
+            "lora": LORA,
+            "quantization": {"mode": "nf4"},
+            "data": {"train": str(folder / "pairs.jsonl"), "max_length": 256},
+            "train": {"max_steps": steps, "batch_size": batch, "save_steps": 10_000, "lr": 5e-4},
+            "stages": {"dpo": {"dpo": {"reference": reference}}},
+        }
+    )
     run_dpo(recipe.resolve("dpo"), folder / "run", recipe_name="bench")
     metrics = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
     manifest = json.loads((folder / "run" / "manifest.json").read_text())
     final = next(m for m in metrics if "train_runtime" in m)
-    return {"train_seconds": final["train_runtime"], "reference_seconds": manifest["reference_seconds"], "pairs": steps * batch}
+    return {
+        "train_seconds": final["train_runtime"],
+        "reference_seconds": manifest["reference_seconds"],
+        "pairs": steps * batch,
+    }
 
 
 def worker_trl(steps: int, batch: int) -> dict:
@@ -53,17 +61,47 @@ def worker_trl(steps: int, batch: int) -> dict:
     from align.models.resolve import resolve_model
 
     path = resolve_model("smollm2-135m-instruct")
-    data = [{"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": [{"role": "assistant", "content": r["chosen"]}],
-             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in pairs(steps * batch)]
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    data = [
+        {
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "chosen": [{"role": "assistant", "content": r["chosen"]}],
+            "rejected": [{"role": "assistant", "content": r["rejected"]}],
+        }
+        for r in pairs(steps * batch)
+    ]
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant)
-    args = DPOConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=batch, learning_rate=5e-4,
-                     max_length=256, save_strategy="no", report_to=[], use_cpu=True)
+    args = DPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        learning_rate=5e-4,
+        max_length=256,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+    )
     lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(data), processing_class=AutoTokenizer.from_pretrained(path), peft_config=lora)
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(data),
+        processing_class=AutoTokenizer.from_pretrained(path),
+        peft_config=lora,
+    )
     result = trainer.train()
-    return {"train_seconds": result.metrics["train_runtime"], "reference_seconds": 0.0, "pairs": steps * batch,
-            "trl_bf16": args.bf16, "trl_gradient_checkpointing": args.gradient_checkpointing}
+    return {
+        "train_seconds": result.metrics["train_runtime"],
+        "reference_seconds": 0.0,
+        "pairs": steps * batch,
+        "trl_bf16": args.bf16,
+        "trl_gradient_checkpointing": args.gradient_checkpointing,
+    }
 
 
 CONFIGS = ["trl-dpo-defaults", "align-dpo-precomputed", "align-dpo-live"]
@@ -85,13 +123,18 @@ def main() -> None:
     results = run_configs(__file__, args.only, ["--steps", str(args.steps), "--batch", str(args.batch)])
     baseline = results.get("trl-dpo-defaults")
     print(f"\nsteps {args.steps} x batch {args.batch} pairs\n")
-    print("| configuration | pairs/s (training) | vs TRL | reference precompute s | pairs/s incl. precompute | peak RSS MB |")
+    print(
+        "| configuration | pairs/s (training) | vs TRL | reference precompute s | pairs/s incl. precompute | peak RSS "
+        "MB |"
+    )
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
         rate = r["pairs"] / r["train_seconds"]
         overall = r["pairs"] / (r["train_seconds"] + r["reference_seconds"])
         ratio = f"{rate / (baseline['pairs'] / baseline['train_seconds']):.2f}x" if baseline else "-"
-        print(f"| {name} | {rate:.2f} | {ratio} | {r['reference_seconds']:.1f} | {overall:.2f} | {r['peak_rss_mb']:.0f} |")
+        print(
+            f"| {name} | {rate:.2f} | {ratio} | {r['reference_seconds']:.1f} | {overall:.2f} | {r['peak_rss_mb']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -36,16 +36,30 @@ def worker(name: str, steps: int, tokens: int) -> dict:
     per_prompt = 1 if kind == "ppo" else 4
     stage = {
         "kind": kind,
-        "reward": [{"type": "rule", "name": "gsm8k_exact", "weight": 1.0}, {"type": "rule", "name": "answer_format", "weight": 0.5}],
-        "rollout": {"engine": engine, "prompts_per_step": 16 // per_prompt, "samples_per_prompt": per_prompt, "max_new_tokens": tokens},
-        kind: {"algorithm": algorithm, "dead_steps": 0} if kind == "grpo" else {"epochs": 2, "minibatch_size": 8, "dead_steps": 0},
+        "reward": [
+            {"type": "rule", "name": "gsm8k_exact", "weight": 1.0},
+            {"type": "rule", "name": "answer_format", "weight": 0.5},
+        ],
+        "rollout": {
+            "engine": engine,
+            "prompts_per_step": 16 // per_prompt,
+            "samples_per_prompt": per_prompt,
+            "max_new_tokens": tokens,
+        },
+        kind: {"algorithm": algorithm, "dead_steps": 0}
+        if kind == "grpo"
+        else {"epochs": 2, "minibatch_size": 8, "dead_steps": 0},
     }
-    recipe = recipe_from_dict({
-        "name": "bench", "quantization": {"mode": "nf4"}, "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
-        "data": {"train": str(folder / "prompts.jsonl"), "max_length": 512},
-        "train": {"max_steps": steps, "batch_size": 8, "lr": 1e-5},
-        "stages": {"rl": stage},
-    })
+    recipe = recipe_from_dict(
+        {
+            "name": "bench",
+            "quantization": {"mode": "nf4"},
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+            "data": {"train": str(folder / "prompts.jsonl"), "max_length": 512},
+            "train": {"max_steps": steps, "batch_size": 8, "lr": 1e-5},
+            "stages": {"rl": stage},
+        }
+    )
     cfg = recipe.resolve("rl")
     if kind == "ppo":
         from align.stages.ppo import run_ppo as run
@@ -71,10 +85,15 @@ def main() -> None:
         report(worker(args.worker, args.steps, args.tokens))
         return
     results = run_configs(__file__, args.only.split(","), ["--steps", str(args.steps), "--tokens", str(args.tokens)])
-    print(f"\n{'config':<12}{'step s':>8}{'generate':>10}{'score':>7}{'logprobs':>10}{'train':>7}{'sync':>6}{'tokens':>8}{'peak RSS MB':>13}")
+    print(
+        f"\n{'config':<12}{'step s':>8}{'generate':>10}{'score':>7}{'logprobs':>10}{'train':>7}{'sync':>6}"
+        f"{'tokens':>8}{'peak RSS MB':>13}"
+    )
     for name, r in results.items():
-        print(f"{name:<12}{r['step_s']:>8}{r['generation_s']:>10}{r['scoring_s']:>7}{r['logprobs_s']:>10}{r['training_s']:>7}"
-              f"{r['sync_s']:>6}{r['completion_tokens']:>8}{r['peak_rss_mb']:>13}")
+        print(
+            f"{name:<12}{r['step_s']:>8}{r['generation_s']:>10}{r['scoring_s']:>7}{r['logprobs_s']:>10}{r['training_s']:>7}"
+            f"{r['sync_s']:>6}{r['completion_tokens']:>8}{r['peak_rss_mb']:>13}"
+        )
 
 
 if __name__ == "__main__":

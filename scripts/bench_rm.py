@@ -33,17 +33,24 @@ def worker_align(steps: int, batch: int) -> dict:
     folder = Path(tempfile.mkdtemp())
     for name, rows in (("train", train), ("eval", held_out)):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = recipe_from_dict({
-        "name": "bench", "quantization": {"mode": "nf4"}, "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
-        "data": {"train": str(folder / "train.jsonl"), "eval": str(folder / "eval.jsonl"), "max_length": 256},
-        "train": {"max_steps": steps, "batch_size": batch, "save_steps": 10_000, "lr": 5e-4},
-        "stages": {"reward": {}},
-    })
+    recipe = recipe_from_dict(
+        {
+            "name": "bench",
+            "quantization": {"mode": "nf4"},
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+            "data": {"train": str(folder / "train.jsonl"), "eval": str(folder / "eval.jsonl"), "max_length": 256},
+            "train": {"max_steps": steps, "batch_size": batch, "save_steps": 10_000, "lr": 5e-4},
+            "stages": {"reward": {}},
+        }
+    )
     run_reward(recipe.resolve("reward"), folder / "run", recipe_name="bench")
     metrics = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
     manifest = json.loads((folder / "run" / "manifest.json").read_text())
-    return {"train_seconds": next(m for m in metrics if "train_runtime" in m)["train_runtime"], "pairs": steps * batch,
-            "held_out_accuracy": manifest["held_out"]["accuracy"]}
+    return {
+        "train_seconds": next(m for m in metrics if "train_runtime" in m)["train_runtime"],
+        "pairs": steps * batch,
+        "held_out_accuracy": manifest["held_out"]["accuracy"],
+    }
 
 
 def worker_trl(steps: int, batch: int) -> dict:
@@ -56,21 +63,48 @@ def worker_trl(steps: int, batch: int) -> dict:
     from align.models.resolve import resolve_model
 
     path = resolve_model("smollm2-135m-instruct")
-    as_chat = lambda r: {"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                         "rejected": [{"role": "assistant", "content": r["rejected"]}]}
+    as_chat = lambda r: {
+        "prompt": [{"role": "user", "content": r["prompt"]}],
+        "chosen": [{"role": "assistant", "content": r["chosen"]}],
+        "rejected": [{"role": "assistant", "content": r["rejected"]}],
+    }
     train, held_out = split()
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, quantization_config=quant)
     model.config.pad_token_id = tokenizer.pad_token_id
-    args = RewardConfig(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=batch, per_device_eval_batch_size=batch,
-                        learning_rate=5e-4, max_length=256, save_strategy="no", report_to=[], use_cpu=True)
+    args = RewardConfig(
+        output_dir=tempfile.mkdtemp(),
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        per_device_eval_batch_size=batch,
+        learning_rate=5e-4,
+        max_length=256,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+    )
     lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="SEQ_CLS")
-    trainer = RewardTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list([as_chat(r) for r in train]),
-                            eval_dataset=datasets.Dataset.from_list([as_chat(r) for r in held_out]), processing_class=tokenizer, peft_config=lora)
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list([as_chat(r) for r in train]),
+        eval_dataset=datasets.Dataset.from_list([as_chat(r) for r in held_out]),
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
     result = trainer.train()
-    return {"train_seconds": result.metrics["train_runtime"], "pairs": steps * batch, "held_out_accuracy": trainer.evaluate()["eval_accuracy"],
-            "trl_gradient_checkpointing": args.gradient_checkpointing}
+    return {
+        "train_seconds": result.metrics["train_runtime"],
+        "pairs": steps * batch,
+        "held_out_accuracy": trainer.evaluate()["eval_accuracy"],
+        "trl_gradient_checkpointing": args.gradient_checkpointing,
+    }
 
 
 CONFIGS = ["trl-rm-defaults", "align-rm"]

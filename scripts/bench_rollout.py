@@ -42,15 +42,17 @@ CONFIGS = {
 def policy(precision: str, adapter: bool = True):
     import torch
 
+    from align.config import AdapterConfig, LoraConfig, ModelConfig, QuantizationConfig
     from align.models.adapters import add_adapter
     from align.models.loading import load_base_model, load_tokenizer
-    from align.config import AdapterConfig, LoraConfig, ModelConfig, QuantizationConfig
 
     model_cfg = ModelConfig()
     if not adapter:  # a plain bf16/fp32 model, as a full fine-tune would be
         return load_base_model(model_cfg, QuantizationConfig(mode="none"), precision), load_tokenizer(model_cfg)
     base = load_base_model(model_cfg, QuantizationConfig(mode="nf4"), precision)  # 4-bit layers compute in this dtype
-    model = add_adapter(base, AdapterConfig(), LoraConfig(r=16, dropout=0.0), quantized=True, gradient_checkpointing=False)
+    model = add_adapter(
+        base, AdapterConfig(), LoraConfig(r=16, dropout=0.0), quantized=True, gradient_checkpointing=False
+    )
     torch.manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -123,10 +125,15 @@ def main() -> None:
     names = args.only.split(",")
     results = run_configs(__file__, names, ["--prompts", str(args.prompts), "--tokens", str(args.tokens)])
     baseline = results.get("hf-batched", {}).get("tokens_per_s")
-    print(f"\n{'engine':<20}{'tokens/s':>10}{'vs hf-batched':>15}{'startup s':>11}{'sync s':>9}{'mismatch':>10}{'peak RSS MB':>13}")
+    print(
+        f"\n{'engine':<20}{'tokens/s':>10}{'vs hf-batched':>15}{'startup s':>11}{'sync s':>9}{'mismatch':>10}"
+        f"{'peak RSS MB':>13}"
+    )
     for name, r in results.items():
         ratio = f"{r['tokens_per_s'] / baseline:.2f}x" if baseline else "-"
-        print(f"{name:<20}{r['tokens_per_s']:>10}{ratio:>15}{r['startup_s']:>11}{r['sync_s']:>9}{r['rollout_mismatch_mean']:>10}{r['peak_rss_mb']:>13}")
+        print(
+            f"{name:<20}{r['tokens_per_s']:>10}{ratio:>15}{r['startup_s']:>11}{r['sync_s']:>9}{r['rollout_mismatch_mean']:>10}{r['peak_rss_mb']:>13}"
+        )
 
 
 if __name__ == "__main__":

@@ -53,15 +53,22 @@ def worker_align(spec: dict) -> dict:
     folder = Path(tempfile.mkdtemp())
     data = folder / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows(spec["rows"], spec["mixed"])))
-    recipe = recipe_from_dict({
-        "name": "bench",
-        "model": {"precision": spec["precision"]},
-        "quantization": {"mode": spec["quant"]},
-        "data": {"train": str(data), "max_length": 512, "packing": spec["packing"]},
-        "train": {"max_steps": spec["steps"], "batch_size": spec["batch"], "save_steps": 10_000, "lr": 2e-4,
-                  "gradient_checkpointing": spec.get("checkpointing", False)},
-        "stages": {"sft": {}},
-    })
+    recipe = recipe_from_dict(
+        {
+            "name": "bench",
+            "model": {"precision": spec["precision"]},
+            "quantization": {"mode": spec["quant"]},
+            "data": {"train": str(data), "max_length": 512, "packing": spec["packing"]},
+            "train": {
+                "max_steps": spec["steps"],
+                "batch_size": spec["batch"],
+                "save_steps": 10_000,
+                "lr": 2e-4,
+                "gradient_checkpointing": spec.get("checkpointing", False),
+            },
+            "stages": {"sft": {}},
+        }
+    )
     cfg = recipe.resolve("sft")
     run_sft(cfg, folder / "run", recipe_name="bench")
     metrics = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -97,22 +104,54 @@ def worker_trl(spec: dict) -> dict:
 
     path = resolve_model("smollm2-135m-instruct")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    data = [{"prompt": [{"role": "user", "content": r["prompt"]}], "completion": [{"role": "assistant", "content": r["completion"]}]}
-            for r in rows(spec["rows"], spec["mixed"])]
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16) if spec["quant"] == "nf4" else None
+    data = [
+        {
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "completion": [{"role": "assistant", "content": r["completion"]}],
+        }
+        for r in rows(spec["rows"], spec["mixed"])
+    ]
+    quant = (
+        BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        if spec["quant"] == "nf4"
+        else None
+    )
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant)
     folder = tempfile.mkdtemp()
-    args = SFTConfig(output_dir=folder, max_steps=spec["steps"], per_device_train_batch_size=spec["batch"], learning_rate=2e-4,
-                     max_length=512, save_strategy="no", report_to=[], use_cpu=True)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(data), processing_class=tokenizer,
-                         peft_config=peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"))
+    args = SFTConfig(
+        output_dir=folder,
+        max_steps=spec["steps"],
+        per_device_train_batch_size=spec["batch"],
+        learning_rate=2e-4,
+        max_length=512,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(data),
+        processing_class=tokenizer,
+        peft_config=peft.LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
+        ),
+    )
     result = trainer.train()
     lengths = [len(x["input_ids"]) for x in trainer.train_dataset]
     seen = spec["steps"] * spec["batch"]
     tokens = sum((lengths * (seen // len(lengths) + 1))[:seen])
-    return {"seconds": result.metrics["train_runtime"], "tokens": tokens, "trl_bf16": args.bf16,
-            "trl_gradient_checkpointing": args.gradient_checkpointing}
+    return {
+        "seconds": result.metrics["train_runtime"],
+        "tokens": tokens,
+        "trl_bf16": args.bf16,
+        "trl_gradient_checkpointing": args.gradient_checkpointing,
+    }
 
 
 CONFIGS = {
@@ -157,15 +196,24 @@ def main() -> None:
         params = sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())
     peaks = {d: matmul_peak(d) for d in ("bf16", "fp32")}
     baseline = results.get("trl-qlora-defaults")
-    print(f"\nmachine: {os.cpu_count()} cores, torch {torch.__version__}; matmul peak bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s, fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s")
+    print(
+        f"\nmachine: {os.cpu_count()} cores, torch {torch.__version__}; matmul peak bf16 {peaks['bf16'] / 1e9:.0f} "
+        f"GFLOP/s, fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s"
+    )
     print(f"steps {args.steps} x batch {args.batch}\n")
-    print("| configuration | tokens/s | vs TRL | peak RSS MB | model FLOP/s (6N per token) | of bf16 peak | of fp32 peak |")
+    print(
+        "| configuration | tokens/s | vs TRL | peak RSS MB | model FLOP/s (6N per token) | of bf16 peak | of fp32 peak "
+        "|"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         rate = r["tokens"] / r["seconds"]
         flops = 6 * params * rate
         ratio = f"{rate / (baseline['tokens'] / baseline['seconds']):.2f}x" if baseline else "-"
-        print(f"| {name} | {rate:.0f} | {ratio} | {r['peak_rss_mb']:.0f} | {flops / 1e9:.1f} G | {flops / peaks['bf16']:.1%} | {flops / peaks['fp32']:.1%} |")
+        print(
+            f"| {name} | {rate:.0f} | {ratio} | {r['peak_rss_mb']:.0f} | {flops / 1e9:.1f} G | "
+            f"{flops / peaks['bf16']:.1%} | {flops / peaks['fp32']:.1%} |"
+        )
 
 
 if __name__ == "__main__":

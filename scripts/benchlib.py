@@ -18,12 +18,14 @@ def run_configs(script: str, names: list[str], extra_args: list[str]) -> dict[st
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     results = {}
     for name in names:
-        proc = subprocess.run([sys.executable, script, "--worker", name, *extra_args], capture_output=True, text=True, env=env)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        proc = subprocess.run(
+            [sys.executable, script, "--worker", name, *extra_args], capture_output=True, text=True, env=env
+        )
+        line = next((out for out in proc.stdout.splitlines() if out.startswith("RESULT ")), None)
         if line is None:
             print(f"{name}: failed\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}", flush=True)
             continue
-        results[name] = json.loads(line[len("RESULT "):])
+        results[name] = json.loads(line[len("RESULT ") :])
         print(name, results[name], flush=True)
     return results
 

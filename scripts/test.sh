@@ -6,4 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 PY="${PYTHON:-python3}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# the surface first (seconds): formatted and linted as pyproject.toml's [tool.ruff] says
+"$PY" -m ruff format --check . >/dev/null || { "$PY" -m ruff format --check . ; echo "run 'ruff format .' to fix"; exit 1; }
+"$PY" -m ruff check --quiet .
 exec "$PY" -m pytest tests -q -p no:cacheprovider --durations=10 "$@"

@@ -32,11 +32,20 @@ def build_tiny(kind: str, folder: Path, tokenizer) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     if kind == "llama":
         config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, **ids,
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            **ids,
         )
         model = LlamaForCausalLM(config)
     else:
@@ -83,7 +92,14 @@ def tiny_recipe(path: Path, model_dir: Path, train: str, **sections) -> Path:
         "quantization": {"mode": "none"},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "data": {"train": train, "max_length": 256},
-        "train": {"lr": 1e-2, "max_steps": 3, "batch_size": 2, "save_steps": 100, "warmup_ratio": 0.0, "lr_scheduler": "constant"},
+        "train": {
+            "lr": 1e-2,
+            "max_steps": 3,
+            "batch_size": 2,
+            "save_steps": 100,
+            "warmup_ratio": 0.0,
+            "lr_scheduler": "constant",
+        },
         "stages": {"sft": {}},
     }
     for key, value in sections.items():
@@ -100,9 +116,18 @@ def yes_no_model(tmp_path_factory, tiny_llama) -> Path:
     from align.stages.sft import run_sft
 
     tmp = tmp_path_factory.mktemp("yes-no")
-    rows = write_jsonl(tmp / "sft.jsonl", [{"prompt": "Pick one.", "completion": "yes" if i % 2 else "no"} for i in range(32)])
-    recipe = load_recipe(tiny_recipe(tmp / "sft.yaml", tiny_llama, str(rows), adapter={"method": "full"},
-                                     stages={"sft": {"train": {"max_steps": 40, "lr": 2e-2, "batch_size": 8}}}))
+    rows = write_jsonl(
+        tmp / "sft.jsonl", [{"prompt": "Pick one.", "completion": "yes" if i % 2 else "no"} for i in range(32)]
+    )
+    recipe = load_recipe(
+        tiny_recipe(
+            tmp / "sft.yaml",
+            tiny_llama,
+            str(rows),
+            adapter={"method": "full"},
+            stages={"sft": {"train": {"max_steps": 40, "lr": 2e-2, "batch_size": 8}}},
+        )
+    )
     out = run_sft(recipe.resolve("sft"), tmp / "sft", recipe_name="tiny")
     return out / "model"
 
@@ -134,4 +159,7 @@ class ShiftedSampler:
     def generate(self, conversations, sampling):
         from dataclasses import replace
 
-        return [replace(r, logprobs=[lp - self.shift for lp in r.logprobs]) for r in self.engine.generate(conversations, sampling)]
+        return [
+            replace(r, logprobs=[lp - self.shift for lp in r.logprobs])
+            for r in self.engine.generate(conversations, sampling)
+        ]

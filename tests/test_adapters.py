@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from align.models.adapters import add_adapter
-from align.config import AdapterConfig, LoraConfig
-
 from conftest import load_tiny
+
+from align.config import AdapterConfig, LoraConfig
+from align.models.adapters import add_adapter
 
 METHODS = [
     ("lora", {}, {}),
     ("lora", {"use_dora": True}, {}),
     ("lora", {"use_rslora": True}, {}),
-    ("ia3", {}, {"target_modules": ["k_proj", "v_proj", "down_proj"], "options": {"feedforward_modules": ["down_proj"]}}),
+    (
+        "ia3",
+        {},
+        {"target_modules": ["k_proj", "v_proj", "down_proj"], "options": {"feedforward_modules": ["down_proj"]}},
+    ),
     ("vera", {}, {"target_modules": ["q_proj", "v_proj"]}),
     ("loha", {}, {}),
     ("lokr", {}, {}),
@@ -24,11 +27,18 @@ METHODS = [
 ]
 
 
-@pytest.mark.parametrize("method, lora, adapter", METHODS, ids=[f"{m}{'-' + next(iter(l)) if l else ''}" for m, l, _ in METHODS])
+@pytest.mark.parametrize(
+    "method, lora, adapter", METHODS, ids=[f"{m}{'-' + next(iter(lo)) if lo else ''}" for m, lo, _ in METHODS]
+)
 def test_each_method_builds_and_its_weights_train(tiny_llama, method, lora, adapter):
     torch.manual_seed(0)
-    model = add_adapter(load_tiny(tiny_llama), AdapterConfig(method=method, **adapter), LoraConfig(r=4, alpha=8, dropout=0.0, **lora),
-                        quantized=False, gradient_checkpointing=False)
+    model = add_adapter(
+        load_tiny(tiny_llama),
+        AdapterConfig(method=method, **adapter),
+        LoraConfig(r=4, alpha=8, dropout=0.0, **lora),
+        quantized=False,
+        gradient_checkpointing=False,
+    )
     model.train()
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     total = sum(p.numel() for p in model.parameters())
@@ -68,16 +78,20 @@ def test_qlora_gradients_are_unchanged_by_an_eval_pass(tiny_llama):
     forward and keeps using that layout, which has no autograd kernel, once training resumes: the
     gradient through the frozen base silently goes wrong. Evaluating mid-training must not change
     the gradients of the next step."""
-    from align.models.loading import load_base_model
     from align.config import ModelConfig, QuantizationConfig
+    from align.models.loading import load_base_model
 
     torch.manual_seed(0)
-    model = load_base_model(ModelConfig(name=str(tiny_llama), attn_implementation="eager"), QuantizationConfig(mode="nf4"), "fp32")
+    model = load_base_model(
+        ModelConfig(name=str(tiny_llama), attn_implementation="eager"), QuantizationConfig(mode="nf4"), "fp32"
+    )
     from bitsandbytes.functional import has_avx512bf16
 
     if not has_avx512bf16():
         pytest.skip("the repacking bug needs an AVX512-BF16 CPU")
-    model = add_adapter(model, AdapterConfig(), LoraConfig(r=4, alpha=8, dropout=0.0), quantized=True, gradient_checkpointing=False)
+    model = add_adapter(
+        model, AdapterConfig(), LoraConfig(r=4, alpha=8, dropout=0.0), quantized=True, gradient_checkpointing=False
+    )
     ids = torch.randint(10, 1000, (2, 12))
 
     def lora_grads():

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import torch
+from conftest import load_tiny
 
 from align.data.batching import PackedCollator, PaddingCollator, as_rows, pack
 from align.data.templating import encode_conversation
 from align.tokens import IGNORE_INDEX
 
-from conftest import load_tiny
-
 CHATS = [
     [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"}],
     [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
-    [{"role": "user", "content": "Tell me a long story about a cat"}, {"role": "assistant", "content": "Once upon a time a cat sat. " * 3},
-     {"role": "user", "content": "more"}, {"role": "assistant", "content": "The end."}],
+    [
+        {"role": "user", "content": "Tell me a long story about a cat"},
+        {"role": "assistant", "content": "Once upon a time a cat sat. " * 3},
+        {"role": "user", "content": "more"},
+        {"role": "assistant", "content": "The end."},
+    ],
 ]
 
 
@@ -54,8 +57,8 @@ def test_padding_is_masked_by_length_not_by_token_id(tokenizer):
     batch = PaddingCollator(tokenizer.pad_token_id)(as_rows(encoded(tokenizer)))
     eos = tokenizer.eos_token_id
     for row, example in zip(batch["labels"], encoded(tokenizer)):
-        assert (row == eos).sum() == sum(l == eos for l in example.labels) > 0
-        assert (row[len(example.labels):] == IGNORE_INDEX).all()
+        assert (row == eos).sum() == sum(label == eos for label in example.labels) > 0
+        assert (row[len(example.labels) :] == IGNORE_INDEX).all()
 
 
 def test_packing_equals_unpacked_and_isolates_examples(tiny_model_dir, tokenizer):
@@ -96,8 +99,8 @@ def test_changing_one_packed_example_leaves_the_others_bit_identical(tiny_model_
     with torch.no_grad():
         before = model(**{k: v for k, v in collate([row]).items() if k != "labels"}).logits[0]
         after = model(**{k: v for k, v in collate([changed]).items() if k != "labels"}).logits[0]
-    assert not torch.equal(before[starts[0]:starts[1]], after[starts[0]:starts[1]])
-    assert torch.equal(before[starts[1]:], after[starts[1]:])
+    assert not torch.equal(before[starts[0] : starts[1]], after[starts[0] : starts[1]])
+    assert torch.equal(before[starts[1] :], after[starts[1] :])
 
 
 def test_packed_rows_never_exceed_max_length(tokenizer):

@@ -48,19 +48,32 @@ def test_arithmetic_held_out_questions_share_no_first_operand_with_training():
 
 def recipe_with_checkup(tmp_path, model_dir, stages: dict, **checkup):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Pick one."}] * 32)
-    return load_recipe(tiny_recipe(tmp_path / "recipe.yaml", model_dir, str(prompts), lora={"r": 8, "alpha": 16, "dropout": 0.0},
-                                   checkup={"prompts": str(prompts), "max_prompts": 4, "reward": YES, "max_new_tokens": 4, **checkup},
-                                   stages=stages))
+    return load_recipe(
+        tiny_recipe(
+            tmp_path / "recipe.yaml",
+            model_dir,
+            str(prompts),
+            lora={"r": 8, "alpha": 16, "dropout": 0.0},
+            checkup={"prompts": str(prompts), "max_prompts": 4, "reward": YES, "max_new_tokens": 4, **checkup},
+            stages=stages,
+        )
+    )
 
 
-GRPO = {"kind": "grpo", "reward": YES, "rollout": {"engine": "hf", "prompts_per_step": 4, "samples_per_prompt": 8, "max_new_tokens": 2},
-        "grpo": {"kl_coef": 0.05}}
+GRPO = {
+    "kind": "grpo",
+    "reward": YES,
+    "rollout": {"engine": "hf", "prompts_per_step": 4, "samples_per_prompt": 8, "max_new_tokens": 2},
+    "grpo": {"kl_coef": 0.05},
+}
 
 
 def test_grpo_reports_its_checkup_and_completes(tmp_path, yes_no_model):
     from align.stages.grpo import run_grpo
 
-    recipe = recipe_with_checkup(tmp_path, yes_no_model, {"grpo": {**GRPO, "train": {"max_steps": 6, "lr": 1e-2, "batch_size": 16}}})
+    recipe = recipe_with_checkup(
+        tmp_path, yes_no_model, {"grpo": {**GRPO, "train": {"max_steps": 6, "lr": 1e-2, "batch_size": 16}}}
+    )
     out = run_grpo(recipe.resolve("grpo"), tmp_path / "grpo", recipe_name="tiny")
     manifest = json.loads((out / "manifest.json").read_text())
     checkup = manifest["checkup"]
@@ -81,11 +94,20 @@ def test_sft_raises_held_out_exact_match_from_zero(tmp_path, tiny_llama):
     (reward 1). With the update disabled the after side equals the before side, so this fails."""
     from align.stages.sft import run_sft
 
-    rows = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"Is {i} a number?", "completion": "yes"} for i in range(24)])
+    rows = write_jsonl(
+        tmp_path / "sft.jsonl", [{"prompt": f"Is {i} a number?", "completion": "yes"} for i in range(24)]
+    )
     held_out = write_jsonl(tmp_path / "held-out.jsonl", [{"prompt": f"Is {i} a number?"} for i in range(90, 94)])
-    recipe = load_recipe(tiny_recipe(tmp_path / "recipe.yaml", tiny_llama, str(rows), lora={"r": 8, "alpha": 16, "dropout": 0.0},
-                                     checkup={"prompts": str(held_out), "max_prompts": 4, "max_new_tokens": 4, "reward": YES},
-                                     stages={"sft": {"train": {"max_steps": 30, "lr": 2e-2, "batch_size": 8}}}))
+    recipe = load_recipe(
+        tiny_recipe(
+            tmp_path / "recipe.yaml",
+            tiny_llama,
+            str(rows),
+            lora={"r": 8, "alpha": 16, "dropout": 0.0},
+            checkup={"prompts": str(held_out), "max_prompts": 4, "max_new_tokens": 4, "reward": YES},
+            stages={"sft": {"train": {"max_steps": 30, "lr": 2e-2, "batch_size": 8}}},
+        )
+    )
     out = run_sft(recipe.resolve("sft"), tmp_path / "sft", recipe_name="tiny")
     checkup = json.loads((out / "manifest.json").read_text())["checkup"]
     assert checkup["before"]["reward"] == 0.0 and checkup["after"]["reward"] == 1.0, checkup
@@ -110,14 +132,18 @@ def test_grpo_raises_the_checkup_reward_from_zero(tmp_path, yes_no_model):
 def test_collapse_alarm_stops_rl_with_a_huge_learning_rate(tmp_path, yes_no_model):
     from align.stages.grpo import run_grpo
 
-    recipe = recipe_with_checkup(tmp_path, yes_no_model, {"grpo": {**GRPO, "train": {"max_steps": 10, "lr": 1.0, "batch_size": 16}}})
+    recipe = recipe_with_checkup(
+        tmp_path, yes_no_model, {"grpo": {**GRPO, "train": {"max_steps": 10, "lr": 1.0, "batch_size": 16}}}
+    )
     with pytest.raises(CollapseAlarm, match="KL"):
         run_grpo(recipe.resolve("grpo"), tmp_path / "grpo", recipe_name="tiny")
     manifest = json.loads((tmp_path / "grpo" / "manifest.json").read_text())
     assert manifest["status"] == "collapsed" and manifest["stopped_early"].startswith("collapse: KL")
     assert manifest["steps"] < 10  # stopped during training, not after it
     # the same run with the alarm off reports the collapse and completes
-    recipe = recipe_with_checkup(tmp_path, yes_no_model, {"grpo": {**GRPO, "train": {"max_steps": 3, "lr": 1.0, "batch_size": 16}}}, alarm=False)
+    recipe = recipe_with_checkup(
+        tmp_path, yes_no_model, {"grpo": {**GRPO, "train": {"max_steps": 3, "lr": 1.0, "batch_size": 16}}}, alarm=False
+    )
     out = run_grpo(recipe.resolve("grpo"), tmp_path / "grpo-off", recipe_name="tiny")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["checkup"]["collapse"]
@@ -127,7 +153,12 @@ def test_collapse_alarm_stops_dpo_when_the_chosen_answers_fall(tmp_path, yes_no_
     from align.stages.dpo import run_dpo
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Pick one.", "chosen": "yes", "rejected": "no"}] * 32)
-    stage = {"kind": "dpo", "data": {"train": str(pairs)}, "dpo": {"beta": 0.1}, "train": {"max_steps": 20, "lr": 1.0, "batch_size": 4}}
+    stage = {
+        "kind": "dpo",
+        "data": {"train": str(pairs)},
+        "dpo": {"beta": 0.1},
+        "train": {"max_steps": 20, "lr": 1.0, "batch_size": 4},
+    }
     recipe = recipe_with_checkup(tmp_path, yes_no_model, {"dpo": stage})
     with pytest.raises(CollapseAlarm, match="chosen answers. log-probability fell"):
         run_dpo(recipe.resolve("dpo"), tmp_path / "dpo", recipe_name="tiny")

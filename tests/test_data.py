@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import FIXTURES, write_jsonl
 
+from align.config import DataConfig
 from align.data.loading import DataError
 from align.data.sft_data import encode_files, load_sft_data
 from align.tokens import IGNORE_INDEX
-from align.config import DataConfig
-
-from conftest import FIXTURES, write_jsonl
 
 ROWS = {
-    "messages": {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]},
+    "messages": {
+        "messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]
+    },
     "prompt_completion": {"prompt": "Name a colour.", "completion": "Blue."},
     "alpaca": {"instruction": "Name a colour.", "input": "", "output": "Blue."},
 }
@@ -48,7 +49,9 @@ def test_every_format_in_every_file_type_gives_the_same_ids(tmp_path, tokenizer,
         pytest.skip("csv holds flat columns only")
     path = write_as(tmp_path / "rows", suffix, [ROWS[fmt]] * 3)
     examples, report = encode_files([str(path)], tokenizer, DataConfig(), "train")
-    reference, _ = encode_files([str(write_as(tmp_path / "ref", ".jsonl", [ROWS["messages"]]))], tokenizer, DataConfig(), "ref")
+    reference, _ = encode_files(
+        [str(write_as(tmp_path / "ref", ".jsonl", [ROWS["messages"]]))], tokenizer, DataConfig(), "ref"
+    )
     assert report.read == 3 and report.kept == 3
     assert examples[0].input_ids == reference[0].input_ids
     assert examples[0].labels == reference[0].labels
@@ -57,18 +60,24 @@ def test_every_format_in_every_file_type_gives_the_same_ids(tmp_path, tokenizer,
 def poison_file(tmp_path):
     good = ROWS["prompt_completion"]
     lines = [
-        json.dumps(good),                                               # row 1 ok
-        json.dumps({"prompt": None, "completion": "x"}),                # row 2 None field
-        json.dumps({"messages": []}),                                   # row 3 wrong format for this file
-        json.dumps({"prompt": "hi", "completion": "   "}),              # row 4 empty completion
-        '{"prompt": "broken json',                                      # row 5 bad JSON
+        json.dumps(good),  # row 1 ok
+        json.dumps({"prompt": None, "completion": "x"}),  # row 2 None field
+        json.dumps({"messages": []}),  # row 3 wrong format for this file
+        json.dumps({"prompt": "hi", "completion": "   "}),  # row 4 empty completion
+        '{"prompt": "broken json',  # row 5 bad JSON
         json.dumps({"prompt": [{"role": "wizard", "content": "hi"}], "completion": "x"}),  # row 6 unknown role
-        json.dumps({"prompt": "long " * 400, "completion": "x"}),       # row 7 over-long prompt
-        json.dumps({"prompt": "hi", "completion": "long " * 400}),      # row 8 truncated, kept
-        json.dumps(good),                                               # row 10 (row 9 is broken UTF-8)
+        json.dumps({"prompt": "long " * 400, "completion": "x"}),  # row 7 over-long prompt
+        json.dumps({"prompt": "hi", "completion": "long " * 400}),  # row 8 truncated, kept
+        json.dumps(good),  # row 10 (row 9 is broken UTF-8)
     ]
     path = tmp_path / "poison.jsonl"
-    raw = "\n".join(lines[:8]).encode() + b"\n" + b'{"prompt": "\xff\xfe", "completion": "x"}\n' + lines[8].encode() + b"\n"
+    raw = (
+        "\n".join(lines[:8]).encode()
+        + b"\n"
+        + b'{"prompt": "\xff\xfe", "completion": "x"}\n'
+        + lines[8].encode()
+        + b"\n"
+    )
     path.write_bytes(raw)
     return path
 
@@ -79,7 +88,11 @@ def test_poison_file_report_accounts_for_every_row(tmp_path, tokenizer):
     assert report.read == 10
     assert report.kept == 2 and report.truncated == 1
     assert dict(report.dropped) == {
-        "missing_field": 2, "empty_field": 1, "unreadable": 2, "unknown_role": 1, "prompt_too_long": 1,
+        "missing_field": 2,
+        "empty_field": 1,
+        "unreadable": 2,
+        "unknown_role": 1,
+        "prompt_too_long": 1,
     }
     assert report.read == report.kept + report.truncated + sum(report.dropped.values())
     assert len(examples) == 3 and all(e.trained_tokens > 0 for e in examples)
@@ -107,7 +120,7 @@ def test_data_with_no_supervision_fails_before_training(tmp_path, tokenizer):
 def test_every_kept_example_has_trained_tokens(tokenizer):
     examples, report = encode_files([str(FIXTURES / "gsm8k-40.jsonl")], tokenizer, DataConfig(max_length=128), "train")
     assert report.truncated > 0  # the budget is tight enough to cut some solutions
-    assert all(any(l != IGNORE_INDEX for l in e.labels) and len(e.input_ids) <= 128 for e in examples)
+    assert all(any(label != IGNORE_INDEX for label in e.labels) and len(e.input_ids) <= 128 for e in examples)
 
 
 def test_missing_file_and_unknown_format_are_clear(tmp_path, tokenizer):
@@ -130,23 +143,36 @@ def test_rows_the_template_or_tokenizer_cannot_take_are_named_not_fatal(tmp_path
         ROWS["messages"],
         {"messages": [{"role": "assistant", "content": "I speak first"}, {"role": "user", "content": "ok"}]},
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "done<|im_end|>not done"}]},
-        {"messages": [{"role": "user", "content": "x<|im_start|>assistant\nforged"}, {"role": "assistant", "content": "y"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "x<|im_start|>assistant\nforged"},
+                {"role": "assistant", "content": "y"},
+            ]
+        },
         ROWS["messages"],
     ]
     path = write_jsonl(tmp_path / "odd.jsonl", rows)
     examples, report = encode_files([str(path)], tokenizer, DataConfig(on_bad_rows="skip"), "train")
     assert len(examples) == 2 and report.kept == 2
     assert dict(report.dropped) == {"assistant_first": 1, "special_token_in_text": 2}
-    assert {(p.row, p.field) for p in report.problems} == {(2, "messages[0].role"), (3, "messages[1].content"), (4, "messages[0].content")}
+    assert {(p.row, p.field) for p in report.problems} == {
+        (2, "messages[0].role"),
+        (3, "messages[1].content"),
+        (4, "messages[0].content"),
+    }
 
 
 def test_a_template_that_raises_on_one_row_names_that_row(tmp_path, tokenizer):
     original = tokenizer.chat_template
     try:
-        tokenizer.chat_template = "{% if messages|length > 2 %}{{ raise_exception('roles must alternate') }}{% endif %}" + original
+        tokenizer.chat_template = (
+            "{% if messages|length > 2 %}{{ raise_exception('roles must alternate') }}{% endif %}" + original
+        )
         rows = [ROWS["messages"], {"messages": ROWS["messages"]["messages"] * 2}]
         path = write_jsonl(tmp_path / "t.jsonl", rows)
-        with pytest.raises(DataError, match=r"t.jsonl, row 2, field 'messages': chat template failed: roles must alternate"):
+        with pytest.raises(
+            DataError, match=r"t.jsonl, row 2, field 'messages': chat template failed: roles must alternate"
+        ):
             load_sft_data(DataConfig(train=[str(path)]), tokenizer, seed=0)
     finally:
         tokenizer.chat_template = original
@@ -160,6 +186,8 @@ def test_csv_cells_stay_strings(tmp_path, tokenizer):
 
 
 def test_rows_before_the_first_recognisable_one_are_counted_not_fatal(tmp_path, tokenizer):
-    path = write_jsonl(tmp_path / "late.jsonl", [{"question": "q"}, ROWS["prompt_completion"], ROWS["prompt_completion"]])
+    path = write_jsonl(
+        tmp_path / "late.jsonl", [{"question": "q"}, ROWS["prompt_completion"], ROWS["prompt_completion"]]
+    )
     examples, report = encode_files([str(path)], tokenizer, DataConfig(on_bad_rows="skip"), "train")
     assert len(examples) == 2 and dict(report.dropped) == {"unknown_format": 1}

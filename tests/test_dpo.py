@@ -1,4 +1,5 @@
-"""`align dpo`: pairs data, losses against hand-worked numbers and TRL, step-0 exactness, learning (RELIABILITY 5, 7, 9-11, 19, 21)."""
+"""`align dpo`: pairs data, losses against hand-worked numbers and TRL, step-0 exactness, learning
+(RELIABILITY 5, 7, 9-11, 19, 21)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,16 @@ import math
 
 import pytest
 import torch
+from conftest import FIXTURES, load_tiny, tiny_recipe, write_jsonl
 
+from align.config import DataConfig, DPOOptions
 from align.data.batching import PairCollator
 from align.data.preference_data import encode_pair_files, to_pair_messages
 from align.data.templating import encode_prompt
 from align.losses import PreferenceLoss, dpo_robust, dpo_sigmoid, ipo, simpo
-from align.config import DPOOptions, DataConfig
 from align.recipe import load_recipe
 from align.stages.dpo import run_dpo
 from align.stages.sft import run_sft
-
-from conftest import FIXTURES, load_tiny, tiny_recipe, write_jsonl
 
 LN2 = math.log(2)
 
@@ -45,9 +45,13 @@ def test_losses_against_hand_worked_numbers():
     assert dpo_robust(pc, pr, rc, rr, beta=0.5, label_smoothing=0.1).item() == pytest.approx(robust)
     tokens_c, tokens_r = torch.tensor([4]), torch.tensor([2])
     ipo_h = (1 / 4) - (-1 / 2)
-    assert ipo(pc, pr, rc, rr, beta=0.5, chosen_tokens=tokens_c, rejected_tokens=tokens_r).item() == pytest.approx((ipo_h - 1.0) ** 2)
+    assert ipo(pc, pr, rc, rr, beta=0.5, chosen_tokens=tokens_c, rejected_tokens=tokens_r).item() == pytest.approx(
+        (ipo_h - 1.0) ** 2
+    )
     simpo_m = 2.0 * (-10 / 4 - -12 / 2) - 0.5
-    assert simpo(pc, pr, beta=2.0, gamma=0.5, chosen_tokens=tokens_c, rejected_tokens=tokens_r).item() == pytest.approx(math.log(1 + math.exp(-simpo_m)))
+    assert simpo(pc, pr, beta=2.0, gamma=0.5, chosen_tokens=tokens_c, rejected_tokens=tokens_r).item() == pytest.approx(
+        math.log(1 + math.exp(-simpo_m))
+    )
     # policy == reference: DPO is ln 2 whatever beta
     assert dpo_sigmoid(rc, rr, rc, rr, beta=3.0).item() == pytest.approx(LN2, abs=1e-7)
     assert not PreferenceLoss.simpo.needs_reference and PreferenceLoss.sigmoid.needs_reference
@@ -62,8 +66,15 @@ def test_pair_formats_share_prompt_ids_and_match_the_rollout_prompt(tmp_path, to
     messages = [{"role": "user", "content": "Summarize: the sky is blue."}]
     rows = [
         {"prompt": "Summarize: the sky is blue.", "chosen": "Blue sky.", "rejected": "Green sky."},
-        {"prompt": messages, "chosen": [{"role": "assistant", "content": "Blue sky."}], "rejected": [{"role": "assistant", "content": "Green sky."}]},
-        {"chosen": messages + [{"role": "assistant", "content": "Blue sky."}], "rejected": messages + [{"role": "assistant", "content": "Green sky."}]},
+        {
+            "prompt": messages,
+            "chosen": [{"role": "assistant", "content": "Blue sky."}],
+            "rejected": [{"role": "assistant", "content": "Green sky."}],
+        },
+        {
+            "chosen": messages + [{"role": "assistant", "content": "Blue sky."}],
+            "rejected": messages + [{"role": "assistant", "content": "Green sky."}],
+        },
     ]
     pairs, report = encode_pair_files([str(write_jsonl(tmp_path / "p.jsonl", rows))], tokenizer, DataConfig(), "train")
     assert report.kept == 3
@@ -73,9 +84,15 @@ def test_pair_formats_share_prompt_ids_and_match_the_rollout_prompt(tmp_path, to
 
 
 def test_pairs_with_a_history_split_at_the_last_prompt_turn(tmp_path, tokenizer):
-    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
-               {"role": "user", "content": "Name a colour."}]
-    row = {"chosen": history + [{"role": "assistant", "content": "Blue."}], "rejected": history + [{"role": "assistant", "content": "Dog."}]}
+    history = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Name a colour."},
+    ]
+    row = {
+        "chosen": history + [{"role": "assistant", "content": "Blue."}],
+        "rejected": history + [{"role": "assistant", "content": "Dog."}],
+    }
     pairs, _ = encode_pair_files([str(write_jsonl(tmp_path / "h.jsonl", [row]))], tokenizer, DataConfig(), "train")
     assert pairs[0].prompt_ids == encode_prompt(tokenizer, history)
     assert tokenizer.decode(pairs[0].chosen_ids) == "Blue.<|im_end|>"
@@ -84,11 +101,11 @@ def test_pairs_with_a_history_split_at_the_last_prompt_turn(tmp_path, tokenizer)
 def test_pair_truncation_is_one_budget_and_bad_pairs_are_counted(tmp_path, tokenizer):
     long = "word " * 100
     rows = [
-        {"prompt": "hi", "chosen": long, "rejected": "short"},                    # 1 truncated: both cut to one budget
-        {"prompt": "hi", "chosen": "same", "rejected": "same"},                  # 2 identical pair
-        {"prompt": "long " * 100, "chosen": "a", "rejected": "b"},               # 3 prompt fills max_length
-        {"prompt": "hi", "chosen": None, "rejected": "b"},                       # 4 missing field
-        {"prompt": "hi", "chosen": "a", "rejected": "b"},                        # 5 kept
+        {"prompt": "hi", "chosen": long, "rejected": "short"},  # 1 truncated: both cut to one budget
+        {"prompt": "hi", "chosen": "same", "rejected": "same"},  # 2 identical pair
+        {"prompt": "long " * 100, "chosen": "a", "rejected": "b"},  # 3 prompt fills max_length
+        {"prompt": "hi", "chosen": None, "rejected": "b"},  # 4 missing field
+        {"prompt": "hi", "chosen": "a", "rejected": "b"},  # 5 kept
     ]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     pairs, report = encode_pair_files([str(path)], tokenizer, DataConfig(max_length=48, on_bad_rows="skip"), "train")
@@ -106,7 +123,9 @@ def test_implicit_prompt_must_share_everything_but_the_answer():
     b = [{"role": "user", "content": "DIFFERENT"}, {"role": "assistant", "content": "z"}]
     with pytest.raises(RowError):
         to_pair_messages({"chosen": a, "rejected": b})
-    prompt, chosen, rejected = to_pair_messages({"chosen": a, "rejected": a[:1] + [{"role": "assistant", "content": "w"}]})
+    prompt, chosen, rejected = to_pair_messages(
+        {"chosen": a, "rejected": a[:1] + [{"role": "assistant", "content": "w"}]}
+    )
     assert prompt == a[:1] and (chosen, rejected) == ("y", "w")
 
 
@@ -125,20 +144,30 @@ def first_eval(run) -> dict:
 @pytest.mark.parametrize("reference", ["precomputed", "live"])
 def test_step_zero_loss_is_ln2_for_a_fresh_adapter(tmp_path, tiny_llama, reference):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(12))
-    cfg = dpo_recipe(tmp_path, tiny_llama, pairs).resolve("dpo", [f"dpo.reference={reference}", "data.eval_rows=4", "train.max_steps=1"])
+    cfg = dpo_recipe(tmp_path, tiny_llama, pairs).resolve(
+        "dpo", [f"dpo.reference={reference}", "data.eval_rows=4", "train.max_steps=1"]
+    )
     out = run_dpo(cfg, tmp_path / "dpo", recipe_name="tiny")
     start = first_eval(out)
     assert start["step"] == 0 and start["eval_loss"] == pytest.approx(LN2, abs=1e-6)
-    assert start["eval_rewards/chosen"] == pytest.approx(0, abs=1e-6) and start["eval_rewards/rejected"] == pytest.approx(0, abs=1e-6)
+    assert start["eval_rewards/chosen"] == pytest.approx(0, abs=1e-6) and start[
+        "eval_rewards/rejected"
+    ] == pytest.approx(0, abs=1e-6)
 
 
 @pytest.mark.parametrize("reference", ["precomputed", "live"])
 def test_step_zero_loss_is_ln2_when_starting_from_an_sft_adapter(tmp_path, tiny_llama, reference):
     sft_data = str(FIXTURES / "gsm8k-40.jsonl")
     pairs = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(12))
-    stages = {"sft": {"data": {"train": sft_data}, "train": {"max_steps": 3}},
-              "dpo": {"from": "sft", "data": {"train": str(pairs), "eval_rows": 4}, "train": {"max_steps": 2},
-                      "dpo": {"reference": reference}}}
+    stages = {
+        "sft": {"data": {"train": sft_data}, "train": {"max_steps": 3}},
+        "dpo": {
+            "from": "sft",
+            "data": {"train": str(pairs), "eval_rows": 4},
+            "train": {"max_steps": 2},
+            "dpo": {"reference": reference},
+        },
+    }
     recipe = load_recipe(tiny_recipe(tmp_path / "r.yaml", tiny_llama, sft_data, stages=stages))
     sft_out = run_sft(recipe.resolve("sft"), tmp_path / "sft", recipe_name="tiny")
     out = run_dpo(recipe.resolve("dpo"), tmp_path / "dpo", recipe_name="tiny", from_dir=sft_out)
@@ -161,9 +190,17 @@ def test_toy_preference_is_learned(tmp_path, tiny_llama):
     """Chosen answers carry a marker word: held-out reward accuracy goes above 0.9."""
     train = write_jsonl(tmp_path / "train.jsonl", marker_pairs(48))
     held_out = write_jsonl(tmp_path / "eval.jsonl", marker_pairs(16, start=100))
-    cfg = dpo_recipe(tmp_path, tiny_llama, train).resolve("dpo", [
-        f"data.eval={held_out}", "train.max_steps=30", "train.batch_size=4", "train.lr=5e-3", "lora.r=8", "dpo.beta=0.5",
-    ])
+    cfg = dpo_recipe(tmp_path, tiny_llama, train).resolve(
+        "dpo",
+        [
+            f"data.eval={held_out}",
+            "train.max_steps=30",
+            "train.batch_size=4",
+            "train.lr=5e-3",
+            "lora.r=8",
+            "dpo.beta=0.5",
+        ],
+    )
     out = run_dpo(cfg, tmp_path / "dpo", recipe_name="tiny")
     manifest = json.loads((out / "manifest.json").read_text())
     assert first_eval(out)["eval_rewards/accuracies"] == 0  # rewards are all 0 at the start
@@ -176,10 +213,18 @@ def test_gradient_accumulation_gives_the_same_step(tmp_path, tiny_llama):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(8))
     results = []
     for batch, accum in ((4, 1), (1, 4), (2, 2)):
-        cfg = dpo_recipe(tmp_path, tiny_llama, pairs).resolve("dpo", [
-            "train.optim=sgd", "train.lr=1.0", "train.max_grad_norm=0", "train.max_steps=1", "data.max_rows=4",
-            f"train.batch_size={batch}", f"train.grad_accum={accum}",
-        ])
+        cfg = dpo_recipe(tmp_path, tiny_llama, pairs).resolve(
+            "dpo",
+            [
+                "train.optim=sgd",
+                "train.lr=1.0",
+                "train.max_grad_norm=0",
+                "train.max_steps=1",
+                "data.max_rows=4",
+                f"train.batch_size={batch}",
+                f"train.grad_accum={accum}",
+            ],
+        )
         out = run_dpo(cfg, tmp_path / f"b{batch}x{accum}", recipe_name="tiny")
         results.append(load_file(str(out / "adapter" / "adapter_model.safetensors")))
     for other in results[1:]:
@@ -201,18 +246,38 @@ def test_loss_and_gradients_equal_trl_dpo_trainer(tmp_path, tiny_llama, tokenize
 
     from align.stages.dpo import PreferenceTrainer
 
-    model = peft.get_peft_model(load_tiny(tiny_llama), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM"))
-    trl_args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.2, loss_type=[loss], label_smoothing=smoothing, report_to=[], use_cpu=True)
-    trl = DPOTrainer(model=model, args=trl_args, train_dataset=datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}]), processing_class=tokenizer)
+    model = peft.get_peft_model(
+        load_tiny(tiny_llama),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM"),
+    )
+    trl_args = DPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        beta=0.2,
+        loss_type=[loss],
+        label_smoothing=smoothing,
+        report_to=[],
+        use_cpu=True,
+    )
+    trl = DPOTrainer(
+        model=model,
+        args=trl_args,
+        train_dataset=datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}]),
+        processing_class=tokenizer,
+    )
     torch.manual_seed(1)  # move the policy away from the reference (TRL's frozen 'ref' copy has B = 0, as the base)
     for name, param in model.named_parameters():
         if "lora_B" in name and ".default." in name:
             param.data.normal_(0, 0.5)
 
-    pairs, _ = encode_pair_files([str(write_jsonl(tmp_path / "p.jsonl", marker_pairs(3)))], tokenizer, DataConfig(), "train")
+    pairs, _ = encode_pair_files(
+        [str(write_jsonl(tmp_path / "p.jsonl", marker_pairs(3)))], tokenizer, DataConfig(), "train"
+    )
     rows = [{"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids} for p in pairs]
-    ours = PreferenceTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "ours"), report_to=[], use_cpu=True),
-                             options=DPOOptions(loss=loss, beta=0.2, label_smoothing=smoothing, reference="live"))
+    ours = PreferenceTrainer(
+        model=model,
+        args=TrainingArguments(output_dir=str(tmp_path / "ours"), report_to=[], use_cpu=True),
+        options=DPOOptions(loss=loss, beta=0.2, label_smoothing=smoothing, reference="live"),
+    )
 
     def loss_and_grads(compute):
         model.train()
@@ -222,7 +287,11 @@ def test_loss_and_gradients_equal_trl_dpo_trainer(tmp_path, tiny_llama, tokenize
         return value.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     our_loss, our_grads = loss_and_grads(lambda: ours.compute_loss(model, PairCollator(tokenizer.pad_token_id)(rows)))
-    trl_loss, trl_grads = loss_and_grads(lambda: trl._compute_loss(trl.model, DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(rows), False))
+    trl_loss, trl_grads = loss_and_grads(
+        lambda: trl._compute_loss(
+            trl.model, DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(rows), False
+        )
+    )
     assert abs(our_loss.item() - LN2) > 1e-3  # the policy really moved
     torch.testing.assert_close(our_loss, trl_loss, atol=1e-5, rtol=1e-5)
     assert our_grads.keys() == trl_grads.keys() and our_grads
@@ -248,14 +317,19 @@ def test_reference_context_equals_a_freshly_loaded_base_and_restores_the_adapter
     from align.models.adapters import reference_mode
     from align.stages.dpo import completion_logps
 
-    model = peft.get_peft_model(load_tiny(tiny_llama), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1, task_type="CAUSAL_LM"))
+    model = peft.get_peft_model(
+        load_tiny(tiny_llama),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1, task_type="CAUSAL_LM"),
+    )
     torch.manual_seed(0)
     for name, param in model.named_parameters():
         if "lora_B" in name:
             param.data.normal_(0, 0.5)
     model.train()  # dropout on: the reference must still be deterministic
     pairs, _ = encode_pair_files([str(write_jsonl_tmp(marker_pairs(3)))], tokenizer, DataConfig(), "train")
-    batch = PairCollator(tokenizer.pad_token_id)([{"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids} for p in pairs])
+    batch = PairCollator(tokenizer.pad_token_id)(
+        [{"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids} for p in pairs]
+    )
     with torch.no_grad():
         with reference_mode(model, None):
             inside, _ = completion_logps(model, batch)

@@ -97,14 +97,22 @@ def test_length_controlled_win_rate_is_the_raw_one_when_length_does_not_matter()
     assert length_controlled_win_rate(outcomes, policy, baseline) == pytest.approx(win_rate(outcomes), abs=0.03)
 
 
-@pytest.mark.parametrize("outcomes, policy, baseline, expected", [
-    ([1, 0, 1, 1], [5, 5, 5, 5], [5, 5, 5, 5], 0.75),  # all lengths equal: length explains nothing
-    ([1, 0, 1, 1], [9, 9, 9, 9], [5, 5, 5, 5], 0.75),  # always 4 longer: no variation to separate from the intercept
-    ([1, 1, 1], [7, 1, 6], [3, 5, 2], 1.0),  # all wins
-    ([0, 0], [7, 1], [3, 5], 0.0),  # all losses
-    ([0.5], [3], [9], 0.5),  # one prompt, a tie
-    ([1, 0], [7, 1], [3, 5], 0.5),  # separable by length, symmetric
-])
+@pytest.mark.parametrize(
+    "outcomes, policy, baseline, expected",
+    [
+        ([1, 0, 1, 1], [5, 5, 5, 5], [5, 5, 5, 5], 0.75),  # all lengths equal: length explains nothing
+        (
+            [1, 0, 1, 1],
+            [9, 9, 9, 9],
+            [5, 5, 5, 5],
+            0.75,
+        ),  # always 4 longer: no variation to separate from the intercept
+        ([1, 1, 1], [7, 1, 6], [3, 5, 2], 1.0),  # all wins
+        ([0, 0], [7, 1], [3, 5], 0.0),  # all losses
+        ([0.5], [3], [9], 0.5),  # one prompt, a tie
+        ([1, 0], [7, 1], [3, 5], 0.5),  # separable by length, symmetric
+    ],
+)
 def test_length_controlled_win_rate_degenerate_inputs_are_finite(outcomes, policy, baseline, expected):
     assert length_controlled_win_rate(outcomes, policy, baseline) == pytest.approx(expected, abs=1e-6)
 
@@ -121,7 +129,9 @@ YES = "rule:contains_marker,marker=yes"
 
 def align_eval(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "align.cli", "eval", *args], capture_output=True, text=True, env=env, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "align.cli", "eval", *args], capture_output=True, text=True, env=env, cwd=cwd
+    )
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +148,26 @@ def standalone_runs(tmp_path_factory, yes_no_model, tiny_llama, prompts):
     outs = []
     for run in ("first", "second"):
         out = folder / run
-        proc = align_eval("--policy", str(stage), "--prompts", str(prompts), "--judge", YES, "--judge", f"judge:{tiny_llama}",
-                          "--engine", "hf", "--max-new-tokens", "4", "--temperature", "1", "--max-prompts", "6", "--output-dir", str(out))
+        proc = align_eval(
+            "--policy",
+            str(stage),
+            "--prompts",
+            str(prompts),
+            "--judge",
+            YES,
+            "--judge",
+            f"judge:{tiny_llama}",
+            "--engine",
+            "hf",
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "1",
+            "--max-prompts",
+            "6",
+            "--output-dir",
+            str(out),
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         outs.append((out, proc))
     return stage, outs
@@ -202,24 +230,34 @@ def test_a_recipe_eval_stage_matches_the_standalone_command(standalone_runs, tin
 
     stage, [(standalone, _), _] = standalone_runs
     recipe = tmp_path / "eval.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "name": "tiny-eval",
-        "model": {"name": str(tiny_llama), "precision": "fp32", "attn_implementation": "eager"},
-        "quantization": {"mode": "none"},
-        "stages": {"eval": {
-            "policy": str(stage.resolve()), "baselines": ["base"],
-            "judges": {YES: {"type": "rule", "name": "contains_marker", "marker": "yes"}},
-            "data": {"eval": str(prompts), "max_eval_rows": 6},
-            "rollout": {"engine": "hf", "temperature": 1.0, "max_new_tokens": 4},
-        }},
-    }))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny-eval",
+                "model": {"name": str(tiny_llama), "precision": "fp32", "attn_implementation": "eager"},
+                "quantization": {"mode": "none"},
+                "stages": {
+                    "eval": {
+                        "policy": str(stage.resolve()),
+                        "baselines": ["base"],
+                        "judges": {YES: {"type": "rule", "name": "contains_marker", "marker": "yes"}},
+                        "data": {"eval": str(prompts), "max_eval_rows": 6},
+                        "rollout": {"engine": "hf", "temperature": 1.0, "max_new_tokens": 4},
+                    }
+                },
+            }
+        )
+    )
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["eval", "--recipe", str(recipe), "--output-dir", str(out)])
     assert result.exit_code == 0, result.output[-3000:]
     mine = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     theirs = [json.loads(line) for line in (standalone / "samples.jsonl").read_text().splitlines()]
     assert [(s["policy"], s["baselines"]) for s in mine] == [(s["policy"], s["baselines"]) for s in theirs]
-    ours, standalone_rule = json.loads((out / "report.json").read_text())["results"], json.loads((standalone / "report.json").read_text())["results"][0]
+    ours, standalone_rule = (
+        json.loads((out / "report.json").read_text())["results"],
+        json.loads((standalone / "report.json").read_text())["results"][0],
+    )
     assert ours == [standalone_rule]
     # a report is never overwritten silently
     again = CliRunner().invoke(app, ["eval", "--recipe", str(recipe), "--output-dir", str(out)])
@@ -231,7 +269,18 @@ def test_an_unfinished_policy_stops_before_anything_is_generated(tmp_path, promp
     (unfinished / "checkpoints" / "checkpoint-2").mkdir(parents=True)
     (unfinished / "config.yaml").write_text("kind: sft\n")
     out = tmp_path / "out"
-    proc = align_eval("--policy", str(unfinished), "--prompts", str(prompts), "--judge", YES, "--engine", "hf", "--output-dir", str(out))
+    proc = align_eval(
+        "--policy",
+        str(unfinished),
+        "--prompts",
+        str(prompts),
+        "--judge",
+        YES,
+        "--engine",
+        "hf",
+        "--output-dir",
+        str(out),
+    )
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "has not finished" in proc.stdout and "Traceback" not in proc.stderr
     assert not out.exists()
@@ -242,9 +291,16 @@ def test_missing_models_and_bad_judges_are_reported_before_loading(tmp_path, pro
     from align.stages.evaluate import run_eval
 
     def config(**changes):
-        return EvalConfig.model_validate({"model": {"name": str(yes_no_model)}, "quantization": {"mode": "none"},
-                                          "policy": str(yes_no_model.parent), "judges": {"yes": {"type": "rule", "name": "contains_marker"}},
-                                          "data": {"eval": str(prompts)}, **changes})
+        return EvalConfig.model_validate(
+            {
+                "model": {"name": str(yes_no_model)},
+                "quantization": {"mode": "none"},
+                "policy": str(yes_no_model.parent),
+                "judges": {"yes": {"type": "rule", "name": "contains_marker"}},
+                "data": {"eval": str(prompts)},
+                **changes,
+            }
+        )
 
     out = tmp_path / "out"
     with pytest.raises(FileNotFoundError, match="no such folder"):
@@ -267,10 +323,23 @@ def test_console_table_fits_80_columns_with_judges_and_baselines_named_by_path(m
 
     long_rm = "learned:/home/someone/experiments/2026-12/runs/smollm2-135m-quickstart/reward"
     long_base = "/home/someone/experiments/2026-12/runs/smollm2-135m-quickstart/sft"
-    row = dict(wins=3, ties=1, losses=4, win_rate=0.4375, ci_low=0.1875, ci_high=0.6875, lc_win_rate=0.45,
-               policy_length=118.3, baseline_length=115.7, position_bias=None)
-    report = {"policy": {"name": "grpo"}, "prompts": {"n": 8},
-              "results": [{"judge": long_rm, "baseline": long_base, **row}, {"judge": "correct", "baseline": "base", **row}]}
+    row = dict(
+        wins=3,
+        ties=1,
+        losses=4,
+        win_rate=0.4375,
+        ci_low=0.1875,
+        ci_high=0.6875,
+        lc_win_rate=0.45,
+        policy_length=118.3,
+        baseline_length=115.7,
+        position_bias=None,
+    )
+    report = {
+        "policy": {"name": "grpo"},
+        "prompts": {"n": 8},
+        "results": [{"judge": long_rm, "baseline": long_base, **row}, {"judge": "correct", "baseline": "base", **row}],
+    }
     screen = Console(width=80, record=True, highlight=False)
     monkeypatch.setattr(report_module, "console", screen)
     report_module.print_table(report)
@@ -278,7 +347,9 @@ def test_console_table_fits_80_columns_with_judges_and_baselines_named_by_path(m
     assert max(len(line) for line in lines if " = " not in line) <= 80  # the name lines may be long: a path is not cut
     assert f"judge reward = {long_rm}" in lines and f"baseline sft = {long_base}" in lines  # full names once, above
     rows = [line for line in lines if "3/1/4" in line]
-    assert len(rows) == 2 and "reward" in rows[0] and "sft" in rows[0] and "correct" in rows[1]  # one line per row, no wrapping
+    assert (
+        len(rows) == 2 and "reward" in rows[0] and "sft" in rows[0] and "correct" in rows[1]
+    )  # one line per row, no wrapping
 
 
 def test_the_report_states_each_models_engine_trainer_mismatch(tmp_path, prompts, yes_no_model, monkeypatch):
@@ -289,9 +360,17 @@ def test_the_report_states_each_models_engine_trainer_mismatch(tmp_path, prompts
 
     real = evaluate.rollout_engine
     monkeypatch.setattr(evaluate, "rollout_engine", lambda *args: ShiftedSampler(real(*args), shift=0.3))
-    cfg = EvalConfig.model_validate({"model": {"name": str(yes_no_model), "precision": "fp32"}, "quantization": {"mode": "none"},
-                                     "policy": str(yes_no_model.parent), "judges": {"yes": {"type": "rule", "name": "contains_marker", "marker": "yes"}},
-                                     "data": {"eval": str(prompts)}, "rollout": {"engine": "hf", "max_new_tokens": 4}, "bootstrap": 100})
+    cfg = EvalConfig.model_validate(
+        {
+            "model": {"name": str(yes_no_model), "precision": "fp32"},
+            "quantization": {"mode": "none"},
+            "policy": str(yes_no_model.parent),
+            "judges": {"yes": {"type": "rule", "name": "contains_marker", "marker": "yes"}},
+            "data": {"eval": str(prompts)},
+            "rollout": {"engine": "hf", "max_new_tokens": 4},
+            "bootstrap": 100,
+        }
+    )
     out = evaluate.run_eval(cfg, tmp_path / "out")
     report = json.loads((out / "report.json").read_text())
     for model in [report["policy"], *report["baselines"]]:

@@ -24,12 +24,17 @@ YES = {"type": "rule", "name": "contains_marker", "marker": "yes"}
 
 
 def grpo_recipe(tmp_path, model_dir, prompts, **grpo_stage) -> Path:
-    stage = {"reward": YES, "rollout": {"engine": "hf", "prompts_per_step": 4, "samples_per_prompt": 8, "max_new_tokens": 2},
-             "train": {"max_steps": 10, "lr": 1e-2, "batch_size": 16}}
+    stage = {
+        "reward": YES,
+        "rollout": {"engine": "hf", "prompts_per_step": 4, "samples_per_prompt": 8, "max_new_tokens": 2},
+        "train": {"max_steps": 10, "lr": 1e-2, "batch_size": 16},
+    }
     for key, value in grpo_stage.items():
         stage[key] = {**stage.get(key, {}), **value} if isinstance(value, dict) else value
     data = write_jsonl(tmp_path / "prompts.jsonl", prompts)
-    return tiny_recipe(tmp_path / "grpo.yaml", model_dir, str(data), lora={"r": 8, "alpha": 16, "dropout": 0.0}, stages={"grpo": stage})
+    return tiny_recipe(
+        tmp_path / "grpo.yaml", model_dir, str(data), lora={"r": 8, "alpha": 16, "dropout": 0.0}, stages={"grpo": stage}
+    )
 
 
 def test_grpo_learns_to_say_yes_through_the_cli(tmp_path, yes_no_model):
@@ -37,8 +42,12 @@ def test_grpo_learns_to_say_yes_through_the_cli(tmp_path, yes_no_model):
 
     recipe = grpo_recipe(tmp_path, yes_no_model, [{"prompt": "Pick one."}] * 32)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "align.cli", "grpo", "--recipe", str(recipe), "--output-dir", str(tmp_path / "grpo")],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "align.cli", "grpo", "--recipe", str(recipe), "--output-dir", str(tmp_path / "grpo")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "hf (transformers generate" in proc.stdout
     base, tokenizer = load_trained(yes_no_model)
@@ -47,8 +56,19 @@ def test_grpo_learns_to_say_yes_through_the_cli(tmp_path, yes_no_model):
     assert 0.3 < before < 0.8 and after > before + 0.05, (before, after)
     records = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 11))
-    for key in ("reward_mean", "reward_std", "clip_fraction", "approx_kl", "entropy", "completion_length",
-                "truncated_fraction", "logprob_mismatch_mean", "time/generation", "time/training", "time/sync"):
+    for key in (
+        "reward_mean",
+        "reward_std",
+        "clip_fraction",
+        "approx_kl",
+        "entropy",
+        "completion_length",
+        "truncated_fraction",
+        "logprob_mismatch_mean",
+        "time/generation",
+        "time/training",
+        "time/sync",
+    ):
         assert key in records[0], key
     # one update per batch: the update's ratio is exactly 1 (nothing clipped, no drift)
     assert all(r["approx_kl"] == 0 and r["clip_fraction"] == 0 for r in records)
@@ -73,9 +93,19 @@ def test_identical_rewards_give_zero_advantage_and_no_update(tmp_path, yes_no_mo
     from safetensors.torch import load_file
 
     # the empty marker is in every text: every reward is 1, every advantage 0, the adapter stays at its start
-    recipe = load_recipe(grpo_recipe(tmp_path, yes_no_model, [{"prompt": "Pick one."}] * 8,
-                                     reward={"type": "rule", "name": "contains_marker", "marker": ""}))
-    out = run_grpo(recipe.resolve("grpo", [f"grpo.algorithm={algorithm}", "train.max_steps=2"]), tmp_path / "out", recipe_name="tiny")
+    recipe = load_recipe(
+        grpo_recipe(
+            tmp_path,
+            yes_no_model,
+            [{"prompt": "Pick one."}] * 8,
+            reward={"type": "rule", "name": "contains_marker", "marker": ""},
+        )
+    )
+    out = run_grpo(
+        recipe.resolve("grpo", [f"grpo.algorithm={algorithm}", "train.max_steps=2"]),
+        tmp_path / "out",
+        recipe_name="tiny",
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["advantage_abs"] == 0 and r["loss"] == 0 and r["reward_std"] == 0 for r in records)
     weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
@@ -84,8 +114,14 @@ def test_identical_rewards_give_zero_advantage_and_no_update(tmp_path, yes_no_mo
 
 def test_a_run_with_no_signal_stops_with_an_explanation(tmp_path, tiny_llama):
     """RELIABILITY 16: a random model never ends within 2 tokens and the reward is constant."""
-    recipe = load_recipe(grpo_recipe(tmp_path, tiny_llama, [{"prompt": "Say something."}] * 8,
-                                     reward={"type": "rule", "name": "contains_marker", "marker": "zzqqzz"}))
+    recipe = load_recipe(
+        grpo_recipe(
+            tmp_path,
+            tiny_llama,
+            [{"prompt": "Say something."}] * 8,
+            reward={"type": "rule", "name": "contains_marker", "marker": "zzqqzz"},
+        )
+    )
     cfg = recipe.resolve("grpo", ["grpo.dead_steps=2", "train.max_steps=6"])
     out = run_grpo(cfg, tmp_path / "out", recipe_name="tiny")
     manifest = json.loads((out / "manifest.json").read_text())
@@ -94,10 +130,23 @@ def test_a_run_with_no_signal_stops_with_an_explanation(tmp_path, tiny_llama):
 
 def test_gsm8k_prompts_with_the_exact_answer_rule_run_end_to_end(tmp_path, tiny_gpt2):
     """The reference column comes from the rows' completions; RLOO with a KL term on a GPT-2 model."""
-    recipe = tiny_recipe(tmp_path / "gsm.yaml", tiny_gpt2, str(FIXTURES / "gsm8k-40.jsonl"), data={"eval_rows": 4}, stages={"grpo": {
-        "reward": [{"type": "rule", "name": "gsm8k_exact", "weight": 1.0}, {"type": "rule", "name": "answer_format", "weight": 0.5}],
-        "rollout": {"engine": "hf", "prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 4},
-        "grpo": {"algorithm": "rloo", "kl_coef": 0.05, "dead_steps": 0}, "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-2}}})
+    recipe = tiny_recipe(
+        tmp_path / "gsm.yaml",
+        tiny_gpt2,
+        str(FIXTURES / "gsm8k-40.jsonl"),
+        data={"eval_rows": 4},
+        stages={
+            "grpo": {
+                "reward": [
+                    {"type": "rule", "name": "gsm8k_exact", "weight": 1.0},
+                    {"type": "rule", "name": "answer_format", "weight": 0.5},
+                ],
+                "rollout": {"engine": "hf", "prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 4},
+                "grpo": {"algorithm": "rloo", "kl_coef": 0.05, "dead_steps": 0},
+                "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-2},
+            }
+        },
+    )
     out = run_grpo(load_recipe(recipe).resolve("grpo"), tmp_path / "out", recipe_name="tiny")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["steps"] == 2 and manifest["eval_reward_start"] == 0.0 and "gsm8k_exact" in manifest["reward"]
@@ -115,13 +164,19 @@ def test_recipe_checks_groups_and_reward_sources(tmp_path, tiny_llama):
 
 
 @pytest.mark.parametrize("cap, expected_weight, truncated", [(3.0, math.exp(0.5), 0.0), (1.2, 1.2, 1.0)])
-def test_a_mismatched_sampler_gets_truncated_importance_weights(tmp_path, yes_no_model, monkeypatch, cap, expected_weight, truncated):
+def test_a_mismatched_sampler_gets_truncated_importance_weights(
+    tmp_path, yes_no_model, monkeypatch, cap, expected_weight, truncated
+):
     import align.stages.grpo as grpo_stage
 
     real = grpo_stage.rollout_engine
     monkeypatch.setattr(grpo_stage, "rollout_engine", lambda *args: ShiftedSampler(real(*args), shift=0.5))
     recipe = load_recipe(grpo_recipe(tmp_path, yes_no_model, [{"prompt": "Pick one."}] * 8))
-    out = run_grpo(recipe.resolve("grpo", ["train.max_steps=2", f"rollout.importance_cap={cap}"]), tmp_path / "out", recipe_name="tiny")
+    out = run_grpo(
+        recipe.resolve("grpo", ["train.max_steps=2", f"rollout.importance_cap={cap}"]),
+        tmp_path / "out",
+        recipe_name="tiny",
+    )
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2
     for m in metrics:  # the sampler said e^-0.5 of the trainer's probability: weight e^0.5, unless capped
@@ -133,7 +188,11 @@ def test_a_mismatched_sampler_gets_truncated_importance_weights(tmp_path, yes_no
 def test_the_hf_engine_needs_no_correction_and_forcing_it_changes_nothing(tmp_path, yes_no_model):
     recipe = load_recipe(grpo_recipe(tmp_path, yes_no_model, [{"prompt": "Pick one."}] * 8))
     auto = run_grpo(recipe.resolve("grpo", ["train.max_steps=1"]), tmp_path / "auto", recipe_name="tiny")
-    forced = run_grpo(recipe.resolve("grpo", ["train.max_steps=1", "rollout.importance_correction=true"]), tmp_path / "on", recipe_name="tiny")
+    forced = run_grpo(
+        recipe.resolve("grpo", ["train.max_steps=1", "rollout.importance_correction=true"]),
+        tmp_path / "on",
+        recipe_name="tiny",
+    )
     auto_m, forced_m = (json.loads((out / "metrics.jsonl").read_text().splitlines()[0]) for out in (auto, forced))
     assert "is_weight_mean" not in auto_m
     assert forced_m["is_weight_mean"] == pytest.approx(1.0, abs=1e-4)  # the hf sampler is the trainer's forward

@@ -14,10 +14,23 @@ from align.stages.registry import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [  # (module prefix, rank): a module may import its own rank or lower
-    ("align.cli", 6), ("align.pipeline", 5), ("align.recipe", 4), ("align.stages", 3),
-    ("align.data", 2), ("align.models", 2), ("align.losses", 2), ("align.rollout", 2), ("align.eval", 2), ("reward_models", 2),
-    ("align.artifacts", 1), ("align.console", 1), ("align.faults", 1), ("align.tracking", 1), ("align.quiet", 1),
-    ("align.config", 0), ("align.tokens", 0),
+    ("align.cli", 6),
+    ("align.pipeline", 5),
+    ("align.recipe", 4),
+    ("align.stages", 3),
+    ("align.data", 2),
+    ("align.models", 2),
+    ("align.losses", 2),
+    ("align.rollout", 2),
+    ("align.eval", 2),
+    ("reward_models", 2),
+    ("align.artifacts", 1),
+    ("align.console", 1),
+    ("align.faults", 1),
+    ("align.tracking", 1),
+    ("align.quiet", 1),
+    ("align.config", 0),
+    ("align.tokens", 0),
 ]
 PACKAGE_RANK = 1  # align/__init__.py: a start-up hook (quiet.py), run before any other module
 # Arrows against the layers that are known and have an issue; the list may only shrink.
@@ -83,7 +96,12 @@ def test_no_stage_imports_another_stage():
     """Stage files (the registry's runners) share code through stages/common.py and online.py only."""
     stage_modules = {entry.runs.partition(":")[0] for entry in REGISTRY.values()}
     table = sources()
-    wrong = [f"{m} -> {t}" for m in stage_modules for t in table[m] if any(t == s or t.startswith(s + ".") for s in stage_modules - {m})]
+    wrong = [
+        f"{m} -> {t}"
+        for m in stage_modules
+        for t in table[m]
+        if any(t == s or t.startswith(s + ".") for s in stage_modules - {m})
+    ]
     assert not wrong, wrong
 
 
@@ -96,6 +114,10 @@ def test_config_and_registry_import_only_the_bottom():
 def test_rollout_engines_form_no_cycle():
     """engine.py (protocol, shared records) imports no engine; only engines.py knows them all."""
     table = sources()
-    assert not {t for t in table["align.rollout.engine"] if t.startswith(("align.rollout.hf", "align.rollout.vllm", "align.rollout.engines"))}
+    assert not {
+        t
+        for t in table["align.rollout.engine"]
+        if t.startswith(("align.rollout.hf", "align.rollout.vllm", "align.rollout.engines"))
+    }
     for engine in ("align.rollout.hf", "align.rollout.vllm", "align.rollout.scoring"):
         assert not {t for t in table[engine] if t.startswith("align.rollout.engines")}, engine

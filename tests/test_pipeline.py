@@ -39,12 +39,28 @@ def pipeline_recipe(folder: Path, model_dir: Path) -> Path:
             "sft": {"data": {"train": str(FIXTURES / "gsm8k-40.jsonl"), "max_length": 128, "max_rows": 16}},
             "reward": {"data": {"train": str(pairs), "max_length": 64}},
             "dpo": {"from": "sft", "data": {"train": str(pairs), "max_length": 64}},
-            "grpo": {"from": "dpo", "reward": learned, "data": {"train": str(prompts), "max_length": 64},
-                     "rollout": {**RL_ROLLOUT, "samples_per_prompt": 2}, "train": {"batch_size": 4}},
-            "ppo": {"from": "sft", "reward": learned, "data": {"train": str(prompts), "max_length": 64},
-                    "rollout": RL_ROLLOUT, "ppo": {"epochs": 2}, "train": {"batch_size": 2}},
-            "eval": {"policy": "grpo", "baselines": ["sft", "base"], "judges": {"rm": learned},
-                     "data": {"eval": str(prompts), "max_length": 64}, "rollout": {"engine": "hf", "max_new_tokens": 4}},
+            "grpo": {
+                "from": "dpo",
+                "reward": learned,
+                "data": {"train": str(prompts), "max_length": 64},
+                "rollout": {**RL_ROLLOUT, "samples_per_prompt": 2},
+                "train": {"batch_size": 4},
+            },
+            "ppo": {
+                "from": "sft",
+                "reward": learned,
+                "data": {"train": str(prompts), "max_length": 64},
+                "rollout": RL_ROLLOUT,
+                "ppo": {"epochs": 2},
+                "train": {"batch_size": 2},
+            },
+            "eval": {
+                "policy": "grpo",
+                "baselines": ["sft", "base"],
+                "judges": {"rm": learned},
+                "data": {"eval": str(prompts), "max_length": 64},
+                "rollout": {"engine": "hf", "max_new_tokens": 4},
+            },
         },
     }
     path = folder / "tiny-pipeline.yaml"
@@ -58,11 +74,17 @@ def align_run(cwd: Path, recipe: Path, *args: str, fault: str | None = None) -> 
     env.pop("ALIGN_RUNS", None)
     if fault:
         env["ALIGN_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "align.cli", "run", str(recipe), *args], cwd=cwd, capture_output=True, text=True, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "align.cli", "run", str(recipe), *args], cwd=cwd, capture_output=True, text=True, env=env
+    )
 
 
 def manifests(runs: Path) -> dict[str, dict]:
-    return {s: json.loads((runs / s / "manifest.json").read_text()) for s in STAGES if (runs / s / "manifest.json").is_file()}
+    return {
+        s: json.loads((runs / s / "manifest.json").read_text())
+        for s in STAGES
+        if (runs / s / "manifest.json").is_file()
+    }
 
 
 def artifacts(runs: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -104,7 +126,7 @@ def test_all_stages_run_through_the_cli_and_record_their_inputs(uninterrupted):
     assert found["sft"]["pipeline"]["inputs"] == {}
     for name in ("report.json", "report.md", "winrate.png"):
         assert (runs / "eval" / name).is_file()
-    assert f"report: runs/tiny-pipeline/eval/report.md" in proc.stdout
+    assert "report: runs/tiny-pipeline/eval/report.md" in proc.stdout
 
 
 def test_a_second_run_skips_everything_and_a_change_reruns_only_its_dependants(uninterrupted, tmp_path, monkeypatch):
@@ -128,7 +150,10 @@ def test_a_second_run_skips_everything_and_a_change_reruns_only_its_dependants(u
     assert ran(changed) == ["dpo", "grpo", "eval"]
     after = manifests(runs)
     assert all(after[s] == before[s] for s in ("sft", "reward", "ppo"))
-    assert all(after[s]["written_at"] >= before[s]["written_at"] and after[s]["pipeline"] != before[s]["pipeline"] for s in ("dpo", "grpo", "eval"))
+    assert all(
+        after[s]["written_at"] >= before[s]["written_at"] and after[s]["pipeline"] != before[s]["pipeline"]
+        for s in ("dpo", "grpo", "eval")
+    )
 
     # --only --force re-makes one stage; nothing reads ppo's adapter, so nothing else goes stale
     only = align_run(folder, recipe, "dpo.train.lr=0.02", "--only", "ppo", "--force")
@@ -181,8 +206,10 @@ def test_plan_validates_data_before_anything_runs(tmp_path, tiny_llama):
 def test_stage_prefixed_overrides_reach_only_their_stage():
     stages = ["sft", "dpo"]
     assert stage_overrides(["sft.train.lr=1", "seed=3", "dpo.dpo.beta=0.2"], "sft", stages) == ["train.lr=1", "seed=3"]
-    assert stage_overrides(["sft.train.lr=1", "seed=3", "dpo.dpo.beta=0.2"], "dpo", stages) == ["seed=3", "dpo.beta=0.2"]
-
+    assert stage_overrides(["sft.train.lr=1", "seed=3", "dpo.dpo.beta=0.2"], "dpo", stages) == [
+        "seed=3",
+        "dpo.beta=0.2",
+    ]
 
 
 def test_a_second_align_run_on_the_same_recipe_is_refused(tmp_path, tiny_llama):

@@ -19,12 +19,18 @@ YES = {"type": "rule", "name": "contains_marker", "marker": "yes"}
 
 
 def ppo_recipe(tmp_path, model_dir, **stage_sections):
-    stage = {"reward": YES, "rollout": {"engine": "hf", "prompts_per_step": 16, "samples_per_prompt": 1, "max_new_tokens": 2},
-             "ppo": {"epochs": 2, "minibatch_size": 8}, "train": {"max_steps": 10, "lr": 1e-2, "batch_size": 8}}
+    stage = {
+        "reward": YES,
+        "rollout": {"engine": "hf", "prompts_per_step": 16, "samples_per_prompt": 1, "max_new_tokens": 2},
+        "ppo": {"epochs": 2, "minibatch_size": 8},
+        "train": {"max_steps": 10, "lr": 1e-2, "batch_size": 8},
+    }
     for key, value in stage_sections.items():
         stage[key] = {**stage.get(key, {}), **value} if isinstance(value, dict) else value
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Pick one."}] * 32)
-    return tiny_recipe(tmp_path / "ppo.yaml", model_dir, str(data), lora={"r": 8, "alpha": 16, "dropout": 0.0}, stages={"ppo": stage})
+    return tiny_recipe(
+        tmp_path / "ppo.yaml", model_dir, str(data), lora={"r": 8, "alpha": 16, "dropout": 0.0}, stages={"ppo": stage}
+    )
 
 
 def test_ppo_learns_to_say_yes_through_the_cli(tmp_path, yes_no_model):
@@ -34,8 +40,12 @@ def test_ppo_learns_to_say_yes_through_the_cli(tmp_path, yes_no_model):
 
     recipe = ppo_recipe(tmp_path, yes_no_model)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "align.cli", "ppo", "--recipe", str(recipe), "--output-dir", str(tmp_path / "ppo")],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "align.cli", "ppo", "--recipe", str(recipe), "--output-dir", str(tmp_path / "ppo")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     base, tokenizer = load_trained(yes_no_model)
     trained, _ = load_trained(tmp_path / "ppo")
@@ -44,8 +54,21 @@ def test_ppo_learns_to_say_yes_through_the_cli(tmp_path, yes_no_model):
     records = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     first = records[0]
     assert first["kl"] == 0  # a fresh adapter: the rollout policy is the reference
-    for key in ("reward_mean", "kl_coef", "entropy", "clip_fraction", "value_clip_fraction", "approx_kl", "explained_variance",
-                "completion_length", "logprob_mismatch_mean", "time/generation", "time/scoring", "time/training", "time/sync"):
+    for key in (
+        "reward_mean",
+        "kl_coef",
+        "entropy",
+        "clip_fraction",
+        "value_clip_fraction",
+        "approx_kl",
+        "explained_variance",
+        "completion_length",
+        "logprob_mismatch_mean",
+        "time/generation",
+        "time/scoring",
+        "time/training",
+        "time/sync",
+    ):
         assert key in first, key
     head = load_file(str(tmp_path / "ppo" / "adapter" / "value_head.safetensors"))
     assert head["weight"].shape == (1, 32) and head["weight"].abs().sum() > 0  # the critic trained
@@ -54,7 +77,11 @@ def test_ppo_learns_to_say_yes_through_the_cli(tmp_path, yes_no_model):
 def test_first_update_has_ratio_one_and_kl_zero(tmp_path, yes_no_model):
     """RELIABILITY 15/17: one epoch, one minibatch: the update sees ratio 1 exactly; KL starts at 0."""
     recipe = load_recipe(ppo_recipe(tmp_path, yes_no_model))
-    out = run_ppo(recipe.resolve("ppo", ["ppo.epochs=1", "ppo.minibatch_size=16", "train.max_steps=2"]), tmp_path / "out", recipe_name="tiny")
+    out = run_ppo(
+        recipe.resolve("ppo", ["ppo.epochs=1", "ppo.minibatch_size=16", "train.max_steps=2"]),
+        tmp_path / "out",
+        recipe_name="tiny",
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["approx_kl"] == 0 and r["clip_fraction"] == 0 for r in records)
     assert records[0]["kl"] == 0 and records[1]["kl"] != 0  # after one update the policy has left the reference
@@ -62,8 +89,14 @@ def test_first_update_has_ratio_one_and_kl_zero(tmp_path, yes_no_model):
 
 def test_missing_eos_penalty_and_dead_runs(tmp_path, tiny_llama):
     """A random model never ends in 2 tokens: every completion is penalised; constant rewards stop the run."""
-    recipe = load_recipe(ppo_recipe(tmp_path, tiny_llama, reward={"type": "rule", "name": "contains_marker", "marker": "zzqqzz"},
-                                    ppo={"missing_eos_penalty": 1.5, "dead_steps": 2}))
+    recipe = load_recipe(
+        ppo_recipe(
+            tmp_path,
+            tiny_llama,
+            reward={"type": "rule", "name": "contains_marker", "marker": "zzqqzz"},
+            ppo={"missing_eos_penalty": 1.5, "dead_steps": 2},
+        )
+    )
     out = run_ppo(recipe.resolve("ppo", ["train.max_steps=5"]), tmp_path / "out", recipe_name="tiny")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["score_mean"] == -1.5 and r["reward_mean"] == 0 for r in records)
@@ -104,7 +137,11 @@ def test_value_head_can_start_from_the_reward_models_head(tmp_path, tiny_llama):
     rm = train_toy(tmp_path, tiny_llama, steps=2)
     policy = load_tiny(tiny_llama)
     head = value_head_for(policy, "reward", rm)
-    saved = [v for k, v in load_file(str(rm / "adapter" / "adapter_model.safetensors")).items() if ".score." in k and k.endswith(".weight")]
+    saved = [
+        v
+        for k, v in load_file(str(rm / "adapter" / "adapter_model.safetensors")).items()
+        if ".score." in k and k.endswith(".weight")
+    ]
     assert len(saved) == 1 and torch.equal(head.weight.data, saved[0].float()) and head.weight.abs().sum() > 0
     assert torch.count_nonzero(value_head_for(policy, "zero", None).weight) == 0
     with pytest.raises(RecipeError, match="needs reward"):
@@ -121,4 +158,6 @@ def test_ppo_weights_a_mismatched_samplers_tokens(tmp_path, yes_no_model, monkey
     recipe = load_recipe(ppo_recipe(tmp_path, yes_no_model))
     out = run_ppo(recipe.resolve("ppo", ["train.max_steps=1"]), tmp_path / "out", recipe_name="tiny")
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    assert record["is_weight_mean"] == pytest.approx(math.exp(0.25), abs=1e-4) and record["is_truncated_fraction"] == 0.0
+    assert (
+        record["is_weight_mean"] == pytest.approx(math.exp(0.25), abs=1e-4) and record["is_truncated_fraction"] == 0.0
+    )

@@ -14,24 +14,31 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_stage_sections_override_shared_and_cli_overrides_win():
-    recipe = recipe_from_dict({
-        "name": "r",
-        "lora": {"r": 8},
-        "train": {"lr": 1e-3},
-        "stages": {"sft": {"train": {"max_steps": 5}}},
-    })
-    cfg = recipe.resolve("sft", ["lora.r=32", "train.lr=1e-4", "data.train=a.jsonl", "adapter.target_modules=[q_proj, v_proj]"])
+    recipe = recipe_from_dict(
+        {
+            "name": "r",
+            "lora": {"r": 8},
+            "train": {"lr": 1e-3},
+            "stages": {"sft": {"train": {"max_steps": 5}}},
+        }
+    )
+    cfg = recipe.resolve(
+        "sft", ["lora.r=32", "train.lr=1e-4", "data.train=a.jsonl", "adapter.target_modules=[q_proj, v_proj]"]
+    )
     assert cfg.lora.r == 32 and cfg.train.lr == 1e-4 and cfg.train.max_steps == 5
     assert cfg.data.train == ["a.jsonl"] and cfg.adapter.target_modules == ["q_proj", "v_proj"]
     assert cfg.lora.alpha == 32  # untouched default
     assert recipe.resolve("sft").lora.r == 8  # overrides do not leak into the recipe
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ({"lora": {"alhpa": 4}}, "unknown key 'lora.alhpa' - did you mean 'lora.alpha'?"),
-    ({"lora_alpha": 4}, "did you mean 'lora.alpha'?"),
-    ({"train": {"learning_rate": 1}}, "unknown key 'train.learning_rate'"),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({"lora": {"alhpa": 4}}, "unknown key 'lora.alhpa' - did you mean 'lora.alpha'?"),
+        ({"lora_alpha": 4}, "did you mean 'lora.alpha'?"),
+        ({"train": {"learning_rate": 1}}, "unknown key 'train.learning_rate'"),
+    ],
+)
 def test_unknown_keys_fail_with_a_suggestion(raw, expected):
     with pytest.raises(RecipeError) as err:
         recipe_from_dict({"name": "r", **raw, "stages": {"sft": {}}})
@@ -60,7 +67,15 @@ def test_eval_stage_defaults_to_the_last_policy_and_checks_its_names():
     assert recipe.resolve("eval").policy == "dpo"  # the last training stage that is not a reward model
     assert recipe.dependencies("eval") == ["reward", "dpo"]
     with pytest.raises(RecipeError, match="judge from: critic names no earlier stage"):
-        recipe_from_dict({"name": "r", "stages": {**stages, "eval": {"judges": {"x": {"type": "learned", "from": "critic"}}, "data": {"eval": "p"}}}})
+        recipe_from_dict(
+            {
+                "name": "r",
+                "stages": {
+                    **stages,
+                    "eval": {"judges": {"x": {"type": "learned", "from": "critic"}}, "data": {"eval": "p"}},
+                },
+            }
+        )
     with pytest.raises(RecipeError, match="data.eval"):
         recipe_from_dict({"name": "r", "stages": {**stages, "eval": {"judges": judges}}})
     with pytest.raises(RecipeError, match="at least one judge"):
@@ -120,7 +135,9 @@ def test_every_key_of_every_stage_is_described():
     assert {"grpo.algorithm", "rollout.samples_per_prompt", "reward"} <= {k for k, _, _ in own["grpo"]}
     assert {"ppo.gamma", "ppo.value_head_init", "rollout.engine"} <= {k for k, _, _ in own["ppo"]}
     rows = describe_fields(StageConfig) + [row for kind_rows in own.values() for row in kind_rows]
-    assert all(description for key, description, _ in rows if key != "kind"), [k for k, d, _ in rows if not d and k != "kind"]
+    assert all(description for key, description, _ in rows if key != "kind"), [
+        k for k, d, _ in rows if not d and k != "kind"
+    ]
 
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "zero2", "zero3"])
@@ -149,7 +166,9 @@ def test_registry_entries_resolve_and_drive_the_cli():
     for kind, entry in REGISTRY.items():
         assert callable(entry.runner) and callable(entry.planner), kind
         assert entry.schema.model_fields["kind"].default == kind
-        assert {"recipe_name", "overwrite", "resume", "provenance"} <= set(inspect.signature(entry.runner).parameters), kind
+        assert {"recipe_name", "overwrite", "resume", "provenance"} <= set(
+            inspect.signature(entry.runner).parameters
+        ), kind
         assert ("from_dir" in inspect.signature(entry.runner).parameters) == entry.starts_from, kind
         command = ["rm", "train"] if kind == "rm" else [kind]
         shown = CliRunner().invoke(app, [*command, "--help"], terminal_width=200).output

@@ -1,4 +1,5 @@
-"""`align rm` and reward_models/: Bradley-Terry maths, scoring position, save/load, rules, registry (RELIABILITY 9-13)."""
+"""`align rm` and reward_models/: Bradley-Terry maths, scoring position, save/load, rules, registry
+(RELIABILITY 9-13)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,13 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_recipe, write_jsonl
+from test_dpo import marker_pairs
 
 from align.losses import bradley_terry
 from align.models.reward import MissingRewardHead, reward_scores
 from align.recipe import load_recipe
 from align.stages.reward import run_reward
-
-from conftest import tiny_recipe, write_jsonl
-from test_dpo import marker_pairs
 
 
 def test_bradley_terry_against_hand_worked_numbers():
@@ -73,8 +73,17 @@ def train_toy(tmp_path, model_dir, steps=40, **overrides):
     train = write_jsonl(tmp_path / "train.jsonl", marker_pairs(48))
     held_out = write_jsonl(tmp_path / "eval.jsonl", marker_pairs(16, start=100))
     recipe = load_recipe(tiny_recipe(tmp_path / "rm.yaml", model_dir, str(train), stages={"reward": {}}))
-    cfg = recipe.resolve("reward", [f"data.eval={held_out}", f"train.max_steps={steps}", "train.batch_size=4", "train.lr=5e-3",
-                                    "lora.r=8", *[f"{k}={v}" for k, v in overrides.items()]])
+    cfg = recipe.resolve(
+        "reward",
+        [
+            f"data.eval={held_out}",
+            f"train.max_steps={steps}",
+            "train.batch_size=4",
+            "train.lr=5e-3",
+            "lora.r=8",
+            *[f"{k}={v}" for k, v in overrides.items()],
+        ],
+    )
     return run_reward(cfg, tmp_path / "reward", recipe_name="tiny")
 
 
@@ -91,7 +100,9 @@ def test_toy_preference_accuracy_rises_and_report_has_the_probes(toy_rm):
     # the reported score-length correlation is Pearson's r over every held-out answer (chosen and
     # rejected) between its score and its completion length; recompute it independently with numpy
     assert held_out["length_correlation"] == pytest.approx(held_out_length_correlation(toy_rm), abs=1e-4)
-    first = next(r for r in map(json.loads, (toy_rm / "metrics.jsonl").read_text().splitlines()) if "eval_accuracy" in r)
+    first = next(
+        r for r in map(json.loads, (toy_rm / "metrics.jsonl").read_text().splitlines()) if "eval_accuracy" in r
+    )
     assert first["step"] == 0 and first["eval_accuracy"] < held_out["accuracy"]
 
 
@@ -175,7 +186,12 @@ def test_rule_docstring_examples():
 def test_registry_builds_rules_and_weighted_sums():
     from reward_models import build_reward
 
-    combined = build_reward([{"type": "rule", "name": "gsm8k_exact", "weight": 2.0}, {"type": "rule", "name": "answer_format", "weight": 0.5}])
+    combined = build_reward(
+        [
+            {"type": "rule", "name": "gsm8k_exact", "weight": 2.0},
+            {"type": "rule", "name": "answer_format", "weight": 0.5},
+        ]
+    )
     scores = combined([[], []], ["so #### 18", "18 I guess"], reference=["#### 18", "#### 18"])
     assert scores == [2.5, 2.0]
     with pytest.raises(KeyError, match="unknown rule"):
@@ -196,13 +212,16 @@ def test_cli_rm_train_and_score(tmp_path, tiny_gpt2):
     assert "held-out: accuracy" in " ".join(proc.stdout.split())
     scored = cli("rm", "score", "--model", tmp_path / "rm", "--data", pairs)
     assert "10 pairs, accuracy" in " ".join(scored.stdout.split())
-    rows = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "hi", "completion": "zebra"}, {"prompt": "hi", "completion": "cat"}])
+    rows = write_jsonl(
+        tmp_path / "rows.jsonl", [{"prompt": "hi", "completion": "zebra"}, {"prompt": "hi", "completion": "cat"}]
+    )
     cli("rm", "score", "--model", tmp_path / "rm", "--data", rows)
     written = [json.loads(line) for line in (tmp_path / "rows.scores.jsonl").read_text().splitlines()]
-    assert [r["completion"] for r in written] == ["zebra", "cat"] and all(isinstance(r["score"], float) for r in written)
+    assert [r["completion"] for r in written] == ["zebra", "cat"] and all(
+        isinstance(r["score"], float) for r in written
+    )
     again = cli("rm", "score", "--model", tmp_path / "rm", "--data", rows, check=False)
     assert again.returncode == 2 and "exists" in again.stdout
-
 
 
 class KnownJudgeModel(torch.nn.Module):
@@ -241,7 +260,10 @@ def test_pairwise_judge_prefers_the_known_better_answer_in_both_orders_and_measu
     judge = build_reward({"type": "judge", "model": str(tiny_llama), "mode": "pairwise", "batch_size": 4})
     q = [{"role": "user", "content": "What is 2+2?"}]
     # prompts of different lengths in one batch of four, so padding is exercised; '4' marks the better answer
-    good, bad = ["4", "It is 4.", "The sum is 4, since two and two make four.", "4"], ["5", "It is five.", "22", "Three, I believe, or so."]
+    good, bad = (
+        ["4", "It is 4.", "The sum is 4, since two and two make four.", "4"],
+        ["5", "It is five.", "22", "Three, I believe, or so."],
+    )
     prompts = [q, [{"role": "user", "content": "Add two and two, please, and say the total."}], q, q]
 
     judge.model = KnownJudgeModel(judge.tokenizer, judge.options, content=2.0)  # no position preference
@@ -262,7 +284,9 @@ def test_pairwise_judge_prefers_the_known_better_answer_in_both_orders_and_measu
     # two pairs with no better answer: the slot decides both orders -> bias rate 2 / 4, win 0.5 for those
     ties = judge.compare(prompts, [good[0], "five", good[2], "six"], [bad[0], "seven", bad[2], "eight"])
     assert judge.last_position_bias == 0.5
-    assert ties[1] == ties[3] == pytest.approx(0.5, abs=1e-6) and ties[0] == ties[2] == pytest.approx((sig(3.0) + sig(1.0)) / 2, abs=1e-6)
+    assert ties[1] == ties[3] == pytest.approx(0.5, abs=1e-6) and ties[0] == ties[2] == pytest.approx(
+        (sig(3.0) + sig(1.0)) / 2, abs=1e-6
+    )
     # a slot preference stronger than the content: the verdict follows the position in every pair
     judge.model = KnownJudgeModel(judge.tokenizer, judge.options, content=1.0, bias=3.0)
     assert judge.compare(prompts, good, bad) == pytest.approx([(sig(4.0) + sig(-2.0)) / 2] * 4, abs=1e-6)
@@ -278,7 +302,10 @@ def test_a_judge_that_always_says_a_is_caught_and_cancelled(tmp_path, tiny_llama
     from align.stages.sft import run_sft
     from reward_models.judge import PAIRWISE, LLMJudge
 
-    rows = [{"prompt": PAIRWISE.format(question=f"q{i}", a=f"answer {i}", b=f"other {i}"), "completion": "A"} for i in range(8)]
+    rows = [
+        {"prompt": PAIRWISE.format(question=f"q{i}", a=f"answer {i}", b=f"other {i}"), "completion": "A"}
+        for i in range(8)
+    ]
     data = write_jsonl(tmp_path / "judge.jsonl", rows)
     recipe = load_recipe(tiny_recipe(tmp_path / "j.yaml", tiny_llama, str(data)))
     cfg = recipe.resolve("sft", ["adapter.method=full", "train.lr=2e-2", "train.max_steps=40", "train.batch_size=8"])
@@ -297,9 +324,15 @@ def test_rm_under_torchrun_ddp_shards_pairs_and_equals_one_process(tmp_path, tin
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(8))
     recipe = tiny_recipe(tmp_path / "r.yaml", tiny_llama, str(pairs), stages={"reward": {}})
-    _, ddp_rows = torchrun_recorded(tmp_path, "rm", "--recipe", recipe, *DDP_EXACT, "train.batch_size=2", "--output-dir", tmp_path / "ddp")
+    _, ddp_rows = torchrun_recorded(
+        tmp_path, "rm", "--recipe", recipe, *DDP_EXACT, "train.batch_size=2", "--output-dir", tmp_path / "ddp"
+    )
     assert json.loads((tmp_path / "ddp" / "manifest.json").read_text())["steps"] == 2
     record_rows_here(monkeypatch, tmp_path / "one-rows")
-    run_reward(load_recipe(recipe).resolve("reward", DDP_EXACT + ["train.batch_size=4"]), tmp_path / "one", recipe_name="tiny")
+    run_reward(
+        load_recipe(recipe).resolve("reward", DDP_EXACT + ["train.batch_size=4"]), tmp_path / "one", recipe_name="tiny"
+    )
     # a step's rows are the chosen then the rejected sequence of each pair: 4 per rank, 8 in one process
-    assert_ddp_matches_one_process(ddp_rows, tmp_path / "one-rows", tmp_path / "ddp", tmp_path / "one", per_rank=4, steps=2)
+    assert_ddp_matches_one_process(
+        ddp_rows, tmp_path / "one-rows", tmp_path / "ddp", tmp_path / "one", per_rank=4, steps=2
+    )

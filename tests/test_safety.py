@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from conftest import FIXTURES, tiny_recipe, write_jsonl
 
 from align.artifacts import OWNER_MARKER, RunFolderError, prepare_run_folder, remove_align_folder, written_by_align
@@ -28,10 +27,13 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 def align_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "align.cli", *args], capture_output=True, text=True, env=env or ENV, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "align.cli", *args], capture_output=True, text=True, env=env or ENV, cwd=cwd
+    )
 
 
 # --- data loss -----------------------------------------------------------------------------------
+
 
 def test_import_gguf_never_replaces_a_users_folder(tmp_path):
     """`align models import-gguf FILE -o DIR` converted and then replaced DIR, files and all."""
@@ -43,7 +45,9 @@ def test_import_gguf_never_replaces_a_users_folder(tmp_path):
     proc = align_cli("models", "import-gguf", str(_smollm2_gguf()), "-o", str(target))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "is not an empty folder" in proc.stdout and str(target) in proc.stdout
-    assert (target / "notes.txt").read_text() == "precious" and sorted(p.name for p in target.iterdir()) == ["notes.txt"]
+    assert (target / "notes.txt").read_text() == "precious" and sorted(p.name for p in target.iterdir()) == [
+        "notes.txt"
+    ]
 
 
 @pytest.mark.parametrize("lookalike", ["config.yaml", "manifest.json", "checkpoints"])
@@ -52,7 +56,9 @@ def test_overwrite_spares_a_folder_that_only_looks_like_a_run(tmp_path, lookalik
     folder = tmp_path / "experiment"
     folder.mkdir()
     (folder / "data.csv").write_text("a,b\n1,2\n")
-    (folder / lookalike).mkdir() if lookalike == "checkpoints" else (folder / lookalike).write_text('{"status": "complete"}')
+    (folder / lookalike).mkdir() if lookalike == "checkpoints" else (folder / lookalike).write_text(
+        '{"status": "complete"}'
+    )
     with pytest.raises(RunFolderError, match="not written by align"):
         prepare_run_folder(folder, overwrite=True, resume=False)
     with pytest.raises(RunFolderError, match="not written by align"):
@@ -70,7 +76,9 @@ def test_overwrite_replaces_what_align_wrote_and_claims_new_folders(tmp_path):
     # a run made before the marker existed is known by the manifest align wrote into it
     legacy = tmp_path / "legacy"
     legacy.mkdir()
-    (legacy / "manifest.json").write_text(json.dumps({"written_at": "2026-11-01T00:00:00", "versions": {"align": "0.1.0"}, "status": "complete"}))
+    (legacy / "manifest.json").write_text(
+        json.dumps({"written_at": "2026-11-01T00:00:00", "versions": {"align": "0.1.0"}, "status": "complete"})
+    )
     prepare_run_folder(legacy, overwrite=True, resume=False)
     assert not (legacy / "manifest.json").exists()
 
@@ -116,7 +124,9 @@ def test_align_run_with_an_absolute_recipe_name_touches_nothing_outside(tmp_path
     recipe = tiny_recipe(tmp_path / "r.yaml", tiny_gpt2, GSM8K, name=str(elsewhere))
     proc = align_cli("run", str(recipe), env={**ENV, "ALIGN_RUNS": str(tmp_path / "runs")})
     assert proc.returncode == 2 and "not a plain name" in proc.stdout, proc.stdout + proc.stderr
-    assert (elsewhere / "sft" / "config.yaml").read_text() == "mine: true\n" and (elsewhere / "keep.txt").read_text() == "precious"
+    assert (elsewhere / "sft" / "config.yaml").read_text() == "mine: true\n" and (
+        elsewhere / "keep.txt"
+    ).read_text() == "precious"
 
 
 def test_align_run_refuses_at_plan_time_to_replace_a_folder_it_did_not_write(tmp_path, tiny_gpt2):
@@ -131,7 +141,7 @@ def test_align_run_refuses_at_plan_time_to_replace_a_folder_it_did_not_write(tmp
 
 # --- code execution --------------------------------------------------------------------------------
 
-EVIL = '''
+EVIL = """
 from pathlib import Path
 Path({marker!r}).write_text("remote code ran")
 from transformers import LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
@@ -141,7 +151,7 @@ class EvilRM(LlamaForSequenceClassification):
     pass
 class EvilTokenizer(PreTrainedTokenizerFast):
     pass
-'''
+"""
 
 
 def planted_stage(tmp_path: Path, tiny_llama: Path, kind: str) -> tuple[Path, Path]:
@@ -159,12 +169,24 @@ def planted_stage(tmp_path: Path, tiny_llama: Path, kind: str) -> tuple[Path, Pa
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "auto_map": auto_map}))
     tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
-    (model / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "auto_map": {"AutoTokenizer": [None, "evil.EvilTokenizer"]}}))
+    (model / "tokenizer_config.json").write_text(
+        json.dumps({**tokenizer_config, "auto_map": {"AutoTokenizer": [None, "evil.EvilTokenizer"]}})
+    )
     extra = {"reward": {"type": "rule", "name": "answer_format"}} if kind in ("grpo", "ppo") else {}
     cfg = REGISTRY[kind].schema.model_validate({"model": {"name": str(model), "trust_remote_code": True}, **extra})
     (stage / "config.yaml").write_text(dump_config(cfg))
-    (stage / "manifest.json").write_text(json.dumps({"status": "complete", "artifact": "model", "kind": kind, "precision": "fp32",
-                                                     "base_model": str(model), "base_model_path": str(model)}))
+    (stage / "manifest.json").write_text(
+        json.dumps(
+            {
+                "status": "complete",
+                "artifact": "model",
+                "kind": kind,
+                "precision": "fp32",
+                "base_model": str(model),
+                "base_model_path": str(model),
+            }
+        )
+    )
     return stage, marker
 
 
@@ -189,6 +211,7 @@ def test_a_folders_own_config_never_switches_on_remote_code(tmp_path, tiny_llama
 
 # --- validation before anything runs -----------------------------------------------------------------
 
+
 def recipe_dict(**stages) -> dict:
     return {"name": "check", "model": {"name": "smollm2-135m-instruct"}, "stages": stages}
 
@@ -196,45 +219,81 @@ def recipe_dict(**stages) -> dict:
 REWARD = {"type": "rule", "name": "answer_format"}
 
 
-@pytest.mark.parametrize("stages, message", [
-    ({"sft": {}, "reward": {}, "dpo": {"from": "reward"}}, "from: reward is a rm stage"),
-    ({"sft": {}, "grpo": {"reward": {"type": "learned", "from": "sft"}}}, "reward from: sft is a sft stage"),
-    ({"sft": {}, "eval": {"policy": "sft", "judges": {"rm": {"type": "learned", "from": "sft"}}, "data": {"eval": "x.jsonl"}}},
-     "judge from: sft is a sft stage"),
-    ({"sft": {}, "reward": {}, "eval": {"policy": "reward", "judges": {"f": REWARD}, "data": {"eval": "x.jsonl"}}},
-     "policy: reward is a rm stage"),
-])
+@pytest.mark.parametrize(
+    "stages, message",
+    [
+        ({"sft": {}, "reward": {}, "dpo": {"from": "reward"}}, "from: reward is a rm stage"),
+        ({"sft": {}, "grpo": {"reward": {"type": "learned", "from": "sft"}}}, "reward from: sft is a sft stage"),
+        (
+            {
+                "sft": {},
+                "eval": {
+                    "policy": "sft",
+                    "judges": {"rm": {"type": "learned", "from": "sft"}},
+                    "data": {"eval": "x.jsonl"},
+                },
+            },
+            "judge from: sft is a sft stage",
+        ),
+        (
+            {
+                "sft": {},
+                "reward": {},
+                "eval": {"policy": "reward", "judges": {"f": REWARD}, "data": {"eval": "x.jsonl"}},
+            },
+            "policy: reward is a rm stage",
+        ),
+    ],
+)
 def test_from_must_name_a_stage_of_the_right_kind(stages, message):
     with pytest.raises(RecipeError, match=message):
         recipe_from_dict(recipe_dict(**stages))
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"type": "rule", "name": "gsm8k_exat"}, "unknown rule 'gsm8k_exat' - did you mean 'gsm8k_exact'"),
-    ({"type": "rule", "name": "length_penalty", "target_word": 50}, "no key 'target_word' - did you mean 'target_words'"),
-    ({"type": "learnd", "from": "reward"}, "did you mean 'learned'"),
-    ({"type": "judge", "model": "smollm2-135m-instruct", "mode": "pairwse"}, "mode must be pairwise or pointwise"),
-    ([{"type": "rule", "name": "answer_format", "weight": "high"}], r"reward\[0\]: weight must be a number"),
-    ({"type": "learned"}, "needs from or path"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"type": "rule", "name": "gsm8k_exat"}, "unknown rule 'gsm8k_exat' - did you mean 'gsm8k_exact'"),
+        (
+            {"type": "rule", "name": "length_penalty", "target_word": 50},
+            "no key 'target_word' - did you mean 'target_words'",
+        ),
+        ({"type": "learnd", "from": "reward"}, "did you mean 'learned'"),
+        ({"type": "judge", "model": "smollm2-135m-instruct", "mode": "pairwse"}, "mode must be pairwise or pointwise"),
+        ([{"type": "rule", "name": "answer_format", "weight": "high"}], r"reward\[0\]: weight must be a number"),
+        ({"type": "learned"}, "needs from or path"),
+    ],
+)
 def test_reward_specs_are_checked_when_the_recipe_is_read(spec, message):
     with pytest.raises(RecipeError, match=message):
         recipe_from_dict(recipe_dict(grpo={"reward": spec}))
 
 
 def test_dry_run_catches_a_misspelt_rule_before_any_stage(tmp_path, tiny_gpt2):
-    recipe = tiny_recipe(tmp_path / "r.yaml", tiny_gpt2, GSM8K, stages={
-        "sft": {}, "grpo": {"from": "sft", "reward": {"type": "rule", "name": "answer_fromat"}}})
+    recipe = tiny_recipe(
+        tmp_path / "r.yaml",
+        tiny_gpt2,
+        GSM8K,
+        stages={"sft": {}, "grpo": {"from": "sft", "reward": {"type": "rule", "name": "answer_fromat"}}},
+    )
     proc = align_cli("run", str(recipe), "--dry-run", env={**ENV, "ALIGN_RUNS": str(tmp_path / "runs")})
     assert proc.returncode == 2 and "did you mean 'answer_format'" in proc.stdout, proc.stdout + proc.stderr
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("key, expected", [
-    ("train.learning_rate", "train.lr"), ("lora.lora_alpha", "lora.alpha"), ("train.epoch", "train.epochs"),
-    ("train.batch", "train.batch_size"), ("lora_alpha", "lora.alpha"), ("train.gradient_accumulation_steps", "train.grad_accum"),
-    ("data.max_seq_length", "data.max_length"), ("lora.alhpa", "lora.alpha"),
-])
+@pytest.mark.parametrize(
+    "key, expected",
+    [
+        ("train.learning_rate", "train.lr"),
+        ("lora.lora_alpha", "lora.alpha"),
+        ("train.epoch", "train.epochs"),
+        ("train.batch", "train.batch_size"),
+        ("lora_alpha", "lora.alpha"),
+        ("train.gradient_accumulation_steps", "train.grad_accum"),
+        ("data.max_seq_length", "data.max_length"),
+        ("lora.alhpa", "lora.alpha"),
+    ],
+)
 def test_unknown_keys_suggest_the_right_key(key, expected):
     section, _, leaf = key.rpartition(".")
     stage = {section: {leaf: 1}} if section else {leaf: 1}
@@ -243,10 +302,18 @@ def test_unknown_keys_suggest_the_right_key(key, expected):
     assert f"did you mean '{expected}'?" in str(error.value)
 
 
-@pytest.mark.parametrize("kind, key, value", [
-    ("dpo", "data.packing", True), ("rm", "data.packing", True), ("grpo", "train.grad_accum", 4), ("ppo", "train.optim", "sgd"),
-    ("grpo", "train.eval_steps", 10), ("ppo", "lora.loraplus_lr_ratio", 16.0), ("grpo", "data.packing", True),
-])
+@pytest.mark.parametrize(
+    "kind, key, value",
+    [
+        ("dpo", "data.packing", True),
+        ("rm", "data.packing", True),
+        ("grpo", "train.grad_accum", 4),
+        ("ppo", "train.optim", "sgd"),
+        ("grpo", "train.eval_steps", 10),
+        ("ppo", "lora.loraplus_lr_ratio", 16.0),
+        ("grpo", "data.packing", True),
+    ],
+)
 def test_settings_a_stage_would_ignore_are_rejected_for_that_stage(kind, key, value):
     section, _, name = key.partition(".")
     extra = {"reward": REWARD} if kind in ("grpo", "ppo") else {}
@@ -267,12 +334,15 @@ def test_an_empty_data_file_and_a_model_without_weights_are_named(tmp_path, tiny
         shutil.copy(tiny_gpt2 / name, hollow / name)
     recipe = tiny_recipe(tmp_path / "r2.yaml", hollow, GSM8K)
     proc = align_cli("sft", "--recipe", str(recipe), "--output-dir", str(tmp_path / "out2"))
-    assert proc.returncode == 2 and f"{hollow}: a config.json but no model weights" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 2 and f"{hollow}: a config.json but no model weights" in proc.stdout, (
+        proc.stdout + proc.stderr
+    )
     proc = align_cli("generate", "--model", str(hollow), "--engine", "hf", "--prompt", "hi")
     assert proc.returncode == 2 and "no model weights" in proc.stdout, proc.stdout + proc.stderr
 
 
 # --- faults ----------------------------------------------------------------------------------------
+
 
 def test_dead_run_alarm_fires_on_zero_advantage_without_truncation():
     from align.stages.online import DeadRunAlarm
@@ -282,7 +352,9 @@ def test_dead_run_alarm_fires_on_zero_advantage_without_truncation():
     assert "every advantage is zero" in alarm.check(0.0, 0.2, zero_advantage=True)
     alarm = DeadRunAlarm(patience=2, max_new_tokens=64)
     alarm.check(0.0, 0.0, zero_advantage=True)
-    assert alarm.check(0.0, 0.5, zero_advantage=False) is None and alarm.streak == 0  # a step with signal resets the streak
+    assert (
+        alarm.check(0.0, 0.5, zero_advantage=False) is None and alarm.streak == 0
+    )  # a step with signal resets the streak
 
 
 def test_grpo_whose_groups_all_tie_stops_even_when_completions_end(tmp_path, yes_no_model):
@@ -291,10 +363,20 @@ def test_grpo_whose_groups_all_tie_stops_even_when_completions_end(tmp_path, yes
     from align.stages.grpo import run_grpo
 
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Pick one."}] * 16)
-    recipe = tiny_recipe(tmp_path / "g.yaml", yes_no_model, str(data), adapter={"method": "lora"}, stages={"grpo": {
-        "reward": {"type": "rule", "name": "contains_marker", "marker": "zebra"},
-        "rollout": {"engine": "hf", "prompts_per_step": 2, "samples_per_prompt": 4, "max_new_tokens": 8},
-        "grpo": {"dead_steps": 2}, "train": {"max_steps": 6, "batch_size": 8}}})
+    recipe = tiny_recipe(
+        tmp_path / "g.yaml",
+        yes_no_model,
+        str(data),
+        adapter={"method": "lora"},
+        stages={
+            "grpo": {
+                "reward": {"type": "rule", "name": "contains_marker", "marker": "zebra"},
+                "rollout": {"engine": "hf", "prompts_per_step": 2, "samples_per_prompt": 4, "max_new_tokens": 8},
+                "grpo": {"dead_steps": 2},
+                "train": {"max_steps": 6, "batch_size": 8},
+            }
+        },
+    )
     out = run_grpo(load_recipe(recipe).resolve("grpo"), tmp_path / "out", recipe_name="tiny")
     manifest = json.loads((out / "manifest.json").read_text())
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -304,16 +386,17 @@ def test_grpo_whose_groups_all_tie_stops_even_when_completions_end(tmp_path, yes
 
 # --- quiet -----------------------------------------------------------------------------------------
 
+
 def test_expected_load_reports_are_silenced_and_unexpected_ones_kept(tmp_path, tiny_llama):
     """A reward model's base always lacks its head ('score.weight MISSING'); that report is noise.
     A report naming any other weight is real and must still reach the user."""
     import logging
 
-    from align.models.reward import load_reward_base
     from align.config import ModelConfig, QuantizationConfig
+    from align.models.reward import load_reward_base
 
     class Keep(logging.Handler):  # our own handler: caplog's sees a record twice when another test
-        def __init__(self):       # has switched transformers' propagation on
+        def __init__(self):  # has switched transformers' propagation on
             super().__init__()
             self.messages = []
 
@@ -343,6 +426,7 @@ def report_both_ways(logger) -> None:
 
 
 # --- the longest batch before step 0 --------------------------------------------------------------
+
 
 def test_memory_check_runs_the_longest_batch_and_leaves_no_trace(tmp_path, tiny_gpt2, monkeypatch):
     """With LoRA dropout on (it draws random numbers) a run with the check equals one without it,
@@ -398,19 +482,22 @@ def test_memory_check_names_the_batch_that_does_not_fit():
 
     trainer = Trainer()
     rows = [{"input_ids": [1] * n} for n in (5, 300, 12, 280, 7)]
-    with pytest.raises(BatchTooLarge, match=r"longest batch \(2 rows of up to 300 tokens\) does not fit.*train.batch_size"):
+    with pytest.raises(
+        BatchTooLarge, match=r"longest batch \(2 rows of up to 300 tokens\) does not fit.*train.batch_size"
+    ):
         check_longest_batch(trainer, rows)
     assert trainer.batches == [[300, 280]]
 
 
 # --- offline ---------------------------------------------------------------------------------------
 
-SOCKET_GUARD = '''
+SOCKET_GUARD = """
 import socket, sys
 attempts = []
 def _local(address):
     host = address[0] if isinstance(address, tuple) else address
-    return not isinstance(address, tuple) or host in ("localhost", "127.0.0.1", "::1", "0.0.0.0", "") or str(host).startswith("127.")
+    local = ("localhost", "127.0.0.1", "::1", "0.0.0.0", "")
+    return not isinstance(address, tuple) or host in local or str(host).startswith("127.")
 _connect = socket.socket.connect
 def guarded_connect(self, address):
     if self.family != socket.AF_UNIX and not _local(address):
@@ -429,21 +516,41 @@ socket.getaddrinfo = guarded_getaddrinfo
 from align.cli import main
 sys.argv = ["align"] + sys.argv[2:]
 main()
-'''
+"""
 
 
 def test_a_tiny_align_run_opens_no_socket_to_the_outside(tmp_path, tiny_llama):
     """No hub, telemetry or tracker traffic: every connect to a non-local address and every name
     lookup is recorded (and refused). HF_HUB_OFFLINE is deliberately not set: align must not need it."""
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Say yes.", "reference": "yes"}] * 4)
-    recipe = tiny_recipe(tmp_path / "r.yaml", tiny_llama, GSM8K, stages={
-        "sft": {"train": {"max_steps": 2}},
-        "eval": {"policy": "sft", "baselines": ["base"], "judges": {"format": {"type": "rule", "name": "answer_format"}},
-                 "data": {"eval": str(prompts)}, "rollout": {"engine": "auto", "max_new_tokens": 4}, "bootstrap": 100}})
+    recipe = tiny_recipe(
+        tmp_path / "r.yaml",
+        tiny_llama,
+        GSM8K,
+        stages={
+            "sft": {"train": {"max_steps": 2}},
+            "eval": {
+                "policy": "sft",
+                "baselines": ["base"],
+                "judges": {"format": {"type": "rule", "name": "answer_format"}},
+                "data": {"eval": str(prompts)},
+                "rollout": {"engine": "auto", "max_new_tokens": 4},
+                "bootstrap": 100,
+            },
+        },
+    )
     log = tmp_path / "network.log"
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
-    proc = subprocess.run([sys.executable, "-c", SOCKET_GUARD, str(log), "run", str(recipe)], capture_output=True, text=True,
-                          env={**env, "ALIGN_RUNS": str(tmp_path / "runs")})
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", SOCKET_GUARD, str(log), "run", str(recipe)],
+        capture_output=True,
+        text=True,
+        env={**env, "ALIGN_RUNS": str(tmp_path / "runs")},
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "runs" / "tiny" / "eval" / "report.json").is_file()
     assert not log.exists(), log.read_text()
@@ -475,10 +582,24 @@ def test_rl_memory_check_runs_a_worst_case_micro_batch_without_a_trace(tmp_path,
     from align.stages.common import BatchTooLarge
     from align.stages.online import check_longest_rollout_batch, load_policy
 
-    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi."}, {"prompt": "A much longer question, with many more words in it?"}])
-    recipe = load_recipe(tiny_recipe(tmp_path / "g.yaml", tiny_llama, str(data), lora={"r": 4, "alpha": 8, "dropout": 0.5}, stages={
-        "grpo": {"reward": REWARD, "rollout": {"engine": "hf", "prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 7},
-                 "train": {"batch_size": 3}}}))
+    data = write_jsonl(
+        tmp_path / "p.jsonl", [{"prompt": "Hi."}, {"prompt": "A much longer question, with many more words in it?"}]
+    )
+    recipe = load_recipe(
+        tiny_recipe(
+            tmp_path / "g.yaml",
+            tiny_llama,
+            str(data),
+            lora={"r": 4, "alpha": 8, "dropout": 0.5},
+            stages={
+                "grpo": {
+                    "reward": REWARD,
+                    "rollout": {"engine": "hf", "prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 7},
+                    "train": {"batch_size": 3},
+                }
+            },
+        )
+    )
     cfg = recipe.resolve("grpo")
     tokenizer = load_tokenizer(cfg.model, tiny_llama)
     prompts, _, _ = load_prompts(cfg.data, tokenizer, cfg.seed)

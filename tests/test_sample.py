@@ -20,11 +20,17 @@ YES = {"type": "rule", "name": "contains_marker", "marker": "yes"}
 
 def sample_recipe(tmp_path, model_dir, stages: dict, prompts: int = 24):
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Pick one."}] * prompts)
-    return tiny_recipe(tmp_path / "recipe.yaml", model_dir, str(data), lora={"r": 8, "alpha": 16, "dropout": 0.0}, stages=stages)
+    return tiny_recipe(
+        tmp_path / "recipe.yaml", model_dir, str(data), lora={"r": 8, "alpha": 16, "dropout": 0.0}, stages=stages
+    )
 
 
-SAMPLE = {"kind": "sample", "reward": YES, "data": {"eval_rows": 8},
-          "rollout": {"engine": "hf", "samples_per_prompt": 4, "max_new_tokens": 2, "temperature": 1.0}}
+SAMPLE = {
+    "kind": "sample",
+    "reward": YES,
+    "data": {"eval_rows": 8},
+    "rollout": {"engine": "hf", "samples_per_prompt": 4, "max_new_tokens": 2, "temperature": 1.0},
+}
 
 
 def test_sample_writes_best_vs_worst_pairs_with_counts(tmp_path, yes_no_model, monkeypatch):
@@ -78,8 +84,12 @@ def test_dpo_on_sampled_pairs_moves_the_policy_to_the_chosen_answers(tmp_path, y
     from align.pipeline import Pipeline
 
     monkeypatch.setenv("ALIGN_RUNS", str(tmp_path / "runs"))
-    dpo = {"kind": "dpo", "data": {"from": "pairs", "max_length": 64}, "dpo": {"beta": 0.5},
-           "train": {"max_steps": 8, "lr": 5e-3, "batch_size": 4}}
+    dpo = {
+        "kind": "dpo",
+        "data": {"from": "pairs", "max_length": 64},
+        "dpo": {"beta": 0.5},
+        "train": {"max_steps": 8, "lr": 5e-3, "batch_size": 4},
+    }
     recipe = load_recipe(sample_recipe(tmp_path, yes_no_model, {"pairs": SAMPLE, "dpo": dpo}, prompts=40))
     cfg = recipe.resolve("dpo")
     folder = tmp_path / "runs" / "tiny" / "pairs"

@@ -1,4 +1,5 @@
-"""`align sft` end to end on tiny models: outputs, adapters training, merge, resume, accumulation (RELIABILITY 2, 7, 21-24)."""
+"""`align sft` end to end on tiny models: outputs, adapters training, merge, resume, accumulation
+(RELIABILITY 2, 7, 21-24)."""
 
 from __future__ import annotations
 
@@ -11,21 +12,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FIXTURES, load_tiny, tiny_recipe, write_jsonl
 from safetensors.torch import load_file
 
 from align.recipe import load_recipe
 from align.stages.sft import run_sft
-
-from conftest import FIXTURES, load_tiny, tiny_recipe, write_jsonl
 
 GSM8K = str(FIXTURES / "gsm8k-40.jsonl")
 
 
 def cli(*args, cwd=None, check=True):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "align.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "align.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"align {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"align {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -114,7 +118,9 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, tiny_gpt2):
     a, b = adapter_tensors(full), adapter_tensors(killed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     # steps 4-6 are logged once (the pre-kill lines are trimmed), with the same losses
-    losses = lambda run: [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    losses = lambda run: [
+        (r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    ]
     assert losses(full) == losses(killed) and [s for s, _ in losses(killed)] == [1, 2, 3, 4, 5, 6]
 
 
@@ -145,7 +151,12 @@ def test_gradient_accumulation_is_normalised_by_tokens_of_the_whole_step(tmp_pat
     base = ["train.optim=sgd", "train.lr=1.0", "train.max_grad_norm=0", "train.max_steps=1", "data.max_rows=8"]
     results = []
     for batch, accum in ((8, 1), (1, 8), (2, 4)):
-        out, _ = sft(tmp_path, tiny_llama, base + [f"train.batch_size={batch}", f"train.grad_accum={accum}"], name=f"b{batch}x{accum}")
+        out, _ = sft(
+            tmp_path,
+            tiny_llama,
+            base + [f"train.batch_size={batch}", f"train.grad_accum={accum}"],
+            name=f"b{batch}x{accum}",
+        )
         results.append(adapter_tensors(out))
     from align.data.sft_data import load_sft_data
     from align.models.loading import load_tokenizer
@@ -165,7 +176,12 @@ def test_overfit_one_conversation_then_greedy_generation_stops(tmp_path, tiny_ll
     from align.rollout.engine import Sampling
     from align.rollout.hf import HFEngine
 
-    chat = {"messages": [{"role": "user", "content": "Say the magic words."}, {"role": "assistant", "content": "open sesame"}]}
+    chat = {
+        "messages": [
+            {"role": "user", "content": "Say the magic words."},
+            {"role": "assistant", "content": "open sesame"},
+        ]
+    }
     data = write_jsonl(tmp_path / "one.jsonl", [chat] * 8)
     recipe = load_recipe(tiny_recipe(tmp_path / "one.yaml", tiny_llama, str(data)))
     cfg = recipe.resolve("sft", ["adapter.method=full", "train.lr=2e-2", "train.max_steps=60", "train.batch_size=8"])
@@ -178,8 +194,14 @@ def test_overfit_one_conversation_then_greedy_generation_stops(tmp_path, tiny_ll
 
     prompt = torch.tensor([encode_prompt(tokenizer, chat["messages"][:1])])
     with torch.no_grad():
-        raw = model.generate(input_ids=prompt, max_new_tokens=20, do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    new = raw[0, prompt.shape[1]:].tolist()
+        raw = model.generate(
+            input_ids=prompt,
+            max_new_tokens=20,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    new = raw[0, prompt.shape[1] :].tolist()
     assert new[-1] == tokenizer.eos_token_id and len(new) < 20
 
 
@@ -218,7 +240,9 @@ def recording(original, rows_dir):
     return training_step
 """
 
-LAUNCH = RECORD_ROWS + """
+LAUNCH = (
+    RECORD_ROWS
+    + """
 import runpy, sys
 import transformers
 
@@ -226,6 +250,7 @@ transformers.Trainer.training_step = recording(transformers.Trainer.training_ste
 sys.argv = ["align", *sys.argv[1:]]
 runpy.run_module("align.cli", run_name="__main__", alter_sys=True)
 """
+)
 
 
 def record_rows_here(monkeypatch, rows_dir: Path) -> None:
@@ -246,7 +271,10 @@ def torchrun_recorded(tmp_path: Path, *args) -> tuple[subprocess.CompletedProces
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ROWS_DIR": str(rows_dir)}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(launcher), *map(str, args)],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "x 2 process(es)" in " ".join(proc.stdout.split())
@@ -260,7 +288,9 @@ def recorded_rows(rows_dir: Path, rank: int) -> dict[int, list[tuple]]:
     return steps
 
 
-def assert_ddp_matches_one_process(ddp_rows: Path, one_rows: Path, ddp: Path, one: Path, per_rank: int, steps: int) -> None:
+def assert_ddp_matches_one_process(
+    ddp_rows: Path, one_rows: Path, ddp: Path, one: Path, per_rank: int, steps: int
+) -> None:
     """Each rank trained on its own rows, the two ranks together on exactly the single process's
     global batch at every step, and the weights and logged losses came out the same."""
     rank0, rank1, single = recorded_rows(ddp_rows, 0), recorded_rows(ddp_rows, 1), recorded_rows(one_rows, 0)
@@ -281,7 +311,9 @@ def assert_ddp_matches_one_process(ddp_rows: Path, one_rows: Path, ddp: Path, on
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5)
     init = {k: v for k, v in a.items() if "lora_B" in k}  # lora_B starts at zero: how far training moved it
     assert max(v.abs().max().item() for v in init.values()) > 1e-3
-    losses = lambda run: [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    losses = lambda run: [
+        (r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    ]
     assert [s for s, _ in losses(ddp)] == [s for s, _ in losses(one)] == list(range(1, steps + 1))
     for (_, x), (_, y) in zip(losses(ddp), losses(one)):
         assert x == pytest.approx(y, rel=1e-5)
@@ -294,18 +326,26 @@ def test_multi_process_ddp_on_cpu_shards_rows_and_equals_one_process(tmp_path, t
     """torchrun with 2 processes (gloo), batch 2 each, equals one process with batch 4: each rank
     trains on different rows, together the same global batch, to the same adapter weights."""
     recipe = tiny_recipe(tmp_path / "r.yaml", tiny_llama, GSM8K)
-    _, ddp_rows = torchrun_recorded(tmp_path, "sft", "--recipe", recipe, *DDP_EXACT, "train.batch_size=2", "--output-dir", tmp_path / "ddp")
+    _, ddp_rows = torchrun_recorded(
+        tmp_path, "sft", "--recipe", recipe, *DDP_EXACT, "train.batch_size=2", "--output-dir", tmp_path / "ddp"
+    )
     assert json.loads((tmp_path / "ddp" / "manifest.json").read_text())["steps"] == 2
     record_rows_here(monkeypatch, tmp_path / "one-rows")
-    run_sft(load_recipe(recipe).resolve("sft", DDP_EXACT + ["train.batch_size=4"]), tmp_path / "one", recipe_name="tiny")
-    assert_ddp_matches_one_process(ddp_rows, tmp_path / "one-rows", tmp_path / "ddp", tmp_path / "one", per_rank=2, steps=2)
+    run_sft(
+        load_recipe(recipe).resolve("sft", DDP_EXACT + ["train.batch_size=4"]), tmp_path / "one", recipe_name="tiny"
+    )
+    assert_ddp_matches_one_process(
+        ddp_rows, tmp_path / "one-rows", tmp_path / "ddp", tmp_path / "one", per_rank=2, steps=2
+    )
 
 
 def test_remote_code_in_a_model_folder_never_runs(tmp_path, tiny_llama):
     folder = tmp_path / "evil-model"
     shutil.copytree(tiny_llama, folder)
     marker = tmp_path / "pwned"
-    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\nfrom transformers import LlamaConfig as EvilConfig\n")
+    (folder / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('x')\nfrom transformers import LlamaConfig as EvilConfig\n"
+    )
     config = json.loads((folder / "config.json").read_text())
     config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilConfig"}
     (folder / "config.json").write_text(json.dumps(config))

@@ -6,11 +6,10 @@ import importlib.util
 import json
 
 import pytest
+from conftest import FIXTURES
 
 from align.recipe import load_recipe
 from align.stages.sft import run_sft
-
-from conftest import FIXTURES
 
 pytestmark = pytest.mark.slow
 
@@ -29,17 +28,30 @@ def test_alias_resolves_to_a_converted_safetensors_folder():
 
 def test_twelve_qlora_steps_lower_held_out_loss_on_gsm8k(tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "smollm2-135m" / "sft-gsm8k.yaml")
-    cfg = recipe.resolve("sft", [
-        f"data.train={FIXTURES / 'gsm8k-40.jsonl'}", "data.eval=[]", "data.eval_rows=8", "data.max_rows=null",
-        "data.max_length=256", "train.max_steps=12", "train.batch_size=4", "train.grad_accum=1",
-        "train.eval_steps=null", "train.save_steps=100", "train.lr=1e-3",
-    ])
+    cfg = recipe.resolve(
+        "sft",
+        [
+            f"data.train={FIXTURES / 'gsm8k-40.jsonl'}",
+            "data.eval=[]",
+            "data.eval_rows=8",
+            "data.max_rows=null",
+            "data.max_length=256",
+            "train.max_steps=12",
+            "train.batch_size=4",
+            "train.grad_accum=1",
+            "train.eval_steps=null",
+            "train.save_steps=100",
+            "train.lr=1e-3",
+        ],
+    )
     assert cfg.quantization.mode == "nf4"
     out = run_sft(cfg, tmp_path / "sft", recipe_name="slow")
     manifest = json.loads((out / "manifest.json").read_text())
     print(f"held-out loss {manifest['eval_loss_start']:.4f} -> {manifest['eval_loss']:.4f}")
     assert manifest["steps"] == 12
-    assert manifest["eval_loss"] < manifest["eval_loss_start"] - 0.2  # measured here: 1.87 -> 1.22 in 12 steps (1.12 in 20)
+    assert (
+        manifest["eval_loss"] < manifest["eval_loss_start"] - 0.2
+    )  # measured here: 1.87 -> 1.22 in 12 steps (1.12 in 20)
     check_exact_fp32_sync(out)
 
 
@@ -72,7 +84,10 @@ def test_the_cpu_default_vllm_engine_answers_like_the_trainer():
     from align.rollout.engines import make_engine
 
     policy, tokenizer = load_trained(resolve_model("smollm2-135m-instruct"))
-    chats = [[{"role": "user", "content": q}] for q in ("What is the capital of France?", "Name the largest planet of the solar system.")]
+    chats = [
+        [{"role": "user", "content": q}]
+        for q in ("What is the capital of France?", "Name the largest planet of the solar system.")
+    ]
     greedy = Sampling(temperature=0, max_new_tokens=12)
     answers = {}
     for kind, precision in (("hf", "fp32"), ("vllm", "bf16")):  # vllm: what a bf16-training stage gets by default
@@ -96,14 +111,26 @@ def test_dpo_on_factual_summary_pairs_beats_chance_held_out(tmp_path):
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-50]))
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[-50:]))
     recipe = load_recipe(ROOT / "recipes" / "smollm2-135m" / "sft-dpo.yaml")
-    cfg = recipe.resolve("dpo", [
-        "from=null", f"data.train={tmp_path / 'train.jsonl'}", f"data.eval={tmp_path / 'eval.jsonl'}", "data.max_eval_rows=32",
-        "data.max_rows=80",  # what 20 steps x 4 pairs use: no reference logprobs for pairs never drawn
-        "train.max_steps=20", "train.eval_steps=null", "train.save_steps=100", "train.lr=5e-4",
-    ])
+    cfg = recipe.resolve(
+        "dpo",
+        [
+            "from=null",
+            f"data.train={tmp_path / 'train.jsonl'}",
+            f"data.eval={tmp_path / 'eval.jsonl'}",
+            "data.max_eval_rows=32",
+            "data.max_rows=80",  # what 20 steps x 4 pairs use: no reference logprobs for pairs never drawn
+            "train.max_steps=20",
+            "train.eval_steps=null",
+            "train.save_steps=100",
+            "train.lr=5e-4",
+        ],
+    )
     out = run_dpo(cfg, tmp_path / "dpo", recipe_name="slow")
     manifest = json.loads((out / "manifest.json").read_text())
-    print(f"held-out reward accuracy {manifest['eval_reward_accuracy']:.3f}, loss {manifest['eval_loss_start']:.4f} -> {manifest['eval_loss']:.4f}")
+    print(
+        f"held-out reward accuracy {manifest['eval_reward_accuracy']:.3f}, loss {manifest['eval_loss_start']:.4f} -> "
+        f"{manifest['eval_loss']:.4f}"
+    )
     assert abs(manifest["eval_loss_start"] - 0.693147) < 1e-3  # bf16 autocast: ln 2 to rounding
     # measured here: accuracy 0.719 on 32 held-out pairs, loss 0.693 -> 0.605 (80 training pairs)
     assert manifest["eval_reward_accuracy"] > 0.55 and manifest["eval_loss"] < manifest["eval_loss_start"] - 0.05
@@ -118,8 +145,15 @@ def test_reward_model_on_factual_summary_pairs_beats_chance_held_out(tmp_path):
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-50]))
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[-50:]))
     recipe = load_recipe(ROOT / "recipes" / "smollm2-135m" / "rm-summary.yaml")
-    cfg = recipe.resolve("reward", [f"data.train={tmp_path / 'train.jsonl'}", f"data.eval={tmp_path / 'eval.jsonl'}",
-                                    "train.max_steps=20", "train.save_steps=100"])
+    cfg = recipe.resolve(
+        "reward",
+        [
+            f"data.train={tmp_path / 'train.jsonl'}",
+            f"data.eval={tmp_path / 'eval.jsonl'}",
+            "train.max_steps=20",
+            "train.save_steps=100",
+        ],
+    )
     out = run_reward(cfg, tmp_path / "reward", recipe_name="slow")
     held_out = json.loads((out / "manifest.json").read_text())["held_out"]
     print(f"held-out: {held_out}")
@@ -133,23 +167,31 @@ def test_grpo_with_vllm_rollouts_raises_reward_on_the_embedded_model(tmp_path):
     from align.rollout.engines import vllm_available
     from align.stages.grpo import run_grpo
 
-    recipe = recipe_from_dict({
-        "name": "slow", "quantization": {"mode": "nf4"}, "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
-        "data": {"train": str(FIXTURES / "gsm8k-40.jsonl"), "eval_rows": 8, "max_length": 512},
-        "train": {"max_steps": 8, "lr": 5e-4, "batch_size": 8, "warmup_ratio": 0.0, "lr_scheduler": "constant"},
-        "stages": {"grpo": {
-            "reward": {"type": "rule", "name": "length_penalty", "target_words": 10},
-            "rollout": {"engine": "auto", "prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 48},
-            "grpo": {"dead_steps": 0},
-        }},
-    })
+    recipe = recipe_from_dict(
+        {
+            "name": "slow",
+            "quantization": {"mode": "nf4"},
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+            "data": {"train": str(FIXTURES / "gsm8k-40.jsonl"), "eval_rows": 8, "max_length": 512},
+            "train": {"max_steps": 8, "lr": 5e-4, "batch_size": 8, "warmup_ratio": 0.0, "lr_scheduler": "constant"},
+            "stages": {
+                "grpo": {
+                    "reward": {"type": "rule", "name": "length_penalty", "target_words": 10},
+                    "rollout": {"engine": "auto", "prompts_per_step": 4, "samples_per_prompt": 4, "max_new_tokens": 48},
+                    "grpo": {"dead_steps": 0},
+                }
+            },
+        }
+    )
     out = run_grpo(recipe.resolve("grpo"), tmp_path / "grpo", recipe_name="slow")
     manifest = json.loads((out / "manifest.json").read_text())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     early = sum(r["reward_mean"] for r in records[:2]) / 2
     late = sum(r["reward_mean"] for r in records[-2:]) / 2
-    print(f"engine {manifest['engine']}: training reward {early:.3f} -> {late:.3f}, "
-          f"held-out {manifest['eval_reward_start']:.3f} -> {manifest['eval_reward_end']:.3f}")
+    print(
+        f"engine {manifest['engine']}: training reward {early:.3f} -> {late:.3f}, "
+        f"held-out {manifest['eval_reward_start']:.3f} -> {manifest['eval_reward_end']:.3f}"
+    )
     assert manifest["engine"] == ("vllm" if vllm_available() else "hf")
     assert late > early and manifest["eval_reward_end"] > manifest["eval_reward_start"]
     assert max(r["logprob_mismatch_mean"] for r in records) < 0.1  # bf16 sampler vs trainer, measured ~0.03
@@ -184,5 +226,11 @@ def test_readme_quickstart_command_runs_the_whole_pipeline(tmp_path):
         correct = results[("correct", baseline)]
         assert correct["win_rate"] >= 0.6 and correct["ci_low"] > 0.5, correct
     assert all(r["ci_high"] >= 0.5 for r in results.values()), "a judge shows a significant loss"
-    again = subprocess.run(["align", "run", "recipes/smollm2-135m/quickstart.yaml", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True)
+    again = subprocess.run(
+        ["align", "run", "recipes/smollm2-135m/quickstart.yaml", "--dry-run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert again.returncode == 0 and again.stdout.count("up to date") == len(stages), again.stdout[-3000:]

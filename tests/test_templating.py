@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import FIXTURES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -12,9 +13,17 @@ from align.data.formats import RowError
 from align.data.templating import TemplateError, encode_conversation, encode_prompt
 from align.tokens import IGNORE_INDEX
 
-from conftest import FIXTURES
-
-WORDS = ["hello", "the answer is 42", " spaced", "x", "émoji 🙂", "#### 7", "line\nbreak", "tool output {}", "assistant"]
+WORDS = [
+    "hello",
+    "the answer is 42",
+    " spaced",
+    "x",
+    "émoji 🙂",
+    "#### 7",
+    "line\nbreak",
+    "tool output {}",
+    "assistant",
+]
 
 
 def labelled_runs(encoded):
@@ -56,10 +65,10 @@ def test_exactly_assistant_turns_are_trained(tokenizer, messages):
     expected = [m["content"] + eos for m in messages if m["role"] == "assistant"]
     assert decoded == expected
     # labels equal input ids wherever they are set
-    assert all(l == i for l, i in zip(encoded.labels, encoded.input_ids) if l != IGNORE_INDEX)
+    assert all(label == i for label, i in zip(encoded.labels, encoded.input_ids) if label != IGNORE_INDEX)
     # pad == eos in SmolLM2: every turn still has a labelled terminator
     assert tokenizer.pad_token_id == tokenizer.eos_token_id
-    assert sum(l == tokenizer.eos_token_id for l in encoded.labels) == len(expected)
+    assert sum(label == tokenizer.eos_token_id for label in encoded.labels) == len(expected)
 
 
 def test_prompt_ids_are_a_prefix_and_match_the_rollout_prompt(tokenizer):
@@ -76,7 +85,7 @@ def test_prompt_ids_are_a_prefix_and_match_the_rollout_prompt(tokenizer):
     # the prompt of the second turn is a prefix too
     second = encode_prompt(tokenizer, messages[:3])
     assert encoded.input_ids[: len(second)] == second
-    assert all(l == IGNORE_INDEX for l in encoded.labels[: len(prompt)])
+    assert all(label == IGNORE_INDEX for label in encoded.labels[: len(prompt)])
 
 
 def test_real_multi_turn_conversations(tokenizer):
@@ -91,9 +100,8 @@ def test_real_multi_turn_conversations(tokenizer):
 
 
 def test_exactly_one_bos(tokenizer):
-    from transformers import AutoTokenizer
-
     from conftest import TOKENIZER_DIR
+    from transformers import AutoTokenizer
 
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     # SmolLM2: the template renders <|im_start|> (its BOS) and the tokenizer adds nothing
@@ -116,7 +124,9 @@ def test_template_that_is_not_prefix_stable_raises(tokenizer):
         # renders the number of messages first, so a longer conversation changes earlier text
         tokenizer.chat_template = "{{ messages|length }}" + original
         with pytest.raises(TemplateError):
-            encode_conversation(tokenizer, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], 512)
+            encode_conversation(
+                tokenizer, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], 512
+            )
     finally:
         tokenizer.chat_template = original
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-LOOP_NGRAM = 4    # tokens per n-gram
+LOOP_NGRAM = 4  # tokens per n-gram
 LOOP_REPEATS = 4  # an n-gram this many times in one answer is a loop ("= ten feet * ten = ten feet * ...")
 
 
@@ -22,7 +22,7 @@ def has_loop(tokens: list[int], n: int = LOOP_NGRAM, repeats: int = LOOP_REPEATS
     >>> has_loop([7] * 3)
     False
     """
-    grams = Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+    grams = Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
     return bool(grams) and max(grams.values()) >= repeats
 
 
@@ -35,7 +35,7 @@ def distinct_n(answers: list[list[int]], n: int = 2) -> float:
     >>> distinct_n([[1]])
     0.0
     """
-    grams = [tuple(a[i:i + n]) for a in answers for i in range(len(a) - n + 1)]
+    grams = [tuple(a[i : i + n]) for a in answers for i in range(len(a) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -55,12 +55,16 @@ def degeneration(answers: list[list[int]], truncated: list[bool]) -> dict[str, f
     }
 
 
-def collapse_reasons(before: dict, after: dict, kl: float | None, max_kl: float, max_loop_rise: float,
-                     max_reward_drop: float) -> list[str]:
+def collapse_reasons(
+    before: dict, after: dict, kl: float | None, max_kl: float, max_loop_rise: float, max_reward_drop: float
+) -> list[str]:
     """What crossed a threshold between the start and the end of a stage ([] = nothing).
 
-    >>> collapse_reasons({"loop_fraction": 0.0, "reward": 0.8}, {"loop_fraction": 0.5, "reward": 0.2}, 0.1, 1.0, 0.25, 0.15)
-    ['answers stuck in a repeated loop rose from 0.00 to 0.50 (threshold +0.25)', 'held-out reward fell from 0.800 to 0.200 (threshold -0.15)']
+    >>> for reason in collapse_reasons({"loop_fraction": 0.0, "reward": 0.8},
+    ...                                {"loop_fraction": 0.5, "reward": 0.2}, 0.1, 1.0, 0.25, 0.15):
+    ...     print(reason)
+    answers stuck in a repeated loop rose from 0.00 to 0.50 (threshold +0.25)
+    held-out reward fell from 0.800 to 0.200 (threshold -0.15)
     >>> collapse_reasons({"loop_fraction": 0.0}, {"loop_fraction": 0.0}, 2.5, 1.0, 0.25, 0.15)
     ['KL to the start 2.500 per token (threshold 1.0)']
     """
@@ -68,8 +72,16 @@ def collapse_reasons(before: dict, after: dict, kl: float | None, max_kl: float,
     if kl is not None and kl > max_kl:
         reasons.append(f"KL to the start {kl:.3f} per token (threshold {max_kl})")
     if after["loop_fraction"] - before["loop_fraction"] > max_loop_rise:
-        reasons.append(f"answers stuck in a repeated loop rose from {before['loop_fraction']:.2f} to {after['loop_fraction']:.2f} "
-                       f"(threshold +{max_loop_rise})")
-    if before.get("reward") is not None and after.get("reward") is not None and before["reward"] - after["reward"] > max_reward_drop:
-        reasons.append(f"held-out reward fell from {before['reward']:.3f} to {after['reward']:.3f} (threshold -{max_reward_drop})")
+        reasons.append(
+            f"answers stuck in a repeated loop rose from {before['loop_fraction']:.2f} to {after['loop_fraction']:.2f} "
+            f"(threshold +{max_loop_rise})"
+        )
+    if (
+        before.get("reward") is not None
+        and after.get("reward") is not None
+        and before["reward"] - after["reward"] > max_reward_drop
+    ):
+        reasons.append(
+            f"held-out reward fell from {before['reward']:.3f} to {after['reward']:.3f} (threshold -{max_reward_drop})"
+        )
     return reasons

@@ -37,7 +37,8 @@ def _fidelity(model: dict) -> str:
     m = model.get("engine_trainer_mismatch")
     if not m:
         return ""
-    return f" (engine vs trainer logprobs: mean {m['logprob_mismatch_mean']:.4f}, max {m['logprob_mismatch_max']:.3f} per token)"
+    mean, worst = m["logprob_mismatch_mean"], m["logprob_mismatch_max"]
+    return f" (engine vs trainer logprobs: mean {mean:.4f}, max {worst:.3f} per token)"
 
 
 def _bias(row: dict) -> str:
@@ -50,22 +51,33 @@ def markdown(report: dict, samples: list[dict], examples: int) -> str:
         f"# Win-rate of {policy['name']}",
         "",
         f"{prompts['n']} held-out prompts from {', '.join(prompts['files'])}. Sampling, the same for every model: "
-        f"temperature {s['temperature']}, top_p {s['top_p']}, top_k {s['top_k']}, at most {s['max_new_tokens']} new tokens, seed {s['seed']}.",
+        f"temperature {s['temperature']}, top_p {s['top_p']}, top_k {s['top_k']}, "
+        f"at most {s['max_new_tokens']} new tokens, seed {s['seed']}.",
         "",
         f"- policy `{policy['name']}`: {policy['description']}; sampled by {policy['engine']}{_fidelity(policy)}",
-        *(f"- baseline `{b['name']}`: {b['description']}; sampled by {b['engine']}{_fidelity(b)}" for b in report["baselines"]),
+        *(
+            f"- baseline `{b['name']}`: {b['description']}; sampled by {b['engine']}{_fidelity(b)}"
+            for b in report["baselines"]
+        ),
         "",
-        "| judge | baseline | wins | ties | losses | win-rate [95% CI] | LC win-rate | length policy / baseline | position bias |",
+        "| judge | baseline | wins | ties | losses | win-rate [95% CI] | LC win-rate "
+        "| length policy / baseline | position bias |",
         "|---|---|---:|---:|---:|---|---:|---|---:|",
     ]
     for row in report["results"]:
-        lines.append(f"| {row['judge']} | {row['baseline']} | {row['wins']} | {row['ties']} | {row['losses']} | {_interval(row)} | "
-                     f"{row['lc_win_rate']:.3f} | {row['policy_length']:.1f} / {row['baseline_length']:.1f} | {_bias(row)} |")
+        lines.append(
+            f"| {row['judge']} | {row['baseline']} | {row['wins']} | {row['ties']} | {row['losses']} "
+            f"| {_interval(row)} | "
+            f"{row['lc_win_rate']:.3f} | {row['policy_length']:.1f} / {row['baseline_length']:.1f} | {_bias(row)} |"
+        )
     lines += [
         "",
-        f"Win-rate = (wins + ties / 2) / prompts; the interval resamples the prompts ({report['bootstrap']} bootstrap resamples). "
-        "LC win-rate: the win-rate at equal answer length, from a logistic fit of the outcome on tanh(length difference / its std) "
-        f"(AlpacaEval 2); lengths in {report['length_unit']}. Scores within {report['tie_margin']} are ties. Position bias: the share "
+        "Win-rate = (wins + ties / 2) / prompts; the interval resamples the prompts "
+        f"({report['bootstrap']} bootstrap resamples). "
+        "LC win-rate: the win-rate at equal answer length, from a logistic fit of the outcome on "
+        "tanh(length difference / its std) "
+        f"(AlpacaEval 2); lengths in {report['length_unit']}. Scores within {report['tie_margin']} are ties. "
+        "Position bias: the share "
         "of prompts where a pairwise judge picked the same slot in both orders.",
     ]
     for baseline in report["baselines"]:
@@ -74,10 +86,20 @@ def markdown(report: dict, samples: list[dict], examples: int) -> str:
         for sample in samples[:examples]:
             verdicts = "; ".join(_verdict(judge, by_baseline[name]) for judge, by_baseline in sample["judges"].items())
             lines += [
-                "", f"### Prompt {sample['index'] + 1}", "", _fenced(_prompt_text(sample["prompt"])),
-                "", f"**policy ({policy['name']})**", "", _fenced(sample["policy"]),
-                "", f"**baseline ({name})**", "", _fenced(sample["baselines"][name]),
-                "", f"**verdict**: {verdicts}",
+                "",
+                f"### Prompt {sample['index'] + 1}",
+                "",
+                _fenced(_prompt_text(sample["prompt"])),
+                "",
+                f"**policy ({policy['name']})**",
+                "",
+                _fenced(sample["policy"]),
+                "",
+                f"**baseline ({name})**",
+                "",
+                _fenced(sample["baselines"][name]),
+                "",
+                f"**verdict**: {verdicts}",
             ]
     return "\n".join(lines) + "\n"
 
@@ -119,7 +141,9 @@ def plot(report: dict, path: Path) -> None:
     ax.axvline(0.5, color="gray", linestyle="--", linewidth=1)
     ax.set_yticks(y, labels)
     ax.set_xlim(0, 1)
-    ax.set_xlabel(f"win-rate of {report['policy']['name']}\n({report['prompts']['n']} prompts; 0.5 = as good as the baseline)")
+    ax.set_xlabel(
+        f"win-rate of {report['policy']['name']}\n({report['prompts']['n']} prompts; 0.5 = as good as the baseline)"
+    )
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False, fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp")
@@ -152,16 +176,29 @@ def print_table(report: dict) -> None:
         for name, label in labels.items():
             if label != name:
                 console.print(f"[dim]{kind} {label} = {name}[/]", soft_wrap=True)
-    table = Table(title=f"win-rate of {report['policy']['name']} on {report['prompts']['n']} held-out prompts",
-                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(
+        title=f"win-rate of {report['policy']['name']} on {report['prompts']['n']} held-out prompts",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
     for column in ("judge", "baseline", "W/T/L", "win", "95% CI", "LC", "length", "bias"):
         table.add_column(column, no_wrap=True)
     for row in rows:
         style = "green" if row["ci_low"] > 0.5 else "red" if row["ci_high"] < 0.5 else ""
         interval = f"{row['ci_low']:.3f}-{row['ci_high']:.3f}"
-        table.add_row(judges[row["judge"]], baselines[row["baseline"]], f"{row['wins']}/{row['ties']}/{row['losses']}",
-                      f"{row['win_rate']:.3f}", f"[{style}]{interval}[/]" if style else interval, f"{row['lc_win_rate']:.3f}",
-                      f"{row['policy_length']:.0f}/{row['baseline_length']:.0f}", _bias(row))
+        table.add_row(
+            judges[row["judge"]],
+            baselines[row["baseline"]],
+            f"{row['wins']}/{row['ties']}/{row['losses']}",
+            f"{row['win_rate']:.3f}",
+            f"[{style}]{interval}[/]" if style else interval,
+            f"{row['lc_win_rate']:.3f}",
+            f"{row['policy_length']:.0f}/{row['baseline_length']:.0f}",
+            _bias(row),
+        )
     console.print(table)
-    console.print("[dim]win: (wins + ties/2) / prompts; LC: length-controlled win-rate; length: mean answer tokens, "
-                  "policy/baseline; bias: how often a pairwise judge's verdict flipped with the answer order[/]")
+    console.print(
+        "[dim]win: (wins + ties/2) / prompts; LC: length-controlled win-rate; length: mean answer tokens, "
+        "policy/baseline; bias: how often a pairwise judge's verdict flipped with the answer order[/]"
+    )

@@ -59,7 +59,9 @@ def length_feature(policy_lengths: Sequence[float], baseline_lengths: Sequence[f
     return np.tanh(d / std) if std > 0 else np.zeros_like(d)
 
 
-def fit_length_model(outcomes: Sequence[float], feature: Sequence[float], l2: float = 0.1, steps: int = 100) -> tuple[float, float]:
+def fit_length_model(
+    outcomes: Sequence[float], feature: Sequence[float], l2: float = 0.1, steps: int = 100
+) -> tuple[float, float]:
     """(intercept a, slope b) of the fractional-label logistic regression P(win) = sigmoid(a + b * x).
 
     Minimises  sum_i[ -y_i log s_i - (1 - y_i) log(1 - s_i) ] + l2 / 2 * b^2,  s_i = sigmoid(a + b x_i),
@@ -93,7 +95,9 @@ def fit_length_model(outcomes: Sequence[float], feature: Sequence[float], l2: fl
     return float(w[0]), float(w[1])
 
 
-def length_controlled_win_rate(outcomes: Sequence[float], policy_lengths: Sequence[float], baseline_lengths: Sequence[float]) -> float:
+def length_controlled_win_rate(
+    outcomes: Sequence[float], policy_lengths: Sequence[float], baseline_lengths: Sequence[float]
+) -> float:
     """sigmoid(intercept) of ``fit_length_model`` on tanh(d / std(d)): the win-rate the fitted
     model predicts when both answers have the same length (d = 0). Constant outcomes (all wins,
     all ties, ...) are their own length-controlled win-rate: nothing is left for length to explain."""
@@ -104,14 +108,25 @@ def length_controlled_win_rate(outcomes: Sequence[float], policy_lengths: Sequen
     return float(1 / (1 + np.exp(-intercept)))
 
 
-def summarize(outcomes: Sequence[float], policy_lengths: Sequence[float], baseline_lengths: Sequence[float],
-              resamples: int = 2000, seed: int = 0) -> dict[str, float | int]:
+def summarize(
+    outcomes: Sequence[float],
+    policy_lengths: Sequence[float],
+    baseline_lengths: Sequence[float],
+    resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, float | int]:
     """Everything the report shows for one judge x baseline."""
     wins, ties, losses = counts(outcomes)
     low, high = bootstrap_interval(outcomes, resamples, seed)
     return {
-        "n": len(outcomes), "wins": wins, "ties": ties, "losses": losses,
-        "win_rate": win_rate(outcomes), "ci_low": low, "ci_high": high,
+        "n": len(outcomes),
+        "wins": wins,
+        "ties": ties,
+        "losses": losses,
+        "win_rate": win_rate(outcomes),
+        "ci_low": low,
+        "ci_high": high,
         "lc_win_rate": length_controlled_win_rate(outcomes, policy_lengths, baseline_lengths),
-        "policy_length": float(np.mean(policy_lengths)), "baseline_length": float(np.mean(baseline_lengths)),
+        "policy_length": float(np.mean(policy_lengths)),
+        "baseline_length": float(np.mean(baseline_lengths)),
     }

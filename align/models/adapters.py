@@ -7,8 +7,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from align.models.loading import disable_bnb_cpu_repacking
 from align.config import AdapterConfig, LoraConfig, RecipeError
+from align.models.loading import disable_bnb_cpu_repacking
 
 
 def peft_config(adapter: AdapterConfig, lora: LoraConfig, total_steps: int = 1000, task_type: str = "CAUSAL_LM"):
@@ -31,11 +31,25 @@ def peft_config(adapter: AdapterConfig, lora: LoraConfig, total_steps: int = 100
         )
     if method == "adalora":
         options.setdefault("total_step", total_steps)  # AdaLoRA's rank budget schedule runs over the whole training
-        return peft.AdaLoraConfig(task_type=task_type, init_r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, **options)
+        return peft.AdaLoraConfig(
+            task_type=task_type,
+            init_r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=targets,
+            **options,
+        )
     if method == "ia3":
-        return peft.IA3Config(task_type=task_type, target_modules=targets, feedforward_modules=options.pop("feedforward_modules", []), **options)
+        return peft.IA3Config(
+            task_type=task_type,
+            target_modules=targets,
+            feedforward_modules=options.pop("feedforward_modules", []),
+            **options,
+        )
     if method == "vera":
-        return peft.VeraConfig(task_type=task_type, r=lora.r, target_modules=targets, vera_dropout=lora.dropout, **options)
+        return peft.VeraConfig(
+            task_type=task_type, r=lora.r, target_modules=targets, vera_dropout=lora.dropout, **options
+        )
     if method == "loha":
         return peft.LoHaConfig(task_type=task_type, r=lora.r, alpha=lora.alpha, target_modules=targets, **options)
     if method == "lokr":
@@ -64,8 +78,15 @@ def _prepare_for_training(model, quantized: bool, gradient_checkpointing: bool):
     return model
 
 
-def add_adapter(model, adapter: AdapterConfig, lora: LoraConfig, quantized: bool, gradient_checkpointing: bool, total_steps: int = 1000,
-                task_type: str = "CAUSAL_LM"):
+def add_adapter(
+    model,
+    adapter: AdapterConfig,
+    lora: LoraConfig,
+    quantized: bool,
+    gradient_checkpointing: bool,
+    total_steps: int = 1000,
+    task_type: str = "CAUSAL_LM",
+):
     """Wrap ``model`` with a fresh trainable adapter (or leave it whole for full fine-tuning)."""
     import peft
 
@@ -80,10 +101,14 @@ def add_adapter(model, adapter: AdapterConfig, lora: LoraConfig, quantized: bool
         config = peft_config(adapter, lora, total_steps, task_type)
         return peft.get_peft_model(model, config)
     except (ValueError, TypeError) as exc:  # no module matched target_modules, an unknown option, ...
-        raise RecipeError(f"adapter ({adapter.method}, target_modules={adapter.target_modules}, options={adapter.options}): {exc}") from None
+        raise RecipeError(
+            f"adapter ({adapter.method}, target_modules={adapter.target_modules}, options={adapter.options}): {exc}"
+        ) from None
 
 
-def load_adapter_for_training(model, adapter_dir: Path, quantized: bool, gradient_checkpointing: bool, frozen_copy: str | None = None):
+def load_adapter_for_training(
+    model, adapter_dir: Path, quantized: bool, gradient_checkpointing: bool, frozen_copy: str | None = None
+):
     """Continue training a saved adapter (``from: sft``); optionally keep a frozen copy of it,
     named ``frozen_copy``, as a reference policy that shares the one base in memory."""
     import peft

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import functools
-from contextlib import nullcontext
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+from align.config import ModelConfig, QuantizationConfig
 from align.data.templating import setup_chat_template
 from align.models.resolve import resolve_model
-from align.config import ModelConfig, QuantizationConfig
 
 
 @functools.cache
@@ -71,7 +71,13 @@ def bnb_config(quant: QuantizationConfig, compute_dtype: torch.dtype):
     )
 
 
-def load_base_model(model_cfg: ModelConfig, quant: QuantizationConfig, precision: str, path: Path | None = None, full_finetune: bool = False):
+def load_base_model(
+    model_cfg: ModelConfig,
+    quant: QuantizationConfig,
+    precision: str,
+    path: Path | None = None,
+    full_finetune: bool = False,
+):
     """The base causal LM. Weights stay fp32 when they are trained (full fine-tuning): bf16
     AdamW updates lose small steps; frozen weights are stored in the compute dtype."""
     from transformers import AutoModelForCausalLM
@@ -88,7 +94,9 @@ def load_base_model(model_cfg: ModelConfig, quant: QuantizationConfig, precision
         trust_remote_code=model_cfg.trust_remote_code,
         revision=model_cfg.revision,
         # bitsandbytes quantizes while placing weights: put a 4-bit base on this process's GPU at load
-        device_map={"": torch.cuda.current_device()} if quantization is not None and torch.cuda.is_available() else None,
+        device_map={"": torch.cuda.current_device()}
+        if quantization is not None and torch.cuda.is_available()
+        else None,
     )
     if quantization is not None:
         disable_bnb_cpu_repacking(model)

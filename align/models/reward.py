@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from align.models.loading import DTYPES, bnb_config, disable_bnb_cpu_repacking, load_tokenizer, read_stage_manifest
 from align.config import ModelConfig, QuantizationConfig
+from align.models.loading import DTYPES, bnb_config, disable_bnb_cpu_repacking, load_tokenizer, read_stage_manifest
 
 HEAD_NAMES = ("score", "classifier")
 
@@ -23,8 +23,14 @@ class MissingRewardHead(RuntimeError):
     pass
 
 
-def load_reward_base(model_cfg: ModelConfig, quant: QuantizationConfig, precision: str, path: Path, full_finetune: bool = False,
-                     head: str = "new"):
+def load_reward_base(
+    model_cfg: ModelConfig,
+    quant: QuantizationConfig,
+    precision: str,
+    path: Path,
+    full_finetune: bool = False,
+    head: str = "new",
+):
     """The base with a scalar head. ``head``: 'new' (a stage about to train it) or 'adapter' (it is
     loaded from the saved adapter next); either way transformers' 'score.weight MISSING' is expected."""
     from transformers import AutoModelForSequenceClassification
@@ -32,9 +38,14 @@ def load_reward_base(model_cfg: ModelConfig, quant: QuantizationConfig, precisio
     from align.quiet import expected_missing_weights
 
     quantization = None if full_finetune else bnb_config(quant, DTYPES[precision])
-    instead = ("reward head: a new scalar head on the base, trained by this stage" if head == "new"
-               else "reward head: loaded from the trained adapter")
-    with expected_missing_weights(tuple(f"{name}.{part}" for name in HEAD_NAMES for part in ("weight", "bias")), instead):
+    instead = (
+        "reward head: a new scalar head on the base, trained by this stage"
+        if head == "new"
+        else "reward head: loaded from the trained adapter"
+    )
+    with expected_missing_weights(
+        tuple(f"{name}.{part}" for name in HEAD_NAMES for part in ("weight", "bias")), instead
+    ):
         model = AutoModelForSequenceClassification.from_pretrained(
             path,
             num_labels=1,
@@ -63,7 +74,13 @@ def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     pad-id pooled logits are ignored and the head is applied to the final hidden state instead.
     """
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True, use_cache=False)
+    output = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        output_hidden_states=True,
+        use_cache=False,
+    )
     hidden = output.hidden_states[-1]  # after the final norm, as the head expects
     last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).int().argmax(-1)
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
@@ -82,7 +99,9 @@ def check_head_saved(adapter_dir: Path) -> None:
         raise MissingRewardHead(f"{adapter_dir}: no adapter_model.safetensors")
     with safe_open(str(weights), "pt") as handle:
         if not any(name in key for key in handle.keys() for name in HEAD_NAMES):
-            raise MissingRewardHead(f"{weights} holds no reward head ({' or '.join(HEAD_NAMES)} weights); it cannot score")
+            raise MissingRewardHead(
+                f"{weights} holds no reward head ({' or '.join(HEAD_NAMES)} weights); it cannot score"
+            )
 
 
 def load_reward_model(folder: str | Path, trust_remote_code: bool = False):
@@ -105,7 +124,9 @@ def load_reward_model(folder: str | Path, trust_remote_code: bool = False):
         model = AutoModelForSequenceClassification.from_pretrained(artifact, trust_remote_code=trust_remote_code)
     else:
         check_head_saved(artifact)
-        base = load_reward_base(cfg.model, cfg.quantization, manifest["precision"], Path(manifest["base_model_path"]), head="adapter")
+        base = load_reward_base(
+            cfg.model, cfg.quantization, manifest["precision"], Path(manifest["base_model_path"]), head="adapter"
+        )
         base.config.pad_token_id = tokenizer.pad_token_id
         model = PeftModel.from_pretrained(base, artifact)
     model.eval()

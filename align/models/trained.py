@@ -8,9 +8,9 @@ import torch
 import yaml
 
 from align.artifacts import atomic_folder
+from align.config import ModelConfig, StageConfig, schema_of
 from align.models.loading import DTYPES, load_base_model, load_tokenizer, read_stage_manifest, resolve_precision
 from align.models.resolve import check_has_weights
-from align.config import ModelConfig, StageConfig, schema_of
 
 
 def stage_config(folder: Path, trust_remote_code: bool = False) -> StageConfig:
@@ -25,12 +25,16 @@ def stage_config(folder: Path, trust_remote_code: bool = False) -> StageConfig:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         config = schema_of(raw["kind"]).model_validate(raw)
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as error:
-        raise FileNotFoundError(f"{path}: not a readable align stage config ({type(error).__name__}: {str(error).splitlines()[0][:160]})") from None
+        raise FileNotFoundError(
+            f"{path}: not a readable align stage config ({type(error).__name__}: {str(error).splitlines()[0][:160]})"
+        ) from None
     config.model.trust_remote_code = trust_remote_code
     return config
 
 
-def load_trained(folder: str | Path, dequantize: bool = False, precision: str | None = None, trust_remote_code: bool = False):
+def load_trained(
+    folder: str | Path, dequantize: bool = False, precision: str | None = None, trust_remote_code: bool = False
+):
     """(model, tokenizer) from a finished stage folder or a plain model folder.
 
     The base is loaded as it was trained (4-bit for QLoRA). ``dequantize=True`` then turns the
@@ -43,7 +47,9 @@ def load_trained(folder: str | Path, dequantize: bool = False, precision: str | 
     folder = Path(folder)
     if not (folder / "manifest.json").is_file():
         if (folder / "checkpoints").is_dir() or (folder / "config.yaml").is_file():
-            raise FileNotFoundError(f"{folder}: this stage has not finished (no manifest.json); resume it with --resume")
+            raise FileNotFoundError(
+                f"{folder}: this stage has not finished (no manifest.json); resume it with --resume"
+            )
         # A plain transformers folder (a merged export, a converted GGUF).
         check_has_weights(folder)  # a clear error naming the folder, not one from deep inside transformers
         tokenizer = load_tokenizer(ModelConfig(name=str(folder), trust_remote_code=trust_remote_code), folder)
@@ -56,7 +62,9 @@ def load_trained(folder: str | Path, dequantize: bool = False, precision: str | 
     artifact = folder / manifest["artifact"]
     tokenizer = load_tokenizer(cfg.model, artifact)
     if manifest["artifact"] == "model":
-        return AutoModelForCausalLM.from_pretrained(artifact, dtype=DTYPES[precision], trust_remote_code=trust_remote_code), tokenizer
+        return AutoModelForCausalLM.from_pretrained(
+            artifact, dtype=DTYPES[precision], trust_remote_code=trust_remote_code
+        ), tokenizer
     from peft import PeftModel
 
     base = load_base_model(cfg.model, cfg.quantization, precision, Path(manifest["base_model_path"]))
@@ -122,13 +130,17 @@ def base_weights(model, dtype=None, untie: bool = False, merge_adapter: bool = F
         parts = name.split(".")
         if any(p.startswith("lora_") or p in ("modules_to_save", "original_module") for p in parts):
             if "modules_to_save" in parts:
-                raise ValueError(f"{name}: adapters with modules_to_save cannot be served as a LoRA by an inference engine")
+                raise ValueError(
+                    f"{name}: adapters with modules_to_save cannot be served as a LoRA by an inference engine"
+                )
             continue
         tensor = param.data
         if getattr(param, "quant_state", None) is not None:  # bitsandbytes NF4/FP4
             tensor = bnbf.dequantize_4bit(tensor, param.quant_state)
         elif getattr(param, "SCB", None) is not None or tensor.dtype == torch.int8:
-            raise ValueError(f"{name}: 8-bit bases cannot be exported for an inference engine; use nf4 or no quantization")
+            raise ValueError(
+                f"{name}: 8-bit bases cannot be exported for an inference engine; use nf4 or no quantization"
+            )
         name = ".".join(p for p in parts if p != "base_layer")
         if name in deltas:
             tensor = tensor.float() + deltas[name].to(tensor.device)
@@ -154,7 +166,9 @@ def export_base(model, tokenizer, folder: str | Path, dtype, untie: bool = False
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    weights = {name: t.detach().contiguous().cpu().clone() for name, t in base_weights(model, dtype, untie, merge_adapter)}
+    weights = {
+        name: t.detach().contiguous().cpu().clone() for name, t in base_weights(model, dtype, untie, merge_adapter)
+    }
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config = base.config.to_dict()
     for key in ("quantization_config", "_pre_quantization_dtype"):

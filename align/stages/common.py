@@ -21,9 +21,9 @@ from align.artifacts import (
     write_atomic,
     write_manifest,
 )
+from align.config import RecipeError, StageConfig, dump_config
 from align.console import console
 from align.models.loading import read_stage_manifest
-from align.config import RecipeError, StageConfig, dump_config
 from align.stages.registry import POLICY_KINDS
 from align.tracking import plot_losses, read_metrics, wandb_report_to
 
@@ -60,7 +60,9 @@ def prepare_output(state, output_dir: Path, cfg: StageConfig, overwrite: bool, r
     return resume_from
 
 
-def training_arguments(cfg: StageConfig, output_dir: Path, precision: str, has_eval: bool, resume_from: Path | None, run_name: str):
+def training_arguments(
+    cfg: StageConfig, output_dir: Path, precision: str, has_eval: bool, resume_from: Path | None, run_name: str
+):
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -116,7 +118,11 @@ def loraplus_optimizer(model, cfg: StageConfig):
     from peft.optimizers import create_loraplus_optimizer
 
     return create_loraplus_optimizer(
-        model, torch.optim.AdamW, lr=cfg.train.lr, loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio, weight_decay=cfg.train.weight_decay
+        model,
+        torch.optim.AdamW,
+        lr=cfg.train.lr,
+        loraplus_lr_ratio=cfg.lora.loraplus_lr_ratio,
+        weight_decay=cfg.train.weight_decay,
     )
 
 
@@ -125,11 +131,18 @@ def adapter_line(cfg: StageConfig, quantized: bool, precision: str, trainable: i
         method = "full fine-tuning"
     else:
         extras = [name for name, on in (("rslora", cfg.lora.use_rslora), ("dora", cfg.lora.use_dora)) if on]
-        method = f"{cfg.adapter.method} r={cfg.lora.r} alpha={cfg.lora.alpha}" + (f" ({', '.join(extras)})" if extras else "")
+        method = f"{cfg.adapter.method} r={cfg.lora.r} alpha={cfg.lora.alpha}" + (
+            f" ({', '.join(extras)})" if extras else ""
+        )
         if cfg.lora.loraplus_lr_ratio:
             method += f", LoRA+ ratio {cfg.lora.loraplus_lr_ratio} (AdamW)"
-    base = f"{cfg.quantization.mode} 4-bit base" if quantized and cfg.quantization.mode != "int8" else ("int8 base" if quantized else "unquantized base")
-    return f"{method} on {base}, {precision}; trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
+    base = (
+        f"{cfg.quantization.mode} 4-bit base"
+        if quantized and cfg.quantization.mode != "int8"
+        else ("int8 base" if quantized else "unquantized base")
+    )
+    share = 100 * trainable / max(total, 1)
+    return f"{method} on {base}, {precision}; trainable {trainable:,} of {total:,} parameters ({share:.2f}%)"
 
 
 def resume_line(resume_from: Path | None, resume: bool) -> str:
@@ -138,7 +151,10 @@ def resume_line(resume_from: Path | None, resume: bool) -> str:
 
 def steps_line(cfg: StageConfig, steps: int, world: int, unit: str = "examples") -> str:
     per_step = cfg.train.batch_size * cfg.train.grad_accum * world
-    return f"{steps} optimizer steps x {per_step} {unit} (batch {cfg.train.batch_size} x accum {cfg.train.grad_accum} x {world} process(es))"
+    return (
+        f"{steps} optimizer steps x {per_step} {unit} "
+        f"(batch {cfg.train.batch_size} x accum {cfg.train.grad_accum} x {world} process(es))"
+    )
 
 
 def loss_only_prediction(trainer, model, inputs):
@@ -188,7 +204,10 @@ def source_stage(cfg, recipe_name: str, from_dir: str | Path | None) -> Path | N
     if manifest.get("status") != "complete" or manifest.get("artifact") != "adapter":
         raise RecipeError(f"{folder}: the stage to start from must be finished and hold an adapter (run it first)")
     if manifest.get("kind") not in POLICY_KINDS:
-        raise RecipeError(f"{folder} is a {manifest.get('kind')} stage; a policy starts from a stage of kind {' or '.join(POLICY_KINDS)}")
+        raise RecipeError(
+            f"{folder} is a {manifest.get('kind')} stage; "
+            f"a policy starts from a stage of kind {' or '.join(POLICY_KINDS)}"
+        )
     if manifest.get("base_model") != cfg.model.name:
         raise RecipeError(f"{folder} was trained on {manifest.get('base_model')!r}, this stage uses {cfg.model.name!r}")
     return folder
@@ -208,7 +227,11 @@ def trial_step(batch: str, advice: str) -> Iterator[None]:
         with torch.random.fork_rng(devices=devices):
             yield
     except (torch.OutOfMemoryError, RuntimeError) as error:
-        if not isinstance(error, torch.OutOfMemoryError) and "alloc" not in str(error) and "out of memory" not in str(error):
+        if (
+            not isinstance(error, torch.OutOfMemoryError)
+            and "alloc" not in str(error)
+            and "out of memory" not in str(error)
+        ):
             raise
         raise BatchTooLarge(f"{batch} does not fit in memory: {str(error).splitlines()[0][:200]}. {advice}") from None
 
@@ -233,8 +256,11 @@ def check_longest_batch(trainer, rows: list[dict]) -> None:
     was_training = model.training
     model.train()  # as in training: dropout on, activations kept for backward
     try:
-        with trial_step(f"the longest batch ({size} rows of up to {tokens} tokens)",
-                        "Lower train.batch_size (raise train.grad_accum to keep the step), lower data.max_length, or set train.gradient_checkpointing=true"):
+        with trial_step(
+            f"the longest batch ({size} rows of up to {tokens} tokens)",
+            "Lower train.batch_size (raise train.grad_accum to keep the step), lower data.max_length, "
+            "or set train.gradient_checkpointing=true",
+        ):
             batch = trainer._prepare_inputs(trainer.data_collator([rows[i] for i in longest]))
             with trainer.compute_loss_context_manager():
                 loss = trainer.compute_loss(model, batch)

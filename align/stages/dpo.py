@@ -27,15 +27,14 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
+from align.config import DPOConfig, RecipeError
 from align.console import console, print_plan
 from align.data.batching import PairCollator
 from align.data.preference_data import Pair, load_pairs, pair_rows
-from align.tokens import IGNORE_INDEX
 from align.losses import PreferenceLoss, sequence_logps
 from align.models.adapters import add_adapter, load_adapter_for_training, reference_mode, trainable_summary
 from align.models.loading import autocast, load_base_model, load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
-from align.config import DPOConfig, RecipeError
 from align.stages.checkup import checkup_status, raise_if_collapsed, run_checkup, with_training_alarm
 from align.stages.common import (
     adapter_line,
@@ -54,6 +53,7 @@ from align.stages.common import (
     trainer_plan,
     training_arguments,
 )
+from align.tokens import IGNORE_INDEX
 
 
 def completion_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,12 +65,16 @@ def completion_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     labels = batch["labels"]
     first = int((labels != IGNORE_INDEX).int().argmax(-1).min())  # earliest completion token in the batch (>= 1)
     keep = labels.shape[1] - first + 1
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False).logits
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False
+    ).logits
     return sequence_logps(logits[:, :-1], labels[:, first:])
 
 
 @torch.no_grad()
-def precompute_reference(model, pairs: list[Pair], collator: PairCollator, batch_size: int, precision: str) -> list[dict]:
+def precompute_reference(
+    model, pairs: list[Pair], collator: PairCollator, batch_size: int, precision: str
+) -> list[dict]:
     """Rows with the reference logprobs of each side, computed once with the starting policy."""
     rows = pair_rows(pairs)
     was_training = model.training
@@ -103,8 +107,15 @@ class PreferenceTrainer(Trainer):
         sums, counts = completion_logps(model, inputs)
         n = sums.shape[0] // 2
         policy_chosen, policy_rejected = sums[:n], sums[n:]
-        terms = dict(policy_chosen=policy_chosen, policy_rejected=policy_rejected, chosen_tokens=counts[:n], rejected_tokens=counts[n:],
-                     beta=self.options.beta, label_smoothing=self.options.label_smoothing, gamma=self.options.simpo_gamma)
+        terms = dict(
+            policy_chosen=policy_chosen,
+            policy_rejected=policy_rejected,
+            chosen_tokens=counts[:n],
+            rejected_tokens=counts[n:],
+            beta=self.options.beta,
+            label_smoothing=self.options.label_smoothing,
+            gamma=self.options.simpo_gamma,
+        )
         ref = None
         if self.loss_kind.needs_reference:
             ref = inputs.get("ref_logps")
@@ -118,7 +129,9 @@ class PreferenceTrainer(Trainer):
             # per-pair token-mean NLL of the chosen answer, then the mean over pairs: independent of how
             # the batch is split into micro-batches
             loss = loss + self.options.rpo_alpha * -(policy_chosen / counts[:n].clamp(min=1)).mean()
-        self._record(policy_chosen.detach(), policy_rejected.detach(), ref, counts, prefix="" if model.training else "eval_")
+        self._record(
+            policy_chosen.detach(), policy_rejected.detach(), ref, counts, prefix="" if model.training else "eval_"
+        )
         return (loss, {}) if return_outputs else loss
 
     def _record(self, policy_chosen, policy_rejected, ref, counts, prefix: str) -> None:
@@ -138,7 +151,9 @@ class PreferenceTrainer(Trainer):
             logratio = torch.cat([policy_chosen - ref[:n], policy_rejected - ref[n:]]).sum() / counts.sum()
             stats[prefix + "logratio_per_token"].append(logratio.item())
             # the chosen answers alone: falling far below the start is DPO's way of wrecking a model
-            stats[prefix + "chosen_logratio_per_token"].append(((policy_chosen - ref[:n]).sum() / counts[:n].sum()).item())
+            stats[prefix + "chosen_logratio_per_token"].append(
+                ((policy_chosen - ref[:n]).sum() / counts[:n].sum()).item()
+            )
         else:
             margin = policy_chosen / counts[:n] - policy_rejected / counts[n:]
             stats[prefix + "rewards/accuracies"].append((margin > 0).float().mean().item())
@@ -165,8 +180,11 @@ class ChosenWatch(TrainerCallback):
         for key, where in (("eval_chosen_logratio_per_token", "held-out"), ("chosen_logratio_per_token", "training")):
             value = (logs or {}).get(key)
             if self.checkup.alarm and value is not None and value < -self.checkup.max_chosen_drop and not self.reason:
-                self.reason = (f"step {state.global_step}: the {where} chosen answers' log-probability fell {value:.3f} per token below "
-                               f"the start's (threshold checkup.max_chosen_drop {self.checkup.max_chosen_drop})")
+                self.reason = (
+                    f"step {state.global_step}: the {where} chosen answers' log-probability fell {value:.3f} per token "
+                    "below "
+                    f"the start's (threshold checkup.max_chosen_drop {self.checkup.max_chosen_drop})"
+                )
                 control.should_training_stop = True
 
 
@@ -176,9 +194,15 @@ def plan(cfg: DPOConfig, tokenizer) -> tuple[str, str]:
     return trainer_plan(cfg, train, held_out)
 
 
-def run_dpo(cfg: DPOConfig, output_dir: str | Path, recipe_name: str = "recipe", from_dir: str | Path | None = None,
-            overwrite: bool = False, resume: bool = False,
-            provenance: dict | None = None) -> Path:
+def run_dpo(
+    cfg: DPOConfig,
+    output_dir: str | Path,
+    recipe_name: str = "recipe",
+    from_dir: str | Path | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    provenance: dict | None = None,
+) -> Path:
     from transformers import set_seed
 
     started = time.time()
@@ -206,9 +230,17 @@ def run_dpo(cfg: DPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
         model = add_adapter(base, cfg.adapter, cfg.lora, quantized, cfg.train.gradient_checkpointing, steps)
         reference_adapter, reference_line = None, "the base with the adapter disabled"
     else:
-        model = load_adapter_for_training(base, source / "adapter", quantized, cfg.train.gradient_checkpointing,
-                                          frozen_copy="reference" if live else None)
-        reference_adapter, reference_line = ("reference" if live else None), f"the starting adapter from {source} (frozen)"
+        model = load_adapter_for_training(
+            base,
+            source / "adapter",
+            quantized,
+            cfg.train.gradient_checkpointing,
+            frozen_copy="reference" if live else None,
+        )
+        reference_adapter, reference_line = (
+            ("reference" if live else None),
+            f"the starting adapter from {source} (frozen)",
+        )
     model.config.use_cache = False
     trainable, total = trainable_summary(model)
 
@@ -236,17 +268,22 @@ def run_dpo(cfg: DPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
     # 4. Output folder and plan.
     resume_from = prepare_output(state, output_dir, cfg, overwrite, resume)
     if state.is_main_process:
-        print_plan(f"align dpo - {recipe_name}", {
-            "model": f"{cfg.model.name} ({model_path})",
-            "adapter": adapter_line(cfg, quantized, precision, trainable, total) + (f"; starts from {source}" if source else ""),
-            "loss": f"{cfg.dpo.loss}, beta {cfg.dpo.beta}" + (f", label smoothing {cfg.dpo.label_smoothing}" if cfg.dpo.label_smoothing else "")
-            + (f", + {cfg.dpo.rpo_alpha} x SFT loss on chosen" if cfg.dpo.rpo_alpha else ""),
-            "reference": reference_line,
-            **{f"data {r.name}": r.summary() for r in reports},
-            "steps": steps_line(cfg, steps, state.num_processes, unit="pairs"),
-            "resume": resume_line(resume_from, resume),
-            "output": str(output_dir),
-        })
+        print_plan(
+            f"align dpo - {recipe_name}",
+            {
+                "model": f"{cfg.model.name} ({model_path})",
+                "adapter": adapter_line(cfg, quantized, precision, trainable, total)
+                + (f"; starts from {source}" if source else ""),
+                "loss": f"{cfg.dpo.loss}, beta {cfg.dpo.beta}"
+                + (f", label smoothing {cfg.dpo.label_smoothing}" if cfg.dpo.label_smoothing else "")
+                + (f", + {cfg.dpo.rpo_alpha} x SFT loss on chosen" if cfg.dpo.rpo_alpha else ""),
+                "reference": reference_line,
+                **{f"data {r.name}": r.summary() for r in reports},
+                "steps": steps_line(cfg, steps, state.num_processes, unit="pairs"),
+                "resume": resume_line(resume_from, resume),
+                "output": str(output_dir),
+            },
+        )
 
     # 5. Train (ChosenWatch stops it if the chosen answers' likelihood collapses).
     has_eval = bool(eval_rows)
@@ -272,19 +309,38 @@ def run_dpo(cfg: DPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
             model.delete_adapter(reference_adapter)
         checkup = with_training_alarm(run_checkup(cfg, model, tokenizer, source, precision), watch.reason)
         save_stage(
-            trainer, tokenizer, output_dir, "adapter", started,
-            stage="dpo", kind="dpo", recipe=recipe_name, from_stage=str(source) if source else None,
-            base_model=cfg.model.name, base_model_path=str(model_path),
-            precision=precision, quantization=cfg.quantization.mode if quantized else "none",
-            loss=cfg.dpo.loss, beta=cfg.dpo.beta, reference=reference_line, reference_seconds=reference_seconds,
+            trainer,
+            tokenizer,
+            output_dir,
+            "adapter",
+            started,
+            stage="dpo",
+            kind="dpo",
+            recipe=recipe_name,
+            from_stage=str(source) if source else None,
+            base_model=cfg.model.name,
+            base_model_path=str(model_path),
+            precision=precision,
+            quantization=cfg.quantization.mode if quantized else "none",
+            loss=cfg.dpo.loss,
+            beta=cfg.dpo.beta,
+            reference=reference_line,
+            reference_seconds=reference_seconds,
             data={r.name: r.as_dict() for r in reports},
-            steps=result.global_step, train_loss=result.training_loss,
-            eval_loss=final_eval.get("eval_loss"), eval_reward_accuracy=final_eval.get("eval_rewards/accuracies"),
-            resumed_from=str(resume_from) if resume_from else None, checkup=checkup, status=checkup_status(cfg, checkup),
+            steps=result.global_step,
+            train_loss=result.training_loss,
+            eval_loss=final_eval.get("eval_loss"),
+            eval_reward_accuracy=final_eval.get("eval_rewards/accuracies"),
+            resumed_from=str(resume_from) if resume_from else None,
+            checkup=checkup,
+            status=checkup_status(cfg, checkup),
             **(provenance or {}),
         )
         raise_if_collapsed(cfg, checkup, output_dir)
         if final_eval:
-            console.print(f"held-out reward accuracy {final_eval.get('eval_rewards/accuracies', float('nan')):.3f}, loss {final_eval['eval_loss']:.4f}")
-        console.print(f"next: align generate --model {output_dir} --prompt \"...\"")
+            console.print(
+                f"held-out reward accuracy {final_eval.get('eval_rewards/accuracies', float('nan')):.3f}, loss "
+                f"{final_eval['eval_loss']:.4f}"
+            )
+        console.print(f'next: align generate --model {output_dir} --prompt "..."')
     return output_dir

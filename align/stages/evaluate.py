@@ -1,13 +1,13 @@
 """`align eval`: the win-rate of a policy against baselines on held-out prompts.
 
-  1. check   - prompts (row report), judges and every model folder, before any model loads
-  2. sample  - one answer per prompt from the policy and from each baseline, all with the same
-               sampling settings and seed, one model in memory at a time
-  3. judge   - per judge and baseline, prompt by prompt: a pairwise LLM judge reads both answers in
-               both orders (P(policy better), position bias); any other reward scores both answers
-               and the higher score wins (differences within tie_margin are ties)
-  4. report  - win / tie / loss, win-rate with a bootstrap 95% interval, length-controlled
-               win-rate; samples.jsonl, report.json / .md / .png, the manifest last
+1. check   - prompts (row report), judges and every model folder, before any model loads
+2. sample  - one answer per prompt from the policy and from each baseline, all with the same
+             sampling settings and seed, one model in memory at a time
+3. judge   - per judge and baseline, prompt by prompt: a pairwise LLM judge reads both answers in
+             both orders (P(policy better), position bias); any other reward scores both answers
+             and the higher score wins (differences within tie_margin are ties)
+4. report  - win / tie / loss, win-rate with a bootstrap 95% interval, length-controlled
+             win-rate; samples.jsonl, report.json / .md / .png, the manifest last
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from align.artifacts import stage_folder, write_atomic, write_manifest
+from align.config import DataConfig, EvalConfig, RecipeError, stage_references
 from align.console import console, print_plan
 from align.data.loading import DataError
 from align.data.prompt_data import PromptExample, encode_prompt_files
@@ -30,7 +31,6 @@ from align.eval.report import print_table, write_report
 from align.eval.winrate import outcomes_from_probabilities, outcomes_from_scores, summarize
 from align.models.loading import load_base_model, load_tokenizer, read_stage_manifest, resolve_precision
 from align.models.resolve import resolve_model
-from align.config import DataConfig, EvalConfig, RecipeError, stage_references
 from align.rollout.engine import Rollout, Sampling
 from align.rollout.scoring import logprob_mismatch, score_rollouts
 from align.stages.common import prepare_output, process_state
@@ -53,8 +53,14 @@ def plan(cfg: EvalConfig, tokenizer) -> tuple[str, str]:
     return f"{len(prompts)} prompts", f"{len(prompts)} answers x {1 + len(cfg.baselines)} models"
 
 
-def run_eval(cfg: EvalConfig, output_dir: str | Path, recipe_name: str = "recipe", overwrite: bool = False,
-             resume: bool = False, provenance: dict | None = None) -> Path:
+def run_eval(
+    cfg: EvalConfig,
+    output_dir: str | Path,
+    recipe_name: str = "recipe",
+    overwrite: bool = False,
+    resume: bool = False,
+    provenance: dict | None = None,
+) -> Path:
     from reward_models import build_reward
     from reward_models.judge import LLMJudge
 
@@ -75,24 +81,36 @@ def run_eval(cfg: EvalConfig, output_dir: str | Path, recipe_name: str = "recipe
     check_distinct(contestants)
     prepare_output(process_state(), output_dir, cfg, overwrite, resume)
     r = cfg.rollout
-    print_plan(f"align eval - {recipe_name}", {
-        "policy": f"{policy.name}: {policy.description}",
-        "baselines": "; ".join(f"{b.name}: {b.description}" for b in baselines),
-        "judges": "; ".join(f"{name} ({spec_text(spec)})" for name, spec in cfg.judges.items()),
-        "data eval": f"{row_report.summary()}; {len(prompts)} prompts evaluated",
-        "sampling": f"engine {r.engine}, temperature {r.temperature}, top_p {r.top_p}, top_k {r.top_k}, "
-        f"<= {r.max_new_tokens} new tokens, seed {cfg.seed}; the same for every model",
-        "statistics": f"ties within {cfg.tie_margin}; 95% interval from {cfg.bootstrap} bootstrap resamples of the prompts",
-        "output": str(output_dir),
-    })
+    print_plan(
+        f"align eval - {recipe_name}",
+        {
+            "policy": f"{policy.name}: {policy.description}",
+            "baselines": "; ".join(f"{b.name}: {b.description}" for b in baselines),
+            "judges": "; ".join(f"{name} ({spec_text(spec)})" for name, spec in cfg.judges.items()),
+            "data eval": f"{row_report.summary()}; {len(prompts)} prompts evaluated",
+            "sampling": f"engine {r.engine}, temperature {r.temperature}, top_p {r.top_p}, top_k {r.top_k}, "
+            f"<= {r.max_new_tokens} new tokens, seed {cfg.seed}; the same for every model",
+            "statistics": f"ties within {cfg.tie_margin}; 95% interval from {cfg.bootstrap} bootstrap resamples of the "
+            "prompts",
+            "output": str(output_dir),
+        },
+    )
 
     # 2. Sample one answer per prompt from each model, with identical settings and seed.
     precision = resolve_precision(cfg.model.precision)
-    settings = Sampling(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
-                        stop=tuple(r.stop), seed=cfg.seed)
+    settings = Sampling(
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        max_new_tokens=r.max_new_tokens,
+        stop=tuple(r.stop),
+        seed=cfg.seed,
+    )
     answers, engines, fidelity = {}, {}, {}
     for contestant in contestants:
-        answers[contestant.name], engines[contestant.name], fidelity[contestant.name] = generate(contestant, cfg, prompts, settings, precision)
+        answers[contestant.name], engines[contestant.name], fidelity[contestant.name] = generate(
+            contestant, cfg, prompts, settings, precision
+        )
     mine = answers[policy.name]
 
     # 3. Judge the policy's answer against each baseline's, prompt by prompt.
@@ -118,26 +136,53 @@ def run_eval(cfg: EvalConfig, output_dir: str | Path, recipe_name: str = "recipe
                 per_prompt = [{"policy": a, "baseline": b} for a, b in zip(ours, others)]
             verdicts[judge_name][baseline.name] = [{"outcome": float(o), **d} for o, d in zip(outcomes, per_prompt)]
             lengths = [len(a.completion_ids) for a in mine], [len(a.completion_ids) for a in theirs]
-            results.append({"judge": judge_name, "baseline": baseline.name,
-                            **summarize(outcomes, *lengths, resamples=cfg.bootstrap, seed=cfg.seed), "position_bias": bias})
+            results.append(
+                {
+                    "judge": judge_name,
+                    "baseline": baseline.name,
+                    **summarize(outcomes, *lengths, resamples=cfg.bootstrap, seed=cfg.seed),
+                    "position_bias": bias,
+                }
+            )
         del judge
         free_memory()
 
     # 4. Samples and report, then the manifest: written last, it says the evaluation is complete.
-    samples = [{"index": i, "prompt": p.messages, "policy": mine[i].text,
-                "baselines": {b.name: answers[b.name][i].text for b in baselines},
-                "lengths": {name: len(answers[name][i].completion_ids) for name in answers},
-                "judges": {j: {b: v[i] for b, v in by_baseline.items()} for j, by_baseline in verdicts.items()}}
-               for i, p in enumerate(prompts)]
+    samples = [
+        {
+            "index": i,
+            "prompt": p.messages,
+            "policy": mine[i].text,
+            "baselines": {b.name: answers[b.name][i].text for b in baselines},
+            "lengths": {name: len(answers[name][i].completion_ids) for name in answers},
+            "judges": {j: {b: v[i] for b, v in by_baseline.items()} for j, by_baseline in verdicts.items()},
+        }
+        for i, p in enumerate(prompts)
+    ]
     write_atomic(output_dir / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
-    models = {c.name: {"name": c.name, "path": str(c.folder), "description": c.description, "engine": engines[c.name],
-                       "engine_trainer_mismatch": fidelity[c.name]} for c in contestants}
+    models = {
+        c.name: {
+            "name": c.name,
+            "path": str(c.folder),
+            "description": c.description,
+            "engine": engines[c.name],
+            "engine_trainer_mismatch": fidelity[c.name],
+        }
+        for c in contestants
+    }
     report = {
         "policy": models[policy.name],
         "baselines": [models[b.name] for b in baselines],
         "judges": cfg.judges,
-        "sampling": {"engine": r.engine, "temperature": r.temperature, "top_p": r.top_p, "top_k": r.top_k,
-                     "max_new_tokens": r.max_new_tokens, "stop": r.stop, "seed": cfg.seed},
+        "sampling": {
+            "engine": r.engine,
+            "temperature": r.temperature,
+            "top_p": r.top_p,
+            "top_k": r.top_k,
+            "max_new_tokens": r.max_new_tokens,
+            "stop": r.stop,
+            "seed": cfg.seed,
+        },
         "prompts": {"n": len(prompts), "files": cfg.data.eval, "rows": row_report.as_dict()},
         "tie_margin": cfg.tie_margin,
         "bootstrap": cfg.bootstrap,
@@ -145,9 +190,20 @@ def run_eval(cfg: EvalConfig, output_dir: str | Path, recipe_name: str = "recipe
         "results": results,
     }
     write_report(output_dir, report, samples, cfg.examples)
-    write_manifest(output_dir, status="complete", artifact="report", stage="eval", kind="eval", recipe=recipe_name,
-                   base_model=cfg.model.name, seconds=round(time.time() - started, 1), policy=report["policy"],
-                   baselines=report["baselines"], results=results, **(provenance or {}))
+    write_manifest(
+        output_dir,
+        status="complete",
+        artifact="report",
+        stage="eval",
+        kind="eval",
+        recipe=recipe_name,
+        base_model=cfg.model.name,
+        seconds=round(time.time() - started, 1),
+        policy=report["policy"],
+        baselines=report["baselines"],
+        results=results,
+        **(provenance or {}),
+    )
     print_table(report)
     console.print(f"[bold green]done[/] in {time.time() - started:.0f}s: {output_dir / 'report.md'}")
     return output_dir
@@ -180,7 +236,9 @@ def check_folder(folder: Path) -> dict:
     if (folder / "checkpoints").is_dir() or (folder / "config.yaml").is_file():
         raise FileNotFoundError(f"{folder}: this stage has not finished (no manifest.json); finish it first (--resume)")
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder}: neither a finished stage folder (manifest.json) nor a model folder (config.json)")
+        raise FileNotFoundError(
+            f"{folder}: neither a finished stage folder (manifest.json) nor a model folder (config.json)"
+        )
     return {}
 
 
@@ -192,13 +250,21 @@ def locate(name: str, cfg: EvalConfig, recipe_name: str, base_path: Path) -> Con
     is_stage = "/" not in name and os.sep not in name
     folder = stage_folder(recipe_name, name) if is_stage else Path(name).expanduser()
     if is_stage and not folder.exists():
-        raise FileNotFoundError(f"{name}: {folder} does not exist; run stage '{name}' first (a folder is named with a path, e.g. ./{name})")
+        raise FileNotFoundError(
+            f"{name}: {folder} does not exist; run stage '{name}' first (a folder is named with a path, e.g. ./{name})"
+        )
     manifest = check_folder(folder)
     if manifest.get("kind") == "rm":
-        raise RecipeError(f"{name}: {folder} is a reward model; it judges answers ({{type: learned, ...}}) rather than giving them")
+        raise RecipeError(
+            f"{name}: {folder} is a reward model; it judges answers ({{type: learned, ...}}) rather than giving them"
+        )
     if not manifest:
         return Contestant(name, folder, f"model folder {folder}")
-    return Contestant(name, folder, f"{manifest.get('kind')} stage {folder} ({manifest.get('artifact')} on {manifest.get('base_model')})")
+    return Contestant(
+        name,
+        folder,
+        f"{manifest.get('kind')} stage {folder} ({manifest.get('artifact')} on {manifest.get('base_model')})",
+    )
 
 
 def check_distinct(contestants: list[Contestant]) -> None:
@@ -208,7 +274,9 @@ def check_distinct(contestants: list[Contestant]) -> None:
     for contestant in contestants:
         other = seen.setdefault(contestant.folder.resolve(), contestant.name)
         if other != contestant.name:
-            raise RecipeError(f"eval: {other} and {contestant.name} are the same model ({contestant.folder}); compare different ones")
+            raise RecipeError(
+                f"eval: {other} and {contestant.name} are the same model ({contestant.folder}); compare different ones"
+            )
 
 
 def check_judge(name: str, spec: dict | list, stage_dirs: dict[str, Path], prompts: list[PromptExample]) -> None:
@@ -222,7 +290,11 @@ def check_judge(name: str, spec: dict | list, stage_dirs: dict[str, Path], promp
             if part["type"] == "rule":
                 rule = build_reward(part)
                 columns = sorted({k for p in prompts for k in p.columns})
-                rule([p.messages for p in prompts], [""] * len(prompts), **{k: [p.columns.get(k) for p in prompts] for k in columns})
+                rule(
+                    [p.messages for p in prompts],
+                    [""] * len(prompts),
+                    **{k: [p.columns.get(k) for p in prompts] for k in columns},
+                )
             elif part["type"] == "learned":
                 folder = stage_dirs[part["from"]] if "from" in part else Path(part["path"])
                 if check_folder(folder).get("kind") != "rm":
@@ -232,7 +304,10 @@ def check_judge(name: str, spec: dict | list, stage_dirs: dict[str, Path], promp
                 if mode not in ("pairwise", "pointwise"):
                     raise RecipeError(f"judge '{name}': mode must be pairwise or pointwise, not {mode!r}")
                 if mode == "pairwise" and len(parts) > 1:
-                    raise RecipeError(f"judge '{name}': a pairwise judge compares two answers itself; it cannot be part of a weighted sum")
+                    raise RecipeError(
+                        f"judge '{name}': a pairwise judge compares two answers itself; it cannot be part of a "
+                        "weighted sum"
+                    )
                 model = str(part["model"])
                 if Path(model).is_dir():
                     check_folder(Path(model))
@@ -242,8 +317,9 @@ def check_judge(name: str, spec: dict | list, stage_dirs: dict[str, Path], promp
         raise RecipeError(f"judge '{name}': {err.args[0]}") from None
 
 
-def generate(contestant: Contestant, cfg: EvalConfig, prompts: list[PromptExample], settings: Sampling,
-             precision: str) -> tuple[list[Rollout], str, dict | None]:
+def generate(
+    contestant: Contestant, cfg: EvalConfig, prompts: list[PromptExample], settings: Sampling, precision: str
+) -> tuple[list[Rollout], str, dict | None]:
     """(one rollout per prompt, the engine that sampled them, how far the engine's logprobs of its own
     answers are from the model's as the trainer computes it); the model is freed before returning.
 
@@ -256,7 +332,9 @@ def generate(contestant: Contestant, cfg: EvalConfig, prompts: list[PromptExampl
         model = load_base_model(cfg.model, cfg.quantization, precision, contestant.folder)
         tokenizer = load_tokenizer(cfg.model, contestant.folder)
     else:
-        model, tokenizer = load_trained(contestant.folder, precision=precision, trust_remote_code=cfg.model.trust_remote_code)
+        model, tokenizer = load_trained(
+            contestant.folder, precision=precision, trust_remote_code=cfg.model.trust_remote_code
+        )
     if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":  # 4-bit bases are placed at load
         model.to("cuda")
     engine = rollout_engine(cfg, model, tokenizer, precision)
@@ -270,8 +348,11 @@ def generate(contestant: Contestant, cfg: EvalConfig, prompts: list[PromptExampl
     if not getattr(engine, "samples_from_trainer", False):
         trainer = score_rollouts(model, rollouts, tokenizer.pad_token_id, settings.temperature or 1.0, precision)
         mismatch = logprob_mismatch([r.logprobs for r in rollouts], trainer)
-        console.print(f"{contestant.name}: engine vs trainer logprobs of its answers: mean {mismatch['logprob_mismatch_mean']:.4f}, "
-                      f"max {mismatch['logprob_mismatch_max']:.3f} per token")
+        console.print(
+            f"{contestant.name}: engine vs trainer logprobs of its answers: mean "
+            f"{mismatch['logprob_mismatch_mean']:.4f}, "
+            f"max {mismatch['logprob_mismatch_max']:.3f} per token"
+        )
     del engine, model
     free_memory()
     return rollouts, used, mismatch

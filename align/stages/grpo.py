@@ -24,19 +24,18 @@ from pathlib import Path
 import torch
 from transformers import get_scheduler, set_seed
 
+from align.config import GRPOConfig
 from align.console import console, print_plan
 from align.data.prompt_data import load_prompts
+from align.faults import fault_point
 from align.losses import clipped_policy_loss, group_advantages, kl_estimate, rloo_advantages
 from align.models.adapters import reference_mode, trainable_summary
 from align.models.loading import autocast, load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
-from align.config import GRPOConfig
 from align.rollout.scoring import logprob_mismatch, rollout_batch
-from align.faults import fault_point
 from align.stages.checkup import checkup_status, raise_if_collapsed, run_checkup, with_training_alarm
 from align.stages.common import adapter_line, prepare_output, process_state, resume_line, source_stage
 from align.stages.online import (
-    rl_steps,
     CollapseWatch,
     DeadRunAlarm,
     StepLog,
@@ -48,6 +47,7 @@ from align.stages.online import (
     micro_batches,
     policy_outputs,
     prompt_batches,
+    rl_steps,
     rollout_engine,
     rollout_stats,
     sampling,
@@ -59,7 +59,14 @@ from align.stages.online import (
 )
 
 
-def aggregate(token_losses: torch.Tensor, mask: torch.Tensor, how: str, rows_in_minibatch: int, tokens_in_minibatch: int, max_new_tokens: int) -> torch.Tensor:
+def aggregate(
+    token_losses: torch.Tensor,
+    mask: torch.Tensor,
+    how: str,
+    rows_in_minibatch: int,
+    tokens_in_minibatch: int,
+    max_new_tokens: int,
+) -> torch.Tensor:
     """This micro-batch's share of the minibatch loss, so micro-batches add up to the exact
     minibatch loss whatever the split (the denominators are the whole minibatch's)."""
     if how == "token":
@@ -69,8 +76,15 @@ def aggregate(token_losses: torch.Tensor, mask: torch.Tensor, how: str, rows_in_
     return (token_losses * mask).sum() / (rows_in_minibatch * max_new_tokens)
 
 
-def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe", from_dir: str | Path | None = None,
-             overwrite: bool = False, resume: bool = False, provenance: dict | None = None) -> Path:
+def run_grpo(
+    cfg: GRPOConfig,
+    output_dir: str | Path,
+    recipe_name: str = "recipe",
+    from_dir: str | Path | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    provenance: dict | None = None,
+) -> Path:
     from reward_models import build_reward
 
     started = time.time()
@@ -89,7 +103,9 @@ def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe
     #    weights and optimizer), then the rollout engine, which serves the weights as they now are.
     set_seed(cfg.seed)
     precision = resolve_precision(cfg.model.precision)
-    policy, reference, reference_line = load_policy(cfg, model_path, precision, source, needs_reference=opts.kl_coef > 0)
+    policy, reference, reference_line = load_policy(
+        cfg, model_path, precision, source, needs_reference=opts.kl_coef > 0
+    )
     trainable, total = trainable_summary(policy)
     steps = rl_steps(cfg, len(prompts))
     completions_per_step = cfg.rollout.prompts_per_step * k
@@ -106,20 +122,27 @@ def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe
         device = next(policy.parameters()).device
         pad = tokenizer.pad_token_id
         quantized = cfg.quantization.mode != "none"
-        print_plan(f"align grpo - {recipe_name}", {
-            "model": f"{cfg.model.name} ({model_path})",
-            "adapter": adapter_line(cfg, quantized, precision, trainable, total) + (f"; starts from {source}" if source else ""),
-            "algorithm": f"{opts.algorithm}" + (", rewards / group std" if opts.algorithm == "grpo" and opts.scale_rewards else "")
-            + f", clip {opts.clip}, loss per {opts.loss_aggregation}, kl_coef {opts.kl_coef} ({opts.kl_estimator})",
-            "reward": getattr(reward, "name", str(cfg.reward)),
-            "reference": reference_line,
-            "rollouts": f"{engine.describe()}; {cfg.rollout.prompts_per_step} prompts x {k} samples, temperature {cfg.rollout.temperature}, "
-            f"<= {cfg.rollout.max_new_tokens} new tokens",
-            **{f"data {r.name}": r.summary() for r in reports},
-            "steps": f"{steps} RL steps x {opts.epochs} epoch(s) x {math.ceil(completions_per_step / minibatch)} minibatch(es) = {updates} optimizer steps",
-            "resume": resume_line(resume_from, resume),
-            "output": str(output_dir),
-        })
+        print_plan(
+            f"align grpo - {recipe_name}",
+            {
+                "model": f"{cfg.model.name} ({model_path})",
+                "adapter": adapter_line(cfg, quantized, precision, trainable, total)
+                + (f"; starts from {source}" if source else ""),
+                "algorithm": f"{opts.algorithm}"
+                + (", rewards / group std" if opts.algorithm == "grpo" and opts.scale_rewards else "")
+                + f", clip {opts.clip}, loss per {opts.loss_aggregation}, kl_coef {opts.kl_coef} ({opts.kl_estimator})",
+                "reward": getattr(reward, "name", str(cfg.reward)),
+                "reference": reference_line,
+                "rollouts": f"{engine.describe()}; {cfg.rollout.prompts_per_step} prompts x {k} samples, temperature "
+                f"{cfg.rollout.temperature}, "
+                f"<= {cfg.rollout.max_new_tokens} new tokens",
+                **{f"data {r.name}": r.summary() for r in reports},
+                "steps": f"{steps} RL steps x {opts.epochs} epoch(s) x {math.ceil(completions_per_step / minibatch)} "
+                f"minibatch(es) = {updates} optimizer steps",
+                "resume": resume_line(resume_from, resume),
+                "output": str(output_dir),
+            },
+        )
 
         log = StepLog(output_dir / "metrics.jsonl")
         stopped = collapsed = None
@@ -132,7 +155,9 @@ def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe
             eval_start = held_out_reward(engine, reward, held_out, cfg) if held_out else None
         policy.train()
         step = start = loop["step"]
-        for step, batch_prompts in zip(range(start + 1, steps + 1), prompt_batches(prompts, cfg.rollout.prompts_per_step, cfg.seed, start)):
+        for step, batch_prompts in zip(
+            range(start + 1, steps + 1), prompt_batches(prompts, cfg.rollout.prompts_per_step, cfg.seed, start)
+        ):
             # 1. Rollout.
             with log.timed("generation"):
                 rollouts = engine.generate([p.messages for p in batch_prompts], sampling(cfg, step))
@@ -140,7 +165,11 @@ def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe
             with log.timed("scoring"):
                 rewards = score(reward, batch_prompts, rollouts)
             # 3. Advantages relative to each prompt's group (rollouts are prompt-major: k in a row).
-            advantages = group_advantages(rewards, k, opts.scale_rewards) if opts.algorithm == "grpo" else rloo_advantages(rewards, k)
+            advantages = (
+                group_advantages(rewards, k, opts.scale_rewards)
+                if opts.algorithm == "grpo"
+                else rloo_advantages(rewards, k)
+            )
             # 4. The rollout policy's and the reference's logprobs, recomputed by the trainer.
             batch = rollout_batch(rollouts, pad)
             mask = batch["completion_mask"].float()
@@ -182,11 +211,15 @@ def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe
                                 kl = kl_estimate(logps, ref[rows].to(device), opts.kl_estimator)
                                 token_loss = token_loss + opts.kl_coef * kl
                                 log.add(kl_in_loss=((kl * m).sum() / m.sum().clamp(min=1)).item())
-                            loss = aggregate(token_loss, m, opts.loss_aggregation, len(mb), tokens, cfg.rollout.max_new_tokens)
+                            loss = aggregate(
+                                token_loss, m, opts.loss_aggregation, len(mb), tokens, cfg.rollout.max_new_tokens
+                            )
                             loss.backward()
                             minibatch_loss += loss.item()
-                            log.add(clip_fraction=((clipped * m).sum() / m.sum().clamp(min=1)).item(),
-                                    approx_kl=(0.5 * ((logps - old_rows) ** 2 * m).sum() / m.sum().clamp(min=1)).item())
+                            log.add(
+                                clip_fraction=((clipped * m).sum() / m.sum().clamp(min=1)).item(),
+                                approx_kl=(0.5 * ((logps - old_rows) ** 2 * m).sum() / m.sum().clamp(min=1)).item(),
+                            )
                         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
                         optimizer.step()
                         scheduler.step()
@@ -197,13 +230,24 @@ def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe
                 engine.sync_weights(policy)
             log.add(**getattr(engine, "fidelity", {}))  # vLLM: its greedy answers to real prompts vs the trainer
             stats = rollout_stats(rollouts, rewards)
-            log.add(**stats, **logprob_mismatch([r.logprobs for r in rollouts], [row[: len(r.logprobs)].tolist() for row, r in zip(old, rollouts)]),
-                    entropy=((entropy * mask).sum() / mask.sum()).item(), advantage_abs=advantages.abs().mean().item(),
-                    lr=scheduler.get_last_lr()[0])
+            log.add(
+                **stats,
+                **logprob_mismatch(
+                    [r.logprobs for r in rollouts], [row[: len(r.logprobs)].tolist() for row, r in zip(old, rollouts)]
+                ),
+                entropy=((entropy * mask).sum() / mask.sum()).item(),
+                advantage_abs=advantages.abs().mean().item(),
+                lr=scheduler.get_last_lr()[0],
+            )
             record = log.write(step)
-            console.print(f"step {step}/{steps}: reward {stats['reward_mean']:.3f} (std {stats['reward_std']:.3f}), "
-                          f"length {stats['completion_length']:.0f}, truncated {stats['truncated_fraction']:.0%}, loss {record['loss']:+.4f}")
-            stopped = alarm.check(stats["truncated_fraction"], stats["reward_std"], zero_advantage=bool((advantages == 0).all()))
+            console.print(
+                f"step {step}/{steps}: reward {stats['reward_mean']:.3f} (std {stats['reward_std']:.3f}), "
+                f"length {stats['completion_length']:.0f}, truncated {stats['truncated_fraction']:.0%}, loss "
+                f"{record['loss']:+.4f}"
+            )
+            stopped = alarm.check(
+                stats["truncated_fraction"], stats["reward_std"], zero_advantage=bool((advantages == 0).all())
+            )
             collapsed = watch.check(stats["loop_fraction"], record.get("kl"))
             stopped = stopped or (f"collapse: {collapsed}" if collapsed else None)
             if stopped:
@@ -211,7 +255,15 @@ def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe
                 break
             fault_point("grpo", "step", step)
             if checkpoint_due(cfg, step, steps):
-                save_rl_checkpoint(output_dir, step, cfg, policy, optimizer, scheduler, {"dead_streak": alarm.streak, "eval_reward_start": eval_start})
+                save_rl_checkpoint(
+                    output_dir,
+                    step,
+                    cfg,
+                    policy,
+                    optimizer,
+                    scheduler,
+                    {"dead_streak": alarm.streak, "eval_reward_start": eval_start},
+                )
 
         # 7. Held-out reward after training, then save.
         eval_end = held_out_reward(engine, reward, held_out, cfg) if held_out else None
@@ -219,13 +271,30 @@ def run_grpo(cfg: GRPOConfig, output_dir: str | Path, recipe_name: str = "recipe
         engine.close()
     checkup = with_training_alarm(run_checkup(cfg, policy, tokenizer, source, precision), collapsed)
     save_rl_stage(
-        policy, tokenizer, output_dir, started,
-        stage="grpo", kind="grpo", recipe=recipe_name, algorithm=opts.algorithm, from_stage=str(source) if source else None,
-        base_model=cfg.model.name, base_model_path=str(model_path), precision=precision,
-        quantization=cfg.quantization.mode if quantized else "none", engine=engine.name, steps=step, stopped_early=stopped,
-        reward=getattr(reward, "name", str(cfg.reward)), data={r.name: r.as_dict() for r in reports},
-        eval_reward_start=eval_start, eval_reward_end=eval_end, resumed_from=str(resume_from) if resume_from else None,
-        checkup=checkup, status=checkup_status(cfg, checkup), **(provenance or {}),
+        policy,
+        tokenizer,
+        output_dir,
+        started,
+        stage="grpo",
+        kind="grpo",
+        recipe=recipe_name,
+        algorithm=opts.algorithm,
+        from_stage=str(source) if source else None,
+        base_model=cfg.model.name,
+        base_model_path=str(model_path),
+        precision=precision,
+        quantization=cfg.quantization.mode if quantized else "none",
+        engine=engine.name,
+        steps=step,
+        stopped_early=stopped,
+        reward=getattr(reward, "name", str(cfg.reward)),
+        data={r.name: r.as_dict() for r in reports},
+        eval_reward_start=eval_start,
+        eval_reward_end=eval_end,
+        resumed_from=str(resume_from) if resume_from else None,
+        checkup=checkup,
+        status=checkup_status(cfg, checkup),
+        **(provenance or {}),
     )
     if eval_start is not None:
         console.print(f"held-out reward {eval_start:.3f} -> {eval_end:.3f}")
@@ -238,6 +307,15 @@ def held_out_reward(engine, reward, held_out, cfg) -> float:
     from align.rollout.engine import Sampling
 
     r = cfg.rollout
-    rollouts = engine.generate([p.messages for p in held_out], Sampling(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                                                      max_new_tokens=r.max_new_tokens, stop=tuple(r.stop), seed=cfg.seed + 12345))
+    rollouts = engine.generate(
+        [p.messages for p in held_out],
+        Sampling(
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            max_new_tokens=r.max_new_tokens,
+            stop=tuple(r.stop),
+            seed=cfg.seed + 12345,
+        ),
+    )
     return score(reward, held_out, rollouts).mean().item()

@@ -20,13 +20,13 @@ from typing import Iterator
 import torch
 
 from align.artifacts import CHECKPOINT_MARKER, atomic_folder, prune_checkpoints, stage_folder, write_manifest
-from align.faults import fault_point
+from align.config import RecipeError
 from align.console import console
 from align.data.prompt_data import PromptExample
+from align.faults import fault_point
 from align.losses import token_logps, truncated_importance_weights
 from align.models.adapters import add_adapter, load_adapter_for_training
 from align.models.loading import load_base_model
-from align.config import RecipeError
 from align.rollout.engine import Rollout, Sampling
 from align.rollout.engines import make_engine
 from align.tracking import plot_losses
@@ -60,15 +60,22 @@ def load_policy(cfg, model_path: Path, precision: str, source: Path | None, need
     the first PPO ratio would not be 1 and rollout and trainer logprobs would disagree.
     """
     if cfg.adapter.method == "full":
-        raise RecipeError(f"{cfg.kind}: adapter.method=full would need a second full model as reference; use an adapter")
+        raise RecipeError(
+            f"{cfg.kind}: adapter.method=full would need a second full model as reference; use an adapter"
+        )
     quantized = cfg.quantization.mode != "none"
     base = load_base_model(cfg.model, cfg.quantization, precision, model_path)
     if source is None:
         policy = add_adapter(base, cfg.adapter, cfg.lora, quantized, cfg.train.gradient_checkpointing)
         reference, line = None, "the base with the adapter disabled"
     else:
-        policy = load_adapter_for_training(base, source / "adapter", quantized, cfg.train.gradient_checkpointing,
-                                           frozen_copy="reference" if needs_reference else None)
+        policy = load_adapter_for_training(
+            base,
+            source / "adapter",
+            quantized,
+            cfg.train.gradient_checkpointing,
+            frozen_copy="reference" if needs_reference else None,
+        )
         reference, line = ("reference" if needs_reference else None), f"the starting adapter from {source} (frozen)"
     for module in policy.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -80,8 +87,13 @@ def load_policy(cfg, model_path: Path, precision: str, source: Path | None, need
 
 
 def rollout_engine(cfg, policy, tokenizer, precision: str):
-    options = dict(kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, seed=cfg.seed,
-                   sync=cfg.rollout.vllm_sync, engine_precision=cfg.rollout.engine_precision)
+    options = dict(
+        kv_cache_gib=cfg.rollout.kv_cache_gib,
+        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        seed=cfg.seed,
+        sync=cfg.rollout.vllm_sync,
+        engine_precision=cfg.rollout.engine_precision,
+    )
     return make_engine(cfg.rollout.engine, policy, tokenizer, precision, batch_size=cfg.rollout.batch_size, **options)
 
 
@@ -103,8 +115,10 @@ def check_longest_rollout_batch(policy, prompts: list, cfg, precision: str, pad_
     device = next(policy.parameters()).device
     batch = {k: v.to(device) for k, v in rollout_batch(fake, pad_id).items()}
     try:
-        with trial_step(f"the longest micro-batch an RL step can make ({rows} rows of {len(longest)} prompt + {new} new tokens)",
-                        "Lower train.batch_size, rollout.max_new_tokens or data.max_length"):
+        with trial_step(
+            f"the longest micro-batch an RL step can make ({rows} rows of {len(longest)} prompt + {new} new tokens)",
+            "Lower train.batch_size, rollout.max_new_tokens or data.max_length",
+        ):
             with autocast(precision):
                 logps, _, values = policy_outputs(policy, batch, cfg.rollout.temperature, value_head)
             loss = masked_mean(logps.float(), batch["completion_mask"].float())
@@ -115,10 +129,15 @@ def check_longest_rollout_batch(policy, prompts: list, cfg, precision: str, pad_
         policy.zero_grad(set_to_none=True)
         if value_head is not None:
             value_head.zero_grad(set_to_none=True)
-    console.print(f"[dim]memory check: forward + backward on the longest RL micro-batch ({rows} x {len(longest) + new} tokens) fits[/]")
+    console.print(
+        f"[dim]memory check: forward + backward on the longest RL micro-batch ({rows} x {len(longest) + new} tokens) "
+        "fits[/]"
+    )
 
 
-def importance_weights(cfg, engine, rollouts: list[Rollout], old: torch.Tensor, mask: torch.Tensor, log) -> torch.Tensor | None:
+def importance_weights(
+    cfg, engine, rollouts: list[Rollout], old: torch.Tensor, mask: torch.Tensor, log
+) -> torch.Tensor | None:
     """[B, T] truncated importance weights pi_trainer / pi_sampler for the policy loss, or None when
     the correction is off (``rollout.importance_correction``; auto = on unless the engine samples
     with the trainer's own forward). ``old`` holds the trainer's logprobs of the sampled tokens;
@@ -131,18 +150,30 @@ def importance_weights(cfg, engine, rollouts: list[Rollout], old: torch.Tensor, 
         sampler[row, : len(rollout.logprobs)] = torch.tensor(rollout.logprobs, dtype=old.dtype)
     weights, truncated = truncated_importance_weights(old, sampler, cfg.rollout.importance_cap)
     tokens = mask.sum().clamp(min=1)
-    log.add(is_weight_mean=((weights * mask).sum() / tokens).item(), is_weight_max=weights[mask.bool()].max().item() if mask.any() else 1.0,
-            is_truncated_fraction=((truncated * mask).sum() / tokens).item())
+    log.add(
+        is_weight_mean=((weights * mask).sum() / tokens).item(),
+        is_weight_max=weights[mask.bool()].max().item() if mask.any() else 1.0,
+        is_truncated_fraction=((truncated * mask).sum() / tokens).item(),
+    )
     return weights
 
 
 def sampling(cfg, step: int) -> Sampling:
     r = cfg.rollout
-    return Sampling(n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                    max_new_tokens=r.max_new_tokens, stop=tuple(r.stop), seed=cfg.seed * 100_003 + step)
+    return Sampling(
+        n=r.samples_per_prompt,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        max_new_tokens=r.max_new_tokens,
+        stop=tuple(r.stop),
+        seed=cfg.seed * 100_003 + step,
+    )
 
 
-def prompt_batches(prompts: list[PromptExample], per_step: int, seed: int, start_step: int = 0) -> Iterator[list[PromptExample]]:
+def prompt_batches(
+    prompts: list[PromptExample], per_step: int, seed: int, start_step: int = 0
+) -> Iterator[list[PromptExample]]:
     """Endless batches of prompts; the order is reshuffled every pass, deterministically from the seed."""
     order, epoch, position = [], -1, 0
     for step in range(10**12):
@@ -175,8 +206,14 @@ def policy_outputs(model, batch: dict[str, torch.Tensor], temperature: float, va
     the value of the state before token t is generated. Logits are kept for completion columns only.
     """
     completion_len = batch["completion_ids"].shape[1]
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                logits_to_keep=completion_len + 1, use_cache=False, output_hidden_states=value_head is not None)
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=completion_len + 1,
+        use_cache=False,
+        output_hidden_states=value_head is not None,
+    )
     logits = out.logits[:, :-1]
     mask = batch["completion_mask"]
     logps = token_logps(logits, batch["completion_ids"], temperature) * mask
@@ -222,13 +259,17 @@ class DeadRunAlarm:
         if not (self.patience and self.streak >= self.patience):
             return None
         if truncated_and_flat:
-            return (f"no learning signal for {self.streak} steps: every completion hit max_new_tokens "
-                    f"({self.max_new_tokens}) and every reward was the same. Raise rollout.max_new_tokens, check the "
-                    "reward on a few completions (align generate), or lower the temperature.")
-        return (f"no learning signal for {self.streak} steps: within every group all samples got the same reward, "
-                "so every advantage is zero. The task is too hard or too easy for this policy under this reward: "
-                "check the reward on a few completions (align generate), use a graded reward, raise "
-                "rollout.samples_per_prompt or the temperature, or pick easier prompts.")
+            return (
+                f"no learning signal for {self.streak} steps: every completion hit max_new_tokens "
+                f"({self.max_new_tokens}) and every reward was the same. Raise rollout.max_new_tokens, check the "
+                "reward on a few completions (align generate), or lower the temperature."
+            )
+        return (
+            f"no learning signal for {self.streak} steps: within every group all samples got the same reward, "
+            "so every advantage is zero. The task is too hard or too easy for this policy under this reward: "
+            "check the reward on a few completions (align generate), use a graded reward, raise "
+            "rollout.samples_per_prompt or the temperature, or pick easier prompts."
+        )
 
 
 class StepLog:
@@ -256,7 +297,11 @@ class StepLog:
         return _Timer()
 
     def write(self, step: int) -> dict:
-        record = {"step": step, **{k: sum(v) / len(v) for k, v in self.values.items()}, **{f"time/{k}": round(v, 3) for k, v in self.times.items()}}
+        record = {
+            "step": step,
+            **{k: sum(v) / len(v) for k, v in self.values.items()},
+            **{f"time/{k}": round(v, 3) for k, v in self.times.items()},
+        }
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         self.values.clear()
@@ -295,12 +340,21 @@ class CollapseWatch:
         if kl is not None and kl > self.checkup.max_kl:
             return f"KL to the reference {kl:.3f} per token (threshold checkup.max_kl {self.checkup.max_kl})"
         if loop_fraction - self.first_loops > self.checkup.max_loop_rise:
-            return (f"rollouts stuck in a repeated loop rose from {self.first_loops:.2f} to {loop_fraction:.2f} "
-                    f"(threshold checkup.max_loop_rise {self.checkup.max_loop_rise})")
+            return (
+                f"rollouts stuck in a repeated loop rose from {self.first_loops:.2f} to {loop_fraction:.2f} "
+                f"(threshold checkup.max_loop_rise {self.checkup.max_loop_rise})"
+            )
         return None
 
 
-def save_rl_stage(policy, tokenizer, output_dir: Path, started: float, extra_files: dict[str, dict[str, torch.Tensor]] | None = None, **manifest) -> dict:
+def save_rl_stage(
+    policy,
+    tokenizer,
+    output_dir: Path,
+    started: float,
+    extra_files: dict[str, dict[str, torch.Tensor]] | None = None,
+    **manifest,
+) -> dict:
     """The adapter (without a frozen reference copy) and any extra tensors, atomically; then the manifest."""
     from safetensors.torch import save_file
 
@@ -312,13 +366,27 @@ def save_rl_stage(policy, tokenizer, output_dir: Path, started: float, extra_fil
         for name, tensors in (extra_files or {}).items():
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(staging / name))
     _plot_rewards(output_dir)
-    manifest = write_manifest(output_dir, status=manifest.pop("status", "complete"), artifact="adapter", seconds=round(time.time() - started, 1), **manifest)
+    manifest = write_manifest(
+        output_dir,
+        status=manifest.pop("status", "complete"),
+        artifact="adapter",
+        seconds=round(time.time() - started, 1),
+        **manifest,
+    )
     console.print(f"[bold green]done[/] in {time.time() - started:.0f}s: {output_dir}")
     return manifest
 
 
-def save_rl_checkpoint(output_dir: Path, step: int, cfg, policy, optimizer, scheduler, state: dict,
-                       tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+def save_rl_checkpoint(
+    output_dir: Path,
+    step: int,
+    cfg,
+    policy,
+    optimizer,
+    scheduler,
+    state: dict,
+    tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> Path:
     """checkpoints/checkpoint-<step>/: the trained adapter (not the frozen reference), extra
     tensors (the value head), optimizer + scheduler + RNG (torch.save, read back with
     weights_only=True) and the loop's own state (step, KL coefficient, ...) as JSON. Written to a
@@ -330,8 +398,14 @@ def save_rl_checkpoint(output_dir: Path, step: int, cfg, policy, optimizer, sche
         policy.save_pretrained(staging / "adapter", selected_adapters=["default"])
         for name, named in (tensors or {}).items():
             save_file({k: v.detach().contiguous().cpu() for k, v in named.items()}, str(staging / name))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()},
-                   staging / "trainer_state.pt")
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+            },
+            staging / "trainer_state.pt",
+        )
         (staging / "loop_state.json").write_text(json.dumps({"step": step, **state}, indent=1), encoding="utf-8")
         fault_point(cfg.kind, "save", step)
         (staging / CHECKPOINT_MARKER).write_text(f"step {step}\n")
@@ -345,7 +419,9 @@ def load_rl_checkpoint(folder: Path, policy, optimizer, scheduler) -> dict:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(policy, load_file(str(folder / "adapter" / "adapter_model.safetensors")), adapter_name="default")
+    set_peft_model_state_dict(
+        policy, load_file(str(folder / "adapter" / "adapter_model.safetensors")), adapter_name="default"
+    )
     saved = torch.load(folder / "trainer_state.pt", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
@@ -378,4 +454,3 @@ def _plot_rewards(output_dir: Path) -> None:
         fig.savefig(output_dir / "reward.png")
         plt.close(fig)
     plot_losses(output_dir / "metrics.jsonl", output_dir / "loss.png")
-

@@ -26,19 +26,18 @@ from pathlib import Path
 import torch
 from transformers import get_scheduler, set_seed
 
+from align.config import PPOConfig, RecipeError
 from align.console import console, print_plan
 from align.data.prompt_data import load_prompts
+from align.faults import fault_point
 from align.losses import clipped_policy_loss, clipped_value_loss, gae, kl_estimate, masked_mean, whiten
 from align.models.adapters import reference_mode, trainable_summary
 from align.models.loading import autocast, load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
-from align.config import PPOConfig, RecipeError
 from align.rollout.scoring import logprob_mismatch, rollout_batch
-from align.faults import fault_point
 from align.stages.checkup import checkup_status, raise_if_collapsed, run_checkup, with_training_alarm
 from align.stages.common import adapter_line, prepare_output, process_state, resume_line, source_stage
 from align.stages.online import (
-    rl_steps,
     CollapseWatch,
     DeadRunAlarm,
     StepLog,
@@ -50,6 +49,7 @@ from align.stages.online import (
     micro_batches,
     policy_outputs,
     prompt_batches,
+    rl_steps,
     rollout_engine,
     rollout_stats,
     sampling,
@@ -96,7 +96,9 @@ class RunningScale:
 
 def value_head_for(policy, init: str, reward_dir: Path | None) -> torch.nn.Linear:
     """A linear value head on the final hidden state: zeros, or the learned reward model's head."""
-    hidden = policy.get_base_model().config.hidden_size if hasattr(policy, "get_base_model") else policy.config.hidden_size
+    hidden = (
+        policy.get_base_model().config.hidden_size if hasattr(policy, "get_base_model") else policy.config.hidden_size
+    )
     head = torch.nn.Linear(hidden, 1, bias=True)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
@@ -108,10 +110,18 @@ def value_head_for(policy, init: str, reward_dir: Path | None) -> torch.nn.Linea
         from align.models.reward import HEAD_NAMES
 
         tensors = load_file(str(reward_dir / "adapter" / "adapter_model.safetensors"))
-        score = next((v for k, v in tensors.items() if k.endswith(".weight") and any(f".{n}." in k for n in HEAD_NAMES)
-                      and v.shape == head.weight.shape), None)
+        score = next(
+            (
+                v
+                for k, v in tensors.items()
+                if k.endswith(".weight") and any(f".{n}." in k for n in HEAD_NAMES) and v.shape == head.weight.shape
+            ),
+            None,
+        )
         if score is None:
-            raise RecipeError(f"{reward_dir}: no reward head of shape {tuple(head.weight.shape)} to start the value head from")
+            raise RecipeError(
+                f"{reward_dir}: no reward head of shape {tuple(head.weight.shape)} to start the value head from"
+            )
         with torch.no_grad():
             head.weight.copy_(score.float())
     return head.to(next(policy.parameters()).device)
@@ -125,8 +135,16 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return (1 - var_residual / var).item() if var > 0 else float("nan")
 
 
-def run_ppo(cfg: PPOConfig, output_dir: str | Path, recipe_name: str = "recipe", from_dir: str | Path | None = None,
-            overwrite: bool = False, resume: bool = False, provenance: dict | None = None) -> Path:
+# noqa below: run_ppo is still one long loop; issue 14 (item 5) splits it into its numbered steps
+def run_ppo(  # noqa: C901
+    cfg: PPOConfig,
+    output_dir: str | Path,
+    recipe_name: str = "recipe",
+    from_dir: str | Path | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    provenance: dict | None = None,
+) -> Path:
     from reward_models import build_reward
 
     started = time.time()
@@ -154,10 +172,13 @@ def run_ppo(cfg: PPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
     minibatch = min(opts.minibatch_size or completions_per_step, completions_per_step)
     updates = steps * opts.epochs * math.ceil(completions_per_step / minibatch)
     policy_params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([
-        {"params": policy_params, "lr": cfg.train.lr},
-        {"params": list(value_head.parameters()), "lr": opts.value_lr or cfg.train.lr},
-    ], weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": policy_params, "lr": cfg.train.lr},
+            {"params": list(value_head.parameters()), "lr": opts.value_lr or cfg.train.lr},
+        ],
+        weight_decay=cfg.train.weight_decay,
+    )
     scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, int(cfg.train.warmup_ratio * updates), updates)
     kl_control = KLController(opts.kl_coef, opts.target_kl, opts.kl_horizon)
     scale = RunningScale()
@@ -177,21 +198,30 @@ def run_ppo(cfg: PPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
         check_longest_rollout_batch(policy, prompts, cfg, precision, tokenizer.pad_token_id, value_head)
         device = next(policy.parameters()).device
         quantized = cfg.quantization.mode != "none"
-        print_plan(f"align ppo - {recipe_name}", {
-            "model": f"{cfg.model.name} ({model_path})",
-            "adapter": adapter_line(cfg, quantized, precision, trainable, total) + (f"; starts from {source}" if source else ""),
-            "value head": f"linear on the final hidden state, init {opts.value_head_init}, lr {opts.value_lr or cfg.train.lr}",
-            "objective": f"clip {opts.clip}, value clip {opts.value_clip}, vf_coef {opts.vf_coef}, GAE gamma {opts.gamma} lambda {opts.lam}, "
-            f"KL {opts.kl_estimator} x {opts.kl_coef}" + (f" adapting to {opts.target_kl}" if opts.target_kl else " (fixed)"),
-            "reward": getattr(reward, "name", str(cfg.reward)),
-            "reference": reference_line,
-            "rollouts": f"{engine.describe()}; {cfg.rollout.prompts_per_step} prompts x {cfg.rollout.samples_per_prompt}, "
-            f"temperature {cfg.rollout.temperature}, <= {cfg.rollout.max_new_tokens} new tokens",
-            **{f"data {r.name}": r.summary() for r in reports},
-            "steps": f"{steps} RL steps x {opts.epochs} epoch(s) x {math.ceil(completions_per_step / minibatch)} minibatch(es) = {updates} optimizer steps",
-            "resume": resume_line(resume_from, resume),
-            "output": str(output_dir),
-        })
+        print_plan(
+            f"align ppo - {recipe_name}",
+            {
+                "model": f"{cfg.model.name} ({model_path})",
+                "adapter": adapter_line(cfg, quantized, precision, trainable, total)
+                + (f"; starts from {source}" if source else ""),
+                "value head": f"linear on the final hidden state, init {opts.value_head_init}, lr "
+                f"{opts.value_lr or cfg.train.lr}",
+                "objective": f"clip {opts.clip}, value clip {opts.value_clip}, vf_coef {opts.vf_coef}, GAE gamma "
+                f"{opts.gamma} lambda {opts.lam}, "
+                f"KL {opts.kl_estimator} x {opts.kl_coef}"
+                + (f" adapting to {opts.target_kl}" if opts.target_kl else " (fixed)"),
+                "reward": getattr(reward, "name", str(cfg.reward)),
+                "reference": reference_line,
+                "rollouts": f"{engine.describe()}; {cfg.rollout.prompts_per_step} prompts x "
+                f"{cfg.rollout.samples_per_prompt}, "
+                f"temperature {cfg.rollout.temperature}, <= {cfg.rollout.max_new_tokens} new tokens",
+                **{f"data {r.name}": r.summary() for r in reports},
+                "steps": f"{steps} RL steps x {opts.epochs} epoch(s) x {math.ceil(completions_per_step / minibatch)} "
+                f"minibatch(es) = {updates} optimizer steps",
+                "resume": resume_line(resume_from, resume),
+                "output": str(output_dir),
+            },
+        )
 
         log = StepLog(output_dir / "metrics.jsonl")
         alarm = DeadRunAlarm(opts.dead_steps, cfg.rollout.max_new_tokens)
@@ -201,7 +231,9 @@ def run_ppo(cfg: PPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
         policy.train()
         temperature = cfg.rollout.temperature
         step = start = loop["step"]
-        for step, batch_prompts in zip(range(start + 1, steps + 1), prompt_batches(prompts, cfg.rollout.prompts_per_step, cfg.seed, start)):
+        for step, batch_prompts in zip(
+            range(start + 1, steps + 1), prompt_batches(prompts, cfg.rollout.prompts_per_step, cfg.seed, start)
+        ):
             # 1. Rollout.
             with log.timed("generation"):
                 rollouts = engine.generate([p.messages for p in batch_prompts], sampling(cfg, step))
@@ -259,21 +291,29 @@ def run_ppo(cfg: PPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
                             with autocast(precision):
                                 logps, _, values = policy_outputs(policy, micro, temperature, value_head)
                             m, old_rows, logps = mask[rows].to(device), old[rows].to(device), logps.float()
-                            policy_loss, clipped = clipped_policy_loss(logps, old_rows, advantages[rows].to(device), opts.clip)
+                            policy_loss, clipped = clipped_policy_loss(
+                                logps, old_rows, advantages[rows].to(device), opts.clip
+                            )
                             if is_weights is not None:
                                 policy_loss = policy_loss * is_weights[rows].to(device)
-                            value_loss, value_clipped = clipped_value_loss(values.float(), old_values[rows].to(device), returns[rows].to(device), opts.value_clip)
+                            value_loss, value_clipped = clipped_value_loss(
+                                values.float(), old_values[rows].to(device), returns[rows].to(device), opts.value_clip
+                            )
                             loss = ((policy_loss + opts.vf_coef * value_loss) * m).sum() / tokens.to(device)
                             loss.backward()
                             minibatch_loss += loss.item()
                             approx_kl = (0.5 * ((logps - old_rows) ** 2 * m).sum() / m.sum().clamp(min=1)).item()
                             epoch_kl.append(approx_kl)
-                            log.add(policy_loss=((policy_loss * m).sum() / m.sum().clamp(min=1)).item(),
-                                    value_loss=((value_loss * m).sum() / m.sum().clamp(min=1)).item(),
-                                    clip_fraction=((clipped * m).sum() / m.sum().clamp(min=1)).item(),
-                                    value_clip_fraction=((value_clipped * m).sum() / m.sum().clamp(min=1)).item(),
-                                    approx_kl=approx_kl)
-                        grad_norm = torch.nn.utils.clip_grad_norm_(policy_params + list(value_head.parameters()), cfg.train.max_grad_norm or float("inf"))
+                            log.add(
+                                policy_loss=((policy_loss * m).sum() / m.sum().clamp(min=1)).item(),
+                                value_loss=((value_loss * m).sum() / m.sum().clamp(min=1)).item(),
+                                clip_fraction=((clipped * m).sum() / m.sum().clamp(min=1)).item(),
+                                value_clip_fraction=((value_clipped * m).sum() / m.sum().clamp(min=1)).item(),
+                                approx_kl=approx_kl,
+                            )
+                        grad_norm = torch.nn.utils.clip_grad_norm_(
+                            policy_params + list(value_head.parameters()), cfg.train.max_grad_norm or float("inf")
+                        )
                         optimizer.step()
                         scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
@@ -287,15 +327,27 @@ def run_ppo(cfg: PPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
             log.add(**getattr(engine, "fidelity", {}))  # vLLM: its greedy answers to real prompts vs the trainer
             kl_per_completion = kl.sum(-1).mean().item()
             stats = rollout_stats(rollouts, raw_scores)
-            log.add(**stats, **logprob_mismatch([r.logprobs for r in rollouts], [row[: len(r.logprobs)].tolist() for row, r in zip(old, rollouts)]),
-                    score_mean=scores.mean().item(), kl=kl_per_completion, kl_coef=kl_control.coef,
-                    entropy=((entropy * mask).sum() / mask.sum()).item(),
-                    explained_variance=explained_variance(old_values, returns, mask), value_mean=masked_mean(old_values, mask).item(),
-                    lr=scheduler.get_last_lr()[0])
+            log.add(
+                **stats,
+                **logprob_mismatch(
+                    [r.logprobs for r in rollouts], [row[: len(r.logprobs)].tolist() for row, r in zip(old, rollouts)]
+                ),
+                score_mean=scores.mean().item(),
+                kl=kl_per_completion,
+                kl_coef=kl_control.coef,
+                entropy=((entropy * mask).sum() / mask.sum()).item(),
+                explained_variance=explained_variance(old_values, returns, mask),
+                value_mean=masked_mean(old_values, mask).item(),
+                lr=scheduler.get_last_lr()[0],
+            )
             kl_control.update(kl_per_completion, len(rollouts))
             record = log.write(step)
-            console.print(f"step {step}/{steps}: reward {stats['reward_mean']:.3f} (std {stats['reward_std']:.3f}), KL {kl_per_completion:.4f}, "
-                          f"length {stats['completion_length']:.0f}, truncated {stats['truncated_fraction']:.0%}, loss {record['loss']:+.4f}")
+            console.print(
+                f"step {step}/{steps}: reward {stats['reward_mean']:.3f} (std {stats['reward_std']:.3f}), KL "
+                f"{kl_per_completion:.4f}, "
+                f"length {stats['completion_length']:.0f}, truncated {stats['truncated_fraction']:.0%}, loss "
+                f"{record['loss']:+.4f}"
+            )
             stopped = alarm.check(stats["truncated_fraction"], stats["reward_std"])
             # PPO logs KL per completion (the penalty's sum); the alarm's threshold is per token
             collapsed = watch.check(stats["loop_fraction"], kl_per_completion / max(stats["completion_length"], 1.0))
@@ -305,19 +357,46 @@ def run_ppo(cfg: PPOConfig, output_dir: str | Path, recipe_name: str = "recipe",
                 break
             fault_point("ppo", "step", step)
             if checkpoint_due(cfg, step, steps):
-                save_rl_checkpoint(output_dir, step, cfg, policy, optimizer, scheduler,
-                                   {"dead_streak": alarm.streak, "kl_coef": kl_control.coef, "scale": [scale.count, scale.mean, scale.m2]},
-                                   {VALUE_HEAD_FILE: value_head.state_dict()})
+                save_rl_checkpoint(
+                    output_dir,
+                    step,
+                    cfg,
+                    policy,
+                    optimizer,
+                    scheduler,
+                    {
+                        "dead_streak": alarm.streak,
+                        "kl_coef": kl_control.coef,
+                        "scale": [scale.count, scale.mean, scale.m2],
+                    },
+                    {VALUE_HEAD_FILE: value_head.state_dict()},
+                )
     finally:
         engine.close()
     checkup = with_training_alarm(run_checkup(cfg, policy, tokenizer, source, precision), collapsed)
     save_rl_stage(
-        policy, tokenizer, output_dir, started, extra_files={VALUE_HEAD_FILE: value_head.state_dict()},
-        stage="ppo", kind="ppo", recipe=recipe_name, from_stage=str(source) if source else None,
-        base_model=cfg.model.name, base_model_path=str(model_path), precision=precision,
-        quantization=cfg.quantization.mode if quantized else "none", engine=engine.name, steps=step, stopped_early=stopped,
-        reward=getattr(reward, "name", str(cfg.reward)), data={r.name: r.as_dict() for r in reports}, final_kl_coef=kl_control.coef,
-        resumed_from=str(resume_from) if resume_from else None, checkup=checkup, status=checkup_status(cfg, checkup),
+        policy,
+        tokenizer,
+        output_dir,
+        started,
+        extra_files={VALUE_HEAD_FILE: value_head.state_dict()},
+        stage="ppo",
+        kind="ppo",
+        recipe=recipe_name,
+        from_stage=str(source) if source else None,
+        base_model=cfg.model.name,
+        base_model_path=str(model_path),
+        precision=precision,
+        quantization=cfg.quantization.mode if quantized else "none",
+        engine=engine.name,
+        steps=step,
+        stopped_early=stopped,
+        reward=getattr(reward, "name", str(cfg.reward)),
+        data={r.name: r.as_dict() for r in reports},
+        final_kl_coef=kl_control.coef,
+        resumed_from=str(resume_from) if resume_from else None,
+        checkup=checkup,
+        status=checkup_status(cfg, checkup),
         **(provenance or {}),
     )
     raise_if_collapsed(cfg, checkup, output_dir)

@@ -14,7 +14,16 @@ from dataclasses import dataclass
 from importlib import import_module
 from typing import Callable, Literal
 
-from align.config import DPOConfig, EvalConfig, GRPOConfig, PPOConfig, RewardConfig, SampleConfig, SFTConfig, StageConfig
+from align.config import (
+    DPOConfig,
+    EvalConfig,
+    GRPOConfig,
+    PPOConfig,
+    RewardConfig,
+    SampleConfig,
+    SFTConfig,
+    StageConfig,
+)
 
 # What a finished stage folder holds, which decides where it may be used:
 #   policy  a causal LM (adapter or whole model): `from:`, eval's policy and baselines
@@ -28,12 +37,14 @@ Output = Literal["policy", "reward", "pairs", "report"]
 class StageKind:
     kind: str
     schema: type[StageConfig]
-    runs: str                 # "module:function" (cfg, output_dir, recipe_name=, overwrite=, resume=, provenance=[, from_dir=])
-    plans: str                # "module:function" (cfg, tokenizer) -> (rows, work): reads every row, so it is the validation
+    runs: str  # "module:function" (cfg, output_dir, recipe_name=, overwrite=, resume=, provenance=[, from_dir=])
+    plans: str  # "module:function" (cfg, tokenizer) -> (rows, work): reads every row, so it is the validation
     output: Output
-    summary: str              # the stage command's help
+    summary: str  # the stage command's help
     starts_from: bool = False  # takes `from:` / --from-dir (a policy to start from)
-    stage_names: tuple[str, ...] = ()  # stages named so get this kind unless they say otherwise; the first is the command's default stage
+    stage_names: tuple[
+        str, ...
+    ] = ()  # stages named so get this kind unless they say otherwise; the first is the command's default stage
 
     @property
     def runner(self) -> Callable:
@@ -49,24 +60,73 @@ def _load(reference: str) -> Callable:
     return getattr(import_module(module), name)
 
 
-REGISTRY: dict[str, StageKind] = {entry.kind: entry for entry in (
-    StageKind("sft", SFTConfig, "align.stages.sft:run_sft", "align.stages.sft:plan", "policy",
-              "Supervised fine-tuning with prompt-masked labels (QLoRA by default)."),
-    StageKind("rm", RewardConfig, "align.stages.reward:run_reward", "align.stages.reward:plan", "reward",
-              "Train a Bradley-Terry reward model on prompt/chosen/rejected pairs.", stage_names=("reward",)),
-    StageKind("dpo", DPOConfig, "align.stages.dpo:run_dpo", "align.stages.dpo:plan", "policy",
-              "Preference optimisation (DPO, cDPO, robust, IPO, SimPO) on prompt/chosen/rejected pairs.", starts_from=True),
-    StageKind("grpo", GRPOConfig, "align.stages.grpo:run_grpo", "align.stages.online:plan", "policy",
-              "Online RL with group-relative advantages: GRPO or RLOO (grpo.algorithm), rollouts from hf or vLLM.",
-              starts_from=True, stage_names=("grpo", "rloo")),
-    StageKind("ppo", PPOConfig, "align.stages.ppo:run_ppo", "align.stages.online:plan", "policy",
-              "Online RL with PPO: value head, per-token KL penalty, GAE, clipped policy and value losses.", starts_from=True),
-    StageKind("sample", SampleConfig, "align.stages.sample:run_sample", "align.stages.sample:plan", "pairs",
-              "Preference pairs from a policy's own answers: n samples per prompt ranked by a reward, best vs worst.",
-              starts_from=True),
-    StageKind("eval", EvalConfig, "align.stages.evaluate:run_eval", "align.stages.evaluate:plan", "report",
-              "Win-rate of a policy against baselines on held-out prompts."),
-)}
+REGISTRY: dict[str, StageKind] = {
+    entry.kind: entry
+    for entry in (
+        StageKind(
+            "sft",
+            SFTConfig,
+            "align.stages.sft:run_sft",
+            "align.stages.sft:plan",
+            "policy",
+            "Supervised fine-tuning with prompt-masked labels (QLoRA by default).",
+        ),
+        StageKind(
+            "rm",
+            RewardConfig,
+            "align.stages.reward:run_reward",
+            "align.stages.reward:plan",
+            "reward",
+            "Train a Bradley-Terry reward model on prompt/chosen/rejected pairs.",
+            stage_names=("reward",),
+        ),
+        StageKind(
+            "dpo",
+            DPOConfig,
+            "align.stages.dpo:run_dpo",
+            "align.stages.dpo:plan",
+            "policy",
+            "Preference optimisation (DPO, cDPO, robust, IPO, SimPO) on prompt/chosen/rejected pairs.",
+            starts_from=True,
+        ),
+        StageKind(
+            "grpo",
+            GRPOConfig,
+            "align.stages.grpo:run_grpo",
+            "align.stages.online:plan",
+            "policy",
+            "Online RL with group-relative advantages: GRPO or RLOO (grpo.algorithm), rollouts from hf or vLLM.",
+            starts_from=True,
+            stage_names=("grpo", "rloo"),
+        ),
+        StageKind(
+            "ppo",
+            PPOConfig,
+            "align.stages.ppo:run_ppo",
+            "align.stages.online:plan",
+            "policy",
+            "Online RL with PPO: value head, per-token KL penalty, GAE, clipped policy and value losses.",
+            starts_from=True,
+        ),
+        StageKind(
+            "sample",
+            SampleConfig,
+            "align.stages.sample:run_sample",
+            "align.stages.sample:plan",
+            "pairs",
+            "Preference pairs from a policy's own answers: n samples per prompt ranked by a reward, best vs worst.",
+            starts_from=True,
+        ),
+        StageKind(
+            "eval",
+            EvalConfig,
+            "align.stages.evaluate:run_eval",
+            "align.stages.evaluate:plan",
+            "report",
+            "Win-rate of a policy against baselines on held-out prompts.",
+        ),
+    )
+}
 
 
 def kinds_making(output: Output) -> tuple[str, ...]:

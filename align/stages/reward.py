@@ -21,17 +21,16 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
+from align.config import RewardConfig
 from align.console import console, print_plan
 from align.data.batching import PairCollator
 from align.data.loading import DataError
 from align.data.preference_data import load_pairs, pair_rows
-from align.tokens import IGNORE_INDEX
 from align.losses import bradley_terry
 from align.models.adapters import add_adapter, trainable_summary
 from align.models.loading import load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
 from align.models.reward import load_reward_base, reward_scores
-from align.config import RewardConfig
 from align.stages.common import (
     adapter_line,
     check_longest_batch,
@@ -48,6 +47,7 @@ from align.stages.common import (
     trainer_plan,
     training_arguments,
 )
+from align.tokens import IGNORE_INDEX
 
 
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -92,8 +92,13 @@ class RewardTrainer(Trainer):
         prefix = merge_stats(self._stats, logs)
         if prefix and self._eval_scores:
             scores, lengths = torch.cat(self._eval_scores), torch.cat(self._eval_lengths)
-            logs.update({"eval_score_mean": scores.mean().item(), "eval_score_std": scores.std().item() if len(scores) > 1 else 0.0,
-                         "eval_length_correlation": pearson(scores, lengths.float())})
+            logs.update(
+                {
+                    "eval_score_mean": scores.mean().item(),
+                    "eval_score_std": scores.std().item() if len(scores) > 1 else 0.0,
+                    "eval_length_correlation": pearson(scores, lengths.float()),
+                }
+            )
             self._eval_scores, self._eval_lengths = [], []
         super().log(logs, start_time)
 
@@ -104,8 +109,14 @@ def plan(cfg: RewardConfig, tokenizer) -> tuple[str, str]:
     return trainer_plan(cfg, train, held_out)
 
 
-def run_reward(cfg: RewardConfig, output_dir: str | Path, recipe_name: str = "recipe", overwrite: bool = False, resume: bool = False,
-            provenance: dict | None = None) -> Path:
+def run_reward(
+    cfg: RewardConfig,
+    output_dir: str | Path,
+    recipe_name: str = "recipe",
+    overwrite: bool = False,
+    resume: bool = False,
+    provenance: dict | None = None,
+) -> Path:
     from transformers import set_seed
 
     started = time.time()
@@ -128,24 +139,30 @@ def run_reward(cfg: RewardConfig, output_dir: str | Path, recipe_name: str = "re
     quantized = cfg.quantization.mode != "none" and not full
     model = load_reward_base(cfg.model, cfg.quantization, precision, model_path, full_finetune=full)
     model.config.pad_token_id = tokenizer.pad_token_id
-    model = add_adapter(model, cfg.adapter, cfg.lora, quantized, cfg.train.gradient_checkpointing, steps, task_type="SEQ_CLS")
+    model = add_adapter(
+        model, cfg.adapter, cfg.lora, quantized, cfg.train.gradient_checkpointing, steps, task_type="SEQ_CLS"
+    )
     model.config.use_cache = False
     trainable, total = trainable_summary(model)
 
     # 3. Output folder and plan.
     resume_from = prepare_output(state, output_dir, cfg, overwrite, resume)
     if state.is_main_process:
-        print_plan(f"align rm - {recipe_name}", {
-            "model": f"{cfg.model.name} ({model_path}) + scalar head, scored at the last real token",
-            "adapter": adapter_line(cfg, quantized, precision, trainable, total),
-            "loss": "Bradley-Terry" + (" with margins" if cfg.reward.margin else "")
-            + (f", centering {cfg.reward.center_coef}" if cfg.reward.center_coef else "")
-            + (f", label smoothing {cfg.reward.label_smoothing}" if cfg.reward.label_smoothing else ""),
-            **{f"data {r.name}": r.summary() for r in reports},
-            "steps": steps_line(cfg, steps, state.num_processes, unit="pairs"),
-            "resume": resume_line(resume_from, resume),
-            "output": str(output_dir),
-        })
+        print_plan(
+            f"align rm - {recipe_name}",
+            {
+                "model": f"{cfg.model.name} ({model_path}) + scalar head, scored at the last real token",
+                "adapter": adapter_line(cfg, quantized, precision, trainable, total),
+                "loss": "Bradley-Terry"
+                + (" with margins" if cfg.reward.margin else "")
+                + (f", centering {cfg.reward.center_coef}" if cfg.reward.center_coef else "")
+                + (f", label smoothing {cfg.reward.label_smoothing}" if cfg.reward.label_smoothing else ""),
+                **{f"data {r.name}": r.summary() for r in reports},
+                "steps": steps_line(cfg, steps, state.num_processes, unit="pairs"),
+                "resume": resume_line(resume_from, resume),
+                "output": str(output_dir),
+            },
+        )
 
     # 4. Train.
     eval_rows = pair_rows(eval_pairs)
@@ -168,13 +185,31 @@ def run_reward(cfg: RewardConfig, output_dir: str | Path, recipe_name: str = "re
 
     # 6. Save: the adapter file carries the head (peft modules_to_save).
     if trainer.is_world_process_zero():
-        held_out = {k.removeprefix("eval_"): v for k, v in final.items() if k.startswith("eval_") and "runtime" not in k and "per_second" not in k}
+        held_out = {
+            k.removeprefix("eval_"): v
+            for k, v in final.items()
+            if k.startswith("eval_") and "runtime" not in k and "per_second" not in k
+        }
         save_stage(
-            trainer, tokenizer, output_dir, "model" if full else "adapter", started,
-            stage="reward", kind="rm", recipe=recipe_name, base_model=cfg.model.name, base_model_path=str(model_path),
-            precision=precision, quantization=cfg.quantization.mode if quantized else "none",
-            data={r.name: r.as_dict() for r in reports}, steps=result.global_step, train_loss=result.training_loss,
-            eval_loss=final.get("eval_loss"), held_out=held_out, resumed_from=str(resume_from) if resume_from else None, **(provenance or {}),
+            trainer,
+            tokenizer,
+            output_dir,
+            "model" if full else "adapter",
+            started,
+            stage="reward",
+            kind="rm",
+            recipe=recipe_name,
+            base_model=cfg.model.name,
+            base_model_path=str(model_path),
+            precision=precision,
+            quantization=cfg.quantization.mode if quantized else "none",
+            data={r.name: r.as_dict() for r in reports},
+            steps=result.global_step,
+            train_loss=result.training_loss,
+            eval_loss=final.get("eval_loss"),
+            held_out=held_out,
+            resumed_from=str(resume_from) if resume_from else None,
+            **(provenance or {}),
         )
         if held_out:
             console.print(
@@ -209,9 +244,14 @@ def score_file(model_dir: str | Path, data: str | Path, output: str | Path | Non
             prompts.append(prompt), chosen.append(good), rejected.append(bad)
         good_scores, bad_scores = reward(prompts, chosen), reward(prompts, rejected)
         wins = [g > b for g, b in zip(good_scores, bad_scores)]
-        result = {"pairs": len(wins), "accuracy": sum(wins) / len(wins),
-                  "margin": sum(g - b for g, b in zip(good_scores, bad_scores)) / len(wins)}
-        console.print(f"{data}: {result['pairs']} pairs, accuracy {result['accuracy']:.3f}, mean margin {result['margin']:.3f}")
+        result = {
+            "pairs": len(wins),
+            "accuracy": sum(wins) / len(wins),
+            "margin": sum(g - b for g, b in zip(good_scores, bad_scores)) / len(wins),
+        }
+        console.print(
+            f"{data}: {result['pairs']} pairs, accuracy {result['accuracy']:.3f}, mean margin {result['margin']:.3f}"
+        )
         return result
     prompts, completions = [], []
     for record in records:
@@ -225,6 +265,8 @@ def score_file(model_dir: str | Path, data: str | Path, output: str | Path | Non
     output = Path(output) if output else Path(data).with_suffix(".scores.jsonl")
     if output.exists():
         raise FileExistsError(f"{output} exists; pass another --output")
-    output.write_text("".join(json.dumps({**r.data, "score": s}) + "\n" for r, s in zip(records, scores)), encoding="utf-8")
+    output.write_text(
+        "".join(json.dumps({**r.data, "score": s}) + "\n" for r, s in zip(records, scores)), encoding="utf-8"
+    )
     console.print(f"{len(scores)} scores written to {output}")
     return {"rows": len(scores), "output": str(output)}

@@ -37,11 +37,21 @@ CHUNK_PROMPTS = 32  # prompts per saved chunk: what a killed run can lose
 def plan(cfg: SampleConfig, tokenizer) -> tuple[str, str]:
     """(prompts, work) for `align run`'s plan; reading every prompt is the validation."""
     train, held_out, _ = load_prompts(cfg.data, tokenizer, cfg.seed)
-    return f"{len(train)} prompts + {len(held_out)} held out", f"{(len(train) + len(held_out)) * cfg.rollout.samples_per_prompt} answers"
+    return (
+        f"{len(train)} prompts + {len(held_out)} held out",
+        f"{(len(train) + len(held_out)) * cfg.rollout.samples_per_prompt} answers",
+    )
 
 
-def run_sample(cfg: SampleConfig, output_dir: str | Path, recipe_name: str = "recipe", from_dir: str | Path | None = None,
-               overwrite: bool = False, resume: bool = False, provenance: dict | None = None) -> Path:
+def run_sample(
+    cfg: SampleConfig,
+    output_dir: str | Path,
+    recipe_name: str = "recipe",
+    from_dir: str | Path | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    provenance: dict | None = None,
+) -> Path:
     from reward_models import build_reward
 
     started = time.time()
@@ -58,19 +68,26 @@ def run_sample(cfg: SampleConfig, output_dir: str | Path, recipe_name: str = "re
             try:
                 score(build_reward(part), train + held_out, [])
             except KeyError as err:
-                raise RecipeError(f"sample: reward rule {part['name']!r}: {err.args[0]} (data files: {', '.join(cfg.data.train)})") from None
+                raise RecipeError(
+                    f"sample: reward rule {part['name']!r}: {err.args[0]} (data files: {', '.join(cfg.data.train)})"
+                ) from None
     source = source_stage(cfg, recipe_name, from_dir)
     prepare_output(process_state(), output_dir, cfg, overwrite, resume)
     r = cfg.rollout
-    print_plan(f"align sample - {recipe_name}", {
-        "policy": f"{source} (adapter)" if source else f"the base model {cfg.model.name}",
-        "reward": getattr(reward, "name", str(cfg.reward)),
-        **{f"data {report.name}": report.summary() for report in reports},
-        "sampling": f"{r.samples_per_prompt} answers per prompt, engine {r.engine}, temperature {r.temperature}, top_p {r.top_p}, "
-        f"top_k {r.top_k}, <= {r.max_new_tokens} new tokens, seed {cfg.seed}",
-        "pairs": f"best vs worst answer per prompt; none when they differ by <= {cfg.tie_margin} or the best was cut off",
-        "output": str(output_dir),
-    })
+    print_plan(
+        f"align sample - {recipe_name}",
+        {
+            "policy": f"{source} (adapter)" if source else f"the base model {cfg.model.name}",
+            "reward": getattr(reward, "name", str(cfg.reward)),
+            **{f"data {report.name}": report.summary() for report in reports},
+            "sampling": f"{r.samples_per_prompt} answers per prompt, engine {r.engine}, temperature {r.temperature}, "
+            f"top_p {r.top_p}, "
+            f"top_k {r.top_k}, <= {r.max_new_tokens} new tokens, seed {cfg.seed}",
+            "pairs": f"best vs worst answer per prompt; none when they differ by <= {cfg.tie_margin} or the best was "
+            "cut off",
+            "output": str(output_dir),
+        },
+    )
 
     # 2. Sample, chunk by chunk; finished chunks are on disk, so a resumed run starts after them.
     prompts = train + held_out
@@ -89,22 +106,52 @@ def run_sample(cfg: SampleConfig, output_dir: str | Path, recipe_name: str = "re
     write_atomic(output_dir / PAIRS_FILE, "".join(json.dumps(p) + "\n" for p in pairs["train"]))
     if held_out:
         write_atomic(output_dir / EVAL_PAIRS_FILE, "".join(json.dumps(p) + "\n" for p in pairs["held_out"]))
-    write_atomic(output_dir / "samples.jsonl", "".join(
-        json.dumps({"prompt": prompts[a["prompt_index"]].messages, "split": "train" if a["prompt_index"] < len(train) else "held_out", **a})
-        + "\n" for a in answers))
+    write_atomic(
+        output_dir / "samples.jsonl",
+        "".join(
+            json.dumps(
+                {
+                    "prompt": prompts[a["prompt_index"]].messages,
+                    "split": "train" if a["prompt_index"] < len(train) else "held_out",
+                    **a,
+                }
+            )
+            + "\n"
+            for a in answers
+        ),
+    )
     stats = sample_stats(answers)
-    write_manifest(output_dir, status="complete", artifact=PAIRS_FILE, stage="sample", kind="sample", recipe=recipe_name,
-                   base_model=cfg.model.name, from_stage=str(source) if source else None, reward=getattr(reward, "name", str(cfg.reward)),
-                   pairs=counts, answers=stats, data={report.name: report.as_dict() for report in reports},
-                   seconds=round(time.time() - started, 1), **(provenance or {}))
+    write_manifest(
+        output_dir,
+        status="complete",
+        artifact=PAIRS_FILE,
+        stage="sample",
+        kind="sample",
+        recipe=recipe_name,
+        base_model=cfg.model.name,
+        from_stage=str(source) if source else None,
+        reward=getattr(reward, "name", str(cfg.reward)),
+        pairs=counts,
+        answers=stats,
+        data={report.name: report.as_dict() for report in reports},
+        seconds=round(time.time() - started, 1),
+        **(provenance or {}),
+    )
     for split, c in counts.items():
         if c["prompts"]:
-            console.print(f"{split}: {c['pairs']} pairs from {c['prompts']} prompts ({c['ties']} all tied, {c['best_cut_off']} best answer cut off); "
-                          f"chosen score {c['chosen_score_mean']:.3f} vs rejected {c['rejected_score_mean']:.3f}")
-    console.print(f"answers: mean score {stats['score_mean']:.3f}, {stats['truncated_fraction']:.0%} cut off at max_new_tokens")
+            console.print(
+                f"{split}: {c['pairs']} pairs from {c['prompts']} prompts ({c['ties']} all tied, {c['best_cut_off']} "
+                "best answer cut off); "
+                f"chosen score {c['chosen_score_mean']:.3f} vs rejected {c['rejected_score_mean']:.3f}"
+            )
+    console.print(
+        f"answers: mean score {stats['score_mean']:.3f}, {stats['truncated_fraction']:.0%} cut off at max_new_tokens"
+    )
     if not pairs["train"]:
-        raise RuntimeError(f"{output_dir}: no pairs - every prompt's answers scored alike (within {cfg.tie_margin}); "
-                           "sample more answers per prompt, at a higher temperature, or rank with a finer reward")
+        raise RuntimeError(
+            f"{output_dir}: no pairs - every prompt's answers scored alike (within {cfg.tie_margin}); "
+            "sample more answers per prompt, at a higher temperature, or rank with a finer reward"
+        )
     console.print(f"[bold green]done[/] in {time.time() - started:.0f}s: {output_dir / PAIRS_FILE}")
     return output_dir
 
@@ -130,22 +177,44 @@ def make_pairs(examples: list[PromptExample], answers: list[list[dict]], tie_mar
         elif best["truncated"]:
             cut += 1
         else:
-            rows.append({"prompt": example.messages, "chosen": best["text"], "rejected": worst["text"],
-                         "chosen_score": best["score"], "rejected_score": worst["score"]})
+            rows.append(
+                {
+                    "prompt": example.messages,
+                    "chosen": best["text"],
+                    "rejected": worst["text"],
+                    "chosen_score": best["score"],
+                    "rejected_score": worst["score"],
+                }
+            )
     mean = lambda key: sum(r[key] for r in rows) / len(rows) if rows else 0.0  # noqa: E731
-    return rows, {"prompts": len(examples), "pairs": len(rows), "ties": ties, "best_cut_off": cut,
-                  "chosen_score_mean": mean("chosen_score"), "rejected_score_mean": mean("rejected_score")}
+    return rows, {
+        "prompts": len(examples),
+        "pairs": len(rows),
+        "ties": ties,
+        "best_cut_off": cut,
+        "chosen_score_mean": mean("chosen_score"),
+        "rejected_score_mean": mean("rejected_score"),
+    }
 
 
 def sample_stats(answers: list[dict]) -> dict[str, float]:
     n = max(len(answers), 1)
-    return {"answers": len(answers), "score_mean": sum(a["score"] for a in answers) / n,
-            "truncated_fraction": sum(a["truncated"] for a in answers) / n,
-            "length_mean": sum(a["length"] for a in answers) / n}
+    return {
+        "answers": len(answers),
+        "score_mean": sum(a["score"] for a in answers) / n,
+        "truncated_fraction": sum(a["truncated"] for a in answers) / n,
+        "length_mean": sum(a["length"] for a in answers) / n,
+    }
 
 
-def _sample(cfg: SampleConfig, source: Path | None, model_path: Path, prompts: list[PromptExample], checkpoints: Path,
-            resume: bool) -> list[list[dict]]:
+def _sample(
+    cfg: SampleConfig,
+    source: Path | None,
+    model_path: Path,
+    prompts: list[PromptExample],
+    checkpoints: Path,
+    resume: bool,
+) -> list[list[dict]]:
     """Every chunk's answers: chunks already on disk (resuming) are read, the others sampled and saved.
     Each chunk has its own seed, so the answers do not depend on where a run was killed."""
     import torch
@@ -165,7 +234,10 @@ def _sample(cfg: SampleConfig, source: Path | None, model_path: Path, prompts: l
         return chunks
     precision = resolve_precision(cfg.model.precision)
     if source is None:
-        model, tokenizer = load_base_model(cfg.model, cfg.quantization, precision, model_path), load_tokenizer(cfg.model, model_path)
+        model, tokenizer = (
+            load_base_model(cfg.model, cfg.quantization, precision, model_path),
+            load_tokenizer(cfg.model, model_path),
+        )
     else:
         model, tokenizer = load_trained(source, precision=precision, trust_remote_code=cfg.model.trust_remote_code)
     if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":
@@ -177,12 +249,26 @@ def _sample(cfg: SampleConfig, source: Path | None, model_path: Path, prompts: l
     try:
         console.print(f"sampling {len(todo)} of {count} chunks from {engine.describe()}")
         for i in todo:
-            part = prompts[i * CHUNK_PROMPTS:(i + 1) * CHUNK_PROMPTS]
-            settings = Sampling(n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                max_new_tokens=r.max_new_tokens, stop=tuple(r.stop), seed=cfg.seed * 100_003 + i)
+            part = prompts[i * CHUNK_PROMPTS : (i + 1) * CHUNK_PROMPTS]
+            settings = Sampling(
+                n=r.samples_per_prompt,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                top_k=r.top_k,
+                max_new_tokens=r.max_new_tokens,
+                stop=tuple(r.stop),
+                seed=cfg.seed * 100_003 + i,
+            )
             rollouts = engine.generate([p.messages for p in part], settings)
-            chunks[i] = [{"prompt_index": i * CHUNK_PROMPTS + ro.prompt_index, "text": ro.text, "truncated": ro.truncated,
-                          "length": len(ro.completion_ids)} for ro in rollouts]
+            chunks[i] = [
+                {
+                    "prompt_index": i * CHUNK_PROMPTS + ro.prompt_index,
+                    "text": ro.text,
+                    "truncated": ro.truncated,
+                    "length": len(ro.completion_ids),
+                }
+                for ro in rollouts
+            ]
             write_atomic(path(i), "".join(json.dumps(a) + "\n" for a in chunks[i]))
             console.print(f"chunk {i + 1}/{count}: {len(rollouts)} answers")
     finally:

@@ -19,13 +19,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from align.config import SFTConfig
 from align.console import console, print_plan
 from align.data.batching import PackedCollator, PaddingCollator, as_rows, pack
 from align.data.sft_data import load_sft_data
 from align.models.adapters import add_adapter, trainable_summary
 from align.models.loading import load_base_model, load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
-from align.config import SFTConfig
 from align.stages.checkup import checkup_status, raise_if_collapsed, run_checkup
 from align.stages.common import (
     adapter_line,
@@ -49,8 +49,14 @@ def plan(cfg: SFTConfig, tokenizer) -> tuple[str, str]:
     return trainer_plan(cfg, data.train, data.eval)
 
 
-def run_sft(cfg: SFTConfig, output_dir: str | Path, recipe_name: str = "recipe", overwrite: bool = False, resume: bool = False,
-            provenance: dict | None = None) -> Path:
+def run_sft(
+    cfg: SFTConfig,
+    output_dir: str | Path,
+    recipe_name: str = "recipe",
+    overwrite: bool = False,
+    resume: bool = False,
+    provenance: dict | None = None,
+) -> Path:
     from transformers import Trainer, set_seed
 
     started = time.time()
@@ -82,16 +88,23 @@ def run_sft(cfg: SFTConfig, output_dir: str | Path, recipe_name: str = "recipe",
 
     # 4. Plan.
     if state.is_main_process:
-        print_plan(f"align sft - {recipe_name}", {
-            "model": f"{cfg.model.name} ({model_path})",
-            "adapter": adapter_line(cfg, quantized, precision, trainable, total),
-            **{f"data {r.name}": r.summary() for r in data.reports},
-            "examples": f"{len(data.train)} train, {len(data.eval)} held out"
-            + (f"; packed into {len(train_rows)} rows of <= {cfg.data.max_length} tokens" if cfg.data.packing else ""),
-            "steps": steps_line(cfg, steps, state.num_processes),
-            "resume": resume_line(resume_from, resume),
-            "output": str(output_dir),
-        })
+        print_plan(
+            f"align sft - {recipe_name}",
+            {
+                "model": f"{cfg.model.name} ({model_path})",
+                "adapter": adapter_line(cfg, quantized, precision, trainable, total),
+                **{f"data {r.name}": r.summary() for r in data.reports},
+                "examples": f"{len(data.train)} train, {len(data.eval)} held out"
+                + (
+                    f"; packed into {len(train_rows)} rows of <= {cfg.data.max_length} tokens"
+                    if cfg.data.packing
+                    else ""
+                ),
+                "steps": steps_line(cfg, steps, state.num_processes),
+                "resume": resume_line(resume_from, resume),
+                "output": str(output_dir),
+            },
+        )
 
     # 5. Train.
     has_eval = bool(eval_rows)
@@ -113,17 +126,31 @@ def run_sft(cfg: SFTConfig, output_dir: str | Path, recipe_name: str = "recipe",
     if trainer.is_world_process_zero():
         checkup = run_checkup(cfg, trainer.model, tokenizer, None, precision)
         manifest = save_stage(
-            trainer, tokenizer, output_dir, "model" if full else "adapter", started,
-            stage="sft", kind="sft", recipe=recipe_name,
-            base_model=cfg.model.name, base_model_path=str(model_path),
-            precision=precision, quantization=cfg.quantization.mode if quantized else "none",
+            trainer,
+            tokenizer,
+            output_dir,
+            "model" if full else "adapter",
+            started,
+            stage="sft",
+            kind="sft",
+            recipe=recipe_name,
+            base_model=cfg.model.name,
+            base_model_path=str(model_path),
+            precision=precision,
+            quantization=cfg.quantization.mode if quantized else "none",
             data={r.name: r.as_dict() for r in data.reports},
-            steps=result.global_step, train_loss=result.training_loss, eval_loss=final_eval.get("eval_loss"),
-            resumed_from=str(resume_from) if resume_from else None, checkup=checkup, status=checkup_status(cfg, checkup),
+            steps=result.global_step,
+            train_loss=result.training_loss,
+            eval_loss=final_eval.get("eval_loss"),
+            resumed_from=str(resume_from) if resume_from else None,
+            checkup=checkup,
+            status=checkup_status(cfg, checkup),
             **(provenance or {}),
         )
         if final_eval:
             console.print(f"held-out loss {manifest['eval_loss_start']:.4f} -> {final_eval['eval_loss']:.4f}")
         raise_if_collapsed(cfg, checkup, output_dir)
-        console.print(f"next: align generate --model {output_dir} --prompt \"...\"   or   align merge --model {output_dir}")
+        console.print(
+            f'next: align generate --model {output_dir} --prompt "..."   or   align merge --model {output_dir}'
+        )
     return output_dir
