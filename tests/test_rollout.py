@@ -120,6 +120,27 @@ def test_rescoring_alone_equals_left_and_right_padded_batches(tiny_model_dir, to
     assert batch["completion_mask"].sum().item() == sum(len(r.completion_ids) for r in rollouts)
 
 
+def test_rescoring_and_the_rl_losses_read_one_trainer_logprob_function(tiny_llama, tokenizer, monkeypatch):
+    """Issue 14: the vLLM sync probe (score_rollouts) and the RL losses (policy_outputs) read the
+    trainer's logprobs through one function, so the probe verifies what the losses use; and they
+    equal the hf sampler's own logprobs at the sampling temperature."""
+    import align.rollout.scoring as scoring
+
+    model = load_tiny(tiny_llama)
+    rollouts = HFEngine(model, tokenizer).generate(CHATS, Sampling(n=2, temperature=0.7, max_new_tokens=9, seed=3))
+    calls = []
+    real = scoring.policy_outputs
+    monkeypatch.setattr(scoring, "policy_outputs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rescored = score_rollouts(model, rollouts, tokenizer.pad_token_id, 0.7)
+    assert calls, "score_rollouts must read the logprobs through policy_outputs"
+    batch = rollout_batch(rollouts, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logps, _, _ = real(model, batch, 0.7)
+    for row, rollout, again in zip(logps, rollouts, rescored):
+        assert row[: len(rollout.completion_ids)].tolist() == pytest.approx(again, abs=1e-6)
+        assert row[: len(rollout.completion_ids)].tolist() == pytest.approx(rollout.logprobs, abs=1e-4)
+
+
 def test_qlora_policy_generates_and_its_logprobs_match(tiny_llama, tokenizer):
     from align.config import AdapterConfig, LoraConfig, ModelConfig, QuantizationConfig
     from align.models.adapters import add_adapter

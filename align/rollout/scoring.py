@@ -37,20 +37,42 @@ def rollout_batch(rollouts: list[Rollout], pad_id: int) -> dict[str, torch.Tenso
     }
 
 
-def completion_token_logps(model, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
-    """Per-token logprobs of the completion tokens, [B, C] (0 where completion_mask is 0).
+def policy_outputs(model, batch: dict[str, torch.Tensor], temperature: float, value_head=None, entropy: bool = False):
+    """(logprobs [B, C], entropy [B, C] or None, values [B, C] or None) of the completion tokens.
 
-    Logits are kept only for the completion columns, so the prompt's [P, V] logits are never made.
+    The one trainer-logprob function: the RL losses, the rescoring of an engine's samples and the
+    vLLM sync probe all read the trainer's logprobs through it, so the probe verifies what the losses use.
+
+    Values are read from the final hidden state at the position that predicts each token: V_t is
+    the value of the state before token t is generated. Logits are kept for completion columns only.
     """
     completion_len = batch["completion_ids"].shape[1]
-    logits = model(
+    out = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         position_ids=batch["position_ids"],
         logits_to_keep=completion_len + 1,
         use_cache=False,
-    ).logits[:, :-1]
-    return token_logps(logits, batch["completion_ids"], temperature) * batch["completion_mask"]
+        output_hidden_states=value_head is not None,
+    )
+    logits = out.logits[:, :-1]
+    mask = batch["completion_mask"]
+    logps = token_logps(logits, batch["completion_ids"], temperature) * mask
+    entropies = None
+    if entropy:
+        with torch.no_grad():
+            scaled = logits.float() / (temperature or 1.0)
+            entropies = torch.stack([-(row.softmax(-1) * row.log_softmax(-1)).sum(-1) for row in scaled]) * mask
+    values = None
+    if value_head is not None:
+        hidden = out.hidden_states[-1][:, -(completion_len + 1) : -1]
+        values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1) * mask
+    return logps, entropies, values
+
+
+def completion_token_logps(model, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """Per-token logprobs of the completion tokens, [B, C] (0 where completion_mask is 0): ``policy_outputs``'s."""
+    return policy_outputs(model, batch, temperature)[0]
 
 
 @torch.no_grad()

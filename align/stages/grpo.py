@@ -32,7 +32,7 @@ from align.losses import clipped_policy_loss, group_advantages, kl_estimate, rlo
 from align.models.adapters import reference_mode, trainable_summary
 from align.models.loading import autocast, load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
-from align.rollout.scoring import logprob_mismatch, rollout_batch
+from align.rollout.scoring import logprob_mismatch, policy_outputs, rollout_batch
 from align.stages.checkup import checkup_status, raise_if_collapsed, run_checkup, with_training_alarm
 from align.stages.common import adapter_line, prepare_output, process_state, resume_line, source_stage
 from align.stages.online import (
@@ -45,7 +45,6 @@ from align.stages.online import (
     load_policy,
     load_rl_checkpoint,
     micro_batches,
-    policy_outputs,
     prompt_batches,
     rl_steps,
     rollout_engine,

@@ -24,7 +24,7 @@ from align.config import RecipeError
 from align.console import console
 from align.data.prompt_data import PromptExample
 from align.faults import fault_point
-from align.losses import token_logps, truncated_importance_weights
+from align.losses import truncated_importance_weights
 from align.models.adapters import add_adapter, load_adapter_for_training
 from align.models.loading import load_base_model
 from align.rollout.engine import Rollout, Sampling
@@ -103,7 +103,7 @@ def check_longest_rollout_batch(policy, prompts: list, cfg, precision: str, pad_
     taken its memory and before step 0. No trace: gradients dropped, random state restored."""
     from align.losses import masked_mean
     from align.models.loading import autocast
-    from align.rollout.scoring import rollout_batch
+    from align.rollout.scoring import policy_outputs, rollout_batch
     from align.stages.common import trial_step
 
     if not prompts:
@@ -197,36 +197,6 @@ def score(reward, examples: list[PromptExample], rollouts: list[Rollout]) -> tor
     columns = {name: [examples[r.prompt_index].columns.get(name) for r in rollouts] for name in names}
     values = reward(prompts, [r.text for r in rollouts], **columns)
     return torch.tensor(values, dtype=torch.float32)
-
-
-def policy_outputs(model, batch: dict[str, torch.Tensor], temperature: float, value_head=None, entropy: bool = False):
-    """(logprobs [B, C], entropy [B, C] or None, values [B, C] or None) of the completion tokens.
-
-    Values are read from the final hidden state at the position that predicts each token: V_t is
-    the value of the state before token t is generated. Logits are kept for completion columns only.
-    """
-    completion_len = batch["completion_ids"].shape[1]
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        logits_to_keep=completion_len + 1,
-        use_cache=False,
-        output_hidden_states=value_head is not None,
-    )
-    logits = out.logits[:, :-1]
-    mask = batch["completion_mask"]
-    logps = token_logps(logits, batch["completion_ids"], temperature) * mask
-    entropies = None
-    if entropy:
-        with torch.no_grad():
-            scaled = logits.float() / (temperature or 1.0)
-            entropies = torch.stack([-(row.softmax(-1) * row.log_softmax(-1)).sum(-1) for row in scaled]) * mask
-    values = None
-    if value_head is not None:
-        hidden = out.hidden_states[-1][:, -(completion_len + 1) : -1]
-        values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1) * mask
-    return logps, entropies, values
 
 
 def micro_batches(indices: list[int], size: int) -> Iterator[list[int]]:
