@@ -125,8 +125,11 @@ def _option_value(text: str) -> int | float | str:
     return text
 
 
-def _judge_spec(text: str) -> dict:
-    """rule:NAME[,key=value...] | learned:DIR | judge:MODEL (pairwise) | judge-pointwise:MODEL -> a reward spec."""
+def _judge_spec(text: str):
+    """rule:NAME[,key=value...] | learned:DIR | judge:MODEL (pairwise) | judge-pointwise:MODEL -> a typed
+    reward spec (align.config), checked now: a misspelt rule is a bad --judge, not a failure later."""
+    from align.config import parse_reward
+
     kind, _, rest = text.partition(":")
     if kind == "rule" and rest:
         name, *options = rest.split(",")
@@ -135,12 +138,17 @@ def _judge_spec(text: str) -> dict:
             raise typer.BadParameter(
                 f"--judge {text}: rule options are key=value, e.g. rule:contains_marker,marker=yes"
             )
-        return {"type": "rule", "name": name, **{key: _option_value(value) for key, _, value in pairs}}
-    if kind == "learned" and rest:
-        return {"type": "learned", "path": rest}
-    if kind in ("judge", "judge-pointwise") and rest:
-        return {"type": "judge", "model": rest, "mode": "pointwise" if kind == "judge-pointwise" else "pairwise"}
-    raise typer.BadParameter(f"--judge {text}: use rule:NAME, learned:DIR, judge:MODEL or judge-pointwise:MODEL")
+        spec = {"type": "rule", "name": name, **{key: _option_value(value) for key, _, value in pairs}}
+    elif kind == "learned" and rest:
+        spec = {"type": "learned", "path": rest}
+    elif kind in ("judge", "judge-pointwise") and rest:
+        spec = {"type": "judge", "model": rest, "mode": "pointwise" if kind == "judge-pointwise" else "pairwise"}
+    else:
+        raise typer.BadParameter(f"--judge {text}: use rule:NAME, learned:DIR, judge:MODEL or judge-pointwise:MODEL")
+    try:
+        return parse_reward(spec, f"--judge {text}")
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
 
 
 def _standalone_eval(
@@ -162,6 +170,7 @@ def _standalone_eval(
 
     if not prompts or not judges:
         raise typer.BadParameter("align eval without --recipe needs --prompts FILE and at least one --judge")
+    judge_specs = {text: _judge_spec(text) for text in judges}  # a bad --judge first: nothing read yet
     if check_folder(policy):
         trained = stage_config(policy)
         model, quantization = trained.model.model_dump(), trained.quantization.model_dump()
@@ -180,7 +189,7 @@ def _standalone_eval(
             # folders as absolute paths: a bare name would be read as a stage of a recipe
             "policy": str(policy.resolve()),
             "baselines": [b if b == "base" else str(Path(b).resolve()) for b in baselines or ["base"]],
-            "judges": {text: _judge_spec(text) for text in judges},
+            "judges": judge_specs,
             "data": {"eval": [str(p) for p in prompts], "max_eval_rows": max_prompts},
             "rollout": rollout,
         },

@@ -8,10 +8,10 @@ each one runs, is in align/stages/registry.py.
 from __future__ import annotations
 
 import difflib
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class RecipeError(ValueError):
@@ -159,13 +159,126 @@ class TrackingConfig(_Strict):
     project: str = Field("align", description="wandb project")
 
 
-def _check_reward_spec(value: Any) -> Any:
-    """Every rule name, option and key of a reward spec, checked when the recipe is read (so
-    `align run --dry-run` catches a misspelt rule before any stage trains)."""
-    from reward_models import check_spec  # imports only the rule functions
+# Reward specs: what scores an answer, for RL rewards, the sample stage's ranking, the checkup and eval
+# judges. One typed union, read from `{type: rule|learned|judge, ...}` or a list of them (a weighted sum).
+class _RewardSpec(_Strict):
+    weight: float = Field(1.0, description="its weight when it is one of a list (the reward is the weighted sum)")
 
-    check_spec(value)
-    return value
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _a_number(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"weight must be a number, got {value!r}")
+        return value
+
+
+class RuleSpec(_RewardSpec):
+    """A function of reward_models/rules.py; its keyword options are keys beside ``name``."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    type: Literal["rule"]
+    name: str = Field(..., description="a rule of reward_models/rules.py, e.g. gsm8k_exact")
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _a_known_rule(self):
+        from reward_models.rules import RULES, options_of  # the rule functions only
+
+        if self.name not in RULES:
+            raise ValueError(
+                f"unknown rule {self.name!r}{_did_you_mean(self.name, RULES)} (rules: {', '.join(sorted(RULES))})"
+            )
+        allowed = options_of(self.name)
+        for key in sorted(set(self.options) - set(allowed)):
+            keys = ", ".join(["name", "weight", *allowed])
+            raise ValueError(f"rule {self.name!r} has no key {key!r}{_did_you_mean(key, allowed)} (keys: {keys})")
+        return self
+
+
+class LearnedSpec(_RewardSpec):
+    """A Bradley-Terry reward model trained by an rm stage."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    type: Literal["learned"]
+    from_stage: str | None = Field(None, alias="from", description="the rm stage of this recipe that trained it")
+    path: str | None = Field(None, description="or a finished rm stage folder")
+    batch_size: int = Field(8, gt=0, description="answers scored per forward pass")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.from_stage is None) == (self.path is None):
+            raise ValueError(
+                "a learned reward needs from or path: from (an rm stage of this recipe) or path (a folder), one of them"
+            )
+        return self
+
+
+class JudgeSpec(_RewardSpec):
+    """An instruct model asked which answer is better (pairwise) or how good one answer is (pointwise)."""
+
+    type: Literal["judge"]
+    model: str = Field(..., description="model alias, folder or .gguf")
+    mode: str = Field("pairwise", description="pairwise (both orders, position bias reported) or pointwise")
+    batch_size: int = Field(4, gt=0, description="prompts judged per forward pass")
+
+    @field_validator("mode")
+    @classmethod
+    def _a_mode(cls, value: str) -> str:
+        if value not in ("pairwise", "pointwise"):
+            raise ValueError(f"judge mode must be pairwise or pointwise, not {value!r}")
+        return value
+
+
+REWARD_SPECS: dict[str, type[_RewardSpec]] = {"rule": RuleSpec, "learned": LearnedSpec, "judge": JudgeSpec}
+RewardSpec = Annotated[Union[RuleSpec, LearnedSpec, JudgeSpec], Field(discriminator="type")]
+RewardSpecs = Union[RewardSpec, list[RewardSpec]]
+
+
+def _did_you_mean(word: Any, options) -> str:
+    match = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.5)
+    return f" - did you mean {match[0]!r}?" if match else ""
+
+
+def parse_reward(value: Any, where: str = "reward") -> Any:
+    """A spec or a list of them, typed; errors name the part (``reward[1]``), the key and the nearest
+    right spelling. Loads nothing: folders and models are checked where they are read."""
+    if isinstance(value, list) and not value:
+        raise ValueError(f"{where} is an empty list; give at least one {{type: rule|learned|judge, ...}}")
+    parts = []
+    for index, part in enumerate(value if isinstance(value, list) else [value]):
+        here = f"{where}[{index}]" if isinstance(value, list) else where
+        if isinstance(part, _RewardSpec):
+            parts.append(part)
+            continue
+        if not isinstance(part, dict):
+            raise ValueError(f"{here} must be a mapping {{type: rule|learned|judge, ...}}, got {part!r}")
+        kind = part.get("type")
+        if kind not in REWARD_SPECS:
+            raise ValueError(
+                f"{here}: type must be rule, learned or judge, not {kind!r}{_did_you_mean(kind, REWARD_SPECS)}"
+            )
+        try:
+            parts.append(REWARD_SPECS[kind].model_validate(part))
+        except ValidationError as err:
+            raise ValueError(f"{here}: " + "; ".join(_spec_problem(kind, e) for e in err.errors())) from None
+    return parts if isinstance(value, list) else parts[0]
+
+
+def _spec_problem(kind: str, error: dict) -> str:
+    key = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        allowed = [f.alias or name for name, f in REWARD_SPECS[kind].model_fields.items() if name != "type"]
+        return f"a {kind} reward has no key {key!r}{_did_you_mean(key, allowed)} (keys: {', '.join(allowed)})"
+    message = error["msg"].removeprefix("Value error, ")
+    return message if not key or error["type"] == "value_error" else f"{key}: {message}"
+
+
+def reward_parts(spec: Any) -> list:
+    """The specs of a reward (one, or each of a weighted list); [] for none."""
+    return [] if spec is None else list(spec) if isinstance(spec, list) else [spec]
 
 
 class CheckupConfig(_Strict):
@@ -175,7 +288,7 @@ class CheckupConfig(_Strict):
         "answers them greedily at its start and its end and reports what changed (empty = no checkup)",
     )
     max_prompts: int = Field(32, gt=0, description="prompts used, from the top of the files")
-    reward: Any = Field(
+    reward: RewardSpecs | None = Field(
         None, description="the task's verifier or reward on those answers, e.g. {type: rule, name: gsm8k_exact}"
     )
     max_new_tokens: int = Field(128, gt=0, description="answer tokens at most")
@@ -200,17 +313,18 @@ class CheckupConfig(_Strict):
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
-    @field_validator("reward")
+    @field_validator("reward", mode="before")
     @classmethod
     def _reward_shape(cls, value: Any) -> Any:
         if value is None:
             return value
-        if any(isinstance(part, dict) and "from" in part for part in (value if isinstance(value, list) else [value])):
+        value = parse_reward(value)
+        if any(getattr(part, "from_stage", None) for part in reward_parts(value)):
             raise ValueError(
                 "checkup.reward is shared by every stage, those before a reward stage too: use a rule, or a reward "
                 "model by its folder ({type: learned, path: ...}), not from: a stage"
             )
-        return _check_reward_spec(value)
+        return value
 
 
 class StageConfig(_Strict):
@@ -449,17 +563,17 @@ class _OnlineRLConfig(StageConfig):
     from_stage: str | None = Field(
         None, alias="from", description="stage whose adapter the policy starts from (e.g. sft); none = a fresh adapter"
     )
-    reward: Any = Field(
+    reward: RewardSpecs = Field(
         ...,
         description="{type: rule, name: gsm8k_exact} | {type: learned, from: reward} | {type: judge, ...} | a list "
         "with weights",
     )
     rollout: RLRolloutConfig = Field(default_factory=RLRolloutConfig)
 
-    @field_validator("reward")
+    @field_validator("reward", mode="before")
     @classmethod
     def _reward_shape(cls, value: Any) -> Any:
-        return _check_reward_spec(value)
+        return parse_reward(value)
 
 
 class GRPOConfig(_OnlineRLConfig):
@@ -496,7 +610,7 @@ class SampleConfig(StageConfig):
     from_stage: str | None = Field(
         None, alias="from", description="stage whose policy answers (e.g. sft); none = the base model"
     )
-    reward: Any = Field(
+    reward: RewardSpecs = Field(
         ...,
         description="what ranks the answers: {type: rule, name: gsm8k_exact} | {type: learned, from: reward} | "
         "{type: judge, model: ..., mode: pointwise} | a list with weights",
@@ -508,15 +622,13 @@ class SampleConfig(StageConfig):
         description="a prompt whose best and worst scores differ by no more than this gives no pair (counted)",
     )
 
-    @field_validator("reward")
+    @field_validator("reward", mode="before")
     @classmethod
     def _reward_shape(cls, value: Any) -> Any:
-        if any(
-            isinstance(part, dict) and part.get("type") == "judge" and part.get("mode", "pairwise") == "pairwise"
-            for part in (value if isinstance(value, list) else [value])
-        ):
+        value = parse_reward(value)
+        if any(getattr(part, "mode", None) == "pairwise" for part in reward_parts(value)):
             raise ValueError("a sample stage scores each answer on its own: use a pointwise judge (mode: pointwise)")
-        return _check_reward_spec(value)
+        return value
 
 
 class EvalConfig(StageConfig):
@@ -531,7 +643,7 @@ class EvalConfig(StageConfig):
         default_factory=lambda: ["base"],
         description="compared with: stage names, 'base' (the recipe's model, no adapter), or model/stage folders",
     )
-    judges: dict[str, Any] = Field(
+    judges: dict[str, RewardSpecs] = Field(
         ..., description="name -> reward spec ({type: rule|learned|judge, ...}); each judge gets its own win-rate table"
     )
     rollout: EvalRolloutConfig = Field(
@@ -544,16 +656,22 @@ class EvalConfig(StageConfig):
     bootstrap: int = Field(2000, ge=100, description="bootstrap resamples of the prompts for the 95% interval")
     examples: int = Field(5, ge=0, description="example pairs written to report.md")
 
-    @field_validator("judges")
+    @field_validator("judges", mode="before")
     @classmethod
-    def _judge_specs(cls, value: dict[str, Any]) -> dict[str, Any]:
+    def _judge_specs(cls, value: Any) -> Any:
         if not value:
             raise ValueError(
                 "an eval stage needs at least one judge, e.g. judges: {correct: {type: rule, name: gsm8k_exact}}"
             )
-        for spec in value.values():
-            _check_reward_spec(spec)
-        return value
+        if not isinstance(value, dict):
+            raise ValueError(f"judges is a mapping of name -> reward spec, got {value!r}")
+        judges = {name: parse_reward(spec, f"judges.{name}") for name, spec in value.items()}
+        for name, spec in judges.items():
+            if isinstance(spec, list) and any(getattr(part, "mode", None) == "pairwise" for part in spec):
+                raise ValueError(
+                    f"judge '{name}': a pairwise judge compares two answers itself; it cannot be part of a weighted sum"
+                )
+        return judges
 
     @model_validator(mode="after")
     def _prompts(self):
@@ -571,15 +689,14 @@ SHARED_SECTIONS = [name for name in StageConfig.model_fields if name != "kind"]
 
 def stage_references(config: StageConfig) -> list[tuple[str, str]]:
     """(key, stage name) for every stage a config names through `from:` (its own, a reward's, a judge's)."""
-    specs = []
     reward = getattr(config, "reward", None)
-    specs += reward if isinstance(reward, list) else [reward] if isinstance(reward, dict) else []
+    specs = reward_parts(reward)
     for judge in (getattr(config, "judges", None) or {}).values():
-        specs += judge if isinstance(judge, list) else [judge]
+        specs += reward_parts(judge)
     found = [("from", config.from_stage)] if getattr(config, "from_stage", None) else []
     found += [("data from", config.data.from_stage)] if config.data.from_stage else []
     return found + [
-        ("reward from" if reward else "judge from", s["from"]) for s in specs if isinstance(s, dict) and s.get("from")
+        ("reward from" if reward else "judge from", s.from_stage) for s in specs if getattr(s, "from_stage", None)
     ]
 
 

@@ -14,7 +14,6 @@ are extra dataset fields a rule may need (``reference=[...]`` for exact-answer r
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,65 +25,6 @@ class Reward(Protocol):
     name: str
 
     def __call__(self, prompts: list[list[dict]], completions: list[str], **columns: list[Any]) -> list[float]: ...
-
-
-# The keys each reward type takes (besides ``type``), so a recipe is checked before anything runs.
-SPEC_KEYS = {
-    "rule": {"name", "weight"},  # plus the rule's own options, read from its signature
-    "learned": {"from", "path", "batch_size", "weight"},
-    "judge": {"model", "mode", "batch_size", "weight"},
-}
-
-
-def _close(word: str, options) -> str:
-    match = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.5)
-    return f" - did you mean {match[0]!r}?" if match else ""
-
-
-def check_spec(spec: Any) -> None:
-    """Raise ValueError naming what is wrong with a reward spec (or a weighted list of them): the
-    type, a rule's name and options (with a suggestion), missing or unknown keys, a weight that is
-    not a number. Loads nothing; folders and models are checked where they are read."""
-    parts = spec if isinstance(spec, list) else [spec]
-    if not parts:
-        raise ValueError("reward is an empty list; give at least one {type: rule|learned|judge, ...}")
-    for index, part in enumerate(parts):
-        where = f"reward[{index}]" if isinstance(spec, list) else "reward"
-        if not isinstance(part, dict):
-            raise ValueError(f"{where} must be a mapping {{type: rule|learned|judge, ...}}, got {part!r}")
-        kind = part.get("type")
-        if kind not in SPEC_KEYS:
-            raise ValueError(f"{where}: type must be rule, learned or judge, not {kind!r}{_close(kind, SPEC_KEYS)}")
-        if "weight" in part and (isinstance(part["weight"], bool) or not isinstance(part["weight"], (int, float))):
-            raise ValueError(f"{where}: weight must be a number, got {part['weight']!r}")
-        keys = set(part) - {"type"}
-        if kind == "rule":
-            name = part.get("name")
-            if name not in rules.RULES:
-                raise ValueError(
-                    f"{where}: unknown rule {name!r}{_close(name, rules.RULES)} (rules: "
-                    f"{', '.join(sorted(rules.RULES))})"
-                )
-            options = [
-                p
-                for p, v in inspect.signature(rules.RULES[name]).parameters.items()
-                if v.default is not inspect.Parameter.empty
-            ]
-            allowed = SPEC_KEYS["rule"] | set(options)
-        else:
-            allowed = SPEC_KEYS[kind]
-            needed = ("from", "path") if kind == "learned" else ("model",)
-            if not any(k in part for k in needed):
-                raise ValueError(f"{where}: a {kind} reward needs {' or '.join(needed)}")
-            if kind == "learned" and "from" in part and "path" in part:
-                raise ValueError(f"{where}: give from (a stage) or path (a folder), not both")
-            if kind == "judge" and part.get("mode", "pairwise") not in ("pairwise", "pointwise"):
-                raise ValueError(f"{where}: judge mode must be pairwise or pointwise, not {part['mode']!r}")
-        for key in sorted(keys - allowed):
-            raise ValueError(
-                f"{where}: a {kind} reward{' ' + repr(part.get('name')) if kind == 'rule' else ''} has no key {key!r}"
-                f"{_close(key, allowed)} (keys: {', '.join(sorted(allowed))})"
-            )
 
 
 class RuleReward:
@@ -127,6 +67,11 @@ class WeightedSum:
         return totals
 
 
+def _plain(spec: Any) -> Any:
+    """A typed spec of align.config (RuleSpec, LearnedSpec, JudgeSpec) as the dict a recipe writes."""
+    return spec.model_dump(by_alias=True, exclude_none=True) if hasattr(spec, "model_dump") else spec
+
+
 def build_reward(
     spec: dict | list[dict], stage_dirs: dict[str, Path] | None = None, trust_remote_code: bool = False
 ) -> Reward:
@@ -136,6 +81,11 @@ def build_reward(
     finished folders (the pipeline passes runs/<recipe>/<stage>). ``trust_remote_code`` comes from
     the recipe being run (its model section), never from the folders the rewards are read from.
     """
+    spec = [_plain(part) for part in spec] if isinstance(spec, list) else _plain(spec)
+    if isinstance(spec, dict) and spec.get("weight", 1.0) != 1.0:
+        spec = [spec]  # one reward with a weight: that reward, scaled
+    if isinstance(spec, dict):
+        spec = {k: v for k, v in spec.items() if k != "weight"}
     if isinstance(spec, list):
         return WeightedSum(
             [

@@ -5,6 +5,7 @@ Each docstring example runs as a test (tests/test_reward.py runs doctest on this
 
 from __future__ import annotations
 
+import inspect
 import re
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -101,3 +102,9 @@ def contains_marker(prompts: list, completions: list[str], marker: str = "zebra"
 
 
 RULES = {f.__name__: f for f in (gsm8k_exact, answer_format, length_penalty, contains_marker)}
+
+
+def options_of(name: str) -> list[str]:
+    """The keyword options a rule takes from a recipe (its parameters with defaults)."""
+    parameters = inspect.signature(RULES[name]).parameters.items()
+    return [p for p, v in parameters if v.default is not inspect.Parameter.empty]

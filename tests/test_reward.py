@@ -6,6 +6,7 @@ from __future__ import annotations
 import doctest
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -181,6 +182,49 @@ def test_rule_docstring_examples():
 
     result = doctest.testmod(reward_models.rules)
     assert result.attempted >= 6 and result.failed == 0
+
+
+def test_reward_specs_are_typed_round_trip_and_name_the_part_that_is_wrong(tmp_path):
+    """Issue 14: one typed union serves RL rewards, the sample stage, the checkup and eval judges."""
+    from align.config import LearnedSpec, RuleSpec, parse_reward
+    from reward_models import build_reward
+
+    spec = parse_reward(
+        [
+            {"type": "rule", "name": "length_penalty", "target_words": 5, "weight": 0.5},
+            {"type": "learned", "from": "rm"},
+        ]
+    )
+    assert isinstance(spec[0], RuleSpec) and spec[0].options == {"target_words": 5} and spec[0].weight == 0.5
+    assert isinstance(spec[1], LearnedSpec) and spec[1].from_stage == "rm" and spec[1].batch_size == 8
+    written = [part.model_dump(mode="json", by_alias=True, exclude_none=True) for part in spec]
+    assert parse_reward(written) == spec  # what config.yaml holds reads back as the same spec
+    with pytest.raises(ValueError, match=r"reward\[1\]: a learned reward has no key 'pth' - did you mean 'path'"):
+        parse_reward([{"type": "rule", "name": "answer_format"}, {"type": "learned", "pth": "x"}])
+    with pytest.raises(ValueError, match="give from .* or path|needs from or path"):
+        parse_reward({"type": "learned", "from": "rm", "path": "x"})
+    # one reward with a weight is that reward, scaled (it used to be an unknown option of the rule)
+    scaled = build_reward(parse_reward({"type": "rule", "name": "length_penalty", "target_words": 2, "weight": 2.0}))
+    assert scaled([[]], ["a b c d"]) == [-2.0]
+    # the CLI's --judge strings parse into the same type: a misspelt rule is a bad option, before anything loads
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "align.cli",
+            "eval",
+            "--policy",
+            str(tmp_path),
+            "--prompts",
+            str(tmp_path / "p.jsonl"),
+            "--judge",
+            "rule:gsm8k_exat",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "300"},
+    )
+    assert proc.returncode == 2 and "did you mean 'gsm8k_exact'" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
 
 def test_registry_builds_rules_and_weighted_sums():

@@ -21,7 +21,7 @@ from align.artifacts import (
     write_atomic,
     write_manifest,
 )
-from align.config import RecipeError, StageConfig, dump_config
+from align.config import RecipeError, StageConfig, dump_config, stage_references
 from align.console import console
 from align.models.loading import read_stage_manifest
 from align.stages.registry import POLICY_KINDS
@@ -272,3 +272,9 @@ def check_longest_batch(trainer, rows: list[dict]) -> None:
         if stats is not None:
             stats.clear()
     console.print(f"[dim]memory check: forward + backward on the longest batch ({size} x {tokens} tokens) fits[/]")
+
+
+def referenced_dirs(cfg: StageConfig, recipe_name: str) -> dict[str, Path]:
+    """The runs/<recipe>/<stage> folder of every stage a config names (`from:`, a reward's or a judge's
+    `from:`): where `{type: learned, from: reward}` finds its reward model."""
+    return {name: stage_folder(recipe_name, name) for _, name in stage_references(cfg)}

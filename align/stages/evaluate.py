@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from align.artifacts import stage_folder, write_atomic, write_manifest
-from align.config import DataConfig, EvalConfig, RecipeError, stage_references
+from align.config import DataConfig, EvalConfig, RecipeError, reward_parts
 from align.console import console, print_plan
 from align.data.loading import DataError
 from align.data.prompt_data import PromptExample, encode_prompt_files
@@ -33,7 +33,7 @@ from align.models.loading import load_base_model, load_tokenizer, read_stage_man
 from align.models.resolve import resolve_model
 from align.rollout.engine import Rollout, Sampling
 from align.rollout.scoring import logprob_mismatch, score_rollouts
-from align.stages.common import prepare_output, process_state
+from align.stages.common import prepare_output, process_state, referenced_dirs
 from align.stages.online import rollout_engine, score
 
 
@@ -70,7 +70,7 @@ def run_eval(
     # 1. Check everything before any model loads: prompts, judges, the policy and baselines.
     base_path = resolve_model(cfg.model.name, cfg.model.revision)
     prompts, row_report = held_out_prompts(cfg.data, load_tokenizer(cfg.model, base_path))
-    stage_dirs = {name: stage_folder(recipe_name, name) for _, name in stage_references(cfg)}
+    stage_dirs = referenced_dirs(cfg, recipe_name)
     for name, spec in cfg.judges.items():
         check_judge(name, spec, stage_dirs, prompts)
     if cfg.policy is None:
@@ -173,7 +173,7 @@ def run_eval(
     report = {
         "policy": models[policy.name],
         "baselines": [models[b.name] for b in baselines],
-        "judges": cfg.judges,
+        "judges": {name: _written(spec) for name, spec in cfg.judges.items()},
         "sampling": {
             "engine": r.engine,
             "temperature": r.temperature,
@@ -279,40 +279,29 @@ def check_distinct(contestants: list[Contestant]) -> None:
             )
 
 
-def check_judge(name: str, spec: dict | list, stage_dirs: dict[str, Path], prompts: list[PromptExample]) -> None:
-    """Fail now rather than after sampling: unknown rules or options, columns a rule needs, and the
-    folders of reward models and judges. (The heavy models themselves load when their turn comes.)"""
+def check_judge(name: str, spec, stage_dirs: dict[str, Path], prompts: list[PromptExample]) -> None:
+    """Fail now rather than after sampling: columns a rule needs, and the folders of reward models and
+    judges. (Names, keys and modes were checked when the recipe was read; the heavy models themselves
+    load when their turn comes.)"""
     from reward_models import build_reward
 
-    parts = spec if isinstance(spec, list) else [spec]
     try:
-        for part in parts:
-            if part["type"] == "rule":
-                rule = build_reward(part)
+        for part in reward_parts(spec):
+            if part.type == "rule":
                 columns = sorted({k for p in prompts for k in p.columns})
-                rule(
+                build_reward(part)(
                     [p.messages for p in prompts],
                     [""] * len(prompts),
                     **{k: [p.columns.get(k) for p in prompts] for k in columns},
                 )
-            elif part["type"] == "learned":
-                folder = stage_dirs[part["from"]] if "from" in part else Path(part["path"])
+            elif part.type == "learned":
+                folder = stage_dirs[part.from_stage] if part.from_stage else Path(part.path)
                 if check_folder(folder).get("kind") != "rm":
                     raise RecipeError(f"judge '{name}': {folder} is not a reward-model stage")
+            elif Path(part.model).is_dir():
+                check_folder(Path(part.model))
             else:
-                mode = part.get("mode", "pairwise")
-                if mode not in ("pairwise", "pointwise"):
-                    raise RecipeError(f"judge '{name}': mode must be pairwise or pointwise, not {mode!r}")
-                if mode == "pairwise" and len(parts) > 1:
-                    raise RecipeError(
-                        f"judge '{name}': a pairwise judge compares two answers itself; it cannot be part of a "
-                        "weighted sum"
-                    )
-                model = str(part["model"])
-                if Path(model).is_dir():
-                    check_folder(Path(model))
-                else:
-                    resolve_model(model)
+                resolve_model(part.model)
     except KeyError as err:
         raise RecipeError(f"judge '{name}': {err.args[0]}") from None
 
@@ -358,14 +347,22 @@ def generate(
     return rollouts, used, mismatch
 
 
-def spec_text(spec: dict | list) -> str:
+def spec_text(spec) -> str:
     """{type: rule, name: gsm8k_exact} -> 'rule gsm8k_exact'; weighted sums joined by ' + '."""
     if isinstance(spec, list):
         return " + ".join(spec_text(part) for part in spec)
-    return " ".join(f"{v}" if k in ("type", "name", "model") else f"{k}={v}" for k, v in spec.items())
+    written = spec.model_dump(by_alias=True, exclude_defaults=True)
+    return " ".join(f"{v}" if k in ("type", "name", "model") else f"{k}={v}" for k, v in written.items())
 
 
 def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _written(spec):
+    """A judge's spec as the recipe would write it (report.json)."""
+    if isinstance(spec, list):
+        return [_written(part) for part in spec]
+    return spec.model_dump(mode="json", by_alias=True, exclude_none=True)

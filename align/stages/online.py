@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from align.artifacts import CHECKPOINT_MARKER, atomic_folder, prune_checkpoints, stage_folder, write_manifest
+from align.artifacts import CHECKPOINT_MARKER, atomic_folder, prune_checkpoints, write_manifest
 from align.config import RecipeError
 from align.console import console
 from align.data.prompt_data import PromptExample
@@ -44,12 +44,6 @@ def plan(cfg, tokenizer) -> tuple[str, str]:
 
     train, held_out, _ = load_prompts(cfg.data, tokenizer, cfg.seed)
     return f"{len(train)} prompts + {len(held_out)} held out", f"{rl_steps(cfg, len(train))} RL steps"
-
-
-def stage_dirs(cfg, recipe_name: str) -> dict[str, Path]:
-    """Folders of the stages a reward may name (`{type: learned, from: reward}`)."""
-    specs = cfg.reward if isinstance(cfg.reward, list) else [cfg.reward]
-    return {s["from"]: stage_folder(recipe_name, s["from"]) for s in specs if "from" in s}
 
 
 def load_policy(cfg, model_path: Path, precision: str, source: Path | None, needs_reference: bool):

@@ -36,7 +36,7 @@ from align.models.loading import autocast, load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
 from align.rollout.scoring import logprob_mismatch, policy_outputs, rollout_batch
 from align.stages.checkup import checkup_status, raise_if_collapsed, run_checkup, with_training_alarm
-from align.stages.common import adapter_line, prepare_output, process_state, resume_line, source_stage
+from align.stages.common import adapter_line, prepare_output, process_state, referenced_dirs, resume_line, source_stage
 from align.stages.online import (
     CollapseWatch,
     DeadRunAlarm,
@@ -56,7 +56,6 @@ from align.stages.online import (
     save_rl_stage,
     score,
     select_rows,
-    stage_dirs,
 )
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -155,7 +154,7 @@ def run_ppo(  # noqa: C901
     model_path = resolve_model(cfg.model.name, cfg.model.revision)
     tokenizer = load_tokenizer(cfg.model, model_path)
     prompts, held_out, reports = load_prompts(cfg.data, tokenizer, cfg.seed)
-    reward_stages = stage_dirs(cfg, recipe_name)
+    reward_stages = referenced_dirs(cfg, recipe_name)
     reward = build_reward(cfg.reward, reward_stages, cfg.model.trust_remote_code)
     source = source_stage(cfg, recipe_name, from_dir)
 

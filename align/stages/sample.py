@@ -21,14 +21,14 @@ import json
 import time
 from pathlib import Path
 
-from align.artifacts import EVAL_PAIRS_FILE, PAIRS_FILE, stage_folder, write_atomic, write_manifest
-from align.config import RecipeError, SampleConfig
+from align.artifacts import EVAL_PAIRS_FILE, PAIRS_FILE, write_atomic, write_manifest
+from align.config import RecipeError, SampleConfig, reward_parts
 from align.console import console, print_plan
 from align.data.prompt_data import PromptExample, load_prompts
 from align.models.loading import load_base_model, load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
 from align.rollout.engine import Sampling
-from align.stages.common import prepare_output, process_state, source_stage
+from align.stages.common import prepare_output, process_state, referenced_dirs, source_stage
 from align.stages.online import rollout_engine, score
 
 CHUNK_PROMPTS = 32  # prompts per saved chunk: what a killed run can lose
@@ -61,15 +61,14 @@ def run_sample(
     model_path = resolve_model(cfg.model.name, cfg.model.revision)
     tokenizer = load_tokenizer(cfg.model, model_path)
     train, held_out, reports = load_prompts(cfg.data, tokenizer, cfg.seed)
-    reward_dirs = {s["from"]: stage_folder(recipe_name, s["from"]) for s in _parts(cfg.reward) if "from" in s}
-    reward = build_reward(cfg.reward, reward_dirs, cfg.model.trust_remote_code)
-    for part in _parts(cfg.reward):
-        if part["type"] == "rule":  # a column the rule needs and the prompts lack fails now, not after sampling
+    reward = build_reward(cfg.reward, referenced_dirs(cfg, recipe_name), cfg.model.trust_remote_code)
+    for part in reward_parts(cfg.reward):
+        if part.type == "rule":  # a column the rule needs and the prompts lack fails now, not after sampling
             try:
                 score(build_reward(part), train + held_out, [])
             except KeyError as err:
                 raise RecipeError(
-                    f"sample: reward rule {part['name']!r}: {err.args[0]} (data files: {', '.join(cfg.data.train)})"
+                    f"sample: reward rule {part.name!r}: {err.args[0]} (data files: {', '.join(cfg.data.train)})"
                 ) from None
     source = source_stage(cfg, recipe_name, from_dir)
     prepare_output(process_state(), output_dir, cfg, overwrite, resume)
@@ -282,7 +281,3 @@ def _as_rollouts(answers: list[dict]):
     from align.rollout.engine import Rollout
 
     return [Rollout(a["prompt_index"], [], [], [], "length" if a["truncated"] else "stop", a["text"]) for a in answers]
-
-
-def _parts(spec) -> list[dict]:
-    return spec if isinstance(spec, list) else [spec]
