@@ -272,3 +272,78 @@ def clipped_value_loss(
     unclipped_loss = (values - returns) ** 2
     clipped_loss = (clipped_values - returns) ** 2
     return 0.5 * torch.maximum(unclipped_loss, clipped_loss), (clipped_loss > unclipped_loss).float()
+
+
+def approx_kl(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """0.5 x mean squared log-ratio over real tokens: [B, T] x2, [B, T] -> scalar. How far an update
+    moved the policy from the one that sampled (a logged diagnostic, and PPO's early stop)."""
+    return masked_mean(0.5 * (logp - old_logp) ** 2, mask)
+
+
+def per_token_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """PPO's rewards per token: -kl_coef x KL on every token, plus the completion's score on its last
+    real token. kl, mask: [B, T]; scores: [B] -> [B, T]."""
+    rewards = -kl_coef * kl
+    last = mask.sum(-1).long() - 1
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards
+
+
+def aggregate_loss(
+    token_losses: torch.Tensor,
+    mask: torch.Tensor,
+    how: str,
+    rows_in_minibatch: int,
+    tokens_in_minibatch: int,
+    max_new_tokens: int,
+) -> torch.Tensor:
+    """This micro-batch's share of the minibatch loss, so micro-batches add up to the exact
+    minibatch loss whatever the split (the denominators are the whole minibatch's).
+
+    token_losses, mask: [b, T] for the micro-batch's b rows. how: token (sum / tokens in the
+    minibatch, DAPO), sequence (each row's mean, summed / rows, GRPO paper), or constant
+    (sum / (rows x max_new_tokens), Dr. GRPO). Returns a scalar."""
+    if how == "token":
+        return (token_losses * mask).sum() / tokens_in_minibatch
+    if how == "sequence":
+        return ((token_losses * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / rows_in_minibatch
+    return (token_losses * mask).sum() / (rows_in_minibatch * max_new_tokens)
+
+
+class KLController:
+    """kl_coef fixed, or adapted towards target_kl (Ziegler et al. 2019, section 2.2):
+    coef *= 1 + clip(KL / target - 1, -0.2, 0.2) * completions / horizon."""
+
+    def __init__(self, coef: float, target: float | None, horizon: int):
+        self.coef, self.target, self.horizon = coef, target, horizon
+
+    def update(self, kl_per_completion: float, completions: int) -> None:
+        if self.target is not None:
+            error = max(-0.2, min(0.2, kl_per_completion / self.target - 1))
+            self.coef *= 1 + error * completions / self.horizon
+
+
+class RunningScale:
+    """Running std of scores (Welford), to normalise them across steps."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, values: torch.Tensor) -> None:
+        for v in values.tolist():
+            self.count += 1
+            delta = v - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (v - self.mean)
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 1.0
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over real tokens; 1 is a perfect critic."""
+    var = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    residual = returns - values
+    var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    return (1 - var_residual / var).item() if var > 0 else float("nan")

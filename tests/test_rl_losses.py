@@ -133,3 +133,23 @@ def test_importance_weights_remove_a_biased_samplers_bias_from_the_policy_gradie
 
     assert torch.allclose(expected_gradient(weighted=True), true, atol=1e-6)
     assert (expected_gradient(weighted=False) - true).norm() > 0.3 * true.norm()
+
+
+def test_per_token_rewards_approx_kl_and_loss_aggregation_by_hand():
+    from align.losses import aggregate_loss, approx_kl, per_token_rewards
+
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    rewards = per_token_rewards(kl, torch.tensor([1.0, -2.0]), mask, kl_coef=0.5)
+    # -0.5 x KL everywhere; the score lands on each row's last real token (2 and 0)
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, -0.1, 0.85], [-2.25, 0.0, 0.0]]))
+    logp, old = torch.tensor([[0.0, -1.0, 0.0], [-2.0, 5.0, 5.0]]), torch.zeros(2, 3)
+    # squared log-ratios on real tokens: 0, 1, 0, 4 -> 0.5 x 5 / 4
+    assert approx_kl(logp, old, mask).item() == pytest.approx(0.625)
+    losses = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
+    assert aggregate_loss(losses, mask, "token", 2, 4, 3).item() == pytest.approx(10 / 4)  # (1+2+3+4) / 4 tokens
+    assert aggregate_loss(losses, mask, "sequence", 2, 4, 3).item() == pytest.approx((2 + 4) / 2)  # row means 2, 4
+    assert aggregate_loss(losses, mask, "constant", 2, 4, 3).item() == pytest.approx(10 / 6)  # / (2 rows x 3)
+    # a micro-batch's share: the two rows scored apart add up to the whole minibatch's loss
+    apart = sum(aggregate_loss(losses[i : i + 1], mask[i : i + 1], "token", 2, 4, 3) for i in range(2))
+    assert apart.item() == pytest.approx(10 / 4)

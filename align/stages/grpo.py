@@ -28,7 +28,15 @@ from align.config import GRPOConfig
 from align.console import console, print_plan
 from align.data.prompt_data import load_prompts
 from align.faults import fault_point
-from align.losses import clipped_policy_loss, group_advantages, kl_estimate, rloo_advantages
+from align.losses import (
+    aggregate_loss,
+    approx_kl,
+    clipped_policy_loss,
+    group_advantages,
+    kl_estimate,
+    masked_mean,
+    rloo_advantages,
+)
 from align.models.adapters import reference_mode, trainable_summary
 from align.models.loading import autocast, load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
@@ -55,23 +63,6 @@ from align.stages.online import (
     score,
     select_rows,
 )
-
-
-def aggregate(
-    token_losses: torch.Tensor,
-    mask: torch.Tensor,
-    how: str,
-    rows_in_minibatch: int,
-    tokens_in_minibatch: int,
-    max_new_tokens: int,
-) -> torch.Tensor:
-    """This micro-batch's share of the minibatch loss, so micro-batches add up to the exact
-    minibatch loss whatever the split (the denominators are the whole minibatch's)."""
-    if how == "token":
-        return (token_losses * mask).sum() / tokens_in_minibatch
-    if how == "sequence":
-        return ((token_losses * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / rows_in_minibatch
-    return (token_losses * mask).sum() / (rows_in_minibatch * max_new_tokens)
 
 
 def run_grpo(
@@ -186,7 +177,7 @@ def run_grpo(
                 old, entropy = torch.cat(old), torch.cat(entropy)
                 ref = torch.cat(ref) if ref else None
                 if ref is not None:  # the rollout policy's KL to the reference, with the loss's estimator
-                    log.add(kl=((kl_estimate(old, ref, opts.kl_estimator) * mask).sum() / mask.sum()).item())
+                    log.add(kl=masked_mean(kl_estimate(old, ref, opts.kl_estimator), mask).item())
             # The sampler is not the trainer (vLLM): truncated importance weights make the gradient the trainer's.
             is_weights = importance_weights(cfg, engine, rollouts, old, mask, log)
             # 5. Updates: epochs x minibatches, micro-batches accumulated into one optimizer step.
@@ -208,15 +199,15 @@ def run_grpo(
                             if ref is not None:
                                 kl = kl_estimate(logps, ref[rows].to(device), opts.kl_estimator)
                                 token_loss = token_loss + opts.kl_coef * kl
-                                log.add(kl_in_loss=((kl * m).sum() / m.sum().clamp(min=1)).item())
-                            loss = aggregate(
+                                log.add(kl_in_loss=masked_mean(kl, m).item())
+                            loss = aggregate_loss(
                                 token_loss, m, opts.loss_aggregation, len(mb), tokens, cfg.rollout.max_new_tokens
                             )
                             loss.backward()
                             minibatch_loss += loss.item()
                             log.add(
-                                clip_fraction=((clipped * m).sum() / m.sum().clamp(min=1)).item(),
-                                approx_kl=(0.5 * ((logps - old_rows) ** 2 * m).sum() / m.sum().clamp(min=1)).item(),
+                                clip_fraction=masked_mean(clipped, m).item(),
+                                approx_kl=approx_kl(logps, old_rows, m).item(),
                             )
                         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
                         optimizer.step()
@@ -233,7 +224,7 @@ def run_grpo(
                 **logprob_mismatch(
                     [r.logprobs for r in rollouts], [row[: len(r.logprobs)].tolist() for row, r in zip(old, rollouts)]
                 ),
-                entropy=((entropy * mask).sum() / mask.sum()).item(),
+                entropy=masked_mean(entropy, mask).item(),
                 advantage_abs=advantages.abs().mean().item(),
                 lr=scheduler.get_last_lr()[0],
             )

@@ -24,7 +24,7 @@ from align.config import RecipeError
 from align.console import console
 from align.data.prompt_data import PromptExample
 from align.faults import fault_point
-from align.losses import truncated_importance_weights
+from align.losses import masked_mean, truncated_importance_weights
 from align.models.adapters import add_adapter, load_adapter_for_training
 from align.models.loading import load_base_model
 from align.rollout.engine import Rollout, Sampling
@@ -143,11 +143,10 @@ def importance_weights(
     for row, rollout in enumerate(rollouts):
         sampler[row, : len(rollout.logprobs)] = torch.tensor(rollout.logprobs, dtype=old.dtype)
     weights, truncated = truncated_importance_weights(old, sampler, cfg.rollout.importance_cap)
-    tokens = mask.sum().clamp(min=1)
     log.add(
-        is_weight_mean=((weights * mask).sum() / tokens).item(),
+        is_weight_mean=masked_mean(weights, mask).item(),
         is_weight_max=weights[mask.bool()].max().item() if mask.any() else 1.0,
-        is_truncated_fraction=((truncated * mask).sum() / tokens).item(),
+        is_truncated_fraction=masked_mean(truncated, mask).item(),
     )
     return weights
 

@@ -30,7 +30,19 @@ from align.config import PPOConfig, RecipeError
 from align.console import console, print_plan
 from align.data.prompt_data import load_prompts
 from align.faults import fault_point
-from align.losses import clipped_policy_loss, clipped_value_loss, gae, kl_estimate, masked_mean, whiten
+from align.losses import (
+    KLController,
+    RunningScale,
+    approx_kl,
+    clipped_policy_loss,
+    clipped_value_loss,
+    explained_variance,
+    gae,
+    kl_estimate,
+    masked_mean,
+    per_token_rewards,
+    whiten,
+)
 from align.models.adapters import reference_mode, trainable_summary
 from align.models.loading import autocast, load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
@@ -59,37 +71,6 @@ from align.stages.online import (
 )
 
 VALUE_HEAD_FILE = "value_head.safetensors"
-
-
-class KLController:
-    """kl_coef fixed, or adapted towards target_kl (Ziegler et al. 2019, section 2.2):
-    coef *= 1 + clip(KL / target - 1, -0.2, 0.2) * completions / horizon."""
-
-    def __init__(self, coef: float, target: float | None, horizon: int):
-        self.coef, self.target, self.horizon = coef, target, horizon
-
-    def update(self, kl_per_completion: float, completions: int) -> None:
-        if self.target is not None:
-            error = max(-0.2, min(0.2, kl_per_completion / self.target - 1))
-            self.coef *= 1 + error * completions / self.horizon
-
-
-class RunningScale:
-    """Running std of scores (Welford), to normalise them across steps."""
-
-    def __init__(self):
-        self.count, self.mean, self.m2 = 0, 0.0, 0.0
-
-    def update(self, values: torch.Tensor) -> None:
-        for v in values.tolist():
-            self.count += 1
-            delta = v - self.mean
-            self.mean += delta / self.count
-            self.m2 += delta * (v - self.mean)
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 1.0
 
 
 def value_head_for(policy, init: str, reward_dir: Path | None) -> torch.nn.Linear:
@@ -123,14 +104,6 @@ def value_head_for(policy, init: str, reward_dir: Path | None) -> torch.nn.Linea
         with torch.no_grad():
             head.weight.copy_(score.float())
     return head.to(next(policy.parameters()).device)
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var(returns - values) / Var(returns) over real tokens; 1 is a perfect critic."""
-    var = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
-    residual = returns - values
-    var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
-    return (1 - var_residual / var).item() if var > 0 else float("nan")
 
 
 # noqa below: run_ppo is still one long loop; issue 14 (item 5) splits it into its numbered steps
@@ -268,9 +241,7 @@ def run_ppo(  # noqa: C901
             is_weights = importance_weights(cfg, engine, rollouts, old, mask, log)
             # 4. Per-token rewards: the KL penalty on every token, the score on the last one.
             kl = kl_estimate(old, ref, opts.kl_estimator) * mask
-            token_rewards = -kl_control.coef * kl
-            last = mask.sum(-1).long() - 1
-            token_rewards[torch.arange(len(rollouts)), last] += scores
+            token_rewards = per_token_rewards(kl, scores, mask, kl_control.coef)
             if opts.whiten_rewards:
                 token_rewards = whiten(token_rewards, mask, shift_mean=False)
             # 5. GAE and whitened advantages.
@@ -300,14 +271,14 @@ def run_ppo(  # noqa: C901
                             loss = ((policy_loss + opts.vf_coef * value_loss) * m).sum() / tokens.to(device)
                             loss.backward()
                             minibatch_loss += loss.item()
-                            approx_kl = (0.5 * ((logps - old_rows) ** 2 * m).sum() / m.sum().clamp(min=1)).item()
-                            epoch_kl.append(approx_kl)
+                            kl_now = approx_kl(logps, old_rows, m).item()
+                            epoch_kl.append(kl_now)
                             log.add(
-                                policy_loss=((policy_loss * m).sum() / m.sum().clamp(min=1)).item(),
-                                value_loss=((value_loss * m).sum() / m.sum().clamp(min=1)).item(),
-                                clip_fraction=((clipped * m).sum() / m.sum().clamp(min=1)).item(),
-                                value_clip_fraction=((value_clipped * m).sum() / m.sum().clamp(min=1)).item(),
-                                approx_kl=approx_kl,
+                                policy_loss=masked_mean(policy_loss, m).item(),
+                                value_loss=masked_mean(value_loss, m).item(),
+                                clip_fraction=masked_mean(clipped, m).item(),
+                                value_clip_fraction=masked_mean(value_clipped, m).item(),
+                                approx_kl=kl_now,
                             )
                         grad_norm = torch.nn.utils.clip_grad_norm_(
                             policy_params + list(value_head.parameters()), cfg.train.max_grad_norm or float("inf")
@@ -333,7 +304,7 @@ def run_ppo(  # noqa: C901
                 score_mean=scores.mean().item(),
                 kl=kl_per_completion,
                 kl_coef=kl_control.coef,
-                entropy=((entropy * mask).sum() / mask.sum()).item(),
+                entropy=masked_mean(entropy, mask).item(),
                 explained_variance=explained_variance(old_values, returns, mask),
                 value_mean=masked_mean(old_values, mask).item(),
                 lr=scheduler.get_last_lr()[0],
