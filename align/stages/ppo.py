@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -106,8 +107,78 @@ def value_head_for(policy, init: str, reward_dir: Path | None) -> torch.nn.Linea
     return head.to(next(policy.parameters()).device)
 
 
-# noqa below: run_ppo is still one long loop; issue 14 (item 5) splits it into its numbered steps
-def run_ppo(  # noqa: C901
+@dataclass
+class PPOTargets:
+    """What one step's update trains towards, a row per rollout: the rollout batch, and [B, T]
+    mask, sampling-time logprobs and values, advantages, returns, importance weights (or None)."""
+
+    batch: dict[str, torch.Tensor]
+    mask: torch.Tensor
+    old: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    is_weights: torch.Tensor | None
+
+
+def ppo_epochs(
+    policy, value_head, optimizer, scheduler, params, t: PPOTargets, cfg, step, minibatch, device, precision, log
+):
+    """ppo.epochs passes over the step's rollouts in seeded random minibatches, one optimizer step each
+    (micro-batches of train.batch_size accumulate into it); an epoch whose mean approximate KL passes
+    ppo.early_stop_kl ends the update."""
+    opts = cfg.ppo
+    order = list(range(len(t.mask)))
+    for epoch in range(opts.epochs):
+        random.Random(cfg.seed * 31 + step * 1009 + epoch).shuffle(order)
+        epoch_kl = []
+        for mb in micro_batches(order, minibatch):
+            tokens, minibatch_loss = t.mask[mb].sum().clamp(min=1), 0.0
+            for rows in micro_batches(mb, cfg.train.batch_size):
+                loss, kl_now = ppo_micro_batch(policy, value_head, t, rows, tokens, cfg, device, precision, log)
+                minibatch_loss += loss
+                epoch_kl.append(kl_now)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            log.add(loss=minibatch_loss, grad_norm=grad_norm.item())
+        if opts.early_stop_kl is not None and sum(epoch_kl) / len(epoch_kl) > opts.early_stop_kl:
+            log.add(early_stopped_epoch=epoch + 1)
+            break
+
+
+def ppo_micro_batch(
+    policy, value_head, t: PPOTargets, rows: list[int], tokens, cfg, device, precision, log
+) -> tuple[float, float]:
+    """Forward and backward of some rows of a minibatch: the clipped policy loss (importance-weighted
+    when the sampler is not the trainer) plus vf_coef x the clipped value loss, over the minibatch's
+    tokens. Returns (its loss, its approximate KL)."""
+    opts = cfg.ppo
+    micro = select_rows(t.batch, rows, device)
+    with autocast(precision):
+        logps, _, values = policy_outputs(policy, micro, cfg.rollout.temperature, value_head)
+    m, old_rows, logps = t.mask[rows].to(device), t.old[rows].to(device), logps.float()
+    policy_loss, clipped = clipped_policy_loss(logps, old_rows, t.advantages[rows].to(device), opts.clip)
+    if t.is_weights is not None:
+        policy_loss = policy_loss * t.is_weights[rows].to(device)
+    value_loss, value_clipped = clipped_value_loss(
+        values.float(), t.old_values[rows].to(device), t.returns[rows].to(device), opts.value_clip
+    )
+    loss = ((policy_loss + opts.vf_coef * value_loss) * m).sum() / tokens.to(device)
+    loss.backward()
+    kl_now = approx_kl(logps, old_rows, m).item()
+    log.add(
+        policy_loss=masked_mean(policy_loss, m).item(),
+        value_loss=masked_mean(value_loss, m).item(),
+        clip_fraction=masked_mean(clipped, m).item(),
+        value_clip_fraction=masked_mean(value_clipped, m).item(),
+        approx_kl=kl_now,
+    )
+    return loss.item(), kl_now
+
+
+def run_ppo(
     cfg: PPOConfig,
     output_dir: str | Path,
     recipe_name: str = "recipe",
@@ -248,48 +319,23 @@ def run_ppo(  # noqa: C901
             advantages, returns = gae(token_rewards, old_values, mask, opts.gamma, opts.lam)
             advantages = whiten(advantages, mask)
             # 6. PPO epochs over minibatches; micro-batches accumulate into one optimizer step.
+            targets = PPOTargets(batch, mask, old, old_values, advantages, returns, is_weights)
             with log.timed("training"):
-                order = list(range(len(rollouts)))
-                for epoch in range(opts.epochs):
-                    random.Random(cfg.seed * 31 + step * 1009 + epoch).shuffle(order)
-                    epoch_kl = []
-                    for mb in micro_batches(order, minibatch):
-                        tokens, minibatch_loss = mask[mb].sum().clamp(min=1), 0.0
-                        for rows in micro_batches(mb, cfg.train.batch_size):
-                            micro = select_rows(batch, rows, device)
-                            with autocast(precision):
-                                logps, _, values = policy_outputs(policy, micro, temperature, value_head)
-                            m, old_rows, logps = mask[rows].to(device), old[rows].to(device), logps.float()
-                            policy_loss, clipped = clipped_policy_loss(
-                                logps, old_rows, advantages[rows].to(device), opts.clip
-                            )
-                            if is_weights is not None:
-                                policy_loss = policy_loss * is_weights[rows].to(device)
-                            value_loss, value_clipped = clipped_value_loss(
-                                values.float(), old_values[rows].to(device), returns[rows].to(device), opts.value_clip
-                            )
-                            loss = ((policy_loss + opts.vf_coef * value_loss) * m).sum() / tokens.to(device)
-                            loss.backward()
-                            minibatch_loss += loss.item()
-                            kl_now = approx_kl(logps, old_rows, m).item()
-                            epoch_kl.append(kl_now)
-                            log.add(
-                                policy_loss=masked_mean(policy_loss, m).item(),
-                                value_loss=masked_mean(value_loss, m).item(),
-                                clip_fraction=masked_mean(clipped, m).item(),
-                                value_clip_fraction=masked_mean(value_clipped, m).item(),
-                                approx_kl=kl_now,
-                            )
-                        grad_norm = torch.nn.utils.clip_grad_norm_(
-                            policy_params + list(value_head.parameters()), cfg.train.max_grad_norm or float("inf")
-                        )
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
-                        log.add(loss=minibatch_loss, grad_norm=grad_norm.item())
-                    if opts.early_stop_kl is not None and sum(epoch_kl) / len(epoch_kl) > opts.early_stop_kl:
-                        log.add(early_stopped_epoch=epoch + 1)
-                        break
+                params = policy_params + list(value_head.parameters())
+                ppo_epochs(
+                    policy,
+                    value_head,
+                    optimizer,
+                    scheduler,
+                    params,
+                    targets,
+                    cfg,
+                    step,
+                    minibatch,
+                    device,
+                    precision,
+                    log,
+                )
             # 7. Sync, adapt the KL coefficient, log; stop a run with no learning signal.
             with log.timed("sync"):
                 engine.sync_weights(policy)
