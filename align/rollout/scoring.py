@@ -37,6 +37,22 @@ def rollout_batch(rollouts: list[Rollout], pad_id: int) -> dict[str, torch.Tenso
     }
 
 
+def completion_forward(model, batch: dict[str, torch.Tensor], hidden_states: bool = False):
+    """The trainer's forward over a rollout batch: (logits [B, C, V], position t predicting completion
+    token t; the model's output). Logits are kept for the completion columns only, so the prompt's
+    [P, V] logits are never made. Every trainer-side view of sampled tokens starts here."""
+    completion_len = batch["completion_ids"].shape[1]
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=completion_len + 1,
+        use_cache=False,
+        output_hidden_states=hidden_states,
+    )
+    return out.logits[:, :-1], out
+
+
 def policy_outputs(model, batch: dict[str, torch.Tensor], temperature: float, value_head=None, entropy: bool = False):
     """(logprobs [B, C], entropy [B, C] or None, values [B, C] or None) of the completion tokens.
 
@@ -46,16 +62,8 @@ def policy_outputs(model, batch: dict[str, torch.Tensor], temperature: float, va
     Values are read from the final hidden state at the position that predicts each token: V_t is
     the value of the state before token t is generated. Logits are kept for completion columns only.
     """
+    logits, out = completion_forward(model, batch, hidden_states=value_head is not None)
     completion_len = batch["completion_ids"].shape[1]
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        logits_to_keep=completion_len + 1,
-        use_cache=False,
-        output_hidden_states=value_head is not None,
-    )
-    logits = out.logits[:, :-1]
     mask = batch["completion_mask"]
     logps = token_logps(logits, batch["completion_ids"], temperature) * mask
     entropies = None
@@ -107,15 +115,8 @@ def trainer_view(
     device = next(model.parameters()).device
     try:
         batch = {k: v.to(device) for k, v in rollout_batch(rollouts, pad_id).items()}
-        completion_len = batch["completion_ids"].shape[1]
         with autocast(precision):
-            logits = model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"],
-                logits_to_keep=completion_len + 1,
-                use_cache=False,
-            ).logits[:, :-1]
+            logits = completion_forward(model, batch)[0]
         logp = torch.log_softmax(logits.float(), -1)
         chosen = logp.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
         close = (logp.max(-1).values - chosen) <= near_tie

@@ -29,7 +29,7 @@ from align.eval.health import collapse_reasons, degeneration
 from align.models.adapters import reference_mode
 from align.models.loading import autocast
 from align.rollout.engine import Rollout, Sampling
-from align.rollout.scoring import rollout_batch
+from align.rollout.scoring import completion_forward, rollout_batch
 
 START_ADAPTER = "checkup_start"
 
@@ -160,15 +160,8 @@ def kl_per_token(
 
 def completion_logprobs(model, batch: dict[str, torch.Tensor], precision: str) -> torch.Tensor:
     """Log-softmax over the vocabulary at each completion position, [B, C, V] in fp32."""
-    completion_len = batch["completion_ids"].shape[1]
     with autocast(precision):
-        logits = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-            logits_to_keep=completion_len + 1,
-            use_cache=False,
-        ).logits[:, :-1]
+        logits = completion_forward(model, batch)[0]
     return logits.float().log_softmax(-1)
 
 
