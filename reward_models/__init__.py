@@ -35,7 +35,7 @@ class RuleReward:
             raise KeyError(f"unknown rule reward '{name}' (known: {', '.join(sorted(rules.RULES))})")
         self.name, self.function, self.options = name, rules.RULES[name], options
         self.parameters = inspect.signature(self.function).parameters
-        settable = [p for p, v in self.parameters.items() if v.default is not inspect.Parameter.empty]
+        settable = rules.options_of(name)
         unknown = sorted(set(options) - set(settable))
         if unknown:
             raise KeyError(f"rule '{name}' has no option(s) {unknown} (options: {settable or 'none'})")
