@@ -447,7 +447,11 @@ class RolloutConfig(_Strict):
         default_factory=list, description="strings that end a completion besides the end-of-turn token"
     )
     batch_size: int = Field(32, gt=0, description="hf engine: sequences per generate call")
-    kv_cache_gib: int = Field(2, gt=0, description="vllm on CPU: KV-cache size in GiB")
+    kv_cache_gib: float | Literal["auto"] = Field(
+        "auto",
+        description="vllm on CPU: KV-cache size in GiB; auto = what the stage's largest generate call holds at once "
+        "(its sequences x (longest prompt + max_new_tokens)), at least one max-length sequence",
+    )
     gpu_memory_utilization: float = Field(
         0.3, gt=0, lt=1, description="vllm on GPU: its share of GPU memory, the rest is the trainer's"
     )

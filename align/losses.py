@@ -16,26 +16,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from align.tokens import IGNORE_INDEX
-
-
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of log p(label) over labelled positions, and the number of labelled positions.
-
-    logits: [N, T, V] predicting the token at t+1 from position t (already aligned with ``labels``
-    shifted by one, see ``shifted``); labels: [N, T] with IGNORE_INDEX where not scored.
-    Log-softmax is taken one row at a time in fp32, so [N, T, V] is never held in fp32 at once.
-    Returns ([N], [N]).
-    """
-    sums, counts = [], []
-    for row_logits, row_labels in zip(logits, labels):
-        mask = row_labels != IGNORE_INDEX
-        scored = row_logits[mask].float()  # [n, V]: only the positions that count
-        picked = scored.gather(-1, row_labels[mask].unsqueeze(-1)).squeeze(-1)
-        sums.append((picked - torch.logsumexp(scored, dim=-1)).sum())
-        counts.append(mask.sum())
-    return torch.stack(sums), torch.stack(counts)
-
 
 def token_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / temperature)[token] at every position: [N, T, V], [N, T] -> [N, T].
@@ -49,6 +29,72 @@ def token_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float =
         scaled = row_logits.float() / scale
         rows.append(scaled.gather(-1, row_tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled, dim=-1))
     return torch.stack(rows)
+
+
+# logits of at most this many bytes (fp32) exist at once in ``linear_token_logps``: 64 MiB, 341 positions
+# of a 49k vocabulary. Small enough to vanish beside a model's activations, large enough for fast matmuls.
+CHUNK_BYTES = 64 * 2**20
+
+
+class _LinearTokenLogps(torch.autograd.Function):
+    """log softmax(h W^T + b)[target] over chunks of positions, with the gradient taken in the forward.
+
+    Written here because no library we use has it for a CPU (Liger's fused linear cross-entropy is
+    Triton, GPU only): for each chunk the logits are made, reduced to the target's logprob (and the
+    entropy) and dropped, and d logp / d h = (onehot - softmax) W / temperature is computed at once,
+    so backward is one multiply and no [N, V] tensor is ever stored. Only h receives a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk, with_entropy):
+        n = hidden.shape[0]
+        logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        entropy = torch.empty(n, dtype=torch.float32, device=hidden.device) if with_entropy else None
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, n, chunk):
+            h, t = hidden[start : start + chunk], targets[start : start + chunk].unsqueeze(-1)
+            # the matmul in the ambient precision (bf16 under autocast), the softmax in fp32, as the model's own loss
+            logp = (F.linear(h, weight, bias).float() / temperature).log_softmax(-1)  # [n, V]
+            logps[start : start + chunk] = logp.gather(-1, t).squeeze(-1)
+            p = logp.exp()
+            if with_entropy:
+                entropy[start : start + chunk] = -(p * logp).sum(-1)
+            del logp
+            if grad is not None:
+                onehot_minus_p = p.neg_().scatter_add_(-1, t, torch.ones_like(t, dtype=p.dtype)) / temperature
+                grad[start : start + chunk] = (onehot_minus_p.to(h.dtype) @ weight.to(h.dtype)).to(grad.dtype)
+        ctx.save_for_backward(grad)
+        if entropy is not None:
+            ctx.mark_non_differentiable(entropy)
+        return logps, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps, _grad_entropy):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_logps.unsqueeze(-1).to(grad.dtype), None, None, None, None, None, None
+
+
+def linear_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    bias: torch.Tensor | None = None,
+    entropy: bool = False,
+    chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax((hidden W^T + b) / temperature)[target] without holding the [N, V] logits.
+
+    hidden: [N, H] final hidden states of the positions that are scored (labelled ones only, so the
+    prompt and the padding cost nothing); weight: [V, H] the output layer's, frozen (no gradient
+    reaches it); targets: [N]. Returns (logps [N] fp32, with a gradient to ``hidden``; entropy [N] of
+    the same distribution, no gradient, or None). Equal to ``token_logps`` on the full logits (test).
+    """
+    if weight.requires_grad:
+        raise ValueError("linear_token_logps: the output layer's weight must be frozen (its gradient is not computed)")
+    chunk = chunk or max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+    scale = 1.0 if temperature == 0 else float(temperature)
+    return _LinearTokenLogps.apply(hidden, weight, bias, targets, scale, chunk, entropy)
 
 
 def dpo_sigmoid(

@@ -197,3 +197,34 @@ def test_the_hf_engine_needs_no_correction_and_forcing_it_changes_nothing(tmp_pa
     assert "is_weight_mean" not in auto_m
     assert forced_m["is_weight_mean"] == pytest.approx(1.0, abs=1e-4)  # the hf sampler is the trainer's forward
     assert forced_m["loss"] == pytest.approx(auto_m["loss"], abs=1e-4)
+
+
+def test_one_update_per_rollout_takes_the_old_logprobs_from_its_own_forward(tmp_path, yes_no_model, monkeypatch):
+    """One epoch, one minibatch: no separate no-grad pass for the rollout policy's logprobs (issue 16);
+    the run equals one that makes that pass - the same metrics (KL to the reference, importance weights,
+    entropy, loss) and the same adapter - with a sampler that is not the trainer and a KL term on."""
+    from safetensors.torch import load_file
+
+    import align.stages.grpo as grpo_stage
+
+    real = grpo_stage.rollout_engine
+    monkeypatch.setattr(grpo_stage, "rollout_engine", lambda *args: ShiftedSampler(real(*args), shift=0.2))
+    recipe = load_recipe(grpo_recipe(tmp_path, yes_no_model, [{"prompt": "Pick one."}] * 8))
+    cfg = recipe.resolve("grpo", ["train.max_steps=2", "grpo.kl_coef=0.1", "train.batch_size=8"])
+    fused = run_grpo(cfg, tmp_path / "fused", recipe_name="tiny")
+    passes = []
+    monkeypatch.setattr(grpo_stage, "update_gives_old_logprobs", lambda *args: passes.append(args) or False)
+    separate = run_grpo(cfg, tmp_path / "separate", recipe_name="tiny")
+    assert passes == [(1, 32, 32)]  # the decision was taken, for this one-update shape
+
+    keys = ["kl", "is_weight_mean", "is_weight_max", "entropy", "loss", "logprob_mismatch_mean", "reward_mean"]
+    for a, b in zip(
+        *((json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()) for out in (fused, separate))
+    ):
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+        assert a["clip_fraction"] == 0 and a["approx_kl"] == 0  # the ratio is exactly 1 in the update
+    a, b = (load_file(out / "adapter" / "adapter_model.safetensors") for out in (fused, separate))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    assert any((load_file(fused / "adapter" / "adapter_model.safetensors")[k] != 0).any() for k in a if "lora_B" in k)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from align.losses import token_logps
 from align.models.loading import autocast
+from align.models.output_layer import next_token_logps
 from align.rollout.engine import Rollout
+from align.tokens import IGNORE_INDEX
 
 
 def rollout_batch(rollouts: list[Rollout], pad_id: int) -> dict[str, torch.Tensor]:
@@ -37,10 +38,11 @@ def rollout_batch(rollouts: list[Rollout], pad_id: int) -> dict[str, torch.Tenso
     }
 
 
-def completion_forward(model, batch: dict[str, torch.Tensor], hidden_states: bool = False):
-    """The trainer's forward over a rollout batch: (logits [B, C, V], position t predicting completion
-    token t; the model's output). Logits are kept for the completion columns only, so the prompt's
-    [P, V] logits are never made. Every trainer-side view of sampled tokens starts here."""
+def completion_forward(model, batch: dict[str, torch.Tensor]):
+    """The trainer's full next-token distribution over a rollout's completion: (logits [B, C, V], position
+    t predicting completion token t; the model's output), for the views that need every logit (the vLLM
+    greedy check's near-ties, the checkup's KL). Logits are kept for the completion columns only, so the
+    prompt's [P, V] logits are never made. Logprobs of the sampled tokens come from ``policy_outputs``."""
     completion_len = batch["completion_ids"].shape[1]
     out = model(
         input_ids=batch["input_ids"],
@@ -48,7 +50,6 @@ def completion_forward(model, batch: dict[str, torch.Tensor], hidden_states: boo
         position_ids=batch["position_ids"],
         logits_to_keep=completion_len + 1,
         use_cache=False,
-        output_hidden_states=hidden_states,
     )
     return out.logits[:, :-1], out
 
@@ -60,20 +61,22 @@ def policy_outputs(model, batch: dict[str, torch.Tensor], temperature: float, va
     vLLM sync probe all read the trainer's logprobs through it, so the probe verifies what the losses use.
 
     Values are read from the final hidden state at the position that predicts each token: V_t is
-    the value of the state before token t is generated. Logits are kept for completion columns only.
+    the value of the state before token t is generated. Only the completion tokens' logits are made,
+    a chunk at a time (``next_token_logps``).
     """
-    logits, out = completion_forward(model, batch, hidden_states=value_head is not None)
-    completion_len = batch["completion_ids"].shape[1]
     mask = batch["completion_mask"]
-    logps = token_logps(logits, batch["completion_ids"], temperature) * mask
-    entropies = None
-    if entropy:
-        with torch.no_grad():
-            scaled = logits.float() / (temperature or 1.0)
-            entropies = torch.stack([-(row.softmax(-1) * row.log_softmax(-1)).sum(-1) for row in scaled]) * mask
+    logps, entropies, hidden = next_token_logps(
+        model,
+        batch["completion_ids"].masked_fill(mask == 0, IGNORE_INDEX),
+        temperature,
+        entropy=entropy,
+        hidden=value_head is not None,
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+    )
     values = None
     if value_head is not None:
-        hidden = out.hidden_states[-1][:, -(completion_len + 1) : -1]
         values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1) * mask
     return logps, entropies, values
 

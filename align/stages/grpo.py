@@ -36,6 +36,7 @@ from align.losses import (
     kl_estimate,
     masked_mean,
     rloo_advantages,
+    truncated_importance_weights,
 )
 from align.models.adapters import reference_mode, trainable_summary
 from align.models.loading import autocast, load_tokenizer, resolve_precision
@@ -49,7 +50,7 @@ from align.stages.online import (
     StepLog,
     check_longest_rollout_batch,
     checkpoint_due,
-    importance_weights,
+    importance_stats,
     load_policy,
     load_rl_checkpoint,
     micro_batches,
@@ -57,6 +58,7 @@ from align.stages.online import (
     rl_steps,
     rollout_engine,
     rollout_stats,
+    sampler_logprobs,
     sampling,
     save_rl_checkpoint,
     save_rl_stage,
@@ -100,12 +102,15 @@ def run_grpo(
     completions_per_step = cfg.rollout.prompts_per_step * k
     minibatch = min(opts.minibatch_size or completions_per_step, completions_per_step)
     updates = steps * opts.epochs * math.ceil(completions_per_step / minibatch)
+    fused = update_gives_old_logprobs(opts.epochs, minibatch, completions_per_step)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, int(cfg.train.warmup_ratio * updates), updates)
     resume_from = prepare_output(state, output_dir, cfg, overwrite, resume)
     loop = load_rl_checkpoint(resume_from, policy, optimizer, scheduler) if resume_from else {"step": 0}
-    engine = rollout_engine(cfg, policy, tokenizer, precision)
+    engine = rollout_engine(
+        cfg, policy, tokenizer, precision, prompts + held_out, max(completions_per_step, len(held_out))
+    )
     try:  # closed on every exit: a vLLM engine holds a model-sized copy in /dev/shm
         check_longest_rollout_batch(policy, prompts, cfg, precision, tokenizer.pad_token_id)
         device = next(policy.parameters()).device
@@ -159,27 +164,26 @@ def run_grpo(
                 if opts.algorithm == "grpo"
                 else rloo_advantages(rewards, k)
             )
-            # 4. The rollout policy's and the reference's logprobs, recomputed by the trainer.
+            # 4. The reference's logprobs (kl_coef > 0) and the rollout policy's, recomputed by the trainer -
+            #    unless one update uses the rollouts once (one epoch, one minibatch): the policy has not moved
+            #    before that update, so its own forward gives the rollout policy's logprobs (as TRL does).
             batch = rollout_batch(rollouts, pad)
             mask = batch["completion_mask"].float()
-            with log.timed("logprobs"), torch.no_grad():
-                old, entropy, ref = [], [], []
-                for rows in micro_batches(list(range(len(rollouts))), cfg.train.batch_size):
-                    micro = select_rows(batch, rows, device)
-                    with autocast(precision):
-                        logps, ent, _ = policy_outputs(policy, micro, cfg.rollout.temperature, entropy=True)
-                        old.append(logps.float().cpu())
-                        entropy.append(ent.float().cpu())
-                        if opts.kl_coef > 0:
-                            with reference_mode(policy, reference):
-                                ref.append(policy_outputs(policy, micro, cfg.rollout.temperature)[0].float().cpu())
-                    policy.train()
-                old, entropy = torch.cat(old), torch.cat(entropy)
-                ref = torch.cat(ref) if ref else None
-                if ref is not None:  # the rollout policy's KL to the reference, with the loss's estimator
-                    log.add(kl=masked_mean(kl_estimate(old, ref, opts.kl_estimator), mask).item())
+            with log.timed("logprobs"):
+                old, entropy, ref = rollout_logprobs(
+                    policy,
+                    reference,
+                    batch,
+                    cfg,
+                    precision,
+                    device,
+                    policy_pass=not fused,
+                    reference_pass=opts.kl_coef > 0,
+                )
+            if fused:
+                old, entropy = torch.zeros(mask.shape), torch.zeros(mask.shape)  # filled by the update's forward
             # The sampler is not the trainer (vLLM): truncated importance weights make the gradient the trainer's.
-            is_weights = importance_weights(cfg, engine, rollouts, old, mask, log)
+            sampler = sampler_logprobs(cfg, engine, rollouts, mask.shape)
             # 5. Updates: epochs x minibatches, micro-batches accumulated into one optimizer step.
             with log.timed("training"):
                 order = list(range(len(rollouts)))
@@ -190,12 +194,19 @@ def run_grpo(
                         for rows in micro_batches(mb, cfg.train.batch_size):
                             micro = select_rows(batch, rows, device)
                             with autocast(precision):
-                                logps = policy_outputs(policy, micro, cfg.rollout.temperature)[0].float()
+                                logps, ent, _ = policy_outputs(policy, micro, cfg.rollout.temperature, entropy=fused)
+                                logps = logps.float()
+                            if fused:
+                                old[rows], entropy[rows] = logps.detach().cpu(), ent.float().cpu()
                             m, old_rows = mask[rows].to(device), old[rows].to(device)
                             adv = advantages[rows].to(device).unsqueeze(1)
                             token_loss, clipped = clipped_policy_loss(logps, old_rows, adv, opts.clip)
-                            if is_weights is not None:
-                                token_loss = token_loss * is_weights[rows].to(device)
+                            if sampler is not None:
+                                cap = cfg.rollout.importance_cap
+                                token_loss = (
+                                    token_loss
+                                    * truncated_importance_weights(old_rows, sampler[rows].to(device), cap)[0]
+                                )
                             if ref is not None:
                                 kl = kl_estimate(logps, ref[rows].to(device), opts.kl_estimator)
                                 token_loss = token_loss + opts.kl_coef * kl
@@ -214,6 +225,12 @@ def run_grpo(
                         scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
                         log.add(grad_norm=grad_norm.item(), loss=minibatch_loss)
+            if ref is not None:  # the rollout policy's KL to the reference, with the loss's estimator
+                log.add(kl=masked_mean(kl_estimate(old, ref, opts.kl_estimator), mask).item())
+            if sampler is not None:
+                log.add(
+                    **importance_stats(*truncated_importance_weights(old, sampler, cfg.rollout.importance_cap), mask)
+                )
             # 6. Sync the engine (verified), log, and stop a run that has nothing to learn from.
             with log.timed("sync"):
                 engine.sync_weights(policy)
@@ -308,3 +325,30 @@ def held_out_reward(engine, reward, held_out, cfg) -> float:
         ),
     )
     return score(reward, held_out, rollouts).mean().item()
+
+
+def update_gives_old_logprobs(epochs: int, minibatch: int, completions_per_step: int) -> bool:
+    """True when the rollouts feed exactly one optimizer step (one epoch, one minibatch): the policy has
+    not moved before it, so the update's own forward gives the rollout policy's logprobs and the separate
+    no-grad pass would compute the same numbers again (about a fifth of a step; issue 16)."""
+    return epochs == 1 and minibatch == completions_per_step
+
+
+@torch.no_grad()
+def rollout_logprobs(policy, reference, batch, cfg, precision, device, policy_pass: bool, reference_pass: bool):
+    """(the rollout policy's logprobs [B, C], their entropy [B, C], the reference's logprobs [B, C]) of
+    the sampled tokens, each None when its pass is not asked for; micro-batch by micro-batch, on the CPU."""
+    old, entropy, ref = [], [], []
+    for rows in micro_batches(list(range(batch["completion_ids"].shape[0])), cfg.train.batch_size):
+        micro = select_rows(batch, rows, device)
+        with autocast(precision):
+            if policy_pass:
+                logps, ent, _ = policy_outputs(policy, micro, cfg.rollout.temperature, entropy=True)
+                old.append(logps.float().cpu())
+                entropy.append(ent.float().cpu())
+            if reference_pass:
+                with reference_mode(policy, reference):
+                    ref.append(policy_outputs(policy, micro, cfg.rollout.temperature)[0].float().cpu())
+        policy.train()
+    joined = [torch.cat(parts) if parts else None for parts in (old, entropy, ref)]
+    return tuple(joined)

@@ -80,9 +80,14 @@ def load_policy(cfg, model_path: Path, precision: str, source: Path | None, need
     return policy, reference, line if needs_reference else "not needed (kl_coef 0)"
 
 
-def rollout_engine(cfg, policy, tokenizer, precision: str):
+def rollout_engine(cfg, policy, tokenizer, precision: str, prompts: list[PromptExample], sequences: int):
+    """The stage's rollout engine. ``prompts`` and ``sequences`` (the most completions one generate call
+    asks for) size a vLLM engine's KV cache on CPU when ``rollout.kv_cache_gib`` is auto."""
+    longest = max((len(p.prompt_ids) for p in prompts), default=0)
+    kv = cfg.rollout.kv_cache_gib
     options = dict(
-        kv_cache_gib=cfg.rollout.kv_cache_gib,
+        kv_cache_gib=None if kv == "auto" else kv,
+        kv_cache_workload=(sequences, longest + cfg.rollout.max_new_tokens),
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         seed=cfg.seed,
         sync=cfg.rollout.vllm_sync,
@@ -129,25 +134,39 @@ def check_longest_rollout_batch(policy, prompts: list, cfg, precision: str, pad_
     )
 
 
+def sampler_logprobs(cfg, engine, rollouts: list[Rollout], shape: torch.Size) -> torch.Tensor | None:
+    """[B, T] the sampler's logprobs of its own tokens (0 past a completion's end, where the trainer's
+    are 0 too: weight 1, masked anyway), or None when the importance correction is off
+    (``rollout.importance_correction``; auto = on unless the engine samples with the trainer's own forward)."""
+    mode = cfg.rollout.importance_correction
+    if mode is False or (mode == "auto" and getattr(engine, "samples_from_trainer", False)):
+        return None
+    sampler = torch.zeros(shape)
+    for row, rollout in enumerate(rollouts):
+        sampler[row, : len(rollout.logprobs)] = torch.tensor(rollout.logprobs, dtype=sampler.dtype)
+    return sampler
+
+
+def importance_stats(weights: torch.Tensor, truncated: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """The weights' mean, max and truncated share over completion tokens, for the step's log."""
+    return {
+        "is_weight_mean": masked_mean(weights, mask).item(),
+        "is_weight_max": weights[mask.bool()].max().item() if mask.any() else 1.0,
+        "is_truncated_fraction": masked_mean(truncated, mask).item(),
+    }
+
+
 def importance_weights(
     cfg, engine, rollouts: list[Rollout], old: torch.Tensor, mask: torch.Tensor, log
 ) -> torch.Tensor | None:
     """[B, T] truncated importance weights pi_trainer / pi_sampler for the policy loss, or None when
-    the correction is off (``rollout.importance_correction``; auto = on unless the engine samples
-    with the trainer's own forward). ``old`` holds the trainer's logprobs of the sampled tokens;
-    the weights' mean, max and truncated share over completion tokens go to the step's log."""
-    mode = cfg.rollout.importance_correction
-    if mode is False or (mode == "auto" and getattr(engine, "samples_from_trainer", False)):
+    the correction is off (``sampler_logprobs``). ``old`` holds the trainer's logprobs of the sampled
+    tokens; ``importance_stats`` go to the step's log."""
+    sampler = sampler_logprobs(cfg, engine, rollouts, old.shape)
+    if sampler is None:
         return None
-    sampler = old.clone()  # positions past a completion's end keep weight 1 (they are masked anyway)
-    for row, rollout in enumerate(rollouts):
-        sampler[row, : len(rollout.logprobs)] = torch.tensor(rollout.logprobs, dtype=old.dtype)
     weights, truncated = truncated_importance_weights(old, sampler, cfg.rollout.importance_cap)
-    log.add(
-        is_weight_mean=masked_mean(weights, mask).item(),
-        is_weight_max=weights[mask.bool()].max().item() if mask.any() else 1.0,
-        is_truncated_fraction=masked_mean(truncated, mask).item(),
-    )
+    log.add(**importance_stats(weights, truncated, mask))
     return weights
 
 

@@ -235,7 +235,9 @@ def run_ppo(
         value_head.load_state_dict(load_file(str(resume_from / VALUE_HEAD_FILE)))
         kl_control.coef = loop["kl_coef"]
         scale.count, scale.mean, scale.m2 = loop["scale"]
-    engine = rollout_engine(cfg, policy, tokenizer, precision)
+    engine = rollout_engine(
+        cfg, policy, tokenizer, precision, prompts + held_out, max(completions_per_step, len(held_out))
+    )
     try:  # closed on every exit: a vLLM engine holds a model-sized copy in /dev/shm
         check_longest_rollout_batch(policy, prompts, cfg, precision, tokenizer.pad_token_id, value_head)
         device = next(policy.parameters()).device

@@ -242,7 +242,7 @@ def _sample(
     if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":
         model.to("cuda")
     model.eval()
-    engine = rollout_engine(cfg, model, tokenizer, precision)
+    engine = rollout_engine(cfg, model, tokenizer, precision, prompts, CHUNK_PROMPTS * cfg.rollout.samples_per_prompt)
     checkpoints.mkdir(parents=True, exist_ok=True)
     r = cfg.rollout
     try:

@@ -19,12 +19,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from transformers import Trainer
+
 from align.config import SFTConfig
 from align.console import console, print_plan
 from align.data.batching import PackedCollator, PaddingCollator, as_rows, pack
 from align.data.sft_data import load_sft_data
 from align.models.adapters import add_adapter, trainable_summary
 from align.models.loading import load_base_model, load_tokenizer, resolve_precision
+from align.models.output_layer import next_token_logps
 from align.models.resolve import resolve_model
 from align.stages.checkup import checkup_status, raise_if_collapsed, run_checkup
 from align.stages.common import (
@@ -41,6 +44,27 @@ from align.stages.common import (
     trainer_plan,
     training_arguments,
 )
+from align.tokens import IGNORE_INDEX
+
+
+class LabelledTokenTrainer(Trainer):
+    """transformers' Trainer with the model's own causal-LM loss (the sum of -log p over labelled tokens,
+    divided by the labelled tokens of the whole accumulated batch), computed from the logits of the
+    labelled positions only, a chunk at a time (``next_token_logps``): never the [B, T, V] logits of
+    every position, nor their fp32 copy for the cross-entropy. Same loss, same gradients (tests)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        targets = inputs["labels"][:, 1:]  # position t predicts token t + 1
+        forward = {k: v for k, v in inputs.items() if k != "labels"}
+        logps = next_token_logps(model, targets, **forward)[0]
+        loss = -logps.sum() / (
+            num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
+        )
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # num_items_in_batch counts every process's tokens and DDP averages gradients over processes
+            # (what Trainer.compute_loss does for the model's own loss)
+            loss = loss * self.accelerator.num_processes
+        return (loss, {}) if return_outputs else loss
 
 
 def plan(cfg: SFTConfig, tokenizer) -> tuple[str, str]:
@@ -57,7 +81,7 @@ def run_sft(
     resume: bool = False,
     provenance: dict | None = None,
 ) -> Path:
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
     started = time.time()
     output_dir = Path(output_dir)
@@ -108,7 +132,7 @@ def run_sft(
 
     # 5. Train.
     has_eval = bool(eval_rows)
-    trainer = Trainer(
+    trainer = LabelledTokenTrainer(
         model=model,
         args=training_arguments(cfg, output_dir, precision, has_eval, resume_from, f"{recipe_name}/sft"),
         train_dataset=train_rows,
