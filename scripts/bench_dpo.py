@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -24,7 +25,9 @@ def pairs(n: int) -> list[dict]:
     return summary_pair_rows()[:n]
 
 
-def worker_align(reference: str, steps: int, batch: int) -> dict:
+def worker_align(reference: str, steps: int, batch: int, full_logits: bool = False) -> dict:
+    if full_logits:  # log-probs through the model's [2B, T, V] logits, as before issue 16
+        os.environ["ALIGN_FULL_LOGITS"] = "1"
     from align.recipe import recipe_from_dict
     from align.stages.dpo import run_dpo
 
@@ -84,7 +87,7 @@ def worker_trl(steps: int, batch: int) -> dict:
         max_length=256,
         save_strategy="no",
         report_to=[],
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),  # TRL trains where align does
     )
     lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = DPOTrainer(
@@ -104,7 +107,7 @@ def worker_trl(steps: int, batch: int) -> dict:
     }
 
 
-CONFIGS = ["trl-dpo-defaults", "align-dpo-precomputed", "align-dpo-live"]
+CONFIGS = ["trl-dpo-defaults", "align-dpo-precomputed", "align-dpo-live", "align-dpo-precomputed-full-logits"]
 
 
 def main() -> None:
@@ -118,7 +121,8 @@ def main() -> None:
         if args.worker == "trl-dpo-defaults":
             report(worker_trl(args.steps, args.batch))
         else:
-            report(worker_align(args.worker.rsplit("-", 1)[-1], args.steps, args.batch))
+            name = args.worker.removesuffix("-full-logits")
+            report(worker_align(name.rsplit("-", 1)[-1], args.steps, args.batch, name != args.worker))
         return
     results = run_configs(__file__, args.only, ["--steps", str(args.steps), "--batch", str(args.batch)])
     baseline = results.get("trl-dpo-defaults")

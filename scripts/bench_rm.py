@@ -87,7 +87,7 @@ def worker_trl(steps: int, batch: int) -> dict:
         max_length=256,
         save_strategy="no",
         report_to=[],
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),  # TRL trains where align does
     )
     lora = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="SEQ_CLS")
     trainer = RewardTrainer(

@@ -47,6 +47,8 @@ def rows(n: int, mixed: bool) -> list[dict]:
 
 
 def worker_align(spec: dict) -> dict:
+    if spec.get("full_logits"):  # the loss through the model's [B, T, V] logits, as before issue 16
+        os.environ["ALIGN_FULL_LOGITS"] = "1"
     from align.recipe import recipe_from_dict
     from align.stages.sft import run_sft
 
@@ -131,7 +133,7 @@ def worker_trl(spec: dict) -> dict:
         max_length=512,
         save_strategy="no",
         report_to=[],
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),  # TRL trains where align does
     )
     trainer = SFTTrainer(
         model=model,
@@ -157,8 +159,10 @@ def worker_trl(spec: dict) -> dict:
 CONFIGS = {
     "trl-qlora-defaults": ("trl", {"quant": "nf4"}),
     "align-qlora": ("align", {"quant": "nf4", "precision": "auto"}),
+    "align-qlora-full-logits": ("align", {"quant": "nf4", "precision": "auto", "full_logits": True}),
     "align-qlora-checkpointing": ("align", {"quant": "nf4", "precision": "auto", "checkpointing": True}),
     "align-lora": ("align", {"quant": "none", "precision": "auto"}),
+    "align-lora-full-logits": ("align", {"quant": "none", "precision": "auto", "full_logits": True}),
     "align-lora-fp32": ("align", {"quant": "none", "precision": "fp32"}),
     "align-lora-padding-mixed": ("align", {"quant": "none", "precision": "auto", "mixed": True}),
     "align-lora-packing-mixed": ("align", {"quant": "none", "precision": "auto", "mixed": True, "packing": True}),

@@ -255,12 +255,15 @@ class DeadRunAlarm:
 
 
 class StepLog:
-    """Collects one RL step's numbers and appends them to metrics.jsonl."""
+    """Collects one RL step's numbers and appends them to metrics.jsonl: the means of what was added,
+    the seconds of each timed phase, and ``time/step``, the wall clock since the previous step was written
+    (the first: since the log was made), so what no phase times (KL, advantages, logging) shows too."""
 
     def __init__(self, path: Path):
         self.path = path
         self.values: dict[str, list[float]] = defaultdict(list)
         self.times: dict[str, float] = defaultdict(float)
+        self.last_write = time.perf_counter()
 
     def add(self, **values: float) -> None:
         for key, value in values.items():
@@ -283,7 +286,9 @@ class StepLog:
             "step": step,
             **{k: sum(v) / len(v) for k, v in self.values.items()},
             **{f"time/{k}": round(v, 3) for k, v in self.times.items()},
+            "time/step": round(time.perf_counter() - self.last_write, 3),
         }
+        self.last_write = time.perf_counter()
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         self.values.clear()
