@@ -325,39 +325,32 @@ class VLLMEngine:
         # it holds the path only, so it does not keep the engine alive.
         self._remove_workdir = weakref.finalize(self, shutil.rmtree, str(self.workdir), ignore_errors=True)
         self.llm = None
-        try:
-            self._start(
-                policy,
-                tokenizer,
-                dtype,
-                max_model_len,
-                enforce_eager,
-                gpu_memory_utilization,
-                sleep,
-                seed,
-                on_gpu,
-                kv_cache_gib,
-                kv_cache_workload,
+        positions = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
+        max_model_len = min(max_model_len, positions) if positions else max_model_len
+        llm_options = dict(seed=seed, enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager)
+        if on_gpu:
+            llm_options.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep)
+        else:
+            # Every request is seeded (reproducible rollouts), and a prompt split across steps
+            # (chunked prefill, whenever a batch's prompts exceed max_num_batched_tokens) makes vLLM
+            # rewind that request's generator with set_offset, which CPU generators refuse:
+            # "RuntimeError: CPU Generator does not use offset" in _bookkeeping_sync. Whole
+            # prompts only; the budget must then hold the longest one.
+            llm_options.update(
+                enable_chunked_prefill=False,
+                max_num_batched_tokens=max(max_model_len, 4096),
+                # VLLM_CPU_KVCACHE_SPACE, when set, still wins (vLLM's CPU platform reads it over this)
+                kv_cache_memory_bytes=cpu_kv_cache_bytes(policy, dtype, max_model_len, kv_cache_gib, kv_cache_workload),
             )
+        try:
+            self._start(policy, tokenizer, dtype, max_model_len, llm_options)
         except BaseException:
             # a failed start (LLM() raising, a probe mismatch) leaves no export and no process group behind
             self.close()
             raise
 
-    def _start(
-        self,
-        policy,
-        tokenizer,
-        dtype,
-        max_model_len,
-        enforce_eager,
-        gpu_memory_utilization,
-        sleep,
-        seed,
-        on_gpu,
-        kv_cache_gib,
-        kv_cache_workload,
-    ) -> None:
+    def _start(self, policy, tokenizer, dtype, max_model_len: int, llm_options: dict) -> None:
+        """Export the policy and start vLLM on the export with ``llm_options`` (seed, eager, memory)."""
         from vllm import LLM
 
         base = export_base(
@@ -368,35 +361,19 @@ class VLLMEngine:
             untie=self.mode != "lora",
             merge_adapter=self.mode == "merged",
         )
-        positions = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
-        max_model_len = min(max_model_len, positions) if positions else max_model_len
         threads = torch.get_num_threads()
         options = (
             dict(enable_lora=True, max_lora_rank=min(r for r in LORA_RANKS if r >= self.lora.r), max_loras=1)
             if self.mode == "lora"
             else {}
         )
-        if on_gpu:
-            options.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep)
-        else:
-            # Every request is seeded (reproducible rollouts), and a prompt split across steps
-            # (chunked prefill, whenever a batch's prompts exceed max_num_batched_tokens) makes vLLM
-            # rewind that request's generator with set_offset, which CPU generators refuse:
-            # "RuntimeError: CPU Generator does not use offset" in _bookkeeping_sync. Whole
-            # prompts only; the budget must then hold the longest one.
-            options.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 4096))
-            # VLLM_CPU_KVCACHE_SPACE, when set, still wins (vLLM's CPU platform reads it over this)
-            options.update(
-                kv_cache_memory_bytes=cpu_kv_cache_bytes(policy, dtype, max_model_len, kv_cache_gib, kv_cache_workload)
-            )
         self.llm = LLM(
             model=str(base),
             dtype=str(dtype).removeprefix("torch."),
-            seed=seed,
             max_model_len=max_model_len,
             logprobs_mode="processed_logprobs",  # logprobs under the distribution sampled from
-            enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager,
             **options,
+            **llm_options,
         )
         torch.set_num_threads(threads)  # vLLM's CPU backend lowers it; the trainer needs them back
         if self.sleep:
