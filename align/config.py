@@ -128,8 +128,10 @@ class TrainConfig(_Strict):
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm (0 disables)")
-    gradient_checkpointing: bool = Field(
-        False, description="recompute activations in backward: less memory, about 30% slower"
+    gradient_checkpointing: bool | float = Field(
+        False,
+        description="recompute activations in backward: true = every decoder layer (least memory, about 30% slower); "
+        "a share 0-1 = that share of the layers, evenly spread (memory and time in between)",
     )
     logging_steps: int = Field(1, gt=0, description="log metrics every N optimizer steps")
     save_steps: int = Field(100, gt=0, description="write a resumable checkpoint every N optimizer steps")
@@ -141,6 +143,13 @@ class TrainConfig(_Strict):
         gt=0,
         description="evaluate on the held-out rows every N steps (always before the first step and after the last)",
     )
+
+    @field_validator("gradient_checkpointing")
+    @classmethod
+    def _checkpoint_share(cls, value: bool | float) -> bool | float:
+        if not isinstance(value, bool) and not 0 <= value <= 1:
+            raise ValueError(f"a share of the decoder layers is between 0 and 1, not {value}")
+        return value
 
     @field_validator("optim")
     @classmethod

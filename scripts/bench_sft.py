@@ -60,6 +60,7 @@ def worker_align(spec: dict) -> dict:
             "name": "bench",
             "model": {"precision": spec["precision"]},
             "quantization": {"mode": spec["quant"]},
+            "lora": {"dropout": spec.get("lora_dropout", 0.05)},
             "data": {"train": str(data), "max_length": 512, "packing": spec["packing"]},
             "train": {
                 "max_steps": spec["steps"],
@@ -161,6 +162,9 @@ CONFIGS = {
     "align-qlora": ("align", {"quant": "nf4", "precision": "auto"}),
     "align-qlora-full-logits": ("align", {"quant": "nf4", "precision": "auto", "full_logits": True}),
     "align-qlora-checkpointing": ("align", {"quant": "nf4", "precision": "auto", "checkpointing": True}),
+    "align-qlora-checkpointing-0.75": ("align", {"quant": "nf4", "precision": "auto", "checkpointing": 0.75}),
+    "align-qlora-checkpointing-0.5": ("align", {"quant": "nf4", "precision": "auto", "checkpointing": 0.5}),
+    "align-qlora-no-dropout": ("align", {"quant": "nf4", "precision": "auto", "lora_dropout": 0.0}),
     "align-lora": ("align", {"quant": "none", "precision": "auto"}),
     "align-lora-full-logits": ("align", {"quant": "none", "precision": "auto", "full_logits": True}),
     "align-lora-fp32": ("align", {"quant": "none", "precision": "fp32"}),

@@ -108,3 +108,35 @@ def test_qlora_gradients_are_unchanged_by_an_eval_pass(tiny_llama):
     assert any(g.abs().sum() > 0 for g in before.values())
     for name in before:
         torch.testing.assert_close(after[name], before[name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("share, recomputed", [(False, []), (0.5, [1, 3]), (0.75, [1, 2, 3]), (True, [0, 1, 2, 3])])
+def test_a_share_of_layers_is_checkpointed_and_gradients_do_not_change(tiny_llama, share, recomputed):
+    """train.gradient_checkpointing: a share of the decoder layers recompute their forward in backward
+    (evenly spread), and the gradients are those of no checkpointing."""
+    from transformers import AutoModelForCausalLM
+
+    def build(checkpointing):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, num_hidden_layers=4)
+        model = add_adapter(base, AdapterConfig(), LoraConfig(dropout=0.0), False, checkpointing, 10)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(1))
+        return model.train()
+
+    model, plain = build(share), build(False)
+    layers = model.get_base_model().model.layers
+    calls = [0] * len(layers)
+    for i, layer in enumerate(layers):
+        # a pre-hook: the recomputation stops early, once the last tensor backward needs is made again
+        layer.mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    ids = torch.randint(0, 1000, (2, 12))
+    model(input_ids=ids, labels=ids).loss.backward()
+    plain(input_ids=ids, labels=ids).loss.backward()
+    assert [i for i, n in enumerate(calls) if n == 2] == recomputed  # forward again in backward
+    assert all(n in (1, 2) for n in calls)
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-5, msg=name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -61,20 +62,34 @@ def peft_config(adapter: AdapterConfig, lora: LoraConfig, total_steps: int = 100
     raise ValueError(f"adapter.method {method!r} has no peft config (full fine-tuning trains the base itself)")
 
 
-def _prepare_for_training(model, quantized: bool, gradient_checkpointing: bool):
+def checkpoint_layers(model, share: bool | float) -> None:
+    """Recompute the activations of ``share`` of the decoder layers in backward (True = all), spread
+    evenly (layer i when floor((i + 1) share) > floor(i share)): memory and time between none and all.
+    Non-reentrant, as the reentrant kind breaks with frozen inputs and under DDP. transformers' decoder
+    layers each honour their own ``gradient_checkpointing`` flag, so a share is set layer by layer."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if not share:
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if share is True or share >= 1:
+        return
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = math.floor((i + 1) * share) > math.floor(i * share)
+
+
+def _prepare_for_training(model, quantized: bool, gradient_checkpointing: bool | float):
     """Frozen-base setup before an adapter wraps the model: kbit preparation for a quantized base,
-    and non-reentrant checkpointing (the reentrant kind breaks with frozen inputs and under DDP)."""
+    and activation checkpointing (``checkpoint_layers``)."""
     import peft
 
-    checkpointing = {"use_reentrant": False}
     if quantized:
         disable_bnb_cpu_repacking(model)  # also done by load_base_model; a caller may bring its own model
-        return peft.prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing
-        )
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    elif gradient_checkpointing:
         model.enable_input_require_grads()
+    checkpoint_layers(model, gradient_checkpointing)
     return model
 
 
@@ -83,7 +98,7 @@ def add_adapter(
     adapter: AdapterConfig,
     lora: LoraConfig,
     quantized: bool,
-    gradient_checkpointing: bool,
+    gradient_checkpointing: bool | float,
     total_steps: int = 1000,
     task_type: str = "CAUSAL_LM",
 ):
@@ -93,8 +108,7 @@ def add_adapter(
     if adapter.method == "full":
         if quantized:
             raise RecipeError("adapter.method=full cannot train a quantized base; set quantization.mode=none")
-        if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_layers(model, gradient_checkpointing)
         return model
     model = _prepare_for_training(model, quantized, gradient_checkpointing)
     try:
@@ -107,7 +121,7 @@ def add_adapter(
 
 
 def load_adapter_for_training(
-    model, adapter_dir: Path, quantized: bool, gradient_checkpointing: bool, frozen_copy: str | None = None
+    model, adapter_dir: Path, quantized: bool, gradient_checkpointing: bool | float, frozen_copy: str | None = None
 ):
     """Continue training a saved adapter (``from: sft``); optionally keep a frozen copy of it,
     named ``frozen_copy``, as a reference policy that shares the one base in memory."""
