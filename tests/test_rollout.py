@@ -221,13 +221,13 @@ def test_generate_and_chat_commands_with_the_hf_engine(tiny_llama):
 def test_cpu_kv_cache_is_sized_to_the_stages_largest_generate_call(tiny_llama):
     from align.rollout.vllm import cpu_kv_cache_bytes
 
-    policy = load_tiny(tiny_llama)  # 2 layers x 2 KV heads x head_dim 8: K and V of a 16-token block, fp32
-    block = 2 * 2 * 2 * 8 * 4 * 16
-    assert block == 4096
-    # 32 sequences of 100 tokens: 7 blocks each, one more to spare each, a quarter over: 320 blocks
-    assert cpu_kv_cache_bytes(policy, torch.float32, 512, None, (32, 100)) == 320 * block
-    assert cpu_kv_cache_bytes(policy, torch.bfloat16, 512, None, (32, 100)) == 320 * block // 2
-    # never less than one max_model_len sequence (vLLM refuses to start without it): 512 / 16 + 1 blocks
-    assert cpu_kv_cache_bytes(policy, torch.float32, 512, None, (1, 10)) == 33 * block
+    policy = load_tiny(tiny_llama)  # 2 layers x 2 KV heads x head_dim 8: K and V of a 128-token block, fp32
+    block = 2 * 2 * 2 * 8 * 4 * 128
+    assert block == 32768
+    # 32 sequences of 300 tokens: 3 blocks each, a quarter over: 120 blocks, + vLLM's null block + 1 spare
+    assert cpu_kv_cache_bytes(policy, torch.float32, 512, None, (32, 300)) == 122 * block
+    assert cpu_kv_cache_bytes(policy, torch.bfloat16, 512, None, (32, 300)) == 122 * block // 2
+    # never less than one max_model_len sequence (vLLM refuses to start without it): 512 / 128 + 2 blocks
+    assert cpu_kv_cache_bytes(policy, torch.float32, 512, None, (1, 10)) == 6 * block
     assert cpu_kv_cache_bytes(policy, torch.float32, 512, 1.5, (32, 100)) == int(1.5 * 2**30)  # the recipe's GiB
     assert cpu_kv_cache_bytes(policy, torch.float32, 512, None, None) == 2 * 2**30  # no workload known: 2 GiB

@@ -174,7 +174,9 @@ def remove_orphans(roots: list[Path] | None = None) -> list[Path]:
     return removed
 
 
-KV_BLOCK = 16  # tokens per vLLM KV block (its CPU default): every sequence rounds up to whole blocks
+# vLLM's CPU KV cache comes in blocks of 128 tokens (its CPU default; MLA models use 16, DeepSeek-V4 256),
+# one of which it keeps back (the null block): every sequence rounds up to whole blocks.
+KV_BLOCK = 128
 DEFAULT_KV_GIB = 2.0  # when the caller says nothing about its workload (align generate, align chat)
 
 
@@ -182,9 +184,9 @@ def cpu_kv_cache_bytes(
     policy, dtype: torch.dtype, max_model_len: int, gib: float | None, workload: tuple[int, int] | None
 ) -> int:
     """The KV cache a CPU engine allocates up front (all of it resident memory): ``gib`` when given, else
-    room for ``workload`` = (sequences, tokens per sequence) of the stage's largest generate call, in
-    whole blocks plus one per sequence and a quarter to spare, and never less than one ``max_model_len``
-    sequence, which vLLM refuses to start without. A quickstart stage needs 0.1-0.7 GB; the fixed 2 GiB
+    room for ``workload`` = (sequences, tokens per sequence) of the stage's largest generate call in whole
+    blocks with a quarter to spare, never less than one ``max_model_len`` sequence (vLLM refuses to start
+    without it), plus vLLM's null block and one more. A quickstart stage needs 0.2-1 GB; the fixed 2 GiB
     it had was most of a 135M model's memory (issue 16). Without a workload: 2 GiB."""
     config = getattr(policy, "config", None)
     layers = getattr(config, "num_hidden_layers", None)
@@ -194,8 +196,8 @@ def cpu_kv_cache_bytes(
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     per_block = 2 * layers * heads * head_dim * dtype.itemsize * KV_BLOCK  # K and V of every layer
     sequences, tokens = workload
-    blocks = max(int(sequences * (math.ceil(tokens / KV_BLOCK) + 1) * 1.25), math.ceil(max_model_len / KV_BLOCK) + 1)
-    return per_block * blocks
+    needed = max(math.ceil(sequences * math.ceil(tokens / KV_BLOCK) * 1.25), math.ceil(max_model_len / KV_BLOCK))
+    return per_block * (needed + 2)
 
 
 def _scratch_dir(nbytes: int) -> Path:
