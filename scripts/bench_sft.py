@@ -165,6 +165,10 @@ CONFIGS = {
     "align-qlora-checkpointing-0.75": ("align", {"quant": "nf4", "precision": "auto", "checkpointing": 0.75}),
     "align-qlora-checkpointing-0.5": ("align", {"quant": "nf4", "precision": "auto", "checkpointing": 0.5}),
     "align-qlora-no-dropout": ("align", {"quant": "nf4", "precision": "auto", "lora_dropout": 0.0}),
+    "align-qlora-no-dropout-checkpointing": (
+        "align",
+        {"quant": "nf4", "precision": "auto", "lora_dropout": 0.0, "checkpointing": True},
+    ),
     "align-lora": ("align", {"quant": "none", "precision": "auto"}),
     "align-lora-full-logits": ("align", {"quant": "none", "precision": "auto", "full_logits": True}),
     "align-lora-fp32": ("align", {"quant": "none", "precision": "fp32"}),
