@@ -60,14 +60,14 @@ def worker_align(spec: dict) -> dict:
             "name": "bench",
             "model": {"precision": spec["precision"]},
             "quantization": {"mode": spec["quant"]},
-            "lora": {"dropout": spec.get("lora_dropout", 0.05)},
+            "lora": {"dropout": spec.get("lora_dropout", 0.0)},  # align's defaults unless the row says
             "data": {"train": str(data), "max_length": 512, "packing": spec["packing"]},
             "train": {
                 "max_steps": spec["steps"],
                 "batch_size": spec["batch"],
                 "save_steps": 10_000,
                 "lr": 2e-4,
-                "gradient_checkpointing": spec.get("checkpointing", False),
+                "gradient_checkpointing": spec.get("checkpointing", True),
             },
             "stages": {"sft": {}},
         }
@@ -142,7 +142,11 @@ def worker_trl(spec: dict) -> dict:
         train_dataset=datasets.Dataset.from_list(data),
         processing_class=tokenizer,
         peft_config=peft.LoraConfig(
-            r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
+            r=16,
+            lora_alpha=32,
+            lora_dropout=spec.get("lora_dropout", 0.05),  # the usual LoRA setting, as in TRL's examples
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
         ),
     )
     result = trainer.train()
@@ -157,17 +161,20 @@ def worker_trl(spec: dict) -> dict:
     }
 
 
+# align rows use align's defaults (LoRA dropout 0, checkpointing every layer) unless named otherwise;
+# trl-qlora-no-dropout is the fair peer for them (TRL with the same adapter setting).
 CONFIGS = {
     "trl-qlora-defaults": ("trl", {"quant": "nf4"}),
+    "trl-qlora-no-dropout": ("trl", {"quant": "nf4", "lora_dropout": 0.0}),
     "align-qlora": ("align", {"quant": "nf4", "precision": "auto"}),
     "align-qlora-full-logits": ("align", {"quant": "nf4", "precision": "auto", "full_logits": True}),
-    "align-qlora-checkpointing": ("align", {"quant": "nf4", "precision": "auto", "checkpointing": True}),
+    "align-qlora-no-checkpointing": ("align", {"quant": "nf4", "precision": "auto", "checkpointing": False}),
     "align-qlora-checkpointing-0.75": ("align", {"quant": "nf4", "precision": "auto", "checkpointing": 0.75}),
     "align-qlora-checkpointing-0.5": ("align", {"quant": "nf4", "precision": "auto", "checkpointing": 0.5}),
-    "align-qlora-no-dropout": ("align", {"quant": "nf4", "precision": "auto", "lora_dropout": 0.0}),
-    "align-qlora-no-dropout-checkpointing": (
+    "align-qlora-dropout": ("align", {"quant": "nf4", "precision": "auto", "lora_dropout": 0.05}),
+    "align-qlora-dropout-no-checkpointing": (
         "align",
-        {"quant": "nf4", "precision": "auto", "lora_dropout": 0.0, "checkpointing": True},
+        {"quant": "nf4", "precision": "auto", "lora_dropout": 0.05, "checkpointing": False},
     ),
     "align-lora": ("align", {"quant": "none", "precision": "auto"}),
     "align-lora-full-logits": ("align", {"quant": "none", "precision": "auto", "full_logits": True}),
