@@ -25,6 +25,10 @@ CONFIGS = {
     # the same with the separate no-grad pass for the old logprobs that one-update steps skip (issue 16)
     "grpo-vllm-old-pass": ("grpo", "vllm", "grpo"),
     "rloo-vllm": ("grpo", "vllm", "rloo"),
+    # align's defaults checkpoint every layer; this is the setting of the figures before 2026-12-05
+    "grpo-vllm-no-checkpointing": ("grpo", "vllm", "grpo"),
+    # micro-batches in the rollouts' own order, padded to the whole batch's width, as before issue 16
+    "grpo-vllm-unsorted": ("grpo", "vllm", "grpo"),
 }
 
 
@@ -58,7 +62,12 @@ def worker(name: str, steps: int, tokens: int) -> dict:
             "quantization": {"mode": "nf4"},
             "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
             "data": {"train": str(folder / "prompts.jsonl"), "max_length": 512},
-            "train": {"max_steps": steps, "batch_size": 8, "lr": 1e-5},
+            "train": {
+                "max_steps": steps,
+                "batch_size": 8,
+                "lr": 1e-5,
+                "gradient_checkpointing": not name.endswith("-no-checkpointing"),
+            },
             "stages": {"rl": stage},
         }
     )
@@ -70,6 +79,10 @@ def worker(name: str, steps: int, tokens: int) -> dict:
 
         if name.endswith("-old-pass"):
             grpo_stage.update_gives_old_logprobs = lambda *args: False
+        if name.endswith("-unsorted"):
+            chunks = grpo_stage.micro_batches
+            grpo_stage.micro_batches = lambda indices, size, batch=None: chunks(indices, size)
+            grpo_stage.select_rows = lambda batch, rows, device: {k: v[rows].to(device) for k, v in batch.items()}
         run = grpo_stage.run_grpo
     out = run(cfg, folder / "out", recipe_name="bench")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # step 1 is warm-up
@@ -78,6 +91,8 @@ def worker(name: str, steps: int, tokens: int) -> dict:
     timed = sum(result.values())
     result["step_s"] = round(sum(r["time/step"] for r in records) / len(records), 2)  # wall clock
     result["untimed_s"] = round(result["step_s"] - timed, 2)  # KL, advantages, whitening, logging, checkpoints
+    for part in ("push", "probe", "faithfulness"):  # the sync's parts (vLLM), inside sync_s
+        result[f"sync_{part}_s"] = round(sum(r.get(f"time/sync_{part}", 0.0) for r in records) / len(records), 2)
     result["completion_tokens"] = round(sum(r["completion_length"] for r in records) / len(records) * 16)
     return result
 
@@ -95,12 +110,13 @@ def main() -> None:
     results = run_configs(__file__, args.only.split(","), ["--steps", str(args.steps), "--tokens", str(args.tokens)])
     print(
         f"\n{'config':<12}{'step s':>8}{'generate':>10}{'score':>7}{'logprobs':>10}{'train':>7}{'sync':>6}"
-        f"{'untimed':>9}{'tokens':>8}{'peak RSS MB':>13}"
+        f"{'untimed':>9}{'tokens':>8}{'peak RSS MB':>13}   sync = push + probe + faithfulness"
     )
     for name, r in results.items():
         print(
             f"{name:<12}{r['step_s']:>8}{r['generation_s']:>10}{r['scoring_s']:>7}{r['logprobs_s']:>10}{r['training_s']:>7}"
-            f"{r['sync_s']:>6}{r['untimed_s']:>9}{r['completion_tokens']:>8}{r['peak_rss_mb']:>13}"
+            f"{r['sync_s']:>6}{r['untimed_s']:>9}{r['completion_tokens']:>8}{r['peak_rss_mb']:>13}   "
+            f"{r['sync_push_s']} + {r['sync_probe_s']} + {r['sync_faithfulness_s']}"
         )
 
 

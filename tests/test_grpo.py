@@ -228,3 +228,38 @@ def test_one_update_per_rollout_takes_the_old_logprobs_from_its_own_forward(tmp_
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
     assert any((load_file(fused / "adapter" / "adapter_model.safetensors")[k] != 0).any() for k in a if "lora_B" in k)
+
+
+def test_micro_batches_of_similar_length_drop_padding_and_keep_every_logprob(tiny_llama):
+    """Rows sorted by length into micro-batches (ties by index, whatever order they came in), each cut
+    to its own longest prompt and completion (issue 16): the trainer's logprobs equal the whole padded
+    batch's, and the completion columns read with ``columns`` line up with the kept ones."""
+    from conftest import load_tiny
+
+    from align.rollout.engine import Rollout
+    from align.rollout.scoring import policy_outputs, rollout_batch
+    from align.stages.online import columns, micro_batches, select_rows
+
+    model = load_tiny(tiny_llama).eval()
+    lengths = [(3, 9), (12, 2), (5, 5), (3, 1), (12, 8), (4, 6)]  # (prompt, completion) tokens
+    rollouts = [
+        Rollout(i, list(range(10, 10 + p)), list(range(20, 20 + c)), [], "length", "")
+        for i, (p, c) in enumerate(lengths)
+    ]
+    batch = rollout_batch(rollouts, pad_id=0)
+    assert batch["input_ids"].shape == (6, 21)
+    with torch.no_grad():
+        full = policy_outputs(model, batch, 1.0)[0]
+    chunks = list(micro_batches([5, 0, 3, 1, 4, 2], 2, batch))
+    assert chunks == [[3, 2], [5, 0], [1, 4]]  # total lengths 4, 10, 10, 12, 14, 20
+    shapes = []
+    for rows in chunks:
+        micro = select_rows(batch, rows, "cpu")
+        width = micro["completion_ids"].shape[1]
+        shapes.append((micro["input_ids"].shape[1], width))
+        with torch.no_grad():
+            logps = policy_outputs(model, micro, 1.0)[0]
+        torch.testing.assert_close(logps, columns(full, rows, width, "cpu"), atol=1e-5, rtol=1e-5)
+        kept = columns(batch["completion_mask"], rows, width, "cpu").sum(-1)
+        assert kept.tolist() == [lengths[r][1] for r in rows]  # no completion token was cut
+    assert shapes == [(10, 5), (13, 9), (20, 8)]

@@ -51,7 +51,7 @@ def vllm_llama(tmp_path_factory, tokenizer):
     return folder
 
 
-def lora_policy(folder, quantization="none"):
+def lora_policy(folder, quantization="none", targets="all-linear"):
     from align.config import AdapterConfig, LoraConfig, ModelConfig, QuantizationConfig
     from align.models.adapters import add_adapter
     from align.models.loading import load_base_model
@@ -61,7 +61,7 @@ def lora_policy(folder, quantization="none"):
     )
     policy = add_adapter(
         base,
-        AdapterConfig(),
+        AdapterConfig(target_modules=targets),
         LoraConfig(r=8, dropout=0.0),
         quantized=quantization != "none",
         gradient_checkpointing=False,
@@ -138,6 +138,35 @@ def test_adapter_engine_samples_what_the_trainer_scores_and_follows_every_step(v
     assert not torch.distributed.is_initialized()  # vLLM's process group is gone with the engine
 
 
+def test_merged_sync_pushes_the_adapted_blocks_whole_and_nothing_else(vllm_llama, tokenizer):
+    """A merged sync sends only what a LoRA step changes. vLLM fuses q/k/v and gate/up into one layer: an
+    adapter on q, v and up only must still send k and gate (else the fused layer is rebuilt from part of
+    its weights), and the engine must equal the trainer after a real step (probe and sampled logprobs)."""
+    from align.models.trained import base_weights
+
+    policy = lora_policy(vllm_llama, targets=["q_proj", "v_proj", "up_proj"])
+    sent = {name for name, _ in base_weights(policy, torch.float32, untie=True, merge_adapter=True, adapted_only=True)}
+    every = {name for name, _ in base_weights(policy, torch.float32, untie=True)}
+    assert sent == {n for n in every if ".self_attn." in n or ".mlp." in n}  # k, o, gate, down included
+    engine = VLLMEngine(policy, tokenizer, sync="merged", **ENGINE)
+    try:
+        rollouts = engine.generate(CHATS, Sampling(n=2, max_new_tokens=8, seed=4))
+        optimizer_step(policy, rollouts, tokenizer.pad_token_id)
+        assert engine.probe_difference(policy) > 1e-3
+        engine.sync_weights(policy)
+        assert engine.last_sync_difference < 1e-3 and set(engine.sync_seconds) == {
+            "time/sync_push",
+            "time/sync_probe",
+            "time/sync_faithfulness",
+        }
+        assert engine.fidelity == {}  # the greedy-answer check ran at start-up; next at FAITHFULNESS_EVERY
+        after = engine.generate(CHATS, Sampling(n=2, max_new_tokens=8, seed=5))
+        trainer = score_rollouts(policy, after, tokenizer.pad_token_id, 1.0)
+        assert logprob_mismatch([r.logprobs for r in after], trainer)["logprob_mismatch_max"] < 1e-3
+    finally:
+        engine.close()
+
+
 def test_auto_sync_is_merged_on_cpu_and_lora_on_gpu(vllm_llama, monkeypatch):
     from align.rollout.vllm import sync_mode
 
@@ -188,6 +217,23 @@ def test_an_engine_with_the_kv_cache_sized_to_its_workload_starts_and_serves_it(
         assert len(rollouts) == 2 * len(CHATS) and all(r.completion_ids for r in rollouts)
     finally:
         engine.close()
+
+
+def test_a_kv_cache_too_small_is_an_error_even_under_engine_auto(vllm_llama, tokenizer, monkeypatch):
+    """Settings vLLM cannot start with are the recipe's to fix: engine auto must not hide them behind the
+    hf engine (a KV cache one block short once did, with one yellow line). One 512-token sequence
+    without vLLM's null block is one block short."""
+    from transformers import AutoModelForCausalLM
+
+    from align.rollout.engine import EngineSettingsError
+    from align.rollout.engines import make_engine
+    from align.rollout.vllm import KV_BLOCK
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    policy = AutoModelForCausalLM.from_pretrained(vllm_llama, dtype=torch.float32, attn_implementation="eager")
+    short = 2 * 2 * 1 * 32 * 4 * KV_BLOCK * (512 // KV_BLOCK) / 2**30
+    with pytest.raises(EngineSettingsError, match=r"cannot hold one 512-token sequence: raise rollout.kv_cache_gib"):
+        make_engine("auto", policy, tokenizer, "fp32", max_model_len=512, kv_cache_gib=short)
 
 
 @pytest.mark.parametrize("sync", ["lora", "merged"])
@@ -309,7 +355,8 @@ def stderr_tail(process) -> str:
 
 
 def test_a_killed_engines_export_is_removed_by_the_next_engine(vllm_llama, tokenizer):
-    """SIGKILL runs no cleanup, so the model-sized export stays in RAM until the next engine starts."""
+    """SIGKILL runs no cleanup, so the export's folder stays until the next engine starts. Its model-sized
+    weight file is gone already: deleted once vLLM has loaded it (nothing reads it again)."""
     import signal
 
     from transformers import AutoModelForCausalLM
@@ -317,7 +364,8 @@ def test_a_killed_engines_export_is_removed_by_the_next_engine(vllm_llama, token
     killed = start_engine_process(vllm_llama, "hang")
     workdir = engine_workdir(killed)
     assert workdir, stderr_tail(killed)
-    assert workdir.name.startswith(f"align-vllm-{killed.pid}-") and (workdir / "base" / "model.safetensors").is_file()
+    assert workdir.name.startswith(f"align-vllm-{killed.pid}-") and (workdir / "base" / "config.json").is_file()
+    assert not list((workdir / "base").glob("*.safetensors"))
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert workdir.is_dir()  # leaked: nothing ran in the killed process
@@ -532,8 +580,8 @@ def test_sync_tolerance_follows_what_the_policy_computes_in(vllm_llama):
 def test_faithfulness_on_real_prompts_passes_the_policy_and_rejects_another_model(
     vllm_llama, tokenizer, engine_precision
 ):
-    """At start and after every sync the engine's own greedy answers to real prompts are scored by the
-    trainer. The served policy passes; an engine serving another model (the output layer's rows
+    """At start and every FAITHFULNESS_EVERY syncs the engine's own greedy answers to real prompts are
+    scored by the trainer. The served policy passes; an engine serving another model (the output layer's rows
     shuffled: same weights, different next-token choices) is refused, in fp32 and in bf16."""
     from align.models.trained import base_weights
 

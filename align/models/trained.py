@@ -112,7 +112,7 @@ def lora_deltas(model) -> dict[str, torch.Tensor]:
     return deltas
 
 
-def base_weights(model, dtype=None, untie: bool = False, merge_adapter: bool = False):
+def base_weights(model, dtype=None, untie: bool = False, merge_adapter: bool = False, adapted_only: bool = False):
     """(name, tensor) pairs of the weights the trainer computes with, under plain transformers names.
 
     For a peft policy that is its base without the adapter; 4-bit layers are dequantized to the
@@ -121,12 +121,20 @@ def base_weights(model, dtype=None, untie: bool = False, merge_adapter: bool = F
     once (the config says they are tied), unless ``untie``: then the output embedding is also
     given as lm_head.weight. ``merge_adapter`` adds the active LoRA's deltas in fp32 to the
     dequantized weights (never into 4-bit ones): the policy as one plain model.
+
+    ``adapted_only`` (with ``merge_adapter``) gives only what a LoRA step can change: the weights
+    of the modules that hold the adapter and of their siblings under the same parent (an engine
+    fuses q/k/v and gate/up into one layer, which must receive every part), and any base weight
+    left trainable; the frozen embeddings, norms and unadapted blocks are neither dequantized nor copied.
     """
     import bitsandbytes.functional as bnbf
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     deltas = lora_deltas(model) if merge_adapter else {}
+    parents = {name.rsplit(".", 2)[0] + "." for name in deltas}
     for name, param in base.named_parameters():
+        if adapted_only and not param.requires_grad and not any(name.startswith(parent) for parent in parents):
+            continue
         parts = name.split(".")
         if any(p.startswith("lora_") or p in ("modules_to_save", "original_module") for p in parts):
             if "modules_to_save" in parts:
@@ -145,7 +153,11 @@ def base_weights(model, dtype=None, untie: bool = False, merge_adapter: bool = F
         if name in deltas:
             tensor = tensor.float() + deltas[name].to(tensor.device)
         yield name, tensor.to(dtype) if dtype is not None else tensor
-    if untie and getattr(base.config, "tie_word_embeddings", False):
+    if (
+        untie
+        and getattr(base.config, "tie_word_embeddings", False)
+        and not (adapted_only and "lm_head.weight" not in deltas)
+    ):
         tensor = base.get_output_embeddings().weight.data
         if "lm_head.weight" in deltas:
             tensor = tensor.float() + deltas["lm_head.weight"].to(tensor.device)

@@ -67,6 +67,12 @@ class SyncError(RuntimeError):
     """The engine's logprobs after a weight sync do not match the trainer's; it was not advanced."""
 
 
+class EngineSettingsError(ValueError):
+    """The engine could serve this policy but not with the settings it was given (align's sizing or the
+    user's): an error under engine auto too. Falling back to another engine would hide it - a KV cache
+    sized one block short once sent the quickstart's GRPO to the hf engine with one yellow line."""
+
+
 def stop_token_ids(tokenizer, model=None) -> set[int]:
     """Every id that ends a turn: the tokenizer's end-of-turn tokens and the generation config's eos ids."""
     ids = set(end_of_turn_ids(tokenizer))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from align.rollout.engine import Engine
+from align.rollout.engine import Engine, EngineSettingsError
 
 
 def vllm_available() -> bool:
@@ -34,7 +34,9 @@ def make_engine(kind: str, policy, tokenizer, precision: str = "fp32", batch_siz
     generate call) is the hf engine's, vllm_options go to VLLMEngine.
 
     With 'auto', a policy vLLM cannot serve (a non-LoRA adapter, an unsupported attention shape)
-    falls back to hf and says why; naming 'vllm' makes that an error instead.
+    falls back to hf and says why; naming 'vllm' makes that an error instead. Settings vLLM cannot
+    start with (``EngineSettingsError``: a KV cache too small for one sequence) are an error either
+    way: they are fixed in the recipe, not by a slower engine.
     """
     from align.rollout.hf import HFEngine
 
@@ -46,7 +48,7 @@ def make_engine(kind: str, policy, tokenizer, precision: str = "fp32", batch_siz
     try:
         return VLLMEngine(policy, tokenizer, precision=precision, **vllm_options)
     except Exception as error:
-        if kind != "auto":
+        if kind != "auto" or isinstance(error, EngineSettingsError):
             raise
         from align.console import console
 

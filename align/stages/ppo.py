@@ -56,6 +56,7 @@ from align.stages.online import (
     StepLog,
     check_longest_rollout_batch,
     checkpoint_due,
+    columns,
     importance_weights,
     load_policy,
     load_rl_checkpoint,
@@ -134,7 +135,7 @@ def ppo_epochs(
         epoch_kl = []
         for mb in micro_batches(order, minibatch):
             tokens, minibatch_loss = t.mask[mb].sum().clamp(min=1), 0.0
-            for rows in micro_batches(mb, cfg.train.batch_size):
+            for rows in micro_batches(mb, cfg.train.batch_size, t.batch):
                 loss, kl_now = ppo_micro_batch(policy, value_head, t, rows, tokens, cfg, device, precision, log)
                 minibatch_loss += loss
                 epoch_kl.append(kl_now)
@@ -158,12 +159,17 @@ def ppo_micro_batch(
     micro = select_rows(t.batch, rows, device)
     with autocast(precision):
         logps, _, values = policy_outputs(policy, micro, cfg.rollout.temperature, value_head)
-    m, old_rows, logps = t.mask[rows].to(device), t.old[rows].to(device), logps.float()
-    policy_loss, clipped = clipped_policy_loss(logps, old_rows, t.advantages[rows].to(device), opts.clip)
+    width = micro["completion_ids"].shape[1]
+    m, old_rows, logps = columns(t.mask, rows, width, device), columns(t.old, rows, width, device), logps.float()
+    advantages = columns(t.advantages, rows, width, device)
+    policy_loss, clipped = clipped_policy_loss(logps, old_rows, advantages, opts.clip)
     if t.is_weights is not None:
-        policy_loss = policy_loss * t.is_weights[rows].to(device)
+        policy_loss = policy_loss * columns(t.is_weights, rows, width, device)
     value_loss, value_clipped = clipped_value_loss(
-        values.float(), t.old_values[rows].to(device), t.returns[rows].to(device), opts.value_clip
+        values.float(),
+        columns(t.old_values, rows, width, device),
+        columns(t.returns, rows, width, device),
+        opts.value_clip,
     )
     loss = ((policy_loss + opts.vf_coef * value_loss) * m).sum() / tokens.to(device)
     loss.backward()
@@ -296,20 +302,19 @@ def run_ppo(
             batch = rollout_batch(rollouts, tokenizer.pad_token_id)
             mask = batch["completion_mask"].float()
             with log.timed("logprobs"), torch.no_grad():
-                parts = {"old": [], "entropy": [], "values": [], "ref": []}
-                for rows in micro_batches(list(range(len(rollouts))), cfg.train.batch_size):
+                old, entropy, old_values = (torch.zeros(mask.shape) for _ in range(3))
+                ref = torch.zeros(mask.shape) if needs_reference else old
+                for rows in micro_batches(list(range(len(rollouts))), cfg.train.batch_size, batch):
                     micro = select_rows(batch, rows, device)
+                    width = micro["completion_ids"].shape[1]
                     with autocast(precision):
-                        logps, entropy, values = policy_outputs(policy, micro, temperature, value_head, entropy=True)
+                        logps, ent, values = policy_outputs(policy, micro, temperature, value_head, entropy=True)
                         if needs_reference:
                             with reference_mode(policy, reference):
-                                parts["ref"].append(policy_outputs(policy, micro, temperature)[0].float().cpu())
+                                ref[rows, :width] = policy_outputs(policy, micro, temperature)[0].float().cpu()
                     policy.train()
-                    parts["old"].append(logps.float().cpu())
-                    parts["entropy"].append(entropy.float().cpu())
-                    parts["values"].append(values.float().cpu())
-                old, entropy, old_values = (torch.cat(parts[k]) for k in ("old", "entropy", "values"))
-                ref = torch.cat(parts["ref"]) if parts["ref"] else old
+                    old[rows, :width], entropy[rows, :width] = logps.float().cpu(), ent.float().cpu()
+                    old_values[rows, :width] = values.float().cpu()
             # The sampler is not the trainer (vLLM): truncated importance weights make the gradient the trainer's.
             is_weights = importance_weights(cfg, engine, rollouts, old, mask, log)
             # 4. Per-token rewards: the KL penalty on every token, the score on the last one.
@@ -342,6 +347,7 @@ def run_ppo(
             with log.timed("sync"):
                 engine.sync_weights(policy)
             log.add(**getattr(engine, "fidelity", {}))  # vLLM: its greedy answers to real prompts vs the trainer
+            log.add(**getattr(engine, "sync_seconds", {}))  # vLLM: push, probe and faithfulness check
             kl_per_completion = kl.sum(-1).mean().item()
             stats = rollout_stats(rollouts, raw_scores)
             log.add(
