@@ -224,9 +224,11 @@ def test_cpu_kv_cache_is_sized_to_the_stages_largest_generate_call(tiny_llama):
     policy = load_tiny(tiny_llama)  # 2 layers x 2 KV heads x head_dim 8: K and V of a 128-token block, fp32
     block = 2 * 2 * 2 * 8 * 4 * 128
     assert block == 32768
-    # 32 sequences of 300 tokens: 3 blocks each, a quarter over: 120 blocks, + vLLM's null block + 1 spare
-    assert cpu_kv_cache_bytes(policy, torch.float32, 512, None, (32, 300)) == 122 * block
-    assert cpu_kv_cache_bytes(policy, torch.bfloat16, 512, None, (32, 300)) == 122 * block // 2
+    # 32 sequences of 300 tokens: 3 blocks each, 96 blocks, + vLLM's null block + 1 spare
+    assert cpu_kv_cache_bytes(policy, torch.float32, 512, None, (32, 300)) == 98 * block
+    assert cpu_kv_cache_bytes(policy, torch.bfloat16, 512, None, (32, 300)) == 98 * block // 2
+    # a larger call: KV_MAX_SEQUENCES (64) at once, vLLM queues the rest
+    assert cpu_kv_cache_bytes(policy, torch.float32, 512, None, (128, 300)) == (64 * 3 + 2) * block
     # never less than one max_model_len sequence (vLLM refuses to start without it): 512 / 128 + 2 blocks
     assert cpu_kv_cache_bytes(policy, torch.float32, 512, None, (1, 10)) == 6 * block
     assert cpu_kv_cache_bytes(policy, torch.float32, 512, 1.5, (32, 100)) == int(1.5 * 2**30)  # the recipe's GiB

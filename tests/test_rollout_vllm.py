@@ -199,7 +199,7 @@ def test_full_finetune_sync_pushes_weights(vllm_llama, tokenizer):
         engine.close()
 
 
-@pytest.mark.parametrize("workload", [(1, 10), (48, 300)])
+@pytest.mark.parametrize("workload", [(1, 10), (96, 300)])
 def test_an_engine_with_the_kv_cache_sized_to_its_workload_starts_and_serves_it(vllm_llama, tokenizer, workload):
     """rollout.kv_cache_gib auto: the smallest size (one max_model_len sequence) and a workload above it
     both start (the quickstart's GRPO once fell back to hf: vLLM keeps a 128-token block back) and answer."""
@@ -210,11 +210,14 @@ def test_an_engine_with_the_kv_cache_sized_to_its_workload_starts_and_serves_it(
     policy = AutoModelForCausalLM.from_pretrained(vllm_llama, dtype=torch.float32, attn_implementation="eager")
     size = cpu_kv_cache_bytes(policy, torch.float32, 512, None, workload)
     per_block = 2 * 2 * 1 * 32 * 4 * KV_BLOCK  # K and V x 2 layers x 1 KV head x head_dim 32, fp32
-    assert size == per_block * (6 if workload == (1, 10) else 182)  # 512 / 128 + 2; 48 x 3 x 1.25 + 2
+    assert size == per_block * (6 if workload == (1, 10) else 194)  # 512 / 128 + 2; 64 at once x 3 + 2
     engine = VLLMEngine(policy, tokenizer, max_model_len=512, kv_cache_workload=workload)
     try:
         rollouts = engine.generate(CHATS, Sampling(n=2, max_new_tokens=8, seed=4))
         assert len(rollouts) == 2 * len(CHATS) and all(r.completion_ids for r in rollouts)
+        # more sequences than the cache holds at once: vLLM queues them, every one is answered
+        many = engine.generate(CHATS * 48, Sampling(n=2, max_new_tokens=8, seed=4))
+        assert len(many) == 192 and all(r.completion_ids for r in many)
     finally:
         engine.close()
 

@@ -195,16 +195,22 @@ def remove_orphans(roots: list[Path] | None = None) -> list[Path]:
 # one of which it keeps back (the null block): every sequence rounds up to whole blocks.
 KV_BLOCK = 128
 DEFAULT_KV_GIB = 2.0  # when the caller says nothing about its workload (align generate, align chat)
+# Sequences the auto-sized cache holds at once; vLLM queues the rest of a larger call and admits them as
+# earlier ones finish (a request is admitted only with its blocks, so none is preempted). On 2 CPU cores
+# decoding is compute-bound well below this, so more at once bought no speed while the quickstart's eval
+# (128 prompts) spent 0.95 GB on its cache (issue 16).
+KV_MAX_SEQUENCES = 64
 
 
 def cpu_kv_cache_bytes(
     policy, dtype: torch.dtype, max_model_len: int, gib: float | None, workload: tuple[int, int] | None
 ) -> int:
     """The KV cache a CPU engine allocates up front (all of it resident memory): ``gib`` when given, else
-    room for ``workload`` = (sequences, tokens per sequence) of the stage's largest generate call in whole
-    blocks with a quarter to spare, never less than one ``max_model_len`` sequence (vLLM refuses to start
-    without it), plus vLLM's null block and one more. A quickstart stage needs 0.2-1 GB; the fixed 2 GiB
-    it had was most of a 135M model's memory (issue 16). Without a workload: 2 GiB."""
+    room for ``workload`` = (sequences, tokens per sequence) of the stage's largest generate call, at most
+    ``KV_MAX_SEQUENCES`` of them at once, each in whole blocks (tokens per sequence is the longest prompt
+    plus max_new_tokens: no sequence needs more), never less than one ``max_model_len`` sequence (vLLM
+    refuses to start without it), plus vLLM's null block and one more. A quickstart stage needs 0.1-0.4 GB;
+    the fixed 2 GiB it had was most of a 135M model's memory (issue 16). Without a workload: 2 GiB."""
     config = getattr(policy, "config", None)
     layers = getattr(config, "num_hidden_layers", None)
     if gib is not None or workload is None or not layers:
@@ -213,7 +219,7 @@ def cpu_kv_cache_bytes(
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     per_block = 2 * layers * heads * head_dim * dtype.itemsize * KV_BLOCK  # K and V of every layer
     sequences, tokens = workload
-    needed = max(math.ceil(sequences * math.ceil(tokens / KV_BLOCK) * 1.25), math.ceil(max_model_len / KV_BLOCK))
+    needed = max(min(sequences, KV_MAX_SEQUENCES) * math.ceil(tokens / KV_BLOCK), math.ceil(max_model_len / KV_BLOCK))
     return per_block * (needed + 2)
 
 
