@@ -196,9 +196,9 @@ def remove_orphans(roots: list[Path] | None = None) -> list[Path]:
 KV_BLOCK = 128
 DEFAULT_KV_GIB = 2.0  # when the caller says nothing about its workload (align generate, align chat)
 # Sequences the auto-sized cache holds at once; vLLM queues the rest of a larger call and admits them as
-# earlier ones finish (a request is admitted only with its blocks, so none is preempted). On 2 CPU cores
-# decoding is compute-bound well below this, so more at once bought no speed while the quickstart's eval
-# (128 prompts) spent 0.95 GB on its cache (issue 16).
+# blocks free up. The quickstart's eval (128 prompts) spent 0.95 GB on a cache for all of them; with 64
+# at once its peak fell 0.54 GB, it took 166 s against 160 (within this machine's run-to-run spread) and
+# gave byte-identical answers (per-request seeds; issue 16, BENCHMARKS.md).
 KV_MAX_SEQUENCES = 64
 
 
