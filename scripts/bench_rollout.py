@@ -31,6 +31,7 @@ CONFIGS = {
     "vllm-bf16": ("vllm", {"precision": "bf16", "engine_precision": "bf16"}),
     "vllm-fp32": ("vllm", {"precision": "fp32"}),
     "vllm-bf16-lora": ("vllm", {"precision": "bf16", "engine_precision": "bf16", "sync": "lora"}),
+    "vllm-bf16-merged": ("vllm", {"precision": "bf16", "engine_precision": "bf16", "sync": "merged"}),
     "vllm-bf16-graphs": ("vllm", {"precision": "bf16", "engine_precision": "bf16", "enforce_eager": False}),
     "vllm-bf16-kv8": ("vllm", {"precision": "bf16", "engine_precision": "bf16", "kv_cache_gib": 8}),
     # the same base without an adapter (full sync mode): what serving the LoRA costs vLLM here

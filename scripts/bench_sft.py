@@ -25,15 +25,22 @@ GSM8K = ROOT / "data" / "gsm8k" / "train.jsonl"
 
 
 def matmul_peak(dtype_name: str, size: int = 2048, repeats: int = 10) -> float:
-    """Measured FLOP/s of a square matmul: this machine's practical peak for the dtype."""
+    """Measured FLOP/s of a square matmul on the device the runs train on (the GPU when there is one):
+    that device's practical peak for the dtype."""
     import torch
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    size, repeats = (8192, 50) if device == "cuda" else (size, repeats)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
     a @ b  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
@@ -135,6 +142,7 @@ def worker_trl(spec: dict) -> dict:
         save_strategy="no",
         report_to=[],
         use_cpu=not torch.cuda.is_available(),  # TRL trains where align does
+        use_liger_kernel=spec.get("liger", False),  # Liger's fused kernels: Triton, GPU only
     )
     trainer = SFTTrainer(
         model=model,
@@ -166,6 +174,8 @@ def worker_trl(spec: dict) -> dict:
 CONFIGS = {
     "trl-qlora-defaults": ("trl", {"quant": "nf4"}),
     "trl-qlora-no-dropout": ("trl", {"quant": "nf4", "lora_dropout": 0.0}),
+    # the strongest TRL peer on a GPU: Liger's fused linear cross-entropy and kernels (GPU only)
+    "trl-qlora-no-dropout-liger": ("trl", {"quant": "nf4", "lora_dropout": 0.0, "liger": True}),
     "align-qlora": ("align", {"quant": "nf4", "precision": "auto"}),
     "align-qlora-full-logits": ("align", {"quant": "nf4", "precision": "auto", "full_logits": True}),
     "align-qlora-no-checkpointing": ("align", {"quant": "nf4", "precision": "auto", "checkpointing": False}),
@@ -194,7 +204,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--only", nargs="*", default=list(CONFIGS))
+    parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--worker")
     args = parser.parse_args()
     if args.worker:
@@ -202,6 +212,10 @@ def main() -> None:
         return
     if not GSM8K.is_file():
         sys.exit("run `align data prepare gsm8k` first")
+    if args.only is None:  # every configuration this machine can run (Liger is GPU only)
+        import torch
+
+        args.only = [n for n in CONFIGS if "liger" not in n or torch.cuda.is_available()]
     results = run_configs(__file__, args.only, ["--steps", str(args.steps), "--batch", str(args.batch)])
 
     import math
@@ -216,22 +230,23 @@ def main() -> None:
     peaks = {d: matmul_peak(d) for d in ("bf16", "fp32")}
     baseline = results.get("trl-qlora-defaults")
     print(
-        f"\nmachine: {os.cpu_count()} cores, torch {torch.__version__}; matmul peak bf16 {peaks['bf16'] / 1e9:.0f} "
+        f"\nmachine: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else f'{os.cpu_count()} cores'}, "
+        f"torch {torch.__version__}; matmul peak bf16 {peaks['bf16'] / 1e9:.0f} "
         f"GFLOP/s, fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s"
     )
     print(f"steps {args.steps} x batch {args.batch}\n")
     print(
-        "| configuration | tokens/s | vs TRL | peak RSS MB | model FLOP/s (6N per token) | of bf16 peak | of fp32 peak "
-        "|"
+        "| configuration | tokens/s | vs TRL | peak RSS MB | peak GPU MB | model FLOP/s (6N per token) | of bf16 peak "
+        "| of fp32 peak |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         rate = r["tokens"] / r["seconds"]
         flops = 6 * params * rate
         ratio = f"{rate / (baseline['tokens'] / baseline['seconds']):.2f}x" if baseline else "-"
         print(
-            f"| {name} | {rate:.0f} | {ratio} | {r['peak_rss_mb']:.0f} | {flops / 1e9:.1f} G | "
-            f"{flops / peaks['bf16']:.1%} | {flops / peaks['fp32']:.1%} |"
+            f"| {name} | {rate:.0f} | {ratio} | {r['peak_rss_mb']:.0f} | {r.get('peak_gpu_mb', '-')} | "
+            f"{flops / 1e9:.1f} G | {flops / peaks['bf16']:.1%} | {flops / peaks['fp32']:.1%} |"
         )
 
 

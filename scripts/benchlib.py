@@ -30,6 +30,17 @@ def run_configs(script: str, names: list[str], extra_args: list[str]) -> dict[st
     return results
 
 
+def peak_gpu_mb() -> float | None:
+    """The most GPU memory torch held at once in this process (torch.cuda.max_memory_allocated), or None
+    without a GPU. Host RSS says nothing about a GPU run's memory; vLLM's own pool is included when it
+    allocates through torch."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
 def report(result: dict) -> None:
-    """A worker's last line: its result and its own peak RSS."""
-    print("RESULT " + json.dumps({**result, "peak_rss_mb": round(peak_rss_mb())}))
+    """A worker's last line: its result, its own peak RSS and, on a GPU, its peak GPU memory."""
+    gpu = peak_gpu_mb() if "torch" in sys.modules else None
+    extra = {"peak_gpu_mb": round(gpu)} if gpu is not None else {}
+    print("RESULT " + json.dumps({**result, "peak_rss_mb": round(peak_rss_mb()), **extra}))
