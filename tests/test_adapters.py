@@ -140,3 +140,28 @@ def test_a_share_of_layers_is_checkpointed_and_gradients_do_not_change(tiny_llam
     for name, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_a_model_without_gradient_checkpointing_trains_without_it(tiny_llama, monkeypatch, capsys):
+    """Checkpointing is on by default; a model that cannot do it (some remote-code models) trains without
+    it and says so, instead of failing in transformers' gradient_checkpointing_enable."""
+    from align.models.adapters import checkpoint_layers
+
+    model = load_tiny(tiny_llama)
+    monkeypatch.setattr(type(model), "supports_gradient_checkpointing", False)
+    checkpoint_layers(model, True)
+    assert not model.is_gradient_checkpointing
+    assert "does not support gradient checkpointing" in capsys.readouterr().out
+
+
+def test_a_merged_sync_sends_a_tied_output_layer_when_its_embedding_trains(tiny_llama):
+    """base_weights(adapted_only=True) leaves out frozen weights - but an engine keeps its own untied copy of
+    a tied output layer, so a trainable embedding must also be sent as lm_head.weight."""
+    from align.models.trained import base_weights
+
+    model = add_adapter(load_tiny(tiny_llama), AdapterConfig(), LoraConfig(r=4, alpha=8), False, False)
+    assert model.get_base_model().config.tie_word_embeddings
+    sent = lambda: {n for n, _ in base_weights(model, untie=True, merge_adapter=True, adapted_only=True)}  # noqa: E731
+    assert "lm_head.weight" not in sent() and "model.embed_tokens.weight" not in sent()
+    model.get_base_model().get_input_embeddings().weight.requires_grad_(True)
+    assert {"lm_head.weight", "model.embed_tokens.weight"} <= sent()

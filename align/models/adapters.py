@@ -71,6 +71,14 @@ def checkpoint_layers(model, share: bool | float) -> None:
 
     if not share:
         return
+    if not getattr(model, "supports_gradient_checkpointing", False):  # some remote-code models
+        from align.console import console
+
+        console.print(
+            f"[yellow]{type(model).__name__} does not support gradient checkpointing: training without it "
+            "(more memory; set train.gradient_checkpointing: false to silence this)[/]"
+        )
+        return
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if share is True or share >= 1:
         return

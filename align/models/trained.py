@@ -153,12 +153,11 @@ def base_weights(model, dtype=None, untie: bool = False, merge_adapter: bool = F
         if name in deltas:
             tensor = tensor.float() + deltas[name].to(tensor.device)
         yield name, tensor.to(dtype) if dtype is not None else tensor
-    if (
-        untie
-        and getattr(base.config, "tie_word_embeddings", False)
-        and not (adapted_only and "lm_head.weight" not in deltas)
-    ):
-        tensor = base.get_output_embeddings().weight.data
+    tied = untie and getattr(base.config, "tie_word_embeddings", False)
+    output = base.get_output_embeddings().weight if tied else None
+    # a tied output layer changes with an adapter on lm_head or a trainable embedding
+    if tied and (not adapted_only or "lm_head.weight" in deltas or output.requires_grad):
+        tensor = output.data
         if "lm_head.weight" in deltas:
             tensor = tensor.float() + deltas["lm_head.weight"].to(tensor.device)
         yield "lm_head.weight", tensor.to(dtype) if dtype is not None else tensor

@@ -402,7 +402,10 @@ class VLLMEngine:
                 **llm_options,
             )
         except ValueError as error:
-            if "KV cache" not in str(error) and "cache blocks" not in str(error):
+            # only vLLM's two "not enough memory for the cache" errors; its other KV-cache errors mean a
+            # model this engine cannot serve (mixed layer kinds), which engine auto answers with hf
+            memory = ("No available memory for the cache blocks", "larger than the available KV cache memory")
+            if not any(text in str(error) for text in memory):
                 raise
             kv = llm_options.get("kv_cache_memory_bytes")
             if kv is None:  # on GPU vLLM takes a share of the device's memory
