@@ -111,7 +111,7 @@ def _stage_command(kind: str):
 
 
 # The training stages' commands come from the registry; eval has its own (it also runs without a recipe).
-for _kind in ("sft", "sample", "dpo", "grpo", "ppo"):
+for _kind in ("sft", "sample", "dpo", "orpo", "kto", "grpo", "ppo"):
     app.command(_kind)(_stage_command(_kind))
 
 

@@ -83,7 +83,15 @@ class DataConfig(_Strict):
         "and its held-out eval_pairs.jsonl data.eval",
     )
     train: list[str] = Field(
-        default_factory=list, description="training files or HF dataset folders (json, jsonl, parquet, csv)"
+        default_factory=list,
+        description="training files or HF dataset folders (json, jsonl, parquet, csv); a list of {path, weight} "
+        "makes a weighted mixture (see train_weights)",
+    )
+    train_weights: list[float] | None = Field(
+        None,
+        description="sampling weights of the train files, in order (written as data.train: [{path, weight}]): the "
+        "mixture draws max_rows rows (or as many as the files hold) in these proportions, repeating a small file's "
+        "rows and leaving part of a large one's out, seeded; none = every row once",
     )
     eval: list[str] = Field(
         default_factory=list, description="held-out files; if empty, eval_rows are held out from train"
@@ -111,6 +119,42 @@ class DataConfig(_Strict):
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _weighted_files(cls, data: Any) -> Any:
+        """data.train: [{path, weight}, ...] (a bare path weighs 1) -> train + train_weights."""
+        files = data.get("train") if isinstance(data, dict) else None
+        if not isinstance(files, list) or not any(isinstance(f, dict) for f in files):
+            return data
+        if data.get("train_weights") is not None:
+            raise ValueError("give the weights in data.train ({path, weight}) or in data.train_weights, not both")
+        paths, weights = [], []
+        for index, entry in enumerate(files):
+            if isinstance(entry, dict):
+                unknown = sorted(set(entry) - {"path", "weight"})
+                if unknown or "path" not in entry:
+                    raise ValueError(
+                        f"data.train[{index}]: a weighted file is {{path, weight}}, got keys {sorted(entry)}"
+                    )
+                paths.append(entry["path"])
+                weights.append(entry.get("weight", 1.0))
+            else:
+                paths.append(entry)
+                weights.append(1.0)
+        return {**data, "train": paths, "train_weights": weights}
+
+    @model_validator(mode="after")
+    def _a_weight_per_file(self):
+        if self.train_weights is not None:
+            if len(self.train_weights) != len(self.train):
+                raise ValueError(
+                    f"data.train_weights has {len(self.train_weights)} weights for {len(self.train)} train files"
+                )
+            bad = [w for w in self.train_weights if isinstance(w, bool) or not w > 0]
+            if bad:
+                raise ValueError(f"data.train weights must be numbers above 0, got {bad[0]!r}")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -425,6 +469,66 @@ class DPOConfig(StageConfig):
         None, alias="from", description="stage whose adapter this one starts from (e.g. sft); none = a fresh adapter"
     )
     dpo: DPOOptions = Field(default_factory=DPOOptions)
+
+
+class ORPOOptions(_Strict):
+    beta: float = Field(
+        0.1, gt=0, description="lambda: weight of the odds-ratio term beside the SFT loss (TRL's ORPOConfig.beta)"
+    )
+    sft_on_prompt: bool = Field(
+        False,
+        description="the SFT term also scores the prompt tokens, as TRL's ORPOTrainer does; false = the chosen "
+        "answer only, as align's sft stage",
+    )
+
+
+class ORPOConfig(StageConfig):
+    """ORPO (Hong et al. 2024): the SFT loss on the chosen answers plus an odds-ratio preference term, in
+    one stage and with no reference model; starts from the base (or from: a policy stage)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    kind: Literal["orpo"] = "orpo"
+    READS_PAIRS: ClassVar[bool] = True
+    # like sft, ORPO teaches the answers from the base and is meant to move far from its start
+    CHECKUP_KL_ALARM: ClassVar[bool] = False
+    UNUSED: ClassVar[dict[str, str]] = DPOConfig.UNUSED
+    from_stage: str | None = Field(
+        None, alias="from", description="stage whose adapter this one starts from; none = a fresh adapter on the base"
+    )
+    orpo: ORPOOptions = Field(default_factory=ORPOOptions)
+
+
+class KTOOptions(_Strict):
+    beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference, as DPO's")
+    desirable_weight: float = Field(
+        1.0, gt=0, description="weight of the desirable (label: true) examples' loss (lambda_D)"
+    )
+    undesirable_weight: float = Field(
+        1.0,
+        gt=0,
+        description="weight of the undesirable (label: false) examples' loss (lambda_U); the paper keeps "
+        "lambda_D n_D / (lambda_U n_U) in [1, 4/3], and the plan says when the data's counts do not",
+    )
+    reference: Literal["precomputed", "live"] = Field(
+        "precomputed",
+        description="precomputed: reference logprobs computed once before training; live: every step (adapter disabled "
+        "/ frozen start adapter)",
+    )
+
+
+class KTOConfig(StageConfig):
+    """KTO (Ethayarajh et al. 2024) on unpaired answers labelled desirable or not: a policy stage."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    kind: Literal["kto"] = "kto"
+    READS_PAIRS: ClassVar[bool] = True  # a pair is two examples: chosen desirable, rejected not
+    UNUSED: ClassVar[dict[str, str]] = {
+        "data.packing": "each answer and its mismatched KL answer are scored as separate padded rows, never packed"
+    }
+    from_stage: str | None = Field(
+        None, alias="from", description="stage whose adapter this one starts from (e.g. sft); none = a fresh adapter"
+    )
+    kto: KTOOptions = Field(default_factory=KTOOptions)
 
 
 class RewardOptions(_Strict):

@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+LN2 = math.log(2.0)
+
 
 def token_logps(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / temperature)[token] at every position: [N, T, V], [N, T] -> [N, T].
@@ -146,6 +148,48 @@ def simpo(
     return -F.logsigmoid(beta * margin - gamma)
 
 
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0 without cancellation (Maechler 2012: expm1 near 0, log1p further out)."""
+    return torch.where(x < -LN2, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_log_odds(policy_chosen, policy_rejected, chosen_tokens, rejected_tokens) -> torch.Tensor:
+    """ORPO's log odds ratio (Hong et al. 2024, eq. 4-6) on per-token mean log-probabilities m, in fp32:
+    log odds(y) = log(p / (1 - p)) with p = exp(m), so log OR = (m_c - m_r) - (log(1 - p_c) - log(1 - p_r))."""
+    chosen = policy_chosen.float() / chosen_tokens.clamp(min=1)
+    rejected = policy_rejected.float() / rejected_tokens.clamp(min=1)
+    return (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+
+
+def orpo(policy_chosen, policy_rejected, beta: float, chosen_tokens=None, rejected_tokens=None, **_) -> torch.Tensor:
+    """ORPO's odds-ratio term (eq. 7), per pair: loss = -beta * log sigmoid(log OR). Reference-free; the
+    stage adds the SFT loss on the chosen answers (``PreferenceTrainer``), which is the other half of ORPO."""
+    return -beta * F.logsigmoid(orpo_log_odds(policy_chosen, policy_rejected, chosen_tokens, rejected_tokens))
+
+
+def kto(
+    policy: torch.Tensor,
+    ref: torch.Tensor,
+    desirable: torch.Tensor,
+    kl: torch.Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> torch.Tensor:
+    """KTO (Ethayarajh et al. 2024, eq. 7-8) on unpaired answers, per example [B]:
+
+        r = pi(y|x) - ref(y|x) (summed logprobs);  z0 = the KL estimate (detached, >= 0)
+        desirable:    lambda_D * (1 - sigmoid(beta * (r - z0)))
+        undesirable:  lambda_U * (1 - sigmoid(beta * (z0 - r)))
+
+    ``desirable`` [B] bool. At the start (policy == reference, z0 = 0) every term is half its weight.
+    """
+    r = policy - ref
+    value = torch.where(desirable, r - kl, kl - r)
+    weight = torch.where(desirable, desirable_weight, undesirable_weight).to(r.dtype)
+    return weight * (1 - torch.sigmoid(beta * value))
+
+
 def bradley_terry(chosen_scores, rejected_scores, margin=None, label_smoothing: float = 0.0) -> torch.Tensor:
     """Bradley-Terry pairwise loss for reward models (Ouyang et al. 2022, eq. 1), per pair [B]:
 
@@ -172,6 +216,7 @@ class PreferenceLoss(Enum):
     robust = _Loss("robust", dpo_robust, needs_reference=True)
     ipo = _Loss("ipo", ipo, needs_reference=True)
     simpo = _Loss("simpo", simpo, needs_reference=False)
+    orpo = _Loss("orpo", orpo, needs_reference=False)  # the orpo stage's; dpo.loss does not offer it
 
     @property
     def needs_reference(self) -> bool:
@@ -179,9 +224,6 @@ class PreferenceLoss(Enum):
 
     def __call__(self, **kwargs) -> torch.Tensor:
         return self.value.function(**kwargs)
-
-
-LN2 = math.log(2.0)
 
 
 # --- Online RL --------------------------------------------------------------------------------

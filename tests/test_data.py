@@ -191,3 +191,90 @@ def test_rows_before_the_first_recognisable_one_are_counted_not_fatal(tmp_path, 
     )
     examples, report = encode_files([str(path)], tokenizer, DataConfig(on_bad_rows="skip"), "train")
     assert len(examples) == 2 and dict(report.dropped) == {"unknown_format": 1}
+
+
+# ---------------------------------------------------------------- weighted mixtures
+
+
+def fake_encoder(sizes: dict[str, int]):
+    """An encoder over named files of ``sizes[path]`` rows, each row (path, index): the mixture's logic
+    without tokenizing."""
+    from align.data.report import RowReport
+
+    def encode(paths, cfg, name):
+        report, rows = RowReport(name=name), []
+        for path in paths:
+            rows += [(path, i) for i in range(sizes[path])]
+            report.read += sizes[path]
+            report.kept += sizes[path]
+        return rows, report
+
+    return encode
+
+
+def test_weighted_mixture_draws_in_proportion_repeats_small_files_and_is_seeded():
+    from collections import Counter
+
+    from align.data.splits import load_splits
+
+    cfg = DataConfig(train=[{"path": "a", "weight": 1}, {"path": "b", "weight": 3}, "c"], max_rows=50)
+    assert cfg.train == ["a", "b", "c"] and cfg.train_weights == [1, 3, 1.0]
+    encode = fake_encoder({"a": 30, "b": 4, "c": 100})
+    train, _, reports = load_splits(cfg, 0, encode, "rows")
+    per_file = Counter(path for path, _ in train)
+    assert len(train) == 50 and per_file == {"a": 10, "b": 30, "c": 10}
+    drawn_b = Counter(row for row in train if row[0] == "b")
+    assert sorted(drawn_b.values()) == [7, 7, 8, 8]  # 30 = 7 full passes over 4 rows + a sample of 2
+    assert len({row for row in train if row[0] == "a"}) == 10  # fewer than it has: no repeats
+    assert [r.drawn for r in reports] == [10, 30, 10]
+    assert "drawn 30 for a 60% share of the mixture" in reports[1].summary() and reports[1].name == "train b"
+    assert load_splits(cfg, 0, encode, "rows")[0] == train  # same seed, same rows in the same order
+    assert load_splits(cfg, 1, encode, "rows")[0] != train
+    # without max_rows the mixture is as large as the files: 134 rows
+    everything = load_splits(cfg.model_copy(update={"max_rows": None}), 0, encode, "rows")[0]
+    assert Counter(p for p, _ in everything) == {"a": 27, "b": 80, "c": 27}
+
+
+def test_mixture_holds_out_before_drawing_and_unweighted_order_is_unchanged():
+    import random
+
+    from align.data.splits import load_splits
+
+    encode = fake_encoder({"a": 20, "b": 20})
+    cfg = DataConfig(train=[{"path": "a", "weight": 1}, {"path": "b", "weight": 1}], eval_rows=6)
+    train, held_out, _ = load_splits(cfg, 0, encode, "rows")
+    assert len(held_out) == 6 and not set(held_out) & set(train)  # never a held-out row in training
+    # no weights: exactly the shuffle it always was (resumed and re-run stages see the same rows)
+    plain = DataConfig(train=["a", "b"], eval_rows=6)
+    rows = [("a", i) for i in range(20)] + [("b", i) for i in range(20)]
+    random.Random(0).shuffle(rows)
+    assert load_splits(plain, 0, encode, "rows")[:2] == (rows[6:], rows[:6])
+
+
+def test_bad_mixtures_are_named():
+    from align.data.splits import load_splits
+
+    for train, match in (
+        ([{"path": "a", "weight": 0}], "above 0"),
+        ([{"path": "a", "weight": "much"}], "train_weights"),
+        ([{"path": "a", "share": 1}], r"data.train\[0\]: a weighted file is \{path, weight\}"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            DataConfig(train=train)
+    with pytest.raises(ValueError, match="2 weights for 1 train files"):
+        DataConfig(train=["a"], train_weights=[1, 2])
+    cfg = DataConfig(train=[{"path": "a", "weight": 1}, {"path": "empty.jsonl", "weight": 1}])
+    with pytest.raises(DataError, match=r"data.train\[1\] \(empty.jsonl\): no usable rows"):
+        load_splits(cfg, 0, fake_encoder({"a": 5, "empty.jsonl": 0}), "rows")
+    # the dumped config (config.yaml) reads back the same
+    assert DataConfig(**cfg.model_dump(by_alias=True)) == cfg
+
+
+def test_weighted_sft_data_reports_each_file(tmp_path, tokenizer):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"Say {i}.", "completion": f"{i}"} for i in range(6)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"Echo {i}.", "completion": f"{i}{i}"} for i in range(3)])
+    cfg = DataConfig(train=[{"path": str(a), "weight": 1}, {"path": str(b), "weight": 2}], max_rows=12)
+    data = load_sft_data(cfg, tokenizer, seed=0)
+    texts = [tokenizer.decode(e.input_ids) for e in data.train]
+    assert sum("Echo" in t for t in texts) == 8 and sum("Say" in t for t in texts) == 4
+    assert [r.as_dict()["drawn"] for r in data.reports] == [4, 8]

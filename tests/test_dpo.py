@@ -10,13 +10,13 @@ import pytest
 import torch
 from conftest import FIXTURES, load_tiny, tiny_recipe, write_jsonl
 
-from align.config import DataConfig, DPOOptions
+from align.config import DataConfig, ORPOConfig, ORPOOptions
 from align.data.batching import PairCollator
 from align.data.preference_data import encode_pair_files, to_pair_messages
 from align.data.templating import encode_prompt
-from align.losses import PreferenceLoss, dpo_robust, dpo_sigmoid, ipo, simpo
+from align.losses import PreferenceLoss, dpo_robust, dpo_sigmoid, ipo, orpo, simpo
 from align.recipe import load_recipe
-from align.stages.dpo import run_dpo
+from align.stages.dpo import PreferenceSettings, run_dpo
 from align.stages.sft import run_sft
 
 LN2 = math.log(2)
@@ -52,11 +52,21 @@ def test_losses_against_hand_worked_numbers():
     assert simpo(pc, pr, beta=2.0, gamma=0.5, chosen_tokens=tokens_c, rejected_tokens=tokens_r).item() == pytest.approx(
         math.log(1 + math.exp(-simpo_m))
     )
+    # ORPO on per-token means -2.5 and -6: log odds = log p/(1-p) for each, their difference in the sigmoid
+    odds = lambda m: m - math.log(1 - math.exp(m))  # noqa: E731
+    log_or = odds(-10 / 4) - odds(-12 / 2)
+    assert orpo(pc, pr, beta=0.1, chosen_tokens=tokens_c, rejected_tokens=tokens_r).item() == pytest.approx(
+        0.1 * math.log(1 + math.exp(-log_or))
+    )
+    # near p = 1 (mean logprob -1e-9) the odds stay finite where log(1 - exp(m)) in float would not
+    assert torch.isfinite(
+        orpo(torch.tensor([-1e-9]), pr, beta=1.0, chosen_tokens=torch.tensor([1]), rejected_tokens=tokens_r)
+    )
     # policy == reference: DPO is ln 2 whatever beta
     assert dpo_sigmoid(rc, rr, rc, rr, beta=3.0).item() == pytest.approx(LN2, abs=1e-7)
     assert not PreferenceLoss.simpo.needs_reference and PreferenceLoss.sigmoid.needs_reference
     # every recipe choice is its own member (an alias would vanish from loops over the enum)
-    assert [loss.name for loss in PreferenceLoss] == ["sigmoid", "cdpo", "robust", "ipo", "simpo"]
+    assert [loss.name for loss in PreferenceLoss] == ["sigmoid", "cdpo", "robust", "ipo", "simpo", "orpo"]
 
 
 # ---------------------------------------------------------------- data
@@ -276,7 +286,7 @@ def test_loss_and_gradients_equal_trl_dpo_trainer(tmp_path, tiny_llama, tokenize
     ours = PreferenceTrainer(
         model=model,
         args=TrainingArguments(output_dir=str(tmp_path / "ours"), report_to=[], use_cpu=True),
-        options=DPOOptions(loss=loss, beta=0.2, label_smoothing=smoothing, reference="live"),
+        options=PreferenceSettings(loss=loss, beta=0.2, label_smoothing=smoothing, reference="live"),
     )
 
     def loss_and_grads(compute):
@@ -297,6 +307,107 @@ def test_loss_and_gradients_equal_trl_dpo_trainer(tmp_path, tiny_llama, tokenize
     assert our_grads.keys() == trl_grads.keys() and our_grads
     for name in our_grads:
         torch.testing.assert_close(our_grads[name], trl_grads[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sft_on_prompt", [True, False])
+def test_orpo_loss_and_gradients_equal_trl_orpo_trainer(tmp_path, tiny_llama, tokenizer, sft_on_prompt):
+    """With sft_on_prompt, align's ORPO is TRL's ORPOTrainer: loss and every gradient. Without it (the
+    default) the odds-ratio term is TRL's and the SFT term is the NLL of the answer tokens alone."""
+    import datasets
+    import peft
+    from transformers import TrainingArguments
+    from trl.experimental.orpo import ORPOConfig as TRLORPOConfig
+    from trl.experimental.orpo import ORPOTrainer
+
+    from align.stages.dpo import PreferenceTrainer
+    from align.tokens import IGNORE_INDEX
+
+    torch.manual_seed(0)  # the adapter's A matrices: the same whatever ran before
+    model = peft.get_peft_model(
+        load_tiny(tiny_llama),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM"),
+    )
+    trl = ORPOTrainer(
+        model=model,
+        args=TRLORPOConfig(output_dir=str(tmp_path / "trl"), beta=0.3, report_to=[], use_cpu=True),
+        train_dataset=datasets.Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}]),
+        processing_class=tokenizer,
+    )
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)
+
+    rows = marker_pairs(3)
+    rows[1]["chosen"] += " and then it rained for a very long time"  # answers of different lengths
+    pairs, _ = encode_pair_files([str(write_jsonl(tmp_path / "p.jsonl", rows))], tokenizer, DataConfig(), "train")
+    ours = PreferenceTrainer(
+        model=model,
+        args=TrainingArguments(output_dir=str(tmp_path / "ours"), report_to=[], use_cpu=True),
+        options=PreferenceSettings.of(ORPOConfig(orpo=ORPOOptions(beta=0.3, sft_on_prompt=sft_on_prompt))),
+    )
+    ours_batch = PairCollator(tokenizer.pad_token_id)(
+        [{"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids} for p in pairs]
+    )
+    n = len(pairs)
+    # TRL's batch: prompt + answer ids per side, the prompt masked in the labels, padded right
+    trl_batch = {}
+    for side, half in (("chosen", ours_batch["input_ids"][:n]), ("rejected", ours_batch["input_ids"][n:])):
+        rows_of = slice(0, n) if side == "chosen" else slice(n, 2 * n)
+        trl_batch[f"{side}_input_ids"] = half
+        trl_batch[f"{side}_attention_mask"] = ours_batch["attention_mask"][rows_of]
+        trl_batch[f"{side}_labels"] = ours_batch["labels"][rows_of]
+
+    def loss_and_grads(compute):
+        model.train()
+        model.zero_grad()
+        value = compute()
+        value.backward()
+        return value.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    our_loss, our_grads = loss_and_grads(lambda: ours.compute_loss(model, ours_batch))
+    if sft_on_prompt:
+        trl_loss, trl_grads = loss_and_grads(lambda: trl.get_batch_loss_metrics(model, trl_batch)[0])
+    else:
+
+        def trl_with_answer_nll():  # TRL's odds-ratio term (its metrics' nll_loss is a float, no gradient)
+            chosen_logps, rejected_logps = trl.concatenated_forward(model, trl_batch)[:2]
+            odds_ratio_term = trl.odds_ratio_loss(chosen_logps, rejected_logps)[0].mean()
+            logits = model(
+                input_ids=trl_batch["chosen_input_ids"], attention_mask=trl_batch["chosen_attention_mask"]
+            ).logits
+            labels = trl_batch["chosen_labels"][:, 1:]
+            answer_nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
+            )
+            return answer_nll - odds_ratio_term
+
+        trl_loss, trl_grads = loss_and_grads(trl_with_answer_nll)
+    torch.testing.assert_close(our_loss, trl_loss, atol=1e-5, rtol=1e-5)
+    assert our_grads.keys() == trl_grads.keys() and our_grads
+    for name in our_grads:
+        torch.testing.assert_close(our_grads[name], trl_grads[name], atol=1e-5, rtol=1e-4)
+
+
+def test_orpo_stage_learns_the_toy_preference_from_the_base(tmp_path, tiny_llama):
+    """`align orpo` from the base: the chosen answers' likelihood rises (the SFT half) and the held-out
+    odds ratio prefers them (the preference half); its metrics carry TRL's names."""
+    train = write_jsonl(tmp_path / "train.jsonl", marker_pairs(48))
+    held_out = write_jsonl(tmp_path / "eval.jsonl", marker_pairs(16, start=100))
+    recipe = load_recipe(
+        tiny_recipe(tmp_path / "r.yaml", tiny_llama, str(train), stages={"orpo": {"data": {"eval": str(held_out)}}})
+    )
+    cfg = recipe.resolve(
+        "orpo", ["train.max_steps=30", "train.batch_size=4", "train.lr=5e-3", "lora.r=8", "orpo.beta=0.5"]
+    )
+    assert cfg.kind == "orpo"
+    out = run_dpo(cfg, tmp_path / "orpo", recipe_name="tiny")
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+    start, end = evals[0], evals[-1]
+    assert start["step"] == 0 and end["eval_nll_loss"] < start["eval_nll_loss"] - 0.1  # 10.82 -> 10.51 measured
+    assert end["eval_log_odds_chosen"] > start["eval_log_odds_chosen"] and end["eval_rewards/accuracies"] > 0.9
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "orpo" and manifest["loss"] == "orpo" and manifest["status"] == "complete"
 
 
 def test_cli_dpo_end_to_end(tmp_path, tiny_gpt2):

@@ -174,5 +174,5 @@ def test_registry_entries_resolve_and_drive_the_cli():
         shown = CliRunner().invoke(app, [*command, "--help"], terminal_width=200).output
         assert "--recipe" in shown, kind
         assert ("--from-dir" in shown) == entry.starts_from, kind
-    assert POLICY_KINDS == ("sft", "dpo", "grpo", "ppo")
+    assert POLICY_KINDS == ("sft", "dpo", "orpo", "kto", "grpo", "ppo")
     assert default_kind("reward") == "rm" and default_kind("rloo") == "grpo" and default_kind("sft") == "sft"

@@ -99,20 +99,27 @@ def as_rows(examples: list[Encoded]) -> list[dict]:
 class PairCollator:
     """Preference pairs -> one batch of 2B rows: the B chosen sequences, then the B rejected ones
     (one forward for both). Labels are -100 on prompt and padding; reference logprobs, when
-    precomputed, ride along as ``ref_logps`` [2B] in the same order."""
+    precomputed, ride along as ``ref_logps`` [2B] in the same order.
 
-    def __init__(self, pad_token_id: int):
+    ``sides`` names the two answers of a row (KTO's are its completion and its mismatched KL
+    answer); a row's boolean ``label`` (KTO: desirable) rides along as ``label`` [B]."""
+
+    def __init__(self, pad_token_id: int, sides: tuple[str, str] = ("chosen", "rejected")):
         self.padding = PaddingCollator(pad_token_id)
+        self.sides = sides
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         rows = []
-        for side in ("chosen", "rejected"):
+        for side in self.sides:
             for f in features:
                 completion = f[f"{side}_ids"]
                 rows.append({"input_ids": f["prompt_ids"] + completion, "labels": [IGNORE_INDEX] * len(f["prompt_ids"]) + completion})
         batch = self.padding(rows)
         if "margin" in features[0]:
             batch["margin"] = torch.tensor([f["margin"] for f in features], dtype=torch.float32)
-        if "ref_chosen" in features[0]:
-            batch["ref_logps"] = torch.tensor([f["ref_chosen"] for f in features] + [f["ref_rejected"] for f in features], dtype=torch.float32)
+        if "label" in features[0]:
+            batch["label"] = torch.tensor([f["label"] for f in features], dtype=torch.bool)
+        first, second = self.sides
+        if f"ref_{first}" in features[0]:
+            batch["ref_logps"] = torch.tensor([f[f"ref_{first}"] for f in features] + [f[f"ref_{second}"] for f in features], dtype=torch.float32)
         return batch

@@ -28,6 +28,8 @@ class RowReport:
     truncated: int = 0  # kept after truncation
     dropped: Counter = field(default_factory=Counter)  # reason -> rows
     problems: list[RowProblem] = field(default_factory=list)  # bad rows (not truncation drops)
+    drawn: int | None = None  # a weighted mixture's file: rows drawn from it (repeats count)
+    share: float | None = None  # its weight over all the files' weights
 
     @property
     def used(self) -> int:
@@ -60,9 +62,10 @@ class RowReport:
 
     def summary(self) -> str:
         dropped = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.dropped.items())) or "none"
+        drawn = f"; drawn {self.drawn} for a {self.share:.0%} share of the mixture" if self.drawn is not None else ""
         return (
             f"{self.name}: read {self.read} = kept {self.kept} + truncated {self.truncated} "
-            f"+ dropped {sum(self.dropped.values())} ({dropped})"
+            f"+ dropped {sum(self.dropped.values())} ({dropped}){drawn}"
         )
 
     def as_dict(self) -> dict:
@@ -71,4 +74,5 @@ class RowReport:
             "kept": self.kept,
             "truncated": self.truncated,
             "dropped": dict(self.dropped),
+            **({"drawn": self.drawn, "share": self.share} if self.drawn is not None else {}),
         }

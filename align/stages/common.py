@@ -237,10 +237,11 @@ def trial_step(batch: str, advice: str) -> Iterator[None]:
 
 
 def row_length(row: dict) -> int:
-    """Tokens of a training row: an SFT row's ids, or a pair's prompt plus its longer answer."""
+    """Tokens of a training row: an SFT row's ids, or a pair's (or KTO row's) prompt plus its longest answer."""
     if "input_ids" in row:
         return len(row["input_ids"])
-    return len(row.get("prompt_ids", [])) + max(len(row.get("chosen_ids", [])), len(row.get("rejected_ids", [])))
+    answers = [len(ids) for key, ids in row.items() if key.endswith("_ids") and key != "prompt_ids"]
+    return len(row.get("prompt_ids", [])) + max(answers, default=0)
 
 
 def check_longest_batch(trainer, rows: list[dict]) -> None:

@@ -1,9 +1,10 @@
-"""Direct preference optimisation (`align dpo`): DPO, cDPO, robust DPO, IPO, SimPO, + optional RPO term.
+"""Preference optimisation on pairs: `align dpo` (DPO, cDPO, robust DPO, IPO, SimPO, + optional RPO
+term) and `align orpo` (ORPO: the SFT loss plus an odds-ratio term, no reference), one runner.
 
 Written on transformers' Trainer rather than TRL's DPOTrainer because the pairs, their shared
 prompt ids and their one-budget truncation are ours (align/data/preference_data.py) and TRL
 re-tokenizes; tests/test_dpo.py checks our loss and gradients against TRL's DPOTrainer on the
-same ids. The losses are the small functions in align/losses.py.
+same ids (ORPO against TRL's ORPOTrainer). The losses are the small functions in align/losses.py.
 
 The reference policy is the starting policy, with no second copy of the base in memory:
 - precomputed (default): its logprobs for every pair are computed once, before step 0;
@@ -22,16 +23,18 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
 
-from align.config import DPOConfig, RecipeError
+from align.config import DPOConfig, ORPOConfig, RecipeError
 from align.console import console, print_plan
 from align.data.batching import PairCollator
-from align.data.preference_data import Pair, load_pairs, pair_rows
-from align.losses import PreferenceLoss
+from align.data.preference_data import load_pairs, pair_rows
+from align.losses import PreferenceLoss, orpo_log_odds
 from align.models.adapters import add_adapter, load_adapter_for_training, reference_mode, trainable_summary
 from align.models.loading import autocast, load_base_model, load_tokenizer, resolve_precision
 from align.models.output_layer import next_token_logps
@@ -70,12 +73,51 @@ def completion_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     return logps.sum(-1), (targets != IGNORE_INDEX).sum(-1)
 
 
+def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logprobs of every real token after the first (prompt and completion), [2B, T-1], and which of
+    them are completion tokens: ORPO's SFT term over the whole sequence, as TRL's ORPOTrainer scores it."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
+    logps = next_token_logps(model, targets, input_ids=ids, attention_mask=mask)[0]
+    return logps, batch["labels"][:, 1:] != IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class PreferenceSettings:
+    """What the preference trainer reads, from a dpo stage's `dpo:` section or an orpo stage's `orpo:`."""
+
+    loss: str  # a PreferenceLoss name
+    beta: float
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    rpo_alpha: float | None = None
+    reference: str = "precomputed"
+    sft_on_prompt: bool = False  # orpo: the SFT term scores the prompt tokens too
+
+    @classmethod
+    def of(cls, cfg: DPOConfig | ORPOConfig) -> "PreferenceSettings":
+        if cfg.kind == "orpo":
+            return cls(loss="orpo", beta=cfg.orpo.beta, sft_on_prompt=cfg.orpo.sft_on_prompt)
+        return cls(**cfg.dpo.model_dump())
+
+    def describe(self) -> str:
+        if self.loss == "orpo":
+            where = "prompt and chosen answer" if self.sft_on_prompt else "chosen answer"
+            return f"orpo: SFT loss on the {where} + {self.beta} x odds-ratio term"
+        return (
+            f"{self.loss}, beta {self.beta}"
+            + (f", label smoothing {self.label_smoothing}" if self.label_smoothing else "")
+            + (f", + {self.rpo_alpha} x SFT loss on chosen" if self.rpo_alpha else "")
+        )
+
+
 @torch.no_grad()
 def precompute_reference(
-    model, pairs: list[Pair], collator: PairCollator, batch_size: int, precision: str
+    model, rows: list[dict], collator: PairCollator, batch_size: int, precision: str
 ) -> list[dict]:
-    """Rows with the reference logprobs of each side, computed once with the starting policy."""
-    rows = pair_rows(pairs)
+    """The rows with the reference logprobs of both answers (``ref_<side>``), computed once with the
+    starting policy."""
+    first, second = collator.sides
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -85,8 +127,8 @@ def precompute_reference(
         with autocast(precision):
             sums, _ = completion_logps(model, batch)
         n = len(chunk)
-        for row, chosen, rejected in zip(chunk, sums[:n].tolist(), sums[n:].tolist()):
-            row["ref_chosen"], row["ref_rejected"] = chosen, rejected
+        for row, one, other in zip(chunk, sums[:n].tolist(), sums[n:].tolist()):
+            row[f"ref_{first}"], row[f"ref_{second}"] = one, other
     model.train(was_training)
     return rows
 
@@ -94,7 +136,7 @@ def precompute_reference(
 class PreferenceTrainer(Trainer):
     """transformers' Trainer with a preference loss; rewards/* metrics named as TRL names them."""
 
-    def __init__(self, *args, options, reference_adapter: str | None = None, **kwargs):
+    def __init__(self, *args, options: PreferenceSettings, reference_adapter: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.options = options
         self.loss_kind = PreferenceLoss[options.loss]
@@ -103,8 +145,16 @@ class PreferenceTrainer(Trainer):
         self._stats: dict[str, list[float]] = defaultdict(list)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        sums, counts = completion_logps(model, inputs)
-        n = sums.shape[0] // 2
+        n = inputs["input_ids"].shape[0] // 2
+        sft = None
+        if self.options.sft_on_prompt:
+            logps, completion = sequence_logps(model, inputs)
+            sums, counts = (logps * completion).sum(-1), completion.sum(-1)
+            sft = -logps[:n].sum() / (inputs["attention_mask"][:n, 1:].sum()).clamp(min=1)
+        else:
+            sums, counts = completion_logps(model, inputs)
+            if self.loss_kind is PreferenceLoss.orpo:
+                sft = -sums[:n].sum() / counts[:n].sum().clamp(min=1)
         policy_chosen, policy_rejected = sums[:n], sums[n:]
         terms = dict(
             policy_chosen=policy_chosen,
@@ -124,6 +174,11 @@ class PreferenceTrainer(Trainer):
                     ref, _ = completion_logps(model, inputs)
             terms.update(ref_chosen=ref[:n].to(sums.dtype), ref_rejected=ref[n:].to(sums.dtype))
         loss = self.loss_kind(**terms).mean()
+        if sft is not None:
+            # ORPO's SFT half: the mean NLL over every scored token of the micro-batch's chosen rows (as
+            # the ORPO authors' code and TRL take it), so a long answer weighs more than a short one
+            loss = loss + sft
+            self._record_orpo(sft.detach(), policy_chosen.detach(), policy_rejected.detach(), counts, model.training)
         if self.options.rpo_alpha:
             # per-pair token-mean NLL of the chosen answer, then the mean over pairs: independent of how
             # the batch is split into micro-batches
@@ -132,6 +187,13 @@ class PreferenceTrainer(Trainer):
             policy_chosen.detach(), policy_rejected.detach(), ref, counts, prefix="" if model.training else "eval_"
         )
         return (loss, {}) if return_outputs else loss
+
+    def _record_orpo(self, sft, policy_chosen, policy_rejected, counts, training: bool) -> None:
+        n, prefix = policy_chosen.shape[0], "" if training else "eval_"
+        log_odds = orpo_log_odds(policy_chosen, policy_rejected, counts[:n], counts[n:])
+        self._stats[prefix + "nll_loss"].append(sft.item())
+        self._stats[prefix + "log_odds_chosen"].append(log_odds.mean().item())  # TRL's names
+        self._stats[prefix + "log_odds_ratio"].append(torch.nn.functional.logsigmoid(log_odds).mean().item())
 
     def _record(self, policy_chosen, policy_rejected, ref, counts, prefix: str) -> None:
         n = policy_chosen.shape[0]
@@ -187,14 +249,52 @@ class ChosenWatch(TrainerCallback):
                 control.should_training_stop = True
 
 
-def plan(cfg: DPOConfig, tokenizer) -> tuple[str, str]:
+def start_policy(cfg, model_path, source: Path | None, steps: int, live: bool, precision: str):
+    """A preference stage's policy: the base with a fresh adapter or the `from` stage's, trainable; with
+    a live reference and a `from` stage, a frozen copy of the start adapter named "reference".
+    Returns (model, the reference adapter's name or None)."""
+    quantized = cfg.quantization.mode != "none"
+    if cfg.adapter.method == "full":
+        raise RecipeError(
+            f"{cfg.kind}: adapter.method=full would need a second full model as reference; use an adapter"
+        )
+    base = load_base_model(cfg.model, cfg.quantization, precision, model_path)
+    if source is None:
+        model = add_adapter(base, cfg.adapter, cfg.lora, quantized, cfg.train.gradient_checkpointing, steps)
+    else:
+        frozen_copy = "reference" if live else None
+        model = load_adapter_for_training(
+            base, source / "adapter", quantized, cfg.train.gradient_checkpointing, frozen_copy=frozen_copy
+        )
+    model.config.use_cache = False
+    if torch.cuda.is_available() and not quantized:  # the reference runs exactly as the policy will at step 0
+        model.to(process_state().device)
+    return model, ("reference" if live and source is not None else None)
+
+
+def reference_rows(
+    cfg, model, source, rows: tuple[list[dict], list[dict]], collator, none: str | None, live, precision
+):
+    """(train rows, held-out rows, the plan's reference line, seconds): the rows with the reference's
+    logprobs of both answers precomputed, or as they are when the reference is live (every step) or
+    ``none`` (the line saying why there is none)."""
+    start = "the base with the adapter disabled" if source is None else f"the starting adapter from {source} (frozen)"
+    if none or live:
+        return *rows, (f"live every step: {start}" if live else none), 0.0
+    started = time.time()
+    with model.disable_adapter() if source is None else nullcontext():
+        train, held_out = (precompute_reference(model, r, collator, cfg.train.batch_size, precision) for r in rows)
+    return train, held_out, f"precomputed before step 0 from {start}", round(time.time() - started, 1)
+
+
+def plan(cfg: DPOConfig | ORPOConfig, tokenizer) -> tuple[str, str]:
     """(rows, work) for `align run`'s plan; reading every pair is the validation."""
     train, held_out, _ = load_pairs(cfg.data, tokenizer, cfg.seed)
     return trainer_plan(cfg, train, held_out)
 
 
 def run_dpo(
-    cfg: DPOConfig,
+    cfg: DPOConfig | ORPOConfig,
     output_dir: str | Path,
     recipe_name: str = "recipe",
     from_dir: str | Path | None = None,
@@ -207,7 +307,8 @@ def run_dpo(
     started = time.time()
     output_dir = Path(output_dir)
     state = process_state()
-    loss_kind = PreferenceLoss[cfg.dpo.loss]
+    options = PreferenceSettings.of(cfg)
+    loss_kind = PreferenceLoss[options.loss]
 
     # 1. Data.
     with state.main_process_first():
@@ -221,61 +322,33 @@ def run_dpo(
     set_seed(cfg.seed)
     precision = resolve_precision(cfg.model.precision)
     quantized = cfg.quantization.mode != "none"
-    if cfg.adapter.method == "full":
-        raise RecipeError("dpo: adapter.method=full would need a second full model as reference; use an adapter")
-    base = load_base_model(cfg.model, cfg.quantization, precision, model_path)
-    live = loss_kind.needs_reference and cfg.dpo.reference == "live"
-    if source is None:
-        model = add_adapter(base, cfg.adapter, cfg.lora, quantized, cfg.train.gradient_checkpointing, steps)
-        reference_adapter, reference_line = None, "the base with the adapter disabled"
-    else:
-        model = load_adapter_for_training(
-            base,
-            source / "adapter",
-            quantized,
-            cfg.train.gradient_checkpointing,
-            frozen_copy="reference" if live else None,
-        )
-        reference_adapter, reference_line = (
-            ("reference" if live else None),
-            f"the starting adapter from {source} (frozen)",
-        )
-    model.config.use_cache = False
+    live = loss_kind.needs_reference and options.reference == "live"
+    model, reference_adapter = start_policy(cfg, model_path, source, steps, live, precision)
     trainable, total = trainable_summary(model)
 
-    # 3. Reference: computed once now, or every step - on the device training will use, so the
-    #    reference runs exactly as the policy will at step 0.
-    if torch.cuda.is_available() and not quantized:
-        model.to(state.device)
+    # 3. Reference: computed once now, or every step.
     collator = PairCollator(tokenizer.pad_token_id)
-    reference_started = time.time()
-    if not loss_kind.needs_reference or live:
-        reference_line = f"live every step: {reference_line}" if live else f"none ({cfg.dpo.loss} is reference-free)"
-        train_rows, eval_rows = pair_rows(train_pairs), pair_rows(eval_pairs)
-    else:
-        reference_line = f"precomputed before step 0 from {reference_line}"
-        if source is None:
-            with model.disable_adapter():
-                train_rows = precompute_reference(model, train_pairs, collator, cfg.train.batch_size, precision)
-                eval_rows = precompute_reference(model, eval_pairs, collator, cfg.train.batch_size, precision)
-        else:
-            train_rows = precompute_reference(model, train_pairs, collator, cfg.train.batch_size, precision)
-            eval_rows = precompute_reference(model, eval_pairs, collator, cfg.train.batch_size, precision)
-
-    reference_seconds = round(time.time() - reference_started, 1)
+    train_rows, eval_rows, reference_line, reference_seconds = reference_rows(
+        cfg,
+        model,
+        source,
+        (pair_rows(train_pairs), pair_rows(eval_pairs)),
+        collator,
+        None if loss_kind.needs_reference else f"none ({options.loss} is reference-free)",
+        live,
+        precision,
+    )
 
     # 4. Output folder and plan.
     resume_from = prepare_output(state, output_dir, cfg, overwrite, resume)
     if state.is_main_process:
         print_plan(
-            f"align dpo - {recipe_name}",
+            f"align {cfg.kind} - {recipe_name}",
             {
                 "model": f"{cfg.model.name} ({model_path})",
                 "adapter": adapter_line(cfg, quantized, precision, trainable, total)
                 + (f"; starts from {source}" if source else ""),
-                "loss": f"{cfg.dpo.loss}, beta {cfg.dpo.beta}"
-                + (f", label smoothing {cfg.dpo.label_smoothing}" if cfg.dpo.label_smoothing else "")
-                + (f", + {cfg.dpo.rpo_alpha} x SFT loss on chosen" if cfg.dpo.rpo_alpha else ""),
+                "loss": options.describe(),
                 "reference": reference_line,
                 **{f"data {r.name}": r.summary() for r in reports},
                 "steps": steps_line(cfg, steps, state.num_processes, unit="pairs"),
@@ -289,13 +362,13 @@ def run_dpo(
     watch = ChosenWatch(cfg.checkup)
     trainer = PreferenceTrainer(
         model=model,
-        args=training_arguments(cfg, output_dir, precision, has_eval, resume_from, f"{recipe_name}/dpo"),
+        args=training_arguments(cfg, output_dir, precision, has_eval, resume_from, f"{recipe_name}/{cfg.kind}"),
         train_dataset=train_rows,
         eval_dataset=eval_rows or None,
         data_collator=collator,
         callbacks=[*stage_callbacks(output_dir, cfg, model), watch],
         optimizers=(loraplus_optimizer(model, cfg), None),
-        options=cfg.dpo,
+        options=options,
         reference_adapter=reference_adapter,
     )
     check_longest_batch(trainer, train_rows)
@@ -313,16 +386,16 @@ def run_dpo(
             output_dir,
             "adapter",
             started,
-            stage="dpo",
-            kind="dpo",
+            stage=cfg.kind,
+            kind=cfg.kind,
             recipe=recipe_name,
             from_stage=str(source) if source else None,
             base_model=cfg.model.name,
             base_model_path=str(model_path),
             precision=precision,
             quantization=cfg.quantization.mode if quantized else "none",
-            loss=cfg.dpo.loss,
-            beta=cfg.dpo.beta,
+            loss=options.loss,
+            beta=options.beta,
             reference=reference_line,
             reference_seconds=reference_seconds,
             data={r.name: r.as_dict() for r in reports},
