@@ -6,6 +6,7 @@ clear message and exit with status 2; anything else is a bug and keeps its trace
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -42,8 +43,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from align.models.resolve import ModelNotFound
     from align.rollout.engine import SyncError
     from align.stages.checkup import CollapseAlarm
+    from reward_models.remote import RemoteError
 
     return (
+        RemoteError,  # an endpoint down or answering garbage, or max_requests reached (a clean stop)
         RecipeError,
         DataError,
         TemplateError,
@@ -126,7 +129,8 @@ def _option_value(text: str) -> int | float | str:
 
 
 def _judge_spec(text: str):
-    """rule:NAME[,key=value...] | learned:DIR | judge:MODEL (pairwise) | judge-pointwise:MODEL -> a typed
+    """rule:NAME[,key=value...] | learned:DIR | judge:MODEL (pairwise) | judge-pointwise:MODEL | remote:URL |
+    openai:MODEL | openai-pointwise:MODEL (key in OPENAI_API_KEY, base URL from OPENAI_BASE_URL if set) -> a typed
     reward spec (align.config), checked now: a misspelt rule is a bad --judge, not a failure later."""
     from align.config import parse_reward
 
@@ -143,8 +147,18 @@ def _judge_spec(text: str):
         spec = {"type": "learned", "path": rest}
     elif kind in ("judge", "judge-pointwise") and rest:
         spec = {"type": "judge", "model": rest, "mode": "pointwise" if kind == "judge-pointwise" else "pairwise"}
+    elif kind == "remote" and rest:
+        spec = {"type": "remote", "url": rest}
+    elif kind in ("openai", "openai-pointwise") and rest:
+        mode = "pointwise" if kind == "openai-pointwise" else "pairwise"
+        spec = {"type": "openai", "model": rest, "mode": mode}
+        if os.environ.get("OPENAI_BASE_URL"):
+            spec["base_url"] = os.environ["OPENAI_BASE_URL"]
     else:
-        raise typer.BadParameter(f"--judge {text}: use rule:NAME, learned:DIR, judge:MODEL or judge-pointwise:MODEL")
+        raise typer.BadParameter(
+            f"--judge {text}: use rule:NAME, learned:DIR, judge:MODEL, judge-pointwise:MODEL, remote:URL, openai:MODEL "
+            "or openai-pointwise:MODEL"
+        )
     try:
         return parse_reward(spec, f"--judge {text}")
     except ValueError as err:
@@ -216,8 +230,8 @@ def eval_(
     judge: Optional[List[str]] = typer.Option(
         None,
         "--judge",
-        help="(no recipe) rule:NAME[,key=value], learned:DIR, judge:MODEL (pairwise) or judge-pointwise:MODEL; "
-        "repeatable",
+        help="(no recipe) rule:NAME[,key=value], learned:DIR, judge:MODEL (pairwise), judge-pointwise:MODEL, "
+        "remote:URL, openai:MODEL or openai-pointwise:MODEL (OPENAI_API_KEY, OPENAI_BASE_URL); repeatable",
     ),
     max_prompts: Optional[int] = typer.Option(
         None, "--max-prompts", min=1, help="(no recipe) evaluate at most this many prompts"

@@ -290,8 +290,76 @@ class JudgeSpec(_RewardSpec):
         return value
 
 
-REWARD_SPECS: dict[str, type[_RewardSpec]] = {"rule": RuleSpec, "learned": LearnedSpec, "judge": JudgeSpec}
-RewardSpec = Annotated[Union[RuleSpec, LearnedSpec, JudgeSpec], Field(discriminator="type")]
+class _HttpSpec(_RewardSpec):
+    """What every reward behind an HTTP endpoint shares: the key's variable, patience, limits, cache."""
+
+    api_key_env: str | None = Field(
+        None,
+        description="name of the environment variable holding the API key (sent as a Bearer token); the key itself "
+        "is never written to a recipe, config.yaml or the cache",
+    )
+    timeout: float = Field(60.0, gt=0, description="seconds to wait for one response")
+    retries: int = Field(3, ge=0, description="retries of a request that timed out or got 429/5xx, with backoff")
+    concurrency: int = Field(4, gt=0, description="requests in flight at once")
+    max_requests: int | None = Field(
+        None,
+        gt=0,
+        description="stop the stage cleanly after this many requests sent by this process (cached answers are free; "
+        "resume continues)",
+    )
+    cache: bool = Field(
+        True, description="keep every response on disk keyed by its request, so a resumed or re-run stage pays once"
+    )
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _a_variable_name(cls, value: str | None) -> str | None:
+        if value is not None and not value.replace("_", "a").isalnum():
+            raise ValueError(
+                f"api_key_env names an environment variable (e.g. OPENAI_API_KEY), not a key: got {value[:4]}..."
+            )
+        return value
+
+
+class RemoteSpec(_HttpSpec):
+    """A reward model or verifier served over HTTP: POST {prompts, completions, columns} -> {rewards: [...]}."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    type: Literal["remote"]
+    url: str = Field(..., description="the endpoint (http or https) that scores a batch")
+    batch_size: int = Field(16, gt=0, description="answers per request")
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"url must start with http:// or https://, got {value!r}")
+        return value
+
+
+class OpenAIJudgeSpec(_HttpSpec):
+    """An LLM judge behind an OpenAI-compatible chat completions API (OpenAI, vLLM serve, ...)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    type: Literal["openai"]
+    model: str = Field(..., description="the model name the API serves")
+    base_url: str = Field("https://api.openai.com/v1", description="the API's base URL (…/v1)")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="environment variable holding the API key")
+    mode: str = Field("pairwise", description="pairwise (both orders, position bias reported) or pointwise")
+
+    _a_mode = field_validator("mode")(JudgeSpec._a_mode.__func__)
+
+
+REWARD_SPECS: dict[str, type[_RewardSpec]] = {
+    "rule": RuleSpec,
+    "learned": LearnedSpec,
+    "judge": JudgeSpec,
+    "remote": RemoteSpec,
+    "openai": OpenAIJudgeSpec,
+}
+RewardSpec = Annotated[
+    Union[RuleSpec, LearnedSpec, JudgeSpec, RemoteSpec, OpenAIJudgeSpec], Field(discriminator="type")
+]
 RewardSpecs = Union[RewardSpec, list[RewardSpec]]
 
 

@@ -8,6 +8,8 @@ are extra dataset fields a rule may need (``reference=[...]`` for exact-answer r
     build_reward({"type": "learned", "path": "runs/recipe/reward"})
     build_reward({"type": "learned", "from": "reward"}, stage_dirs={"reward": Path("runs/recipe/reward")})
     build_reward({"type": "judge", "model": "smollm2-135m-instruct", "mode": "pointwise"})
+    build_reward({"type": "remote", "url": "http://localhost:8000/score"})          (reward_models/remote.py)
+    build_reward({"type": "openai", "model": "gpt-4o-mini", "api_key_env": "OPENAI_API_KEY"})
     build_reward([{"type": "rule", "name": "gsm8k_exact", "weight": 1.0},
                   {"type": "rule", "name": "length_penalty", "weight": 0.1}])
 """
@@ -120,4 +122,10 @@ def build_reward(
             batch_size=int(spec.get("batch_size", 4)),
             trust_remote_code=trust_remote_code,
         )
-    raise KeyError(f"unknown reward type {kind!r} (rule, learned, judge)")
+    if kind in ("remote", "openai"):
+        from align.config import parse_reward
+        from reward_models.remote import OpenAIJudge, RemoteReward
+
+        typed = parse_reward(spec)  # the typed spec carries the defaults (timeout, retries, cache ...)
+        return RemoteReward(typed) if kind == "remote" else OpenAIJudge(typed)
+    raise KeyError(f"unknown reward type {kind!r} (rule, learned, judge, remote, openai)")

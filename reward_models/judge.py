@@ -31,7 +31,44 @@ def _question(prompt: list[dict]) -> str:
     return "\n\n".join(m["content"] for m in prompt if m["role"] != "system")
 
 
-class LLMJudge:
+class Verdicts:
+    """A judge that answers a question with one of two options (A/B, Yes/No), as a probability: the
+    pairwise comparison in both orders and the pointwise score, on top of ``_choice_probs``. The
+    local LM (``LLMJudge``) and an API (reward_models/remote.py, ``OpenAIJudge``) provide it."""
+
+    mode: str
+    last_position_bias: float | None = None
+
+    def _choice_probs(self, questions: list[str]) -> list[float]:
+        """P(first option) / (P(first) + P(second)) for each question."""
+        raise NotImplementedError
+
+    def compare(self, prompts: list[list[dict]], answers: list[str], others: list[str]) -> list[float]:
+        """Probability that each answer beats the other one, averaged over both presentation orders."""
+        questions = [_question(p) for p in prompts]
+        as_a = self._choice_probs(
+            [PAIRWISE.format(question=q, a=x, b=y) for q, x, y in zip(questions, answers, others)]
+        )
+        as_b = self._choice_probs(
+            [PAIRWISE.format(question=q, a=y, b=x) for q, x, y in zip(questions, answers, others)]
+        )
+        wins = [(p1 + (1 - p2)) / 2 for p1, p2 in zip(as_a, as_b)]
+        # the orders disagree when the same slot wins both times: the verdict followed the position
+        flips = [(p1 > 0.5) == (p2 > 0.5) for p1, p2 in zip(as_a, as_b)]
+        self.last_position_bias = sum(flips) / len(flips) if flips else None
+        return wins
+
+    def __call__(self, prompts, completions, baseline: list[str] | None = None, **columns) -> list[float]:
+        if self.mode == "pointwise":
+            return self._choice_probs(
+                [POINTWISE.format(question=_question(p), answer=c) for p, c in zip(prompts, completions)]
+            )
+        if baseline is None:
+            raise KeyError("a pairwise judge needs a 'baseline' column: the answer each completion is compared with")
+        return self.compare(prompts, completions, baseline)
+
+
+class LLMJudge(Verdicts):
     """A reward (pointwise, or pairwise against a ``baseline`` column) from a local LM's verdicts."""
 
     def __init__(self, model: str | Path, mode: str = "pairwise", batch_size: int = 4, trust_remote_code: bool = False):
@@ -67,27 +104,3 @@ class LLMJudge:
             pair = torch.log_softmax(last, -1)[:, [first, second]]
             probs += torch.softmax(pair, -1)[:, 0].tolist()
         return probs
-
-    def compare(self, prompts: list[list[dict]], answers: list[str], others: list[str]) -> list[float]:
-        """Probability that each answer beats the other one, averaged over both presentation orders."""
-        questions = [_question(p) for p in prompts]
-        as_a = self._choice_probs(
-            [PAIRWISE.format(question=q, a=x, b=y) for q, x, y in zip(questions, answers, others)]
-        )
-        as_b = self._choice_probs(
-            [PAIRWISE.format(question=q, a=y, b=x) for q, x, y in zip(questions, answers, others)]
-        )
-        wins = [(p1 + (1 - p2)) / 2 for p1, p2 in zip(as_a, as_b)]
-        # the orders disagree when the same slot wins both times: the verdict followed the position
-        flips = [(p1 > 0.5) == (p2 > 0.5) for p1, p2 in zip(as_a, as_b)]
-        self.last_position_bias = sum(flips) / len(flips) if flips else None
-        return wins
-
-    def __call__(self, prompts, completions, baseline: list[str] | None = None, **columns) -> list[float]:
-        if self.mode == "pointwise":
-            return self._choice_probs(
-                [POINTWISE.format(question=_question(p), answer=c) for p, c in zip(prompts, completions)]
-            )
-        if baseline is None:
-            raise KeyError("a pairwise judge needs a 'baseline' column: the answer each completion is compared with")
-        return self.compare(prompts, completions, baseline)

@@ -56,8 +56,8 @@ def test_bad_override_and_bad_value_are_named():
 
 
 def test_unknown_stage_kind_is_a_clear_error():
-    with pytest.raises(RecipeError, match="kind 'kto'"):
-        recipe_from_dict({"name": "r", "stages": {"kto": {}}})
+    with pytest.raises(RecipeError, match="kind 'simpo-online'"):
+        recipe_from_dict({"name": "r", "stages": {"simpo-online": {}}})
 
 
 def test_eval_stage_defaults_to_the_last_policy_and_checks_its_names():

@@ -62,7 +62,7 @@ def run_eval(
     provenance: dict | None = None,
 ) -> Path:
     from reward_models import build_reward
-    from reward_models.judge import LLMJudge
+    from reward_models.judge import Verdicts
 
     started = time.time()
     output_dir = Path(output_dir)
@@ -121,7 +121,7 @@ def run_eval(
         except KeyError as err:
             raise RecipeError(f"judge '{judge_name}': {err.args[0]}") from None
         console.print(f"judging with {judge_name} ({judge.name})")
-        pairwise = isinstance(judge, LLMJudge) and judge.mode == "pairwise"
+        pairwise = isinstance(judge, Verdicts) and judge.mode == "pairwise"
         scores = {} if pairwise else {name: score(judge, prompts, answers[name]).tolist() for name in answers}
         verdicts[judge_name] = {}
         for baseline in baselines:
@@ -298,6 +298,8 @@ def check_judge(name: str, spec, stage_dirs: dict[str, Path], prompts: list[Prom
                 folder = stage_dirs[part.from_stage] if part.from_stage else Path(part.path)
                 if check_folder(folder).get("kind") != "rm":
                     raise RecipeError(f"judge '{name}': {folder} is not a reward-model stage")
+            elif part.type in ("remote", "openai"):
+                build_reward(part)  # no request yet: its API key's variable must be set
             elif Path(part.model).is_dir():
                 check_folder(Path(part.model))
             else:
