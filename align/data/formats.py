@@ -85,7 +85,9 @@ def _check_messages(value: Any, field: str) -> list[Message]:
             raise RowError(where, f"{where} must be an object with 'role' and 'content'", "bad_field")
         role = message.get("role")
         if role not in ROLES:
-            raise RowError(f"{where}.role", f"{where}.role is {role!r}; expected one of {', '.join(ROLES)}", "unknown_role")
+            raise RowError(
+                f"{where}.role", f"{where}.role is {role!r}; expected one of {', '.join(ROLES)}", "unknown_role"
+            )
         content = message.get("content")
         if content is None:
             raise RowError(f"{where}.content", f"{where}.content is missing or null", "missing_field")

@@ -61,7 +61,9 @@ def _read_any(path: Path) -> Iterator[Record]:
     elif suffix in (".parquet", ".csv"):
         yield from _read_tabular(path, suffix)
     else:
-        raise DataError(f"{path}: unknown data file type '{suffix}' (use .jsonl, .json, .parquet, .csv or a dataset folder)")
+        raise DataError(
+            f"{path}: unknown data file type '{suffix}' (use .jsonl, .json, .parquet, .csv or a dataset folder)"
+        )
 
 
 def _read_jsonl(path: Path) -> Iterator[Record]:
@@ -88,11 +90,14 @@ def _read_json(path: Path) -> Iterator[Record]:
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not valid UTF-8 at byte {exc.start}") from None
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); for one row per line use .jsonl") from None
+        raise DataError(
+            f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+            "for one row per line use .jsonl"
+        ) from None
     if isinstance(value, dict) and isinstance(value.get("data"), list):
         value = value["data"]
     if not isinstance(value, list):
-        raise DataError(f"{path}: a .json data file holds a list of rows (or {{\"data\": [...]}})")
+        raise DataError(f'{path}: a .json data file holds a list of rows (or {{"data": [...]}})')
     for index, item in enumerate(value, start=1):
         yield _as_record(path, index, item)
 

@@ -15,13 +15,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from align.data.formats import Message, RowError, _check_messages, _text
-from align.data.loading import read_records
-from align.data.report import RowProblem, RowReport
-from align.data.splits import load_splits
-from align.data.templating import check_no_special_tokens, control_token_texts, encode_conversation, encode_prompt, end_of_turn_ids
-from align.tokens import IGNORE_INDEX
 from align.config import DataConfig
+from align.data.formats import Message, RowError, _check_messages, _text
+from align.data.report import RowReport, encode_records
+from align.data.splits import load_splits
+from align.data.templating import (
+    check_no_special_tokens,
+    control_token_texts,
+    encode_conversation,
+    encode_prompt,
+    end_of_turn_ids,
+)
+from align.tokens import IGNORE_INDEX
 
 LENGTH_REASONS = {"prompt_too_long", "identical_after_truncation"}
 
@@ -42,20 +47,36 @@ def to_pair_messages(row: dict[str, Any], system_prompt: str | None = None) -> t
             raise RowError(field, f"field '{field}' is missing or null", "missing_field")
     if "prompt" in row and row["prompt"] is not None:
         prompt = row["prompt"]
-        messages = _check_messages(prompt, "prompt") if isinstance(prompt, list) else [{"role": "user", "content": _text(row, "prompt")}]
+        messages = (
+            _check_messages(prompt, "prompt")
+            if isinstance(prompt, list)
+            else [{"role": "user", "content": _text(row, "prompt")}]
+        )
         chosen, rejected = (_completion(row, f) for f in ("chosen", "rejected"))
     else:
         chosen_messages = _check_messages(row["chosen"], "chosen")
         rejected_messages = _check_messages(row["rejected"], "rejected")
         shared = 0
-        while shared < min(len(chosen_messages), len(rejected_messages)) - 1 and chosen_messages[shared] == rejected_messages[shared]:
+        while (
+            shared < min(len(chosen_messages), len(rejected_messages)) - 1
+            and chosen_messages[shared] == rejected_messages[shared]
+        ):
             shared += 1
         messages = chosen_messages[:shared]
-        if not messages or chosen_messages[shared:] == [] or len(chosen_messages) != shared + 1 or len(rejected_messages) != shared + 1:
-            raise RowError("chosen", "chosen and rejected must share all messages but a final assistant answer", "bad_field")
+        if (
+            not messages
+            or chosen_messages[shared:] == []
+            or len(chosen_messages) != shared + 1
+            or len(rejected_messages) != shared + 1
+        ):
+            raise RowError(
+                "chosen", "chosen and rejected must share all messages but a final assistant answer", "bad_field"
+            )
         for field, last in (("chosen", chosen_messages[-1]), ("rejected", rejected_messages[-1])):
             if last["role"] != "assistant" or not last["content"].strip():
-                raise RowError(field, f"the last message of '{field}' must be a non-empty assistant answer", "bad_field")
+                raise RowError(
+                    field, f"the last message of '{field}' must be a non-empty assistant answer", "bad_field"
+                )
         chosen, rejected = chosen_messages[-1]["content"], rejected_messages[-1]["content"]
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}] + messages
@@ -78,12 +99,18 @@ def _completion(row: dict[str, Any], field: str) -> str:
     return value
 
 
-def encode_pair(tokenizer, prompt: list[Message], chosen: str, rejected: str, max_length: int, eot_ids: set[int]) -> Pair:
+def encode_pair(
+    tokenizer, prompt: list[Message], chosen: str, rejected: str, max_length: int, eot_ids: set[int]
+) -> Pair:
     prompt_ids = encode_prompt(tokenizer, prompt)  # the whole history, as a rollout engine sees it
     completions = []
     for text in (chosen, rejected):
-        encoded = encode_conversation(tokenizer, prompt + [{"role": "assistant", "content": text}], max_length=1 << 30, eot_ids=eot_ids)
-        if encoded.input_ids[: len(prompt_ids)] != prompt_ids:  # impossible with a prefix-stable template; never train on it
+        encoded = encode_conversation(
+            tokenizer, prompt + [{"role": "assistant", "content": text}], max_length=1 << 30, eot_ids=eot_ids
+        )
+        if (
+            encoded.input_ids[: len(prompt_ids)] != prompt_ids
+        ):  # impossible with a prefix-stable template; never train on it
             raise RowError("prompt", "the prompt's ids are not a prefix of prompt + answer", "template_error")
         last = max(i for i, label in enumerate(encoded.labels) if label != IGNORE_INDEX)
         completions.append(encoded.input_ids[len(prompt_ids) : last + 1])
@@ -96,7 +123,11 @@ def encode_pair(tokenizer, prompt: list[Message], chosen: str, rejected: str, ma
     truncated = max(len(chosen_ids), len(rejected_ids)) > budget
     chosen_ids, rejected_ids = chosen_ids[:budget], rejected_ids[:budget]
     if chosen_ids == rejected_ids:
-        raise RowError("rejected", f"chosen and rejected only differ after the first {budget} answer tokens", "identical_after_truncation")
+        raise RowError(
+            "rejected",
+            f"chosen and rejected only differ after the first {budget} answer tokens",
+            "identical_after_truncation",
+        )
     return Pair(prompt_ids, chosen_ids, rejected_ids, truncated)
 
 
@@ -110,36 +141,26 @@ def _margin(row: dict[str, Any]) -> float | None:
 
 
 def encode_pair_files(paths: list[str], tokenizer, cfg: DataConfig, name: str) -> tuple[list[Pair], RowReport]:
-    report = RowReport(name=name)
-    pairs: list[Pair] = []
     eot_ids = end_of_turn_ids(tokenizer)
     specials = control_token_texts(tokenizer)
-    for path in paths:
-        for record in read_records(path):
-            report.read += 1
-            if record.error:
-                report.drop(RowProblem(record.source, record.row, "<row>", record.error, "unreadable"), bad_row=True)
-                continue
-            try:
-                prompt, chosen, rejected = to_pair_messages(record.data, cfg.system_prompt)
-                check_no_special_tokens(prompt + [{"role": "assistant", "content": chosen}, {"role": "assistant", "content": rejected}], specials)
-                pair = encode_pair(tokenizer, prompt, chosen, rejected, cfg.max_length, eot_ids)
-                pair.margin = _margin(record.data)
-            except RowError as err:
-                report.drop(RowProblem(record.source, record.row, err.field, str(err), err.reason), bad_row=err.reason not in LENGTH_REASONS)
-                continue
-            except Exception as err:  # the chat template refused this row
-                report.drop(RowProblem(record.source, record.row, "prompt", f"chat template failed: {err}", "template_error"), bad_row=True)
-                continue
-            pairs.append(pair)
-            report.keep(pair.truncated)
-    report.check_balanced()
-    return pairs, report
+
+    def encode(row: dict) -> tuple[Pair, bool]:
+        prompt, chosen, rejected = to_pair_messages(row, cfg.system_prompt)
+        check_no_special_tokens(
+            prompt + [{"role": "assistant", "content": chosen}, {"role": "assistant", "content": rejected}], specials
+        )
+        pair = encode_pair(tokenizer, prompt, chosen, rejected, cfg.max_length, eot_ids)
+        pair.margin = _margin(row)
+        return pair, pair.truncated
+
+    return encode_records(paths, name, encode, LENGTH_REASONS)
 
 
 def load_pairs(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[Pair], list[Pair], list[RowReport]]:
     """Train and held-out pairs with their row reports."""
-    return load_splits(cfg, seed, lambda paths, c, name: encode_pair_files(paths, tokenizer, c, name), "preference pairs")
+    return load_splits(
+        cfg, seed, lambda paths, c, name: encode_pair_files(paths, tokenizer, c, name), "preference pairs"
+    )
 
 
 def pair_rows(pairs: list[Pair]) -> list[dict]:

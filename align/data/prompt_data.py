@@ -14,12 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from align.config import DataConfig
 from align.data.formats import Message, RowError, _check_messages, _text
-from align.data.loading import read_records
-from align.data.report import RowProblem, RowReport
+from align.data.report import RowReport, encode_records
 from align.data.splits import load_splits
 from align.data.templating import check_no_special_tokens, control_token_texts, encode_prompt
-from align.config import DataConfig
 
 SKIPPED_COLUMNS = {"prompt", "messages", "completion"}
 
@@ -36,7 +35,11 @@ def to_prompt(row: dict[str, Any], system_prompt: str | None = None) -> tuple[li
     columns = {k: v for k, v in row.items() if k not in SKIPPED_COLUMNS}
     if "prompt" in row and row["prompt"] is not None:
         prompt = row["prompt"]
-        messages = _check_messages(prompt, "prompt") if isinstance(prompt, list) else [{"role": "user", "content": _text(row, "prompt")}]
+        messages = (
+            _check_messages(prompt, "prompt")
+            if isinstance(prompt, list)
+            else [{"role": "user", "content": _text(row, "prompt")}]
+        )
         if isinstance(row.get("completion"), str):
             columns.setdefault("reference", row["completion"])
     elif "messages" in row:
@@ -53,34 +56,26 @@ def to_prompt(row: dict[str, Any], system_prompt: str | None = None) -> tuple[li
     return messages, columns
 
 
-def encode_prompt_files(paths: list[str], tokenizer, cfg: DataConfig, name: str) -> tuple[list[PromptExample], RowReport]:
-    report = RowReport(name=name)
-    examples: list[PromptExample] = []
+def encode_prompt_files(
+    paths: list[str], tokenizer, cfg: DataConfig, name: str
+) -> tuple[list[PromptExample], RowReport]:
     specials = control_token_texts(tokenizer)
-    for path in paths:
-        for record in read_records(path):
-            report.read += 1
-            if record.error:
-                report.drop(RowProblem(record.source, record.row, "<row>", record.error, "unreadable"), bad_row=True)
-                continue
-            try:
-                messages, columns = to_prompt(record.data, cfg.system_prompt)
-                check_no_special_tokens(messages, specials)
-                prompt_ids = encode_prompt(tokenizer, messages)
-                if len(prompt_ids) > cfg.max_length:
-                    raise RowError("prompt", f"prompt is {len(prompt_ids)} tokens, data.max_length is {cfg.max_length}", "prompt_too_long")
-            except RowError as err:
-                report.drop(RowProblem(record.source, record.row, err.field, str(err), err.reason), bad_row=err.reason != "prompt_too_long")
-                continue
-            except Exception as err:  # the chat template refused this row
-                report.drop(RowProblem(record.source, record.row, "prompt", f"chat template failed: {err}", "template_error"), bad_row=True)
-                continue
-            examples.append(PromptExample(messages, prompt_ids, columns))
-            report.keep(False)
-    report.check_balanced()
-    return examples, report
+
+    def encode(row: dict) -> tuple[PromptExample, bool]:
+        messages, columns = to_prompt(row, cfg.system_prompt)
+        check_no_special_tokens(messages, specials)
+        prompt_ids = encode_prompt(tokenizer, messages)
+        if len(prompt_ids) > cfg.max_length:
+            raise RowError(
+                "prompt", f"prompt is {len(prompt_ids)} tokens, data.max_length is {cfg.max_length}", "prompt_too_long"
+            )
+        return PromptExample(messages, prompt_ids, columns), False
+
+    return encode_records(paths, name, encode, {"prompt_too_long"})
 
 
-def load_prompts(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[PromptExample], list[PromptExample], list[RowReport]]:
+def load_prompts(
+    cfg: DataConfig, tokenizer, seed: int
+) -> tuple[list[PromptExample], list[PromptExample], list[RowReport]]:
     """Train and held-out prompts with their row reports; strict mode fails here, before any model loads."""
     return load_splits(cfg, seed, lambda paths, c, name: encode_prompt_files(paths, tokenizer, c, name), "prompts")

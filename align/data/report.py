@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
-from align.data.loading import DataError
+from align.data.formats import RowError
+from align.data.loading import DataError, read_records
 
 
 @dataclass
@@ -76,3 +78,35 @@ class RowReport:
             "dropped": dict(self.dropped),
             **({"drawn": self.drawn, "share": self.share} if self.drawn is not None else {}),
         }
+
+
+def encode_records(
+    paths: list[str], name: str, encode_row: Callable[[dict], tuple[Any, bool]], length_reasons=frozenset()
+) -> tuple[list, RowReport]:
+    """Every row of the files through ``encode_row(row) -> (item, truncated)``, and the row report: a
+    row is kept, or dropped and counted (a RowError: its field and reason; a chat template that raised:
+    template_error). Drops for a reason in ``length_reasons`` are data.max_length's doing, not bad rows."""
+    report = RowReport(name=name)
+    items = []
+    for path in paths:
+        for record in read_records(path):
+            report.read += 1
+            if record.error:
+                report.drop(RowProblem(record.source, record.row, "<row>", record.error, "unreadable"), bad_row=True)
+                continue
+            try:
+                item, truncated = encode_row(record.data)
+            except RowError as err:
+                problem = RowProblem(record.source, record.row, err.field, str(err), err.reason)
+                report.drop(problem, bad_row=err.reason not in length_reasons)
+                continue
+            except Exception as err:  # the chat template refused this row
+                problem = RowProblem(
+                    record.source, record.row, "prompt", f"chat template failed: {err}", "template_error"
+                )
+                report.drop(problem, bad_row=True)
+                continue
+            items.append(item)
+            report.keep(truncated)
+    report.check_balanced()
+    return items, report

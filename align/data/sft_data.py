@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from align.config import DataConfig
 from align.data.formats import RowError, detect_format, to_messages
 from align.data.loading import DataError, read_records
 from align.data.report import RowProblem, RowReport
 from align.data.splits import load_splits
-from align.data.templating import Encoded, check_no_special_tokens, control_token_texts, encode_conversation, end_of_turn_ids
-from align.config import DataConfig
+from align.data.templating import (
+    Encoded,
+    check_no_special_tokens,
+    control_token_texts,
+    encode_conversation,
+    end_of_turn_ids,
+)
 
 # Drops that come from the length budget, not from a broken row: counted, never fatal.
 LENGTH_REASONS = {"prompt_too_long", "no_trained_tokens"}
@@ -38,7 +44,13 @@ def encode_files(paths: list[str], tokenizer, cfg: DataConfig, name: str) -> tup
                 continue
             row_format = fmt or detect_format(record.data)
             if row_format is None:
-                problem = RowProblem(record.source, record.row, "<row>", f"cannot tell the format from keys {sorted(record.data)}", "unknown_format")
+                problem = RowProblem(
+                    record.source,
+                    record.row,
+                    "<row>",
+                    f"cannot tell the format from keys {sorted(record.data)}",
+                    "unknown_format",
+                )
                 undetected.append(problem)
                 report.drop(problem, bad_row=True)
                 continue
@@ -52,7 +64,9 @@ def encode_files(paths: list[str], tokenizer, cfg: DataConfig, name: str) -> tup
                 report.drop(problem, bad_row=err.reason not in LENGTH_REASONS)
                 continue
             except Exception as err:  # the chat template refused this row (jinja raise_exception, role order, ...)
-                problem = RowProblem(record.source, record.row, "messages", f"chat template failed: {err}", "template_error")
+                problem = RowProblem(
+                    record.source, record.row, "messages", f"chat template failed: {err}", "template_error"
+                )
                 report.drop(problem, bad_row=True)
                 continue
             examples.append(encoded)
@@ -69,5 +83,7 @@ def encode_files(paths: list[str], tokenizer, cfg: DataConfig, name: str) -> tup
 
 def load_sft_data(cfg: DataConfig, tokenizer, seed: int) -> SFTData:
     """Train and held-out examples; raises DataError before training on bad rows or empty data."""
-    train, held_out, reports = load_splits(cfg, seed, lambda paths, c, name: encode_files(paths, tokenizer, c, name), "training rows")
+    train, held_out, reports = load_splits(
+        cfg, seed, lambda paths, c, name: encode_files(paths, tokenizer, c, name), "training rows"
+    )
     return SFTData(train=train, eval=held_out, reports=reports)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import random
 from typing import Callable, TypeVar
 
+from align.config import DataConfig
 from align.data.loading import DataError
 from align.data.report import RowReport
-from align.config import DataConfig
 
 Example = TypeVar("Example")
 Encoder = Callable[[list[str], DataConfig, str], tuple[list, RowReport]]

@@ -23,10 +23,10 @@ from pathlib import Path
 from align.data.formats import Message, RowError
 from align.tokens import IGNORE_INDEX
 
-
 # A plain ChatML template for tokenizers that ship none (`model.chat_template: chatml`).
 CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 # Tokens that end a turn in common templates; those present in a vocabulary count as end-of-turn.
@@ -85,7 +85,9 @@ def check_no_special_tokens(messages: list[Message], specials: list[str]) -> Non
     for index, message in enumerate(messages):
         for token in specials:
             if token in message["content"]:
-                raise RowError(f"messages[{index}].content", f"text contains the control token {token!r}", "special_token_in_text")
+                raise RowError(
+                    f"messages[{index}].content", f"text contains the control token {token!r}", "special_token_in_text"
+                )
 
 
 def _render(tokenizer, messages: list[Message], generation_prompt: bool) -> str:
@@ -111,7 +113,9 @@ def encode_prompt(tokenizer, messages: list[Message]) -> list[int]:
     return bos + _tokens(tokenizer, text)
 
 
-def encode_conversation(tokenizer, messages: list[Message], max_length: int, eot_ids: set[int] | None = None) -> Encoded:
+def encode_conversation(
+    tokenizer, messages: list[Message], max_length: int, eot_ids: set[int] | None = None
+) -> Encoded:
     """Token ids and labels for one conversation; labels are -100 except on assistant turns.
 
     Raises RowError when nothing trainable survives truncation, TemplateError when turn
@@ -119,7 +123,11 @@ def encode_conversation(tokenizer, messages: list[Message], max_length: int, eot
     """
     eot_ids = end_of_turn_ids(tokenizer) if eot_ids is None else eot_ids
     if messages[0]["role"] == "assistant":
-        raise RowError("messages[0].role", "the conversation starts with an assistant turn: there is no prompt to answer", "assistant_first")
+        raise RowError(
+            "messages[0].role",
+            "the conversation starts with an assistant turn: there is no prompt to answer",
+            "assistant_first",
+        )
     last_assistant = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     messages = messages[: last_assistant + 1]  # turns after the last answer train nothing
 
@@ -140,13 +148,13 @@ def encode_conversation(tokenizer, messages: list[Message], max_length: int, eot
         if not input_ids and _needs_bos(tokenizer, prompt_text):
             input_ids.append(tokenizer.bos_token_id)
             labels.append(IGNORE_INDEX)
-        prompt_ids = _tokens(tokenizer, prompt_text[len(rendered):])
+        prompt_ids = _tokens(tokenizer, prompt_text[len(rendered) :])
         input_ids += prompt_ids
         labels += [IGNORE_INDEX] * len(prompt_ids)
         if prompt_length is None:
             prompt_length = len(input_ids)
 
-        answer_ids = _tokens(tokenizer, full_text[len(prompt_text):])
+        answer_ids = _tokens(tokenizer, full_text[len(prompt_text) :])
         ends = [i for i, tok in enumerate(answer_ids) if tok in eot_ids]
         if ends:
             trained = ends[-1] + 1  # through the end-of-turn token; what follows it (a newline) is not trained
@@ -164,7 +172,9 @@ def encode_conversation(tokenizer, messages: list[Message], max_length: int, eot
     truncated = len(input_ids) > max_length
     if truncated:
         if prompt_length >= max_length:
-            raise RowError("messages", f"prompt is {prompt_length} tokens, max_length is {max_length}", "prompt_too_long")
+            raise RowError(
+                "messages", f"prompt is {prompt_length} tokens, max_length is {max_length}", "prompt_too_long"
+            )
         input_ids, labels = input_ids[:max_length], labels[:max_length]
     encoded = Encoded(input_ids, labels, prompt_length, truncated)
     if encoded.trained_tokens == 0:

@@ -26,9 +26,9 @@ from typing import Any
 
 from align.config import DataConfig
 from align.data.formats import Message, RowError, _check_messages
-from align.data.loading import DataError, read_records
+from align.data.loading import DataError
 from align.data.preference_data import LENGTH_REASONS, _completion, to_pair_messages
-from align.data.report import RowProblem, RowReport
+from align.data.report import RowReport, encode_records
 from align.data.splits import load_splits
 from align.data.templating import (
     check_no_special_tokens,
@@ -51,13 +51,17 @@ class Labelled:
 def _label(row: dict[str, Any]) -> bool:
     value = row.get("label")
     if value is None:
-        raise RowError("label", "field 'label' is missing or null (true = desirable, false = undesirable)", "missing_field")
+        raise RowError(
+            "label", "field 'label' is missing or null (true = desirable, false = undesirable)", "missing_field"
+        )
     if not isinstance(value, bool):
         raise RowError("label", f"field 'label' must be true or false, got {value!r}", "bad_field")
     return value
 
 
-def to_labelled_messages(row: dict[str, Any], system_prompt: str | None = None) -> list[tuple[list[Message], str, bool]]:
+def to_labelled_messages(
+    row: dict[str, Any], system_prompt: str | None = None
+) -> list[tuple[list[Message], str, bool]]:
     """[(prompt messages, completion text, desirable)]: one for a labelled row, two for a pair."""
     if "chosen" in row or "rejected" in row:
         prompt, chosen, rejected = to_pair_messages(row, system_prompt)
@@ -80,7 +84,11 @@ def to_labelled_messages(row: dict[str, Any], system_prompt: str | None = None) 
             raise RowError("messages", "the last message must be the assistant answer that is labelled", "bad_field")
         messages, completion = conversation[:-1], last["content"]
     else:
-        raise RowError("completion", "a row needs prompt + completion + label, messages + label, or chosen + rejected", "missing_field")
+        raise RowError(
+            "completion",
+            "a row needs prompt + completion + label, messages + label, or chosen + rejected",
+            "missing_field",
+        )
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}] + messages
     if messages[-1]["role"] == "assistant":
@@ -88,10 +96,16 @@ def to_labelled_messages(row: dict[str, Any], system_prompt: str | None = None) 
     return [(messages, completion, desirable)]
 
 
-def encode_labelled(tokenizer, prompt: list[Message], completion: str, desirable: bool, max_length: int, eot_ids: set[int]) -> Labelled:
+def encode_labelled(
+    tokenizer, prompt: list[Message], completion: str, desirable: bool, max_length: int, eot_ids: set[int]
+) -> Labelled:
     prompt_ids = encode_prompt(tokenizer, prompt)
-    encoded = encode_conversation(tokenizer, prompt + [{"role": "assistant", "content": completion}], max_length=1 << 30, eot_ids=eot_ids)
-    if encoded.input_ids[: len(prompt_ids)] != prompt_ids:  # impossible with a prefix-stable template; never train on it
+    encoded = encode_conversation(
+        tokenizer, prompt + [{"role": "assistant", "content": completion}], max_length=1 << 30, eot_ids=eot_ids
+    )
+    if (
+        encoded.input_ids[: len(prompt_ids)] != prompt_ids
+    ):  # impossible with a prefix-stable template; never train on it
         raise RowError("prompt", "the prompt's ids are not a prefix of prompt + answer", "template_error")
     last = max(i for i, label in enumerate(encoded.labels) if label != IGNORE_INDEX)
     completion_ids = encoded.input_ids[len(prompt_ids) : last + 1]
@@ -101,33 +115,21 @@ def encode_labelled(tokenizer, prompt: list[Message], completion: str, desirable
     return Labelled(prompt_ids, completion_ids[:budget], desirable, truncated=len(completion_ids) > budget)
 
 
-def encode_labelled_files(paths: list[str], tokenizer, cfg: DataConfig, name: str) -> tuple[list[list[Labelled]], RowReport]:
+def encode_labelled_files(
+    paths: list[str], tokenizer, cfg: DataConfig, name: str
+) -> tuple[list[list[Labelled]], RowReport]:
     """Each row's examples (two for a pair row, which counts once in the report) and the row report."""
-    report = RowReport(name=name)
-    examples: list[list[Labelled]] = []
     eot_ids = end_of_turn_ids(tokenizer)
     specials = control_token_texts(tokenizer)
-    for path in paths:
-        for record in read_records(path):
-            report.read += 1
-            if record.error:
-                report.drop(RowProblem(record.source, record.row, "<row>", record.error, "unreadable"), bad_row=True)
-                continue
-            try:
-                parts = to_labelled_messages(record.data, cfg.system_prompt)
-                for prompt, completion, _ in parts:
-                    check_no_special_tokens(prompt + [{"role": "assistant", "content": completion}], specials)
-                encoded = [encode_labelled(tokenizer, p, c, d, cfg.max_length, eot_ids) for p, c, d in parts]
-            except RowError as err:
-                report.drop(RowProblem(record.source, record.row, err.field, str(err), err.reason), bad_row=err.reason not in LENGTH_REASONS)
-                continue
-            except Exception as err:  # the chat template refused this row
-                report.drop(RowProblem(record.source, record.row, "prompt", f"chat template failed: {err}", "template_error"), bad_row=True)
-                continue
-            examples.append(encoded)
-            report.keep(any(e.truncated for e in encoded))
-    report.check_balanced()
-    return examples, report
+
+    def encode(row: dict) -> tuple[list[Labelled], bool]:
+        parts = to_labelled_messages(row, cfg.system_prompt)
+        for prompt, completion, _ in parts:
+            check_no_special_tokens(prompt + [{"role": "assistant", "content": completion}], specials)
+        encoded = [encode_labelled(tokenizer, p, c, d, cfg.max_length, eot_ids) for p, c, d in parts]
+        return encoded, any(e.truncated for e in encoded)
+
+    return encode_records(paths, name, encode, LENGTH_REASONS)
 
 
 def load_labelled(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[Labelled], list[Labelled], list[RowReport]]:
@@ -144,7 +146,9 @@ def with_kl_answers(examples: list[Labelled], seed: int, max_length: int) -> lis
     successor in a seeded cycle over the split as its mismatched KL answer (never its own: a cycle
     of two or more moves every row), cut to the prompt's token budget, and its label."""
     if len(examples) < 2:
-        raise DataError(f"KTO needs at least 2 examples per split to pair prompts with other answers, got {len(examples)}")
+        raise DataError(
+            f"KTO needs at least 2 examples per split to pair prompts with other answers, got {len(examples)}"
+        )
     order = random.Random(seed).sample(range(len(examples)), len(examples))
     successor = {order[k]: order[(k + 1) % len(order)] for k in range(len(order))}
     return [

@@ -287,6 +287,52 @@ def reference_rows(
     return train, held_out, f"precomputed before step 0 from {start}", round(time.time() - started, 1)
 
 
+def train_and_save(
+    cfg, trainer, train_rows, watch, tokenizer, source, reference_adapter, resume_from, started, output_dir, **manifest
+) -> dict | None:
+    """A preference stage's steps 5 and 6: the longest-batch check, training, the final held-out
+    evaluation; then, on the main process, the checkup and the saved stage (its manifest: ``manifest``
+    plus what training measured; a frozen reference copy is not part of the result). Returns the final
+    held-out metrics ({} without held-out rows) on the main process, None on the others."""
+    check_longest_batch(trainer, train_rows)
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    if not trainer.is_world_process_zero():
+        return None
+    model = trainer.model
+    if reference_adapter:
+        model.delete_adapter(reference_adapter)
+    precision = manifest["precision"]
+    checkup = with_training_alarm(run_checkup(cfg, model, tokenizer, source, precision), watch.reason)
+    save_stage(
+        trainer,
+        tokenizer,
+        output_dir,
+        "adapter",
+        started,
+        stage=cfg.kind,
+        kind=cfg.kind,
+        steps=result.global_step,
+        train_loss=result.training_loss,
+        eval_loss=final_eval.get("eval_loss"),
+        **{f"eval_{key}": final_eval.get(f"eval_{name}") for key, name in HELD_OUT_FIGURES[cfg.kind].items()},
+        resumed_from=str(resume_from) if resume_from else None,
+        checkup=checkup,
+        status=checkup_status(cfg, checkup),
+        **manifest,
+    )
+    raise_if_collapsed(cfg, checkup, output_dir)
+    return final_eval
+
+
+# the final held-out metrics a stage kind's manifest keeps, as manifest key -> metric
+HELD_OUT_FIGURES = {
+    "dpo": {"reward_accuracy": "rewards/accuracies"},
+    "orpo": {"reward_accuracy": "rewards/accuracies", "nll_loss": "nll_loss"},
+    "kto": {"kl": "kl", "reward_margin": "rewards/margins"},
+}
+
+
 def plan(cfg: DPOConfig | ORPOConfig, tokenizer) -> tuple[str, str]:
     """(rows, work) for `align run`'s plan; reading every pair is the validation."""
     train, held_out, _ = load_pairs(cfg.data, tokenizer, cfg.seed)
@@ -357,7 +403,7 @@ def run_dpo(
             },
         )
 
-    # 5. Train (ChosenWatch stops it if the chosen answers' likelihood collapses).
+    # 5. Train (ChosenWatch stops it if the chosen answers' likelihood collapses), 6. save.
     has_eval = bool(eval_rows)
     watch = ChosenWatch(cfg.checkup)
     trainer = PreferenceTrainer(
@@ -371,44 +417,31 @@ def run_dpo(
         options=options,
         reference_adapter=reference_adapter,
     )
-    check_longest_batch(trainer, train_rows)
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    final_eval = trainer.evaluate() if has_eval else {}
-
-    # 6. Save (a frozen reference copy is not part of the result).
-    if trainer.is_world_process_zero():
-        if reference_adapter:
-            model.delete_adapter(reference_adapter)
-        checkup = with_training_alarm(run_checkup(cfg, model, tokenizer, source, precision), watch.reason)
-        save_stage(
-            trainer,
-            tokenizer,
-            output_dir,
-            "adapter",
-            started,
-            stage=cfg.kind,
-            kind=cfg.kind,
-            recipe=recipe_name,
-            from_stage=str(source) if source else None,
-            base_model=cfg.model.name,
-            base_model_path=str(model_path),
-            precision=precision,
-            quantization=cfg.quantization.mode if quantized else "none",
-            loss=options.loss,
-            beta=options.beta,
-            reference=reference_line,
-            reference_seconds=reference_seconds,
-            data={r.name: r.as_dict() for r in reports},
-            steps=result.global_step,
-            train_loss=result.training_loss,
-            eval_loss=final_eval.get("eval_loss"),
-            eval_reward_accuracy=final_eval.get("eval_rewards/accuracies"),
-            resumed_from=str(resume_from) if resume_from else None,
-            checkup=checkup,
-            status=checkup_status(cfg, checkup),
-            **(provenance or {}),
-        )
-        raise_if_collapsed(cfg, checkup, output_dir)
+    final_eval = train_and_save(
+        cfg,
+        trainer,
+        train_rows,
+        watch,
+        tokenizer,
+        source,
+        reference_adapter,
+        resume_from,
+        started,
+        output_dir,
+        recipe=recipe_name,
+        from_stage=str(source) if source else None,
+        base_model=cfg.model.name,
+        base_model_path=str(model_path),
+        precision=precision,
+        quantization=cfg.quantization.mode if quantized else "none",
+        loss=options.loss,
+        beta=options.beta,
+        reference=reference_line,
+        reference_seconds=reference_seconds,
+        data={r.name: r.as_dict() for r in reports},
+        **(provenance or {}),
+    )
+    if final_eval is not None:
         if final_eval:
             console.print(
                 f"held-out reward accuracy {final_eval.get('eval_rewards/accuracies', float('nan')):.3f}, loss "

@@ -35,17 +35,14 @@ from align.losses import kto
 from align.models.adapters import reference_mode, trainable_summary
 from align.models.loading import load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
-from align.stages.checkup import checkup_status, raise_if_collapsed, run_checkup, with_training_alarm
 from align.stages.common import (
     adapter_line,
-    check_longest_batch,
     loraplus_optimizer,
     loss_only_prediction,
     merge_stats,
     prepare_output,
     process_state,
     resume_line,
-    save_stage,
     source_stage,
     stage_callbacks,
     steps_line,
@@ -53,7 +50,7 @@ from align.stages.common import (
     trainer_plan,
     training_arguments,
 )
-from align.stages.dpo import ChosenWatch, completion_logps, reference_rows, start_policy
+from align.stages.dpo import ChosenWatch, completion_logps, reference_rows, start_policy, train_and_save
 
 SIDES = ("completion", "kl")  # a row's own answer, then its mismatched answer (PairCollator's two halves)
 
@@ -103,6 +100,8 @@ class KTOTrainer(Trainer):
             if rows.any():
                 stats[f"{prefix}rewards/{name}"].append(rewards[rows].mean().item())
                 stats[f"{prefix}logps/{name}"].append(policy[rows].mean().item())
+        if desirable.any() and not desirable.all():  # TRL's margin: the two kinds' mean rewards, where both occur
+            stats[prefix + "rewards/margins"].append((rewards[desirable].mean() - rewards[~desirable].mean()).item())
         if desirable.any():
             # the desirable answers alone, per token: DPO's collapse watch reads it (ChosenWatch)
             stats[prefix + "chosen_logratio_per_token"].append(
@@ -201,7 +200,7 @@ def run_kto(
             },
         )
 
-    # 5. Train (ChosenWatch stops it if the desirable answers' likelihood collapses).
+    # 5. Train (ChosenWatch stops it if the desirable answers' likelihood collapses), 6. save.
     has_eval = bool(eval_rows)
     watch = ChosenWatch(cfg.checkup)
     trainer = KTOTrainer(
@@ -215,50 +214,35 @@ def run_kto(
         options=cfg.kto,
         reference_adapter=reference_adapter,
     )
-    check_longest_batch(trainer, train_rows)
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    final_eval = trainer.evaluate() if has_eval else {}
-
-    # 6. Save (a frozen reference copy is not part of the result).
-    if trainer.is_world_process_zero():
-        if reference_adapter:
-            model.delete_adapter(reference_adapter)
-        checkup = with_training_alarm(run_checkup(cfg, model, tokenizer, source, precision), watch.reason)
-        save_stage(
-            trainer,
-            tokenizer,
-            output_dir,
-            "adapter",
-            started,
-            stage="kto",
-            kind="kto",
-            recipe=recipe_name,
-            from_stage=str(source) if source else None,
-            base_model=cfg.model.name,
-            base_model_path=str(model_path),
-            precision=precision,
-            quantization=cfg.quantization.mode if quantized else "none",
-            loss="kto",
-            beta=cfg.kto.beta,
-            reference=reference_line,
-            reference_seconds=reference_seconds,
-            data={r.name: r.as_dict() for r in reports},
-            steps=result.global_step,
-            train_loss=result.training_loss,
-            eval_loss=final_eval.get("eval_loss"),
-            eval_kl=final_eval.get("eval_kl"),
-            resumed_from=str(resume_from) if resume_from else None,
-            checkup=checkup,
-            status=checkup_status(cfg, checkup),
-            **(provenance or {}),
-        )
-        raise_if_collapsed(cfg, checkup, output_dir)
+    final_eval = train_and_save(
+        cfg,
+        trainer,
+        train_rows,
+        watch,
+        tokenizer,
+        source,
+        reference_adapter,
+        resume_from,
+        started,
+        output_dir,
+        recipe=recipe_name,
+        from_stage=str(source) if source else None,
+        base_model=cfg.model.name,
+        base_model_path=str(model_path),
+        precision=precision,
+        quantization=cfg.quantization.mode if quantized else "none",
+        loss="kto",
+        beta=cfg.kto.beta,
+        reference=reference_line,
+        reference_seconds=reference_seconds,
+        data={r.name: r.as_dict() for r in reports},
+        **(provenance or {}),
+    )
+    if final_eval is not None:
         if final_eval:
-            margin = final_eval.get("eval_rewards/chosen", float("nan")) - final_eval.get(
-                "eval_rewards/rejected", float("nan")
-            )
             console.print(
-                f"held-out reward margin (desirable - undesirable) {margin:.3f}, loss {final_eval['eval_loss']:.4f}"
+                f"held-out reward margin (desirable - undesirable) "
+                f"{final_eval.get('eval_rewards/margins', float('nan')):.3f}, loss {final_eval['eval_loss']:.4f}"
             )
         console.print(f'next: align generate --model {output_dir} --prompt "..."')
     return output_dir
