@@ -68,7 +68,7 @@ class HttpClient:
         if spec.api_key_env:
             self.key = os.environ.get(spec.api_key_env)
             if not self.key:
-                raise KeyError(f"{what}: the environment variable {spec.api_key_env} (its API key) is not set")
+                raise RemoteError(f"{what}: the environment variable {spec.api_key_env} (its API key) is not set")
         self.sent = 0
         self._lock = threading.Lock()
 

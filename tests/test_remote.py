@@ -191,7 +191,7 @@ def test_request_cap_stops_cleanly_and_a_resume_pays_only_for_the_rest(server):
 
 def test_the_key_is_read_from_a_named_variable_only(monkeypatch):
     monkeypatch.delenv("NOT_SET_KEY", raising=False)
-    with pytest.raises(KeyError, match="NOT_SET_KEY"):
+    with pytest.raises(RemoteError, match="NOT_SET_KEY"):  # a user error: exit 2 with this line, no traceback
         build_reward({"type": "remote", "url": "http://127.0.0.1:9/x", "api_key_env": "NOT_SET_KEY"})
     with pytest.raises(ValueError, match="names an environment variable"):
         parse_reward({"type": "openai", "model": "m", "api_key_env": "sk-abcdef0123"})

@@ -50,7 +50,7 @@ from align.stages.common import (
     trainer_plan,
     training_arguments,
 )
-from align.stages.dpo import ChosenWatch, completion_logps, reference_rows, start_policy, train_and_save
+from align.stages.preference import ChosenWatch, completion_logps, reference_rows, start_policy, train_and_save
 
 SIDES = ("completion", "kl")  # a row's own answer, then its mismatched answer (PairCollator's two halves)
 

@@ -1,0 +1,162 @@
+"""What the preference stages share (dpo and orpo in dpo.py, kto in kto.py; stage files never import
+each other): the completion log-probabilities, the policy with its reference - one base in memory,
+the reference precomputed before step 0 or live - the collapse watch on the chosen answers, and the
+train-evaluate-checkup-save end of a run."""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from align.config import RecipeError
+from align.data.batching import PairCollator
+from align.models.adapters import add_adapter, load_adapter_for_training
+from align.models.loading import autocast, load_base_model
+from align.models.output_layer import next_token_logps
+from align.stages.checkup import checkup_status, raise_if_collapsed, run_checkup, with_training_alarm
+from align.stages.common import check_longest_batch, process_state, save_stage
+from align.tokens import IGNORE_INDEX
+
+
+def completion_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed logprobs of the labelled (completion) tokens and their counts, [2B] each.
+
+    The model runs from the first completion position on (``logits_to_keep``) and only the labelled
+    positions' logits are made, a chunk at a time (``next_token_logps``): no [2B, T, V] tensor.
+    """
+    labels = batch["labels"]
+    first = int((labels != IGNORE_INDEX).int().argmax(-1).min())  # earliest completion token in the batch (>= 1)
+    targets = labels[:, first:]
+    logps = next_token_logps(model, targets, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+    return logps.sum(-1), (targets != IGNORE_INDEX).sum(-1)
+
+
+@torch.no_grad()
+def precompute_reference(
+    model, rows: list[dict], collator: PairCollator, batch_size: int, precision: str
+) -> list[dict]:
+    """The rows with the reference logprobs of both answers (``ref_<side>``), computed once with the
+    starting policy."""
+    first, second = collator.sides
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in collator(chunk).items()}
+        with autocast(precision):
+            sums, _ = completion_logps(model, batch)
+        n = len(chunk)
+        for row, one, other in zip(chunk, sums[:n].tolist(), sums[n:].tolist()):
+            row[f"ref_{first}"], row[f"ref_{second}"] = one, other
+    model.train(was_training)
+    return rows
+
+
+class ChosenWatch(TrainerCallback):
+    """DPO's side of the collapse alarm: training stops when the policy's log-probability of the
+    chosen answers, per token, falls more than checkup.max_chosen_drop below the reference's (both
+    answers pushed down, the likelihood displacement that makes DPO'd models ramble)."""
+
+    def __init__(self, checkup):
+        self.checkup = checkup
+        self.reason: str | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key, where in (("eval_chosen_logratio_per_token", "held-out"), ("chosen_logratio_per_token", "training")):
+            value = (logs or {}).get(key)
+            if self.checkup.alarm and value is not None and value < -self.checkup.max_chosen_drop and not self.reason:
+                self.reason = (
+                    f"step {state.global_step}: the {where} chosen answers' log-probability fell {value:.3f} per token "
+                    "below "
+                    f"the start's (threshold checkup.max_chosen_drop {self.checkup.max_chosen_drop})"
+                )
+                control.should_training_stop = True
+
+
+def start_policy(cfg, model_path, source: Path | None, steps: int, live: bool, precision: str):
+    """A preference stage's policy: the base with a fresh adapter or the `from` stage's, trainable; with
+    a live reference and a `from` stage, a frozen copy of the start adapter named "reference".
+    Returns (model, the reference adapter's name or None)."""
+    quantized = cfg.quantization.mode != "none"
+    if cfg.adapter.method == "full":
+        raise RecipeError(
+            f"{cfg.kind}: adapter.method=full would need a second full model as reference; use an adapter"
+        )
+    base = load_base_model(cfg.model, cfg.quantization, precision, model_path)
+    if source is None:
+        model = add_adapter(base, cfg.adapter, cfg.lora, quantized, cfg.train.gradient_checkpointing, steps)
+    else:
+        frozen_copy = "reference" if live else None
+        model = load_adapter_for_training(
+            base, source / "adapter", quantized, cfg.train.gradient_checkpointing, frozen_copy=frozen_copy
+        )
+    model.config.use_cache = False
+    if torch.cuda.is_available() and not quantized:  # the reference runs exactly as the policy will at step 0
+        model.to(process_state().device)
+    return model, ("reference" if live and source is not None else None)
+
+
+def reference_rows(
+    cfg, model, source, rows: tuple[list[dict], list[dict]], collator, none: str | None, live, precision
+):
+    """(train rows, held-out rows, the plan's reference line, seconds): the rows with the reference's
+    logprobs of both answers precomputed, or as they are when the reference is live (every step) or
+    ``none`` (the line saying why there is none)."""
+    start = "the base with the adapter disabled" if source is None else f"the starting adapter from {source} (frozen)"
+    if none or live:
+        return *rows, (f"live every step: {start}" if live else none), 0.0
+    started = time.time()
+    with model.disable_adapter() if source is None else nullcontext():
+        train, held_out = (precompute_reference(model, r, collator, cfg.train.batch_size, precision) for r in rows)
+    return train, held_out, f"precomputed before step 0 from {start}", round(time.time() - started, 1)
+
+
+def train_and_save(
+    cfg, trainer, train_rows, watch, tokenizer, source, reference_adapter, resume_from, started, output_dir, **manifest
+) -> dict | None:
+    """A preference stage's steps 5 and 6: the longest-batch check, training, the final held-out
+    evaluation; then, on the main process, the checkup and the saved stage (its manifest: ``manifest``
+    plus what training measured; a frozen reference copy is not part of the result). Returns the final
+    held-out metrics ({} without held-out rows) on the main process, None on the others."""
+    check_longest_batch(trainer, train_rows)
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    if not trainer.is_world_process_zero():
+        return None
+    model = trainer.model
+    if reference_adapter:
+        model.delete_adapter(reference_adapter)
+    precision = manifest["precision"]
+    checkup = with_training_alarm(run_checkup(cfg, model, tokenizer, source, precision), watch.reason)
+    save_stage(
+        trainer,
+        tokenizer,
+        output_dir,
+        "adapter",
+        started,
+        stage=cfg.kind,
+        kind=cfg.kind,
+        steps=result.global_step,
+        train_loss=result.training_loss,
+        eval_loss=final_eval.get("eval_loss"),
+        **{f"eval_{key}": final_eval.get(f"eval_{name}") for key, name in HELD_OUT_FIGURES[cfg.kind].items()},
+        resumed_from=str(resume_from) if resume_from else None,
+        checkup=checkup,
+        status=checkup_status(cfg, checkup),
+        **manifest,
+    )
+    raise_if_collapsed(cfg, checkup, output_dir)
+    return final_eval
+
+
+# the final held-out metrics a stage kind's manifest keeps, as manifest key -> metric
+HELD_OUT_FIGURES = {
+    "dpo": {"reward_accuracy": "rewards/accuracies"},
+    "orpo": {"reward_accuracy": "rewards/accuracies", "nll_loss": "nll_loss"},
+    "kto": {"kl": "kl", "reward_margin": "rewards/margins"},
+}
