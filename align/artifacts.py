@@ -4,6 +4,8 @@
         config.yaml      resolved stage config
         adapter/         peft adapter (or model/ for full fine-tuning), tokenizer beside it
         metrics.jsonl    one JSON object per logged step
+        rollouts.jsonl   RL stages: sampled prompts, completions and rewards every rollout.log_samples_every steps
+        tracking.json    the wandb / trackio run's name and id, so --resume continues it
         manifest.json    written last: status, inputs' hashes, versions, timing
         checkpoints/     resumable Trainer checkpoints; complete only when COMPLETE exists
         loss.png         loss curve
@@ -53,6 +55,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 
 # A sample stage's outputs, which dpo and rm stages read through `data: {from: <sample stage>}`.
 PAIRS_FILE = "pairs.jsonl"
+ROLLOUTS_FILE = "rollouts.jsonl"
 EVAL_PAIRS_FILE = "eval_pairs.jsonl"
 
 

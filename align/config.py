@@ -97,8 +97,10 @@ class DataConfig(_Strict):
         default_factory=list, description="held-out files; if empty, eval_rows are held out from train"
     )
     eval_rows: int = Field(0, ge=0, description="rows held out from train for evaluation when no eval file is given")
-    format: Literal["auto", "messages", "prompt_completion", "alpaca"] = Field(
-        "auto", description="row format; auto detects it from the keys of the first row"
+    format: Literal["auto", "messages", "prompt_completion", "alpaca", "preference"] = Field(
+        "auto",
+        description="SFT row format; auto detects it from the keys of the first row (preference: SFT on a pair's "
+        "chosen answer)",
     )
     system_prompt: str | None = Field(None, description="system message added to rows that have none")
     max_length: int = Field(
@@ -214,7 +216,10 @@ class TrainConfig(_Strict):
 
 class TrackingConfig(_Strict):
     wandb: bool = Field(False, description="also log to Weights & Biases (offline unless a key is configured)")
-    project: str = Field("align", description="wandb project")
+    trackio: bool = Field(
+        False, description="also log to trackio (local-first: a SQLite store in TRACKIO_DIR; `trackio show` views it)"
+    )
+    project: str = Field("align", description="wandb / trackio project")
 
 
 # Reward specs: what scores an answer, for RL rewards, the sample stage's ranking, the checkup and eval
@@ -664,6 +669,12 @@ class RLRolloutConfig(RolloutConfig):
         "auto = true unless the sampler is the trainer's exact forward (hf in fp32)",
     )
     importance_cap: float = Field(3.0, gt=0, description="upper bound of the importance weight (TRL's default C_max)")
+    log_samples_every: int = Field(
+        10,
+        ge=0,
+        description="every N steps (and the first) the step's prompts, completions and rewards go to rollouts.jsonl "
+        "and, when tracking is on, a wandb / trackio table; 0 = never",
+    )
 
 
 class GRPORolloutConfig(RLRolloutConfig):

@@ -1,9 +1,15 @@
-"""Metrics: a JSONL file always, wandb when asked (offline unless a key is configured), a loss PNG."""
+"""Metrics: a JSONL file always; wandb (offline unless a key is configured) and trackio (a local
+SQLite store, `trackio show` to view) when the recipe's tracking section asks; a loss PNG.
+
+Trainer stages (sft, rm, dpo, orpo, kto) log through transformers' own wandb/trackio callbacks;
+the stages align runs its own loop in (grpo, ppo, eval) log through ``Tracker``, with the names
+metrics.jsonl uses. Only the main process (rank 0) logs."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -54,14 +60,99 @@ class CheckpointMarker(TrainerCallback):
                 (folder / CHECKPOINT_MARKER).write_text(f"step {state.global_step}\n")
 
 
-def wandb_report_to(enabled: bool) -> list[str]:
-    if not enabled:
-        return []
+def _wandb_offline_unless_key() -> None:
     if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
         netrc = Path.home() / ".netrc"
         if not (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")):
             os.environ["WANDB_MODE"] = "offline"  # no key: keep runs local, sync later with `wandb sync`
-    return ["wandb"]
+
+
+def report_to(tracking) -> list[str]:
+    """The Trainer's report_to for a recipe's tracking section (transformers' own callbacks log)."""
+    targets = []
+    if tracking.wandb:
+        _wandb_offline_unless_key()
+        targets.append("wandb")
+    if tracking.trackio:
+        targets.append("trackio")
+    return targets
+
+
+def _main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class Tracker:
+    """What a stage's own loop logs, also sent to wandb and trackio when the recipe asks.
+
+    ``log(record)`` takes a metrics.jsonl record (its "step" is the step); ``table`` logs rows such as
+    sampled prompts, completions and rewards. The run's name and wandb id are kept in the stage folder
+    (tracking.json) so ``--resume`` continues the same tracked run. Does nothing off rank 0 or when
+    neither tracker is on; a tracker that fails to start is an error before any step, not a silent gap.
+    """
+
+    def __init__(self, tracking, output_dir: Path, name: str, config: dict):
+        self.wandb = self.trackio = None
+        if not _main_process() or not (tracking.wandb or tracking.trackio):
+            return
+        ids_path = output_dir / "tracking.json"
+        ids = json.loads(ids_path.read_text()) if ids_path.is_file() else {}
+        if not ids:
+            import uuid
+
+            ids = {"name": f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", "wandb_id": uuid.uuid4().hex[:12]}
+            ids_path.write_text(json.dumps(ids) + "\n")
+        if tracking.wandb:
+            _wandb_offline_unless_key()
+            import wandb
+
+            self.wandb = wandb.init(
+                project=tracking.project,
+                name=ids["name"],
+                id=ids["wandb_id"],
+                resume="allow",
+                dir=str(output_dir),
+                config=config,
+                reinit="create_new",
+            )
+        if tracking.trackio:
+            import trackio
+
+            # local unless the user pointed trackio elsewhere (TRACKIO_DIR, or a Space of their own)
+            self.trackio = trackio.init(
+                project=tracking.project,
+                name=ids["name"],
+                config=config,
+                resume="allow",
+                auto_log_cpu=False,
+                auto_log_gpu=False,
+            )
+
+    def log(self, record: dict) -> None:
+        step = record.get("step")
+        values = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+        if self.trackio is not None:
+            self.trackio.log(values, step=step)
+
+    def table(self, key: str, columns: list[str], rows: list[list], step: int | None = None) -> None:
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+        if self.trackio is not None:
+            import trackio
+
+            self.trackio.log({key: trackio.Table(columns=columns, data=rows)}, step=step)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+        if self.trackio is not None:
+            self.trackio.finish()
+            self.trackio = None
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -165,3 +165,24 @@ def test_a_merged_sync_sends_a_tied_output_layer_when_its_embedding_trains(tiny_
     assert "lm_head.weight" not in sent() and "model.embed_tokens.weight" not in sent()
     model.get_base_model().get_input_embeddings().weight.requires_grad_(True)
     assert {"lm_head.weight", "model.embed_tokens.weight"} <= sent()
+
+
+def test_under_fsdp_the_4bit_base_is_stored_in_the_compute_dtype_and_computes_the_same(tiny_llama, monkeypatch):
+    """FSDP flattens a layer's parameters into one tensor of one dtype: QLoRA's packed 4-bit weights must be
+    stored as the compute dtype to be sharded with the norms and the adapter (FSDP-QLoRA). The storage is a
+    view of the same 4-bit codes: the logits are unchanged."""
+    from align.config import ModelConfig, QuantizationConfig
+    from align.models.loading import load_base_model
+
+    model_cfg, nf4 = ModelConfig(name=str(tiny_llama), attn_implementation="eager"), QuantizationConfig(mode="nf4")
+    ids = torch.randint(10, 1000, (2, 12))
+    logits = {}
+    for fsdp in ("false", "true"):
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", fsdp)
+        model = load_base_model(model_cfg, nf4, "bf16")
+        packed = {p.dtype for n, p in model.named_parameters() if "proj" in n}
+        assert packed == ({torch.bfloat16} if fsdp == "true" else {torch.uint8}), packed
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16} or fsdp == "false"
+        with torch.no_grad():
+            logits[fsdp] = model(input_ids=ids).logits.float()
+    torch.testing.assert_close(logits["true"], logits["false"], atol=0, rtol=0)

@@ -193,6 +193,37 @@ def test_rows_before_the_first_recognisable_one_are_counted_not_fatal(tmp_path, 
     assert len(examples) == 2 and dict(report.dropped) == {"unknown_format": 1}
 
 
+def test_sft_on_pairs_trains_the_chosen_answer_and_on_labelled_rows_the_desirable_ones(tmp_path, tokenizer):
+    # One file serves an SFT stage and the DPO/KTO stage after it: a pair trains its chosen answer (both pair
+    # formats), a labelled row only when its label is true; thumbs-down rows are counted, not trained, not fatal.
+    turn = ROWS["messages"]["messages"]
+    pairs = [
+        {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Seven."},
+        {"chosen": turn, "rejected": [turn[0], {"role": "assistant", "content": "Seven."}]},
+    ]
+    labelled = [
+        {"prompt": "Name a colour.", "completion": "Blue.", "label": True},
+        {"prompt": "Name a colour.", "completion": "Seven.", "label": False},
+        {"prompt": "Name a colour.", "completion": "Blue.", "label": True},
+    ]
+    reference, _ = encode_files(
+        [str(write_jsonl(tmp_path / "ref.jsonl", [ROWS["messages"]]))], tokenizer, DataConfig(), "r"
+    )
+    for rows, kept in ((pairs, 2), ([{"messages": turn, "label": True}], 1), (labelled, 2)):
+        examples, report = encode_files([str(write_jsonl(tmp_path / "x.jsonl", rows))], tokenizer, DataConfig(), "t")
+        assert report.kept == kept and len(examples) == kept and not report.problems
+        assert all(e.input_ids == reference[0].input_ids and e.labels == reference[0].labels for e in examples)
+    assert dict(report.dropped) == {"undesirable": 1}
+    # a thumbs up/down that is not a JSON boolean is named (0/1 or "false" could train the bad answers)
+    for bad in (0, "false"):
+        path = write_jsonl(tmp_path / "bad.jsonl", [labelled[0], {**labelled[1], "label": bad}])
+        with pytest.raises(DataError, match=r"bad.jsonl, row 2, field 'label': .*JSON boolean"):
+            load_sft_data(DataConfig(train=[str(path)]), tokenizer, seed=0)
+    # any other 'label' column (a category name) is not a thumbs up/down and is left alone
+    path = write_jsonl(tmp_path / "cat.jsonl", [{**labelled[0], "label": "arithmetic"}])
+    assert encode_files([str(path)], tokenizer, DataConfig(), "t")[1].kept == 1
+
+
 # ---------------------------------------------------------------- weighted mixtures
 
 

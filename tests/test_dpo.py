@@ -243,6 +243,36 @@ def test_gradient_accumulation_gives_the_same_step(tmp_path, tiny_llama):
     assert all(v.abs().sum() > 0 for k, v in results[0].items() if "lora_B" in k)
 
 
+@pytest.mark.parametrize("kind", ["dpo", "kto"])
+def test_preference_stages_under_torchrun_ddp_shard_pairs_and_equal_one_process(
+    tmp_path, tiny_llama, monkeypatch, kind
+):
+    """2 processes x 2 pairs (gloo) equal 1 process x 4 pairs, for DPO (precomputed reference) and KTO (pairs
+    read as answers; its reference point z0 is gathered over the ranks): different rows on each rank, the
+    same global batch, the same adapter and losses (tolerance argued in test_sft_stage)."""
+    from test_sft_stage import DDP_EXACT, assert_ddp_matches_one_process, record_rows_here, torchrun_recorded
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(8))
+    recipe = tiny_recipe(tmp_path / "r.yaml", tiny_llama, str(pairs), stages={kind: {}})
+    _, ddp_rows = torchrun_recorded(
+        tmp_path, kind, "--recipe", recipe, *DDP_EXACT, "train.batch_size=2", "--output-dir", tmp_path / "ddp"
+    )
+    assert json.loads((tmp_path / "ddp" / "manifest.json").read_text())["steps"] == 2
+    record_rows_here(monkeypatch, tmp_path / "one-rows")
+    cfg = load_recipe(recipe).resolve(kind, DDP_EXACT + ["train.batch_size=4"])
+    if kind == "dpo":
+        run_dpo(cfg, tmp_path / "one", recipe_name="tiny")
+    else:
+        from align.stages.kto import run_kto
+
+        run_kto(cfg, tmp_path / "one", recipe_name="tiny")
+    # DPO: a step's rows are each pair's chosen then rejected sequence (4 a rank); KTO: answers and their
+    # mismatched partners (batch_size answers, each with its KL row)
+    assert_ddp_matches_one_process(
+        ddp_rows, tmp_path / "one-rows", tmp_path / "ddp", tmp_path / "one", per_rank=4, steps=2
+    )
+
+
 # ---------------------------------------------------------------- against TRL
 
 

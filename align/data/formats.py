@@ -3,6 +3,11 @@
 - messages:           {"messages": [{"role": "user", "content": "..."}, ...]}
 - prompt_completion:  {"prompt": "...", "completion": "..."} (prompt may be a message list)
 - alpaca:             {"instruction": "...", "input": "...", "output": "..."}
+- preference:         a preference pair (align/data/preference_data.py's formats): SFT on the chosen
+                      answer, the rejected one unread - the usual first stage before DPO or KTO
+
+A row of the first two formats may carry KTO's "label" (true/false): SFT trains on the desirable
+answers and counts the others as skipped, so one labelled file serves an SFT stage and a KTO stage.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ FORMAT_KEYS = {
     "messages": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
+    "preference": ("chosen",),
 }
 
 Message = dict[str, str]

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from align.config import DataConfig
-from align.data.formats import RowError, detect_format, to_messages
+from align.data.formats import Message, RowError, detect_format, to_messages
 from align.data.loading import DataError, read_records
+from align.data.preference_data import to_pair_messages
 from align.data.report import RowProblem, RowReport
 from align.data.splits import load_splits
 from align.data.templating import (
@@ -17,8 +18,10 @@ from align.data.templating import (
     end_of_turn_ids,
 )
 
-# Drops that come from the length budget, not from a broken row: counted, never fatal.
+# Drops that are not a broken row: the length budget's, and answers labelled undesirable (KTO data).
+# Counted in the row report, never fatal.
 LENGTH_REASONS = {"prompt_too_long", "no_trained_tokens"}
+NOT_BAD = LENGTH_REASONS | {"undesirable"}
 
 
 @dataclass
@@ -56,12 +59,12 @@ def encode_files(paths: list[str], tokenizer, cfg: DataConfig, name: str) -> tup
                 continue
             fmt = row_format  # the first row that matches a format decides it for the file
             try:
-                messages = to_messages(record.data, fmt, cfg.system_prompt)
+                messages = sft_messages(record.data, fmt, cfg.system_prompt)
                 check_no_special_tokens(messages, specials)
                 encoded = encode_conversation(tokenizer, messages, cfg.max_length, eot_ids)
             except RowError as err:
                 problem = RowProblem(record.source, record.row, err.field, str(err), err.reason)
-                report.drop(problem, bad_row=err.reason not in LENGTH_REASONS)
+                report.drop(problem, bad_row=err.reason not in NOT_BAD)
                 continue
             except Exception as err:  # the chat template refused this row (jinja raise_exception, role order, ...)
                 problem = RowProblem(
@@ -75,10 +78,26 @@ def encode_files(paths: list[str], tokenizer, cfg: DataConfig, name: str) -> tup
             first = undetected[0]
             raise DataError(
                 f"{first.source}, row {first.row}: {first.message}; expected "
-                "'messages', 'prompt'+'completion', or 'instruction'+'output' (or set data.format)"
+                "'messages', 'prompt'+'completion', 'instruction'+'output', or 'chosen'+'rejected' "
+                "(or set data.format)"
             )
     report.check_balanced()
     return examples, report
+
+
+def sft_messages(row: dict, fmt: str, system_prompt: str | None) -> list[Message]:
+    """The conversation SFT trains on: a pair's chosen answer; a labelled row only if its label is true."""
+    if fmt == "preference":
+        prompt, chosen, _ = to_pair_messages(row, system_prompt)
+        return prompt + [{"role": "assistant", "content": chosen}]
+    label = row.get("label")
+    if isinstance(label, bool):  # KTO's thumbs up/down: SFT learns the answers marked desirable only
+        if not label:
+            raise RowError("label", "labelled undesirable (label false): not trained on", "undesirable")
+    elif label in (0, 1) or (isinstance(label, str) and label.strip().lower() in ("true", "false")):
+        # looks like a thumbs up/down that is not a JSON boolean: training on it could learn the bad answers
+        raise RowError("label", f"field 'label' must be true or false (a JSON boolean), got {label!r}", "bad_field")
+    return to_messages(row, fmt, system_prompt)
 
 
 def load_sft_data(cfg: DataConfig, tokenizer, seed: int) -> SFTData:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -67,8 +68,16 @@ def bnb_config(quant: QuantizationConfig, compute_dtype: torch.dtype):
         bnb_4bit_quant_type=quant.mode,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_storage=torch.uint8,
+        # FSDP shards flat parameters of one dtype: the packed 4-bit weights must be stored as the compute
+        # dtype (two bf16 "values" hold four 4-bit codes) to be sharded with the rest (FSDP-QLoRA, as
+        # transformers' and peft's guides set it). One process keeps bitsandbytes' uint8 default.
+        bnb_4bit_quant_storage=compute_dtype if under_fsdp() else torch.uint8,
     )
+
+
+def under_fsdp() -> bool:
+    """Launched by `accelerate launch` with an FSDP config (accelerate sets this for every process)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
 
 
 def load_base_model(
@@ -94,8 +103,9 @@ def load_base_model(
         trust_remote_code=model_cfg.trust_remote_code,
         revision=model_cfg.revision,
         # bitsandbytes quantizes while placing weights: put a 4-bit base on this process's GPU at load
+        # (not under FSDP: it places and shards the weights itself, from rank 0's copy)
         device_map={"": torch.cuda.current_device()}
-        if quantization is not None and torch.cuda.is_available()
+        if quantization is not None and torch.cuda.is_available() and not under_fsdp()
         else None,
     )
     if quantization is not None:

@@ -11,6 +11,7 @@ from typing import Iterator
 import torch
 
 from align.artifacts import (
+    ROLLOUTS_FILE,
     atomic_folder,
     check_resume_config,
     last_complete_checkpoint,
@@ -25,7 +26,7 @@ from align.config import RecipeError, StageConfig, dump_config, stage_references
 from align.console import console
 from align.models.loading import read_stage_manifest
 from align.stages.registry import POLICY_KINDS
-from align.tracking import plot_losses, read_metrics, wandb_report_to
+from align.tracking import plot_losses, read_metrics, report_to
 
 
 def process_state():
@@ -54,7 +55,9 @@ def prepare_output(state, output_dir: Path, cfg: StageConfig, overwrite: bool, r
         if resume:
             check_resume_config(output_dir, cfg.model_dump(mode="json", by_alias=True))
             remove_staging_leftovers(output_dir)
-            trim_metrics(output_dir / "metrics.jsonl", int(resume_from.name.split("-")[-1]) if resume_from else 0)
+            last_step = int(resume_from.name.split("-")[-1]) if resume_from else 0
+            for logged in ("metrics.jsonl", ROLLOUTS_FILE):  # the steps after the checkpoint run again
+                trim_metrics(output_dir / logged, last_step)
         write_atomic(output_dir / "config.yaml", dump_config(cfg))
     state.wait_for_everyone()
     return resume_from
@@ -89,7 +92,7 @@ def training_arguments(
         fp16=precision == "fp16",
         seed=cfg.seed,
         data_seed=cfg.seed,
-        report_to=wandb_report_to(cfg.tracking.wandb),
+        report_to=report_to(cfg.tracking),
         project=cfg.tracking.project,
         run_name=run_name,
         remove_unused_columns=False,

@@ -190,6 +190,7 @@ def run_eval(
         "results": results,
     }
     write_report(output_dir, report, samples, cfg.examples)
+    track_results(cfg, output_dir, recipe_name, results, samples)
     write_manifest(
         output_dir,
         status="complete",
@@ -207,6 +208,30 @@ def run_eval(
     print_table(report)
     console.print(f"[bold green]done[/] in {time.time() - started:.0f}s: {output_dir / 'report.md'}")
     return output_dir
+
+
+# The report's figures that go to wandb / trackio, as judge/baseline/figure.
+TRACKED_FIGURES = ("win_rate", "ci_low", "ci_high", "lc_win_rate", "wins", "ties", "losses", "position_bias")
+
+
+def track_results(cfg: EvalConfig, output_dir: Path, recipe_name: str, results: list[dict], samples: list[dict]):
+    """The win-rates and every prompt's answers (a table) to wandb / trackio, when tracking is on."""
+    from align.tracking import Tracker
+
+    tracker = Tracker(cfg.tracking, output_dir, f"{recipe_name}/eval", cfg.model_dump(mode="json", by_alias=True))
+    try:
+        figures = {
+            f"{r['judge']}/{r['baseline']}/{key}": r[key]
+            for r in results
+            for key in TRACKED_FIGURES
+            if r[key] is not None
+        }
+        tracker.log(figures)
+        baselines = list(samples[0]["baselines"]) if samples else []
+        rows = [[s["prompt"][-1]["content"], s["policy"], *s["baselines"].values()] for s in samples]
+        tracker.table("samples", ["prompt", "policy", *baselines], rows)
+    finally:
+        tracker.close()
 
 
 def held_out_prompts(data: DataConfig, tokenizer) -> tuple[list[PromptExample], RowReport]:

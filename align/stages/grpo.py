@@ -47,25 +47,26 @@ from align.stages.common import adapter_line, prepare_output, process_state, ref
 from align.stages.online import (
     CollapseWatch,
     DeadRunAlarm,
-    StepLog,
     check_longest_rollout_batch,
-    checkpoint_due,
+    check_shares,
+    checkpoint_if_due,
     columns,
     importance_stats,
     load_policy,
     load_rl_checkpoint,
     micro_batches,
+    open_step_log,
     prompt_batches,
     rl_steps,
     rollout_engine,
     rollout_stats,
     sampler_logprobs,
     sampling,
-    save_rl_checkpoint,
     save_rl_stage,
     score,
     select_rows,
 )
+from align.stages.ranks import barrier, gathered, gathered_rollouts, share, spread, sum_gradients, summed, world
 
 
 def run_grpo(
@@ -104,11 +105,15 @@ def run_grpo(
     minibatch = min(opts.minibatch_size or completions_per_step, completions_per_step)
     updates = steps * opts.epochs * math.ceil(completions_per_step / minibatch)
     fused = update_gives_old_logprobs(opts.epochs, minibatch, completions_per_step)
+    rank, processes = world()
+    console.quiet = console.quiet or rank > 0  # process 0 prints the plan and the steps for all of them
+    check_shares(cfg.rollout.prompts_per_step, processes)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, int(cfg.train.warmup_ratio * updates), updates)
     resume_from = prepare_output(state, output_dir, cfg, overwrite, resume)
     loop = load_rl_checkpoint(resume_from, policy, optimizer, scheduler) if resume_from else {"step": 0}
+    log = open_step_log(cfg, output_dir, f"{recipe_name}/grpo")
     engine = rollout_engine(
         cfg, policy, tokenizer, precision, prompts + held_out, max(completions_per_step, len(held_out))
     )
@@ -134,12 +139,13 @@ def run_grpo(
                 **{f"data {r.name}": r.summary() for r in reports},
                 "steps": f"{steps} RL steps x {opts.epochs} epoch(s) x {math.ceil(completions_per_step / minibatch)} "
                 f"minibatch(es) = {updates} optimizer steps",
+                "processes": f"{processes}: each rolls out {cfg.rollout.prompts_per_step // processes} prompts x {k} "
+                f"samples a step with its own engine; gradients summed",
                 "resume": resume_line(resume_from, resume),
                 "output": str(output_dir),
             },
         )
 
-        log = StepLog(output_dir / "metrics.jsonl")
         stopped = collapsed = None
         alarm = DeadRunAlarm(opts.dead_steps, cfg.rollout.max_new_tokens)
         watch = CollapseWatch(cfg.checkup)
@@ -147,18 +153,19 @@ def run_grpo(
         if "eval_reward_start" in loop:  # resumed: the start was measured before the first step
             eval_start = loop["eval_reward_start"]
         else:
-            eval_start = held_out_reward(engine, reward, held_out, cfg) if held_out else None
+            eval_start = held_out_reward(engine, reward, held_out, cfg)
         policy.train()
         step = start = loop["step"]
         for step, batch_prompts in zip(
             range(start + 1, steps + 1), prompt_batches(prompts, cfg.rollout.prompts_per_step, cfg.seed, start)
         ):
-            # 1. Rollout.
+            # 1. Rollout: this process's share of the step's prompts (all of them in one process).
+            my_prompts = share(batch_prompts)
             with log.timed("generation"):
-                rollouts = engine.generate([p.messages for p in batch_prompts], sampling(cfg, step))
+                rollouts = engine.generate([p.messages for p in my_prompts], sampling(cfg, step, rank))
             # 2. Score.
             with log.timed("scoring"):
-                rewards = score(reward, batch_prompts, rollouts)
+                rewards = score(reward, my_prompts, rollouts)
             # 3. Advantages relative to each prompt's group (rollouts are prompt-major: k in a row).
             advantages = (
                 group_advantages(rewards, k, opts.scale_rewards)
@@ -187,11 +194,14 @@ def run_grpo(
             sampler = sampler_logprobs(cfg, engine, rollouts, mask.shape)
             # 5. Updates: epochs x minibatches, micro-batches accumulated into one optimizer step.
             with log.timed("training"):
-                order = list(range(len(rollouts)))
+                # Minibatches are drawn from the whole step's rows, numbered as in one process; each process
+                # trains the rows it rolled out (maybe none), against the whole minibatch's denominators.
+                order, first = list(range(completions_per_step)), rank * len(rollouts)
                 for epoch in range(opts.epochs):
                     random.Random(cfg.seed * 31 + step * 1009 + epoch).shuffle(order)
-                    for mb in micro_batches(order, minibatch):
-                        tokens, minibatch_loss = int(mask[mb].sum().item()), 0.0
+                    for whole in micro_batches(order, minibatch):
+                        mb = [i - first for i in whole if first <= i < first + len(rollouts)]
+                        tokens, minibatch_loss = int(summed(mask[mb].sum().item())), 0.0
                         for rows in micro_batches(mb, cfg.train.batch_size, batch):
                             micro = select_rows(batch, rows, device)
                             width = micro["completion_ids"].shape[1]
@@ -214,7 +224,12 @@ def run_grpo(
                                 token_loss = token_loss + opts.kl_coef * kl
                                 log.add(kl_in_loss=masked_mean(kl, m).item())
                             loss = aggregate_loss(
-                                token_loss, m, opts.loss_aggregation, len(mb), tokens, cfg.rollout.max_new_tokens
+                                token_loss,
+                                m,
+                                opts.loss_aggregation,
+                                len(whole),
+                                tokens,
+                                cfg.rollout.max_new_tokens,
                             )
                             loss.backward()
                             minibatch_loss += loss.item()
@@ -222,11 +237,12 @@ def run_grpo(
                                 clip_fraction=masked_mean(clipped, m).item(),
                                 approx_kl=approx_kl(logps, old_rows, m).item(),
                             )
+                        sum_gradients(params)  # each process's share of the minibatch loss -> the whole one's
                         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
                         optimizer.step()
                         scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
-                        log.add(grad_norm=grad_norm.item(), loss=minibatch_loss)
+                        log.add(grad_norm=grad_norm.item(), loss=summed(minibatch_loss))
             if ref is not None:  # the rollout policy's KL to the reference, with the loss's estimator
                 log.add(kl=masked_mean(kl_estimate(old, ref, opts.kl_estimator), mask).item())
             if sampler is not None:
@@ -238,7 +254,10 @@ def run_grpo(
                 engine.sync_weights(policy)
             log.add(**getattr(engine, "fidelity", {}))  # vLLM: its greedy answers to real prompts vs the trainer
             log.add(**getattr(engine, "sync_seconds", {}))  # vLLM: push, probe and faithfulness check
-            stats = rollout_stats(rollouts, rewards)
+            # the step's numbers from every process's rollouts (the same on each, so every rank stops alike)
+            step_rollouts = gathered_rollouts(rollouts, len(my_prompts))
+            step_rewards = torch.tensor(gathered(rewards.tolist()))
+            stats = rollout_stats(step_rollouts, step_rewards)
             log.add(
                 **stats,
                 **logprob_mismatch(
@@ -249,13 +268,16 @@ def run_grpo(
                 lr=scheduler.get_last_lr()[0],
             )
             record = log.write(step)
+            log.samples(step, batch_prompts, step_rollouts, step_rewards)
             console.print(
                 f"step {step}/{steps}: reward {stats['reward_mean']:.3f} (std {stats['reward_std']:.3f}), "
                 f"length {stats['completion_length']:.0f}, truncated {stats['truncated_fraction']:.0%}, loss "
                 f"{record['loss']:+.4f}"
             )
             stopped = alarm.check(
-                stats["truncated_fraction"], stats["reward_std"], zero_advantage=bool((advantages == 0).all())
+                stats["truncated_fraction"],
+                stats["reward_std"],
+                zero_advantage=summed(float((advantages != 0).any())) == 0,
             )
             collapsed = watch.check(stats["loop_fraction"], record.get("kl"))
             stopped = stopped or (f"collapse: {collapsed}" if collapsed else None)
@@ -263,21 +285,25 @@ def run_grpo(
                 console.print(f"[yellow]stopping early: {stopped}[/]")
                 break
             fault_point("grpo", "step", step)
-            if checkpoint_due(cfg, step, steps):
-                save_rl_checkpoint(
-                    output_dir,
-                    step,
-                    cfg,
-                    policy,
-                    optimizer,
-                    scheduler,
-                    {"dead_streak": alarm.streak, "eval_reward_start": eval_start},
-                )
+            checkpoint_if_due(
+                steps,
+                output_dir,
+                step,
+                cfg,
+                policy,
+                optimizer,
+                scheduler,
+                {"dead_streak": alarm.streak, "eval_reward_start": eval_start},
+            )
 
         # 7. Held-out reward after training, then save.
-        eval_end = held_out_reward(engine, reward, held_out, cfg) if held_out else None
+        eval_end = held_out_reward(engine, reward, held_out, cfg)
     finally:
         engine.close()
+        log.close()
+    if rank != 0:  # process 0 writes the stage; the others wait for it, then return together
+        barrier()
+        return output_dir
     checkup = with_training_alarm(run_checkup(cfg, policy, tokenizer, source, precision), collapsed)
     save_rl_stage(
         policy,
@@ -305,19 +331,24 @@ def run_grpo(
         status=checkup_status(cfg, checkup),
         **(provenance or {}),
     )
+    barrier()
     if eval_start is not None:
         console.print(f"held-out reward {eval_start:.3f} -> {eval_end:.3f}")
     raise_if_collapsed(cfg, checkup, output_dir)
     return output_dir
 
 
-def held_out_reward(engine, reward, held_out, cfg) -> float:
-    """Mean reward of one sample per held-out prompt (fixed seed, the rollout temperature)."""
+def held_out_reward(engine, reward, held_out, cfg) -> float | None:
+    """Mean reward of one sample per held-out prompt (fixed seed, the rollout temperature); None without any."""
     from align.rollout.engine import Sampling
 
+    if not held_out:
+        return None
+
     r = cfg.rollout
+    mine = spread(held_out)  # each process answers every N-th prompt; the mean is over all of them
     rollouts = engine.generate(
-        [p.messages for p in held_out],
+        [p.messages for p in mine],
         Sampling(
             temperature=r.temperature,
             top_p=r.top_p,
@@ -327,7 +358,8 @@ def held_out_reward(engine, reward, held_out, cfg) -> float:
             seed=cfg.seed + 12345,
         ),
     )
-    return score(reward, held_out, rollouts).mean().item()
+    rewards = gathered(score(reward, mine, rollouts).tolist() if mine else [])
+    return sum(rewards) / len(rewards)
 
 
 def update_gives_old_logprobs(epochs: int, minibatch: int, completions_per_step: int) -> bool:

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from align.artifacts import CHECKPOINT_MARKER, atomic_folder, prune_checkpoints, write_manifest
+from align.artifacts import CHECKPOINT_MARKER, ROLLOUTS_FILE, atomic_folder, prune_checkpoints, write_manifest
 from align.config import RecipeError
 from align.console import console
 from align.data.prompt_data import PromptExample
@@ -29,6 +29,7 @@ from align.models.adapters import add_adapter, load_adapter_for_training
 from align.models.loading import load_base_model
 from align.rollout.engine import Rollout, Sampling
 from align.rollout.engines import make_engine
+from align.stages.ranks import is_main, mean_over_ranks
 from align.tracking import plot_losses
 
 
@@ -170,7 +171,8 @@ def importance_weights(
     return weights
 
 
-def sampling(cfg, step: int) -> Sampling:
+def sampling(cfg, step: int, rank: int = 0) -> Sampling:
+    """The step's sampling settings; each process draws with its own seed (rank 0's is the one-process seed)."""
     r = cfg.rollout
     return Sampling(
         n=r.samples_per_prompt,
@@ -179,8 +181,17 @@ def sampling(cfg, step: int) -> Sampling:
         top_k=r.top_k,
         max_new_tokens=r.max_new_tokens,
         stop=tuple(r.stop),
-        seed=cfg.seed * 100_003 + step,
+        seed=cfg.seed * 100_003 + step + 1_000_003 * rank,
     )
+
+
+def check_shares(prompts_per_step: int, processes: int) -> None:
+    """Across N processes each rolls out an equal share of a step's prompts (whole groups): it must divide by N."""
+    if prompts_per_step % processes:
+        raise RecipeError(
+            f"rollout.prompts_per_step={prompts_per_step} does not divide over {processes} processes: each "
+            f"process answers an equal share of a step's prompts (use a multiple of {processes})"
+        )
 
 
 def prompt_batches(
@@ -287,8 +298,10 @@ class StepLog:
     the seconds of each timed phase, and ``time/step``, the wall clock since the previous step was written
     (the first: since the log was made), so what no phase times (KL, advantages, logging) shows too."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, tracker=None, samples_every: int = 0):
         self.path = path
+        self.tracker = tracker  # align/tracking.py's Tracker: the same records to wandb / trackio
+        self.samples_every = samples_every
         self.values: dict[str, list[float]] = defaultdict(list)
         self.times: dict[str, float] = defaultdict(float)
         self.last_write = time.perf_counter()
@@ -310,18 +323,66 @@ class StepLog:
         return _Timer()
 
     def write(self, step: int) -> dict:
-        record = {
-            "step": step,
-            **{k: sum(v) / len(v) for k, v in self.values.items()},
-            **{f"time/{k}": round(v, 3) for k, v in self.times.items()},
-            "time/step": round(time.perf_counter() - self.last_write, 3),
-        }
+        """The step's record - across processes the ranks' mean of each number, the same on every rank -
+        appended to metrics.jsonl by process 0."""
+        values = mean_over_ranks(
+            {
+                **{k: sum(v) / len(v) for k, v in self.values.items()},
+                **{f"time/{k}": v for k, v in self.times.items()},
+                "time/step": time.perf_counter() - self.last_write,
+            }
+        )
+        record = {"step": step, **{k: round(v, 3) if k.startswith("time/") else v for k, v in values.items()}}
         self.last_write = time.perf_counter()
+        if not is_main():
+            self.values.clear()
+            self.times.clear()
+            return record
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(record)
         self.values.clear()
         self.times.clear()
         return record
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+
+    def samples(self, step: int, prompts: list[PromptExample], rollouts: list[Rollout], rewards: torch.Tensor) -> None:
+        """Every samples_every steps (and the first), the step's prompts, completions and rewards: appended
+        to rollouts.jsonl beside metrics.jsonl, and a table for wandb / trackio - samples to read, not
+        only curves."""
+        if not self.samples_every or (step != 1 and step % self.samples_every) or not is_main():
+            return
+        rows = [
+            {
+                "step": step,
+                "prompt": prompts[r.prompt_index].messages,
+                "completion": r.text,
+                "reward": float(reward),
+                "tokens": len(r.completion_ids),
+                "finish_reason": r.finish_reason,
+            }
+            for r, reward in zip(rollouts, rewards.tolist())
+        ]
+        with self.path.with_name(ROLLOUTS_FILE).open("a", encoding="utf-8") as handle:
+            handle.write("".join(json.dumps(row) + "\n" for row in rows))
+        if self.tracker is not None:
+            columns = ["step", "prompt", "completion", "reward", "tokens"]
+            table = [
+                [step, row["prompt"][-1]["content"], row["completion"], row["reward"], row["tokens"]] for row in rows
+            ]
+            self.tracker.table("rollouts", columns, table, step=step)
+
+
+def open_step_log(cfg, output_dir: Path, stage: str) -> StepLog:
+    """metrics.jsonl (+ rollouts.jsonl), and wandb / trackio when the recipe's tracking asks."""
+    from align.tracking import Tracker
+
+    tracker = Tracker(cfg.tracking, output_dir, stage, cfg.model_dump(mode="json", by_alias=True))
+    return StepLog(output_dir / "metrics.jsonl", tracker, cfg.rollout.log_samples_every)
 
 
 def rollout_stats(rollouts: list[Rollout], rewards: torch.Tensor) -> dict[str, float]:
@@ -409,6 +470,8 @@ def save_rl_checkpoint(
     from safetensors.torch import save_file
 
     folder = output_dir / "checkpoints" / f"checkpoint-{step}"
+    if not is_main():  # process 0 writes it: every process holds the same weights and optimizer state
+        return folder
     with atomic_folder(folder) as staging:
         policy.save_pretrained(staging / "adapter", selected_adapters=["default"])
         for name, named in (tensors or {}).items():
@@ -444,9 +507,10 @@ def load_rl_checkpoint(folder: Path, policy, optimizer, scheduler) -> dict:
     return json.loads((folder / "loop_state.json").read_text(encoding="utf-8"))
 
 
-def checkpoint_due(cfg, step: int, steps: int) -> bool:
-    """Every train.save_steps RL steps, except the last (the final save follows it)."""
-    return step % cfg.train.save_steps == 0 and step < steps
+def checkpoint_if_due(steps: int, output_dir: Path, step: int, cfg, *args, **kwargs) -> None:
+    """save_rl_checkpoint every train.save_steps RL steps, except the last (the final save follows it)."""
+    if step % cfg.train.save_steps == 0 and step < steps:
+        save_rl_checkpoint(output_dir, step, cfg, *args, **kwargs)
 
 
 def _plot_rewards(output_dir: Path) -> None:

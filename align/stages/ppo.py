@@ -53,20 +53,19 @@ from align.stages.common import adapter_line, prepare_output, process_state, ref
 from align.stages.online import (
     CollapseWatch,
     DeadRunAlarm,
-    StepLog,
     check_longest_rollout_batch,
-    checkpoint_due,
+    checkpoint_if_due,
     columns,
     importance_weights,
     load_policy,
     load_rl_checkpoint,
     micro_batches,
+    open_step_log,
     prompt_batches,
     rl_steps,
     rollout_engine,
     rollout_stats,
     sampling,
-    save_rl_checkpoint,
     save_rl_stage,
     score,
     select_rows,
@@ -241,6 +240,7 @@ def run_ppo(
         value_head.load_state_dict(load_file(str(resume_from / VALUE_HEAD_FILE)))
         kl_control.coef = loop["kl_coef"]
         scale.count, scale.mean, scale.m2 = loop["scale"]
+    log = open_step_log(cfg, output_dir, f"{recipe_name}/ppo")
     engine = rollout_engine(
         cfg, policy, tokenizer, precision, prompts + held_out, max(completions_per_step, len(held_out))
     )
@@ -273,7 +273,6 @@ def run_ppo(
             },
         )
 
-        log = StepLog(output_dir / "metrics.jsonl")
         alarm = DeadRunAlarm(opts.dead_steps, cfg.rollout.max_new_tokens)
         alarm.streak = loop.get("dead_streak", 0)
         stopped = collapsed = None
@@ -365,6 +364,7 @@ def run_ppo(
             )
             kl_control.update(kl_per_completion, len(rollouts))
             record = log.write(step)
+            log.samples(step, batch_prompts, rollouts, raw_scores)
             console.print(
                 f"step {step}/{steps}: reward {stats['reward_mean']:.3f} (std {stats['reward_std']:.3f}), KL "
                 f"{kl_per_completion:.4f}, "
@@ -379,23 +379,24 @@ def run_ppo(
                 console.print(f"[yellow]stopping early: {stopped}[/]")
                 break
             fault_point("ppo", "step", step)
-            if checkpoint_due(cfg, step, steps):
-                save_rl_checkpoint(
-                    output_dir,
-                    step,
-                    cfg,
-                    policy,
-                    optimizer,
-                    scheduler,
-                    {
-                        "dead_streak": alarm.streak,
-                        "kl_coef": kl_control.coef,
-                        "scale": [scale.count, scale.mean, scale.m2],
-                    },
-                    {VALUE_HEAD_FILE: value_head.state_dict()},
-                )
+            checkpoint_if_due(
+                steps,
+                output_dir,
+                step,
+                cfg,
+                policy,
+                optimizer,
+                scheduler,
+                {
+                    "dead_streak": alarm.streak,
+                    "kl_coef": kl_control.coef,
+                    "scale": [scale.count, scale.mean, scale.m2],
+                },
+                {VALUE_HEAD_FILE: value_head.state_dict()},
+            )
     finally:
         engine.close()
+        log.close()
     checkup = with_training_alarm(run_checkup(cfg, policy, tokenizer, source, precision), collapsed)
     save_rl_stage(
         policy,
