@@ -221,6 +221,17 @@ class TrackingConfig(_Strict):
     )
     project: str = Field("align", description="wandb / trackio project")
 
+    @field_validator("trackio")
+    @classmethod
+    def _trackio_installed(cls, value: bool) -> bool:
+        import importlib.util
+
+        if value and importlib.util.find_spec("trackio") is None:
+            raise ValueError(
+                "trackio is not installed: pip install trackio (or align's extra: pip install 'align[trackio]')"
+            )
+        return value
+
 
 # Reward specs: what scores an answer, for RL rewards, the sample stage's ranking, the checkup and eval
 # judges. One typed union, read from `{type: rule|learned|judge, ...}` or a list of them (a weighted sum).

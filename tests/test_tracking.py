@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 from conftest import tiny_recipe, write_jsonl
 
-pytest.importorskip("trackio")
-
 YES = {"type": "rule", "name": "contains_marker", "marker": "yes"}
 
 
@@ -143,3 +141,15 @@ def test_rl_and_eval_stages_log_to_wandb_and_trackio(tmp_path, tiny_llama):
     # a Trainer stage logs through transformers' callbacks, to the same project
     assert any("train/loss" in r for r in by_stage["sft"])
     assert list((out / "sft").glob("wandb/offline-run-*/run-*.wandb")) or list(tmp_path.glob("wandb/offline-run-*"))
+
+
+def test_trackio_asked_for_but_not_installed_is_a_recipe_error(monkeypatch):
+    import importlib.util
+
+    from align.config import TrackingConfig
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trackio" else real(name, *a))
+    with pytest.raises(ValueError, match="trackio is not installed: pip install trackio"):
+        TrackingConfig(trackio=True)
+    assert TrackingConfig(trackio=False).trackio is False
