@@ -161,3 +161,34 @@ def test_ppo_weights_a_mismatched_samplers_tokens(tmp_path, yes_no_model, monkey
     assert (
         record["is_weight_mean"] == pytest.approx(math.exp(0.25), abs=1e-4) and record["is_truncated_fraction"] == 0.0
     )
+
+
+@pytest.mark.parametrize("whiten_and_normalize", [False, True])
+def test_ppo_under_torchrun_equals_one_process(tmp_path, yes_no_model, monkeypatch, whiten_and_normalize):
+    """torchrun with 2 processes (gloo) equals one process on the same samples: each process answers half
+    of a step's prompts, and what PPO computes over the whole batch - advantage whitening, (optionally)
+    reward whitening and the running reward scale, the KL controller's mean KL - is computed over both
+    halves, so the adapter, the value head and the logged numbers match after 2 steps of 2 epochs x 2
+    minibatches (rows of both processes mixed in each)."""
+    from test_grpo import assert_same_training, two_processes_and_one
+
+    prompts = write_jsonl(tmp_path / "distinct.jsonl", [{"prompt": f"Pick one. ({i})"} for i in range(16)])
+    ppo = {"epochs": 2, "minibatch_size": 4, "target_kl": 0.1}
+    if whiten_and_normalize:
+        ppo.update(whiten_rewards=True, normalize_rewards=True)
+    recipe = ppo_recipe(
+        tmp_path,
+        yes_no_model,
+        data={"train": str(prompts)},
+        rollout={"prompts_per_step": 8, "samples_per_prompt": 1},
+        ppo=ppo,
+        # lr 1e-3: at the other tests' 1e-2, PPO's 8 optimizer steps move the policy far (approximate KL 4.5 by
+        # step 2) and the runs' rounding differences grow along that trajectory; the losses still agreed to 1e-5
+        train={"max_steps": 2, "batch_size": 2, "lr": 1e-3},
+    )
+    runs = two_processes_and_one(tmp_path, "ppo", recipe, run_ppo, monkeypatch)
+    assert_same_training(
+        runs,
+        ("reward_mean", "reward_std", "kl", "kl_coef", "loss", "grad_norm"),
+        files=("adapter/adapter_model.safetensors", "adapter/value_head.safetensors"),
+    )

@@ -54,6 +54,7 @@ from align.stages.online import (
     CollapseWatch,
     DeadRunAlarm,
     check_longest_rollout_batch,
+    check_shares,
     checkpoint_if_due,
     columns,
     importance_weights,
@@ -69,6 +70,17 @@ from align.stages.online import (
     save_rl_stage,
     score,
     select_rows,
+)
+from align.stages.ranks import (
+    barrier,
+    gathered,
+    gathered_rollouts,
+    my_rows,
+    share,
+    sum_gradients,
+    summed,
+    whole_step,
+    world,
 )
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -128,22 +140,29 @@ def ppo_epochs(
     (micro-batches of train.batch_size accumulate into it); an epoch whose mean approximate KL passes
     ppo.early_stop_kl ends the update."""
     opts = cfg.ppo
-    order = list(range(len(t.mask)))
+    # Minibatches are drawn from the whole step's rows, numbered as in one process; each process trains the
+    # rows it rolled out (maybe none), against the whole minibatch's token count (align/stages/ranks.py).
+    rank, processes = world()
+    own = len(t.mask)
+    order, first = list(range(own * processes)), rank * own
     for epoch in range(opts.epochs):
         random.Random(cfg.seed * 31 + step * 1009 + epoch).shuffle(order)
         epoch_kl = []
-        for mb in micro_batches(order, minibatch):
-            tokens, minibatch_loss = t.mask[mb].sum().clamp(min=1), 0.0
+        for whole in micro_batches(order, minibatch):
+            mb = [i - first for i in whole if first <= i < first + own]
+            tokens, minibatch_loss = torch.tensor(summed(t.mask[mb].sum().item())).clamp(min=1), 0.0
             for rows in micro_batches(mb, cfg.train.batch_size, t.batch):
                 loss, kl_now = ppo_micro_batch(policy, value_head, t, rows, tokens, cfg, device, precision, log)
                 minibatch_loss += loss
                 epoch_kl.append(kl_now)
+            sum_gradients(params)  # each process's share of the minibatch loss -> the whole one's
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            log.add(loss=minibatch_loss, grad_norm=grad_norm.item())
-        if opts.early_stop_kl is not None and sum(epoch_kl) / len(epoch_kl) > opts.early_stop_kl:
+            log.add(loss=summed(minibatch_loss), grad_norm=grad_norm.item())
+        # the mean over every process's micro-batches, so all of them stop (or go on) together
+        if opts.early_stop_kl is not None and summed(sum(epoch_kl)) / summed(len(epoch_kl)) > opts.early_stop_kl:
             log.add(early_stopped_epoch=epoch + 1)
             break
 
@@ -218,6 +237,9 @@ def run_ppo(
     completions_per_step = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
     minibatch = min(opts.minibatch_size or completions_per_step, completions_per_step)
     updates = steps * opts.epochs * math.ceil(completions_per_step / minibatch)
+    rank, processes = world()
+    check_shares(cfg.rollout.prompts_per_step, processes)
+    console.quiet = console.quiet or rank > 0  # process 0 prints the plan and the steps for all of them
     policy_params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         [
@@ -268,6 +290,8 @@ def run_ppo(
                 **{f"data {r.name}": r.summary() for r in reports},
                 "steps": f"{steps} RL steps x {opts.epochs} epoch(s) x {math.ceil(completions_per_step / minibatch)} "
                 f"minibatch(es) = {updates} optimizer steps",
+                "processes": f"{processes}: each rolls out {cfg.rollout.prompts_per_step // processes} prompts x "
+                f"{cfg.rollout.samples_per_prompt} samples a step with its own engine; gradients summed",
                 "resume": resume_line(resume_from, resume),
                 "output": str(output_dir),
             },
@@ -283,17 +307,18 @@ def run_ppo(
         for step, batch_prompts in zip(
             range(start + 1, steps + 1), prompt_batches(prompts, cfg.rollout.prompts_per_step, cfg.seed, start)
         ):
-            # 1. Rollout.
+            # 1. Rollout: this process's share of the step's prompts (all of them in one process).
+            my_prompts = share(batch_prompts)
             with log.timed("generation"):
-                rollouts = engine.generate([p.messages for p in batch_prompts], sampling(cfg, step))
+                rollouts = engine.generate([p.messages for p in my_prompts], sampling(cfg, step, rank))
             # 2. Score.
             with log.timed("scoring"):
-                raw_scores = score(reward, batch_prompts, rollouts)
+                raw_scores = score(reward, my_prompts, rollouts)
                 scores = raw_scores.clone()
                 if opts.missing_eos_penalty is not None:
                     scores -= opts.missing_eos_penalty * torch.tensor([float(r.truncated) for r in rollouts])
                 if opts.normalize_rewards:
-                    scale.update(scores)
+                    scale.update(torch.tensor(gathered(scores.tolist())))  # every process's scores
                     scores = scores / scale.std
                 if opts.reward_clip is not None:
                     scores = scores.clamp(-opts.reward_clip, opts.reward_clip)
@@ -319,11 +344,12 @@ def run_ppo(
             # 4. Per-token rewards: the KL penalty on every token, the score on the last one.
             kl = kl_estimate(old, ref, opts.kl_estimator) * mask
             token_rewards = per_token_rewards(kl, scores, mask, kl_control.coef)
-            if opts.whiten_rewards:
-                token_rewards = whiten(token_rewards, mask, shift_mean=False)
+            if opts.whiten_rewards:  # over the whole step's tokens, every process's rows
+                whitened = whiten(whole_step(token_rewards), whole_step(mask), shift_mean=False)
+                token_rewards = my_rows(whitened, token_rewards)
             # 5. GAE and whitened advantages.
             advantages, returns = gae(token_rewards, old_values, mask, opts.gamma, opts.lam)
-            advantages = whiten(advantages, mask)
+            advantages = my_rows(whiten(whole_step(advantages), whole_step(mask)), advantages)
             # 6. PPO epochs over minibatches; micro-batches accumulate into one optimizer step.
             targets = PPOTargets(batch, mask, old, old_values, advantages, returns, is_weights)
             with log.timed("training"):
@@ -347,8 +373,11 @@ def run_ppo(
                 engine.sync_weights(policy)
             log.add(**getattr(engine, "fidelity", {}))  # vLLM: its greedy answers to real prompts vs the trainer
             log.add(**getattr(engine, "sync_seconds", {}))  # vLLM: push, probe and faithfulness check
-            kl_per_completion = kl.sum(-1).mean().item()
-            stats = rollout_stats(rollouts, raw_scores)
+            kl_per_completion = summed(kl.sum().item()) / (len(rollouts) * processes)
+            # the step's numbers from every process's rollouts (the same on each, so every rank stops alike)
+            step_rollouts = gathered_rollouts(rollouts, len(my_prompts))
+            step_scores = torch.tensor(gathered(raw_scores.tolist()))
+            stats = rollout_stats(step_rollouts, step_scores)
             log.add(
                 **stats,
                 **logprob_mismatch(
@@ -362,9 +391,9 @@ def run_ppo(
                 value_mean=masked_mean(old_values, mask).item(),
                 lr=scheduler.get_last_lr()[0],
             )
-            kl_control.update(kl_per_completion, len(rollouts))
+            kl_control.update(kl_per_completion, len(step_rollouts))
             record = log.write(step)
-            log.samples(step, batch_prompts, rollouts, raw_scores)
+            log.samples(step, batch_prompts, step_rollouts, step_scores)
             console.print(
                 f"step {step}/{steps}: reward {stats['reward_mean']:.3f} (std {stats['reward_std']:.3f}), KL "
                 f"{kl_per_completion:.4f}, "
@@ -397,6 +426,9 @@ def run_ppo(
     finally:
         engine.close()
         log.close()
+    if rank != 0:  # process 0 writes the stage; the others wait for it, then return together
+        barrier()
+        return output_dir
     checkup = with_training_alarm(run_checkup(cfg, policy, tokenizer, source, precision), collapsed)
     save_rl_stage(
         policy,
@@ -423,5 +455,6 @@ def run_ppo(
         status=checkup_status(cfg, checkup),
         **(provenance or {}),
     )
+    barrier()
     raise_if_collapsed(cfg, checkup, output_dir)
     return output_dir

@@ -107,6 +107,31 @@ def sum_gradients(parameters: list[torch.Tensor]) -> None:
         offset += n
 
 
+def whole_step(rows: torch.Tensor) -> torch.Tensor:
+    """The step's [B, T] tensor from every rank's [b, T_rank] rows, zero-padded to the widest, in rank order
+    (the rows as one process would hold them, so whole-batch statistics are computed exactly as there)."""
+    rank, size = world()
+    if size == 1:
+        return rows
+    import torch.distributed as dist
+
+    width = torch.tensor([rows.shape[1]])
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)
+    padded = torch.nn.functional.pad(rows, (0, int(width) - rows.shape[1]))
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat(parts)
+
+
+def my_rows(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a ``whole_step`` tensor, cut back to the shape of ``like`` (its own rows)."""
+    rank, size = world()
+    if size == 1:
+        return whole
+    b, width = like.shape
+    return whole[rank * b : (rank + 1) * b, :width]
+
+
 def barrier() -> None:
     if world()[1] > 1:
         import torch.distributed as dist
