@@ -142,14 +142,24 @@ class Pipeline:
 
     # 3. Run ----------------------------------------------------------------------------------------
     def run(self, plans: list[StagePlan]) -> None:
+        from align.stages.common import process_state
+
         started = time.time()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        lock = _exclusive_lock(self.folder / ".lock")
+        # Under torchrun every process runs this loop with the same plans; process 0 holds the lock and
+        # writes the pipeline's state, and all of them finish a stage before any reads its outputs.
+        state = process_state()
+        state.wait_for_everyone()  # every process planned from the same files before any is written
+        main = state.is_main_process
+        console.quiet = console.quiet or not main  # process 0 prints for all of them
+        if main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            lock = _exclusive_lock(self.folder / ".lock")
         for plan in plans:
             if plan.action == "skip":
                 continue
             inputs = {dep: self._artifact_hash(dep) for dep in plan.inputs}
-            self._record_attempt(plan.name, plan.fingerprint)
+            if main:
+                self._record_attempt(plan.name, plan.fingerprint)
             console.rule(f"[bold]stage {plan.name}[/] ({plan.kind}): {plan.action} - {plan.reason}")
             provenance = {
                 "pipeline": {
@@ -159,9 +169,11 @@ class Pipeline:
                 }
             }
             run_stage(plan, self.recipe.name, resume=plan.action == "resume", provenance=provenance)
+            state.wait_for_everyone()
             gc.collect()
             _release_freed_memory()
-        lock.close()
+        if main:
+            lock.close()
         console.rule(f"[bold green]align run {self.recipe.name}: done in {time.time() - started:.0f}s[/]")
 
     def _artifact_hash(self, stage: str) -> str | None:

@@ -6,6 +6,7 @@ answer_format, 16 completions per step for every algorithm (PPO: 16 prompts x 1;
 own process; the first step (warm-up, engine start) is left out of the averages.
 
     python scripts/bench_rl.py --steps 4
+    python scripts/bench_rl.py --steps 4 --only grpo-hf,grpo-hf-2proc,ppo-hf,ppo-hf-2proc   # 1 vs 2 processes
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ CONFIGS = {
     "grpo-vllm-no-checkpointing": ("grpo", "vllm", "grpo"),
     # micro-batches in the rollouts' own order, padded to the whole batch's width, as before issue 16
     "grpo-vllm-unsorted": ("grpo", "vllm", "grpo"),
+    # 1 vs 2 processes (torchrun, 1 thread each) on the same cores and global batch (issue 15); hf rollouts,
+    # since every process would hold its own vLLM engine
+    "grpo-hf": ("grpo", "hf", "grpo"),
+    "grpo-hf-2proc": ("grpo", "hf", "grpo"),
+    "ppo-hf-2proc": ("ppo", "hf", None),
 }
+PROCESSES = {"grpo-hf-2proc": 2, "ppo-hf-2proc": 2}
 
 
 def worker(name: str, steps: int, tokens: int) -> dict:
@@ -85,6 +92,8 @@ def worker(name: str, steps: int, tokens: int) -> dict:
             grpo_stage.select_rows = lambda batch, rows, device: {k: v[rows].to(device) for k, v in batch.items()}
         run = grpo_stage.run_grpo
     out = run(cfg, folder / "out", recipe_name="bench")
+    if not (out / "metrics.jsonl").is_file():  # another torchrun process: process 0 writes and reports
+        return {}
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # step 1 is warm-up
     phases = ["generation", "scoring", "logprobs", "training", "sync"]
     result = {f"{p}_s": round(sum(r.get(f"time/{p}", 0.0) for r in records) / len(records), 2) for p in phases}
@@ -107,7 +116,9 @@ def main() -> None:
     if args.worker:
         report(worker(args.worker, args.steps, args.tokens))
         return
-    results = run_configs(__file__, args.only.split(","), ["--steps", str(args.steps), "--tokens", str(args.tokens)])
+    results = run_configs(
+        __file__, args.only.split(","), ["--steps", str(args.steps), "--tokens", str(args.tokens)], PROCESSES
+    )
     print(
         f"\n{'config':<12}{'step s':>8}{'generate':>10}{'score':>7}{'logprobs':>10}{'train':>7}{'sync':>6}"
         f"{'untimed':>9}{'tokens':>8}{'peak RSS MB':>13}   sync = push + probe + faithfulness"

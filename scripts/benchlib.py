@@ -13,13 +13,23 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_configs(script: str, names: list[str], extra_args: list[str]) -> dict[str, dict]:
-    """Run `script --worker NAME extra_args` for each name in a fresh process; collect its RESULT line."""
+def run_configs(
+    script: str, names: list[str], extra_args: list[str], processes: dict[str, int] | None = None
+) -> dict[str, dict]:
+    """Run `script --worker NAME extra_args` for each name in a fresh process (or under torchrun with
+    processes[NAME] processes, each with 1 thread: the same cores as one process); collect the RESULT line."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     results = {}
     for name in names:
+        n = (processes or {}).get(name, 1)
+        launch = (
+            [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}"]
+        )
         proc = subprocess.run(
-            [sys.executable, script, "--worker", name, *extra_args], capture_output=True, text=True, env=env
+            [*launch, script, "--worker", name, *extra_args],
+            capture_output=True,
+            text=True,
+            env={**env, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))} if n > 1 else env,
         )
         line = next((out for out in proc.stdout.splitlines() if out.startswith("RESULT ")), None)
         if line is None:
@@ -40,7 +50,10 @@ def peak_gpu_mb() -> float | None:
 
 
 def report(result: dict) -> None:
-    """A worker's last line: its result, its own peak RSS and, on a GPU, its peak GPU memory."""
+    """A worker's last line: its result, its own peak RSS and, on a GPU, its peak GPU memory (under
+    torchrun: process 0's)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     gpu = peak_gpu_mb() if "torch" in sys.modules else None
     extra = {"peak_gpu_mb": round(gpu)} if gpu is not None else {}
     print("RESULT " + json.dumps({**result, "peak_rss_mb": round(peak_rss_mb()), **extra}))

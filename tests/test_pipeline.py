@@ -223,3 +223,24 @@ def test_a_second_align_run_on_the_same_recipe_is_refused(tmp_path, tiny_llama):
     held.close()
     assert proc.returncode == 2 and "another align run is using" in proc.stdout
     assert not (folder / "sft").exists()
+
+
+def test_align_run_under_torchrun_runs_every_stage_kind_once_then_skips(tmp_path, tiny_llama):
+    """`torchrun --nproc_per_node 2 -m align.cli run R` (gloo): every stage kind - the Trainer stages and grpo/ppo
+    across both processes, eval in process 0 - finishes once, with one lock and one pipeline state between
+    the processes; the same command again skips everything."""
+    recipe = pipeline_recipe(tmp_path, tiny_llama)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    env.pop("ALIGN_RUNS", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "align.cli", "run"]
+    first = subprocess.run(command + [str(recipe)], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=900)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    runs = tmp_path / "runs" / "tiny-pipeline"
+    done = manifests(runs)
+    assert sorted(done) == sorted(STAGES) and all(m["status"] == "complete" for m in done.values())
+    assert ran(first) == STAGES and first.stdout.count("stage grpo ") == 1  # process 0 speaks for both
+    assert "2: each rolls out 1 prompts" in " ".join(first.stdout.split())  # grpo and ppo split the step
+    assert done["sft"]["steps"] == 4
+    second = subprocess.run(command + [str(recipe)], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=900)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+    assert ran(second) == [] and manifests(runs) == done

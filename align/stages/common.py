@@ -46,9 +46,12 @@ def trainer_plan(cfg: StageConfig, train: list, held_out: list) -> tuple[str, st
     return f"{len(train)} + {len(held_out)} held out", f"{total_steps(cfg, len(train), 1)} steps"
 
 
-def prepare_output(state, output_dir: Path, cfg: StageConfig, overwrite: bool, resume: bool) -> Path | None:
+def prepare_output(
+    state, output_dir: Path, cfg: StageConfig, overwrite: bool, resume: bool, together: bool = True
+) -> Path | None:
     """Claim the output folder once nothing else can fail: never clobber an earlier run, resume
-    only a run of the same config. Returns the checkpoint to resume from, if any."""
+    only a run of the same config. Returns the checkpoint to resume from, if any. ``together``: every
+    process runs the stage and waits here for the claim (False: process 0 runs it alone)."""
     resume_from = last_complete_checkpoint(output_dir / "checkpoints") if resume else None
     if state.is_main_process:
         prepare_run_folder(output_dir, overwrite=overwrite, resume=resume, kind=cfg.kind)
@@ -59,8 +62,15 @@ def prepare_output(state, output_dir: Path, cfg: StageConfig, overwrite: bool, r
             for logged in ("metrics.jsonl", ROLLOUTS_FILE):  # the steps after the checkpoint run again
                 trim_metrics(output_dir / logged, last_step)
         write_atomic(output_dir / "config.yaml", dump_config(cfg))
-    state.wait_for_everyone()
+    if together:
+        state.wait_for_everyone()
     return resume_from
+
+
+def elsewhere(state) -> bool:
+    """True in every process but 0, for the stages one process runs alone (eval, sample): under torchrun
+    the others return at once (`align run` waits for process 0 at the end of every stage)."""
+    return not state.is_main_process
 
 
 def training_arguments(

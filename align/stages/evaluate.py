@@ -33,7 +33,7 @@ from align.models.loading import load_base_model, load_tokenizer, read_stage_man
 from align.models.resolve import resolve_model
 from align.rollout.engine import Rollout, Sampling
 from align.rollout.scoring import logprob_mismatch, score_rollouts
-from align.stages.common import prepare_output, process_state, referenced_dirs
+from align.stages.common import elsewhere, prepare_output, process_state, referenced_dirs
 from align.stages.online import rollout_engine, score
 
 
@@ -66,6 +66,8 @@ def run_eval(
 
     started = time.time()
     output_dir = Path(output_dir)
+    if elsewhere(process_state()):  # one process runs this stage
+        return output_dir
 
     # 1. Check everything before any model loads: prompts, judges, the policy and baselines.
     base_path = resolve_model(cfg.model.name, cfg.model.revision)
@@ -79,7 +81,7 @@ def run_eval(
     baselines = [locate(name, cfg, recipe_name, base_path) for name in cfg.baselines]
     contestants = [policy, *baselines]
     check_distinct(contestants)
-    prepare_output(process_state(), output_dir, cfg, overwrite, resume)
+    prepare_output(process_state(), output_dir, cfg, overwrite, resume, together=False)
     r = cfg.rollout
     print_plan(
         f"align eval - {recipe_name}",

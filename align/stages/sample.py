@@ -28,7 +28,7 @@ from align.data.prompt_data import PromptExample, load_prompts
 from align.models.loading import load_base_model, load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
 from align.rollout.engine import Sampling
-from align.stages.common import prepare_output, process_state, referenced_dirs, source_stage
+from align.stages.common import elsewhere, prepare_output, process_state, referenced_dirs, source_stage
 from align.stages.online import rollout_engine, score
 
 CHUNK_PROMPTS = 32  # prompts per saved chunk: what a killed run can lose
@@ -56,6 +56,8 @@ def run_sample(
 
     started = time.time()
     output_dir = Path(output_dir)
+    if elsewhere(process_state()):  # one process runs this stage
+        return output_dir
 
     # 1. Prompts, the reward (rules are tried on the prompts now) and the policy: checked before any model loads.
     model_path = resolve_model(cfg.model.name, cfg.model.revision)
@@ -71,7 +73,7 @@ def run_sample(
                     f"sample: reward rule {part.name!r}: {err.args[0]} (data files: {', '.join(cfg.data.train)})"
                 ) from None
     source = source_stage(cfg, recipe_name, from_dir)
-    prepare_output(process_state(), output_dir, cfg, overwrite, resume)
+    prepare_output(process_state(), output_dir, cfg, overwrite, resume, together=False)
     r = cfg.rollout
     print_plan(
         f"align sample - {recipe_name}",
