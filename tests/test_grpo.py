@@ -373,3 +373,49 @@ def test_grpo_under_torchrun_equals_one_process(tmp_path, yes_no_model, monkeypa
     recipe = grpo_recipe(tmp_path, yes_no_model, prompts, **stage)
     runs = two_processes_and_one(tmp_path, "grpo", recipe, run_grpo, monkeypatch)
     assert_same_training(runs, ("reward_mean", "reward_std", "completion_length", "loss", "grad_norm"))
+
+
+def test_grpo_under_torchrun_killed_then_resumed_equals_the_uninterrupted_run(tmp_path, yes_no_model):
+    """2 processes, SIGKILL after step 2 (its checkpoint not written), `--resume` with 2 processes again:
+    every process restarts from process 0's checkpoint 1, and the adapter, rollouts and logged numbers are
+    bitwise those of the uninterrupted 2-process run."""
+    from safetensors.torch import load_file
+
+    prompts = [{"prompt": f"Pick one. ({i})"} for i in range(16)]
+    recipe = grpo_recipe(
+        tmp_path,
+        yes_no_model,
+        prompts,
+        rollout={"prompts_per_step": 4, "samples_per_prompt": 4},
+        train={"max_steps": 3, "batch_size": 4, "save_steps": 1},
+    )
+
+    def torchrun(out: Path, *args: str, fault: str | None = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "250"}
+        env.pop("ALIGN_FAULT", None)
+        if fault:
+            env["ALIGN_FAULT"] = fault
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "align.cli"]
+        return subprocess.run(
+            command + ["grpo", "--recipe", str(recipe), "--output-dir", str(out), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+
+    whole = torchrun(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+    killed = torchrun(tmp_path / "resumed", fault="grpo:step:2")
+    assert killed.returncode != 0 and not (tmp_path / "resumed" / "manifest.json").exists()
+    resumed = torchrun(tmp_path / "resumed", "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "checkpoints/checkpoint-1" in resumed.stdout  # the plan's resume line
+    a, b = (load_file(str(tmp_path / n / "adapter" / "adapter_model.safetensors")) for n in ("whole", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "whole" / "rollouts.jsonl").read_text() == (tmp_path / "resumed" / "rollouts.jsonl").read_text()
+    numbers = lambda n: [  # noqa: E731
+        {k: v for k, v in json.loads(line).items() if not k.startswith("time/")}
+        for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert numbers("whole") == numbers("resumed") and [r["step"] for r in numbers("whole")] == [1, 2, 3]
