@@ -334,14 +334,11 @@ class StepLog:
         )
         record = {"step": step, **{k: round(v, 3) if k.startswith("time/") else v for k, v in values.items()}}
         self.last_write = time.perf_counter()
-        if not is_main():
-            self.values.clear()
-            self.times.clear()
-            return record
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if self.tracker is not None:
-            self.tracker.log(record)
+        if is_main():
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+            if self.tracker is not None:
+                self.tracker.log(record)
         self.values.clear()
         self.times.clear()
         return record
