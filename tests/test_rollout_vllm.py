@@ -570,7 +570,7 @@ def test_sync_tolerance_follows_what_the_policy_computes_in(vllm_llama):
 
     from align.config import ModelConfig, QuantizationConfig
     from align.models.loading import load_base_model
-    from align.rollout.vllm import compute_precision
+    from align.rollout.verify import compute_precision
 
     plain = AutoModelForCausalLM.from_pretrained(vllm_llama, dtype=torch.float32)
     assert compute_precision(plain) == "fp32" and compute_precision(plain.to(torch.bfloat16)) == "bf16"

