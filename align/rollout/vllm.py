@@ -168,15 +168,18 @@ def cpu_kv_cache_bytes(
     return per_block * (needed + 2)
 
 
-def _scratch_dir(nbytes: int) -> Path:
-    """A RAM-backed temporary folder when /dev/shm has room for the base and adapters, else a disk one.
+def scratch_dir(nbytes: int, root: Path | None = None) -> Path:
+    """A temporary folder in ``root``, else a RAM-backed one when /dev/shm has room for ``nbytes``, else a disk one.
 
     Named ``align-vllm-<pid>-*`` with an owner record inside, so a later engine can tell whether
     the process that made it is still alive (``remove_orphans``).
     """
     shm = Path("/dev/shm")
     prefix = f"{SCRATCH_PREFIX}{os.getpid()}-"
-    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 2 * nbytes:
+    if root is not None:
+        root.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    elif shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 2 * nbytes:
         folder = Path(tempfile.mkdtemp(prefix=prefix, dir=shm))
     else:
         folder = Path(tempfile.mkdtemp(prefix=prefix))
@@ -253,7 +256,7 @@ class VLLMEngine(VerifiedEngine):
         dtype = DTYPES[self.engine_precision]
         size = sum(p.numel() for p in policy.parameters()) * dtype.itemsize
         remove_orphans()  # model-sized copies left in RAM by engines that were killed
-        self.workdir = _scratch_dir(size)
+        self.workdir = scratch_dir(size)
         # Removes the folder when the engine is collected or the interpreter exits without close();
         # it holds the path only, so it does not keep the engine alive.
         self._remove_workdir = weakref.finalize(self, shutil.rmtree, str(self.workdir), ignore_errors=True)

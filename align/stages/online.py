@@ -94,7 +94,16 @@ def rollout_engine(cfg, policy, tokenizer, precision: str, prompts: list[PromptE
         sync=cfg.rollout.vllm_sync,
         engine_precision=cfg.rollout.engine_precision,
     )
-    return make_engine(cfg.rollout.engine, policy, tokenizer, precision, batch_size=cfg.rollout.batch_size, **options)
+    r = cfg.rollout
+    server = dict(
+        url=r.server_url,
+        model=r.server_model,
+        timeout=r.server_timeout,
+        adapter_dir=r.server_adapter_dir,
+        engine_precision=r.engine_precision,
+        longest_sequence=longest + r.max_new_tokens,
+    )
+    return make_engine(r.engine, policy, tokenizer, precision, batch_size=r.batch_size, server=server, **options)
 
 
 def check_longest_rollout_batch(policy, prompts: list, cfg, precision: str, pad_id: int, value_head=None) -> None:
