@@ -117,7 +117,8 @@ def test_rollout_engines_form_no_cycle():
     assert not {
         t
         for t in table["align.rollout.engine"]
-        if t.startswith(("align.rollout.hf", "align.rollout.vllm", "align.rollout.engines"))
+        if t.startswith(("align.rollout.hf", "align.rollout.vllm", "align.rollout.server", "align.rollout.engines"))
     }
-    for engine in ("align.rollout.hf", "align.rollout.vllm", "align.rollout.scoring"):
+    engines = ("align.rollout.hf", "align.rollout.vllm", "align.rollout.server", "align.rollout.verify")
+    for engine in (*engines, "align.rollout.scoring"):
         assert not {t for t in table[engine] if t.startswith("align.rollout.engines")}, engine
