@@ -697,7 +697,8 @@ class RolloutConfig(_Strict):
         if self.engine == "server" and self.server_url is None:
             raise ValueError("engine server needs server_url: the address of the vLLM server you started")
         if self.engine != "server":
-            used = sorted(k for k in self.model_fields_set if k.startswith("server_"))
+            fields = type(self).model_fields
+            used = sorted(k for k in fields if k.startswith("server_") and getattr(self, k) != fields[k].default)
             if used:
                 raise ValueError(
                     f"{', '.join(used)} are used by engine server only (this rollout uses engine {self.engine})"

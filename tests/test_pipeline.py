@@ -24,7 +24,9 @@ STAGES = ["sft", "reward", "dpo", "grpo", "ppo", "eval"]
 RL_ROLLOUT = {"engine": "hf", "prompts_per_step": 2, "max_new_tokens": 4}
 
 
-def pipeline_recipe(folder: Path, model_dir: Path) -> Path:
+def pipeline_recipe(folder: Path, model_dir: Path, engine: str = "hf", baselines: tuple = ("sft", "base")) -> Path:
+    cache = {"kv_cache_gib": 0.2} if engine == "vllm" else {}
+    rl_rollout = {**RL_ROLLOUT, "engine": engine, **cache}
     pairs = write_jsonl(folder / "pairs.jsonl", marker_pairs(16))
     prompts = write_jsonl(folder / "prompts.jsonl", [{"prompt": f"Describe scene {i}."} for i in range(8)])
     learned = {"type": "learned", "from": "reward"}
@@ -43,23 +45,23 @@ def pipeline_recipe(folder: Path, model_dir: Path) -> Path:
                 "from": "dpo",
                 "reward": learned,
                 "data": {"train": str(prompts), "max_length": 64},
-                "rollout": {**RL_ROLLOUT, "samples_per_prompt": 2},
+                "rollout": {**rl_rollout, "samples_per_prompt": 2},
                 "train": {"batch_size": 4},
             },
             "ppo": {
                 "from": "sft",
                 "reward": learned,
                 "data": {"train": str(prompts), "max_length": 64},
-                "rollout": RL_ROLLOUT,
+                "rollout": rl_rollout,
                 "ppo": {"epochs": 2},
                 "train": {"batch_size": 2},
             },
             "eval": {
                 "policy": "grpo",
-                "baselines": ["sft", "base"],
+                "baselines": list(baselines),
                 "judges": {"rm": learned},
                 "data": {"eval": str(prompts), "max_length": 64},
-                "rollout": {"engine": "hf", "max_new_tokens": 4},
+                "rollout": {"engine": engine, "max_new_tokens": 4, **cache},
             },
         },
     }
@@ -225,11 +227,14 @@ def test_a_second_align_run_on_the_same_recipe_is_refused(tmp_path, tiny_llama):
     assert not (folder / "sft").exists()
 
 
-def test_align_run_under_torchrun_runs_every_stage_kind_once_then_skips(tmp_path, tiny_llama):
+def test_align_run_under_torchrun_runs_every_stage_kind_once_then_skips(tmp_path, vllm_llama):
     """`torchrun --nproc_per_node 2 -m align.cli run R` (gloo): every stage kind - the Trainer stages and grpo/ppo
     across both processes, eval in process 0 - finishes once, with one lock and one pipeline state between
-    the processes; the same command again skips everything."""
-    recipe = pipeline_recipe(tmp_path, tiny_llama)
+    the processes; the same command again skips everything. Rollouts from vLLM (the default where it is
+    installed): an engine per process in grpo and ppo, whose shutdown once destroyed the launcher's process
+    group (the next stage failed at its barrier), and eval's engines in process 0 alone, which once hung
+    building vLLM's groups over both processes."""
+    recipe = pipeline_recipe(tmp_path, vllm_llama, engine="vllm", baselines=("base",))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     env.pop("ALIGN_RUNS", None)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "align.cli", "run"]

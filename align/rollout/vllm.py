@@ -36,6 +36,7 @@ OOM killer runs none of those, every engine start first removes the folders of d
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -212,6 +213,42 @@ def engine_dtype(precision: str, engine_precision: str = "auto", on_gpu: bool | 
     return precision if (torch.cuda.is_available() if on_gpu is None else on_gpu) else "fp32"
 
 
+@contextlib.contextmanager
+def _engine_process(own: bool):
+    """vLLM's engine core in a spawned child process while ``own``, else (the default) in this one.
+
+    Spawned, not forked: a forked child would inherit the launcher's process group as its own. vLLM caches
+    its settings once an engine has started in this process (``enable_envs_cache``): the cache is dropped so
+    this engine reads the two settings set here, and the previous values come back afterwards.
+    """
+    if not own:
+        yield
+        return
+    from vllm import envs
+
+    names = ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_WORKER_MULTIPROC_METHOD")
+    saved = {name: os.environ.get(name) for name in names}
+    envs.disable_envs_cache()
+    os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_WORKER_MULTIPROC_METHOD="spawn")
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _destroy_vllm_world() -> None:
+    """vLLM's coordinator over the launcher's ranks, leaving the launcher's default process group standing."""
+    from vllm.distributed import parallel_state
+
+    if parallel_state._WORLD is not None:
+        parallel_state._WORLD.destroy()
+        parallel_state._WORLD = None
+
+
 class VLLMEngine(VerifiedEngine):
     """An Engine (rollout/engine.py) on vLLM's offline LLM, colocated with the trainer."""
 
@@ -231,6 +268,7 @@ class VLLMEngine(VerifiedEngine):
         sleep: bool = False,
         seed: int = 0,
         sync: str = "auto",
+        alone: bool = False,
     ):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the model lives in this process
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -261,6 +299,13 @@ class VLLMEngine(VerifiedEngine):
         # it holds the path only, so it does not keep the engine alive.
         self._remove_workdir = weakref.finalize(self, shutil.rmtree, str(self.workdir), ignore_errors=True)
         self.llm = None
+        # Under torchrun the launcher's process group exists before vLLM starts; vLLM then builds its own groups
+        # on it and must leave it standing when it closes (``close``).
+        self._launcher_group = torch.distributed.is_available() and torch.distributed.is_initialized()
+        # An engine that one process of a torchrun launch starts by itself (eval, sample: process 0 only) runs
+        # vLLM in a child process: in this process vLLM would build its groups over the launcher's ranks,
+        # a collective the other processes never join (`align run` with eval under torchrun hung there).
+        self.own_process = alone and self._launcher_group and torch.distributed.get_world_size() > 1
         positions = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
         max_model_len = min(max_model_len, positions) if positions else max_model_len
         llm_options = dict(seed=seed, enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager)
@@ -304,14 +349,15 @@ class VLLMEngine(VerifiedEngine):
             else {}
         )
         try:
-            self.llm = LLM(
-                model=str(base),
-                dtype=str(dtype).removeprefix("torch."),
-                max_model_len=max_model_len,
-                logprobs_mode="processed_logprobs",  # logprobs under the distribution sampled from
-                **options,
-                **llm_options,
-            )
+            with _engine_process(self.own_process):
+                self.llm = LLM(
+                    model=str(base),
+                    dtype=str(dtype).removeprefix("torch."),
+                    max_model_len=max_model_len,
+                    logprobs_mode="processed_logprobs",  # logprobs under the distribution sampled from
+                    **options,
+                    **llm_options,
+                )
         except ValueError as error:
             # only vLLM's two "not enough memory for the cache" errors; its other KV-cache errors mean a
             # model this engine cannot serve (mixed layer kinds), which engine auto answers with hf
@@ -342,7 +388,8 @@ class VLLMEngine(VerifiedEngine):
     def describe(self) -> str:
         where = "GPU" if torch.cuda.is_available() else "CPU"
         trainer = f", trainer {self.trainer_precision}" if self.trainer_precision != self.engine_precision else ""
-        return f"vllm ({self.mode} sync, {self.engine_precision}{trainer}, {where}, in-process)"
+        process = "own process" if self.own_process else "in-process"
+        return f"vllm ({self.mode} sync, {self.engine_precision}{trainer}, {where}, {process})"
 
     # --- weight sync -----------------------------------------------------------------------
     def _push(self, policy, version: int) -> None:
@@ -437,19 +484,26 @@ class VLLMEngine(VerifiedEngine):
         yield self.generate([conversation], sampling)[0].text
 
     def close(self) -> None:
-        """Free the engine, its process group and its exported base and adapters.
+        """Free the engine, its process groups and its exported base and adapters.
 
         vLLM initialises torch.distributed (one process) even in-process; left behind, it would
-        make a later Trainer in this process believe it runs distributed.
+        make a later Trainer in this process believe it runs distributed. Under torchrun the default
+        group is the launcher's, which every later stage still needs, but vLLM's engine shutdown
+        destroys the default group whoever made it (``cleanup_dist_env_and_memory``): that made `align run`
+        under torchrun fail at the barrier after its first RL stage. Then only vLLM's own groups go.
         """
         import gc
 
-        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+        from vllm.distributed import parallel_state
 
-        self.llm = None
-        gc.collect()
+        everything = parallel_state.destroy_distributed_environment
+        if self._launcher_group:
+            parallel_state.destroy_distributed_environment = _destroy_vllm_world
         try:
-            destroy_model_parallel()
-            destroy_distributed_environment()
+            self.llm = None
+            gc.collect()  # the engine core shuts down here and calls destroy_distributed_environment
+            parallel_state.destroy_model_parallel()
+            parallel_state.destroy_distributed_environment()
         finally:
+            parallel_state.destroy_distributed_environment = everything
             self._remove_workdir()  # runs once: later calls, collection and exit do nothing

@@ -355,7 +355,7 @@ def generate(
         )
     if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":  # 4-bit bases are placed at load
         model.to("cuda")
-    engine = rollout_engine(cfg, model, tokenizer, precision, prompts, len(prompts) * settings.n)
+    engine = rollout_engine(cfg, model, tokenizer, precision, prompts, len(prompts) * settings.n, alone=True)
     used = engine.describe()
     console.print(f"{contestant.name}: {len(prompts)} answers from {used}")
     try:

@@ -81,9 +81,12 @@ def load_policy(cfg, model_path: Path, precision: str, source: Path | None, need
     return policy, reference, line if needs_reference else "not needed (kl_coef 0)"
 
 
-def rollout_engine(cfg, policy, tokenizer, precision: str, prompts: list[PromptExample], sequences: int):
+def rollout_engine(
+    cfg, policy, tokenizer, precision: str, prompts: list[PromptExample], sequences: int, alone: bool = False
+):
     """The stage's rollout engine. ``prompts`` and ``sequences`` (the most completions one generate call
-    asks for) size a vLLM engine's KV cache on CPU when ``rollout.kv_cache_gib`` is auto."""
+    asks for) size a vLLM engine's KV cache on CPU when ``rollout.kv_cache_gib`` is auto. ``alone``: only
+    this process of a multi-process launch starts an engine now (eval, sample)."""
     longest = max((len(p.prompt_ids) for p in prompts), default=0)
     kv = cfg.rollout.kv_cache_gib
     options = dict(
@@ -93,6 +96,7 @@ def rollout_engine(cfg, policy, tokenizer, precision: str, prompts: list[PromptE
         seed=cfg.seed,
         sync=cfg.rollout.vllm_sync,
         engine_precision=cfg.rollout.engine_precision,
+        alone=alone,
     )
     r = cfg.rollout
     server = dict(

@@ -244,7 +244,8 @@ def _sample(
     if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":
         model.to("cuda")
     model.eval()
-    engine = rollout_engine(cfg, model, tokenizer, precision, prompts, CHUNK_PROMPTS * cfg.rollout.samples_per_prompt)
+    sequences = CHUNK_PROMPTS * cfg.rollout.samples_per_prompt
+    engine = rollout_engine(cfg, model, tokenizer, precision, prompts, sequences, alone=True)
     checkpoints.mkdir(parents=True, exist_ok=True)
     r = cfg.rollout
     try:
