@@ -372,8 +372,8 @@ def _engine_for(
     policy, tokenizer = load_trained(
         folder if folder.is_dir() else resolve_model(model), precision=precision, trust_remote_code=trust_remote_code
     )
-    if server_url and engine != "server":
-        raise typer.BadParameter(f"--server-url is for --engine server, not {engine}")
+    if bool(server_url) != (engine == "server"):
+        raise typer.BadParameter("--engine server and --server-url URL go together (recipes/server/README.md)")
     rollout_engine = make_engine(engine, policy, tokenizer, precision, server=dict(url=server_url))
     console.print(f"[dim]engine: {rollout_engine.describe()}[/]")
     return rollout_engine

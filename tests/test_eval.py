@@ -359,7 +359,9 @@ def test_the_report_states_each_models_engine_trainer_mismatch(tmp_path, prompts
     from align.config import EvalConfig
 
     real = evaluate.rollout_engine
-    monkeypatch.setattr(evaluate, "rollout_engine", lambda *args: ShiftedSampler(real(*args), shift=0.3))
+    monkeypatch.setattr(
+        evaluate, "rollout_engine", lambda *args, **kwargs: ShiftedSampler(real(*args, **kwargs), shift=0.3)
+    )
     cfg = EvalConfig.model_validate(
         {
             "model": {"name": str(yes_no_model), "precision": "fp32"},

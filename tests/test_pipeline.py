@@ -52,7 +52,7 @@ def pipeline_recipe(folder: Path, model_dir: Path, engine: str = "hf", baselines
                 "from": "sft",
                 "reward": learned,
                 "data": {"train": str(prompts), "max_length": 64},
-                "rollout": rl_rollout,
+                "rollout": RL_ROLLOUT,  # hf: one vLLM RL stage (grpo) shows the engine under torchrun, faster
                 "ppo": {"epochs": 2},
                 "train": {"batch_size": 2},
             },
@@ -231,7 +231,7 @@ def test_align_run_under_torchrun_runs_every_stage_kind_once_then_skips(tmp_path
     """`torchrun --nproc_per_node 2 -m align.cli run R` (gloo): every stage kind - the Trainer stages and grpo/ppo
     across both processes, eval in process 0 - finishes once, with one lock and one pipeline state between
     the processes; the same command again skips everything. Rollouts from vLLM (the default where it is
-    installed): an engine per process in grpo and ppo, whose shutdown once destroyed the launcher's process
+    installed): an engine per process in grpo, whose shutdown once destroyed the launcher's process
     group (the next stage failed at its barrier), and eval's engines in process 0 alone, which once hung
     building vLLM's groups over both processes."""
     recipe = pipeline_recipe(tmp_path, vllm_llama, engine="vllm", baselines=("base",))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -143,7 +144,8 @@ def test_samples_match_the_trainer_and_each_version_replaces_the_last(served, to
 
 def test_a_server_serving_another_model_or_raw_logprobs_is_refused(served, tokenizer, vllm_llama, monkeypatch):
     url, model, _ = served
-    with pytest.raises(SyncError, match="probe logprobs differ"):  # the random base, not the yes/no model served
+    # the random base, not the yes/no model served: refused at start-up, with what to serve instead
+    with pytest.raises(SyncError, match="probe logprobs differ.*does not serve the model.*align models export-base"):
         ServerEngine(lora_on(vllm_llama), tokenizer, url, engine_precision="fp32")
     with pytest.raises(RemoteError, match="does not serve 'other'.*serves " + str(model)):
         ServerEngine(lora_on(model), tokenizer, url, model="other")
@@ -169,11 +171,15 @@ def test_a_slow_or_killed_server_is_an_error_naming_it(served, tokenizer):
     url, model, server = served
     policy = lora_on(model)
     engine = ServerEngine(policy, tokenizer, url, engine_precision="fp32")
-    patient = engine.client
-    engine.client = HttpClient(ServerPatience(timeout=1e-4, retries=0), f"vLLM server {url}")
-    with pytest.raises(RemoteError, match=f"no answer from {url}.*timeout 0.0001 s"):
-        engine.generate(CHATS, Sampling(max_new_tokens=64))
-    engine.client = patient
+    # a server that takes the connection and never answers: its backlog accepts, nothing reads or replies
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        slow = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        engine.url, engine.client, patient = slow, HttpClient(ServerPatience(timeout=0.5), slow), engine.client
+        with pytest.raises(RemoteError, match=f"no answer from {slow}/v1/completions after 3 attempt.*timeout 0.5 s"):
+            engine.generate(CHATS, Sampling(max_new_tokens=64))
+    engine.url, engine.client = url, patient
     # stopped as an operator would (SIGTERM: a SIGKILL would leave its shared-memory queues in /dev/shm);
     # to the trainer a stopped server and a crashed one look alike: nothing answers
     os.killpg(server.pid, signal.SIGTERM)

@@ -207,6 +207,16 @@ class ServerEngine(VerifiedEngine):
                 "--logprobs-mode processed_logprobs"
             )
 
+    def _sync_problem(self, version: int, difference: float, fidelity: dict[str, float]) -> str | None:
+        problem = super()._sync_problem(version, difference, fidelity)
+        if problem and version == 0:  # before any training step: the server's model is not the trainer's
+            problem += (
+                f"; the server at {self.url} does not serve the model the trainer computes with - for a QLoRA "
+                "stage serve its dequantized base (`align models export-base RECIPE STAGE -o DIR`), and name the "
+                "server's --dtype in rollout.engine_precision"
+            )
+        return problem
+
     # --- what VerifiedEngine needs -----------------------------------------------------------
     def _complete(self, prompt: list[int], **options) -> list[dict]:
         """One /v1/completions request for ``prompt`` (token ids); its choices in order."""
