@@ -34,9 +34,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from align.rollout.engine import EngineSettingsError, Rollout, Sampling, SyncError, encode_prompts, finish
+from align.rollout.engine import EngineSettingsError, Rollout, Sampling, SyncError
 from align.rollout.scoring import score_rollouts
-from align.rollout.verify import VerifiedEngine, served_lora
+from align.rollout.verify import VerifiedEngine, sampling_options, served_lora
 from reward_models.remote import HttpClient, RemoteError
 
 # The temperature of the start-up request that tells processed logprobs (of the distribution sampled
@@ -270,39 +270,11 @@ class ServerEngine(VerifiedEngine):
             answers = list(pool.map(lambda p: self._complete(p, **options)[0]["token_ids"], prompts))
         return answers
 
-    # --- generation ------------------------------------------------------------------------
-    def generate(self, conversations: list[list[dict]], sampling: Sampling) -> list[Rollout]:
-        """n samples per conversation, prompt-major: rollouts[i * n + j] answers conversation i."""
-        return self.generate_ids(encode_prompts(self.tokenizer, conversations), sampling)
-
-    def generate_ids(self, prompts: list[list[int]], sampling: Sampling) -> list[Rollout]:
-        self._refuse_if_failed()
-        # as in-process: n > 1 greedy samples are n single requests (vLLM refuses n > 1 at temperature 0)
-        copies, per_request = (sampling.n, 1) if sampling.temperature == 0 else (1, sampling.n)
-        requests = [(index, prompt) for index, prompt in enumerate(prompts) for _ in range(copies)]
-        options = dict(
-            n=per_request,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k,
-            max_tokens=sampling.max_new_tokens,
-            stop=list(sampling.stop) or None,
-            stop_token_ids=sorted(self.eos_ids),
-            logprobs=0,
-        )
+    def _sample(self, requests, sampling: Sampling, per_request: int):
+        options = sampling_options(sampling, per_request, self.eos_ids)
         with ThreadPoolExecutor(IN_FLIGHT) as pool:
             answers = list(pool.map(lambda r: self._complete(r[1], seed=sampling.seed + r[0], **options), requests))
-        rollouts = []
-        for (index, prompt), choices in zip(requests, answers):
-            for choice in choices:
-                ids, logprobs = choice["token_ids"], choice["logprobs"]["token_logprobs"]
-                completion, logprobs, reason, text = finish(self.tokenizer, ids, logprobs, self.eos_ids, sampling.stop)
-                rollouts.append(Rollout(index, list(prompt), completion, logprobs, reason, text, self.version))
-        return rollouts
-
-    def stream(self, conversation: list[dict], sampling: Sampling):
-        """Answers come in one piece (the completions API can stream, align's chat over a server does not yet)."""
-        yield self.generate([conversation], sampling)[0].text
+        return [[(c["token_ids"], c["logprobs"]["token_logprobs"]) for c in choices] for choices in answers]
 
     def close(self) -> None:
         """Unload this engine's adapter from the server (which outlives it) and remove its folders."""

@@ -9,8 +9,9 @@ show after every weight sync that it computes what the trainer computes (RELIABI
   greedy answers to real prompts, scored by the trainer (logprob gap and greedy agreement).
 
 A sync that fails either leaves the engine refusing to sample (``failed``) until one passes.
-``VerifiedEngine`` holds that logic once; an engine supplies three primitives: ``_push`` (serve a
-new policy version), ``_score`` (its temperature-1 logprobs of given tokens) and ``_greedy``.
+``VerifiedEngine`` holds that logic once, and how a generate call becomes vLLM requests and rollouts; an
+engine supplies four primitives: ``_push`` (serve a new policy version), ``_score`` (its temperature-1
+logprobs of given tokens), ``_greedy`` and ``_sample`` (the sampled ids and logprobs of each request).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 import torch
 
 from align.models.loading import DTYPES
-from align.rollout.engine import Rollout, SyncError, encode_prompts, stop_token_ids
+from align.rollout.engine import Rollout, Sampling, SyncError, encode_prompts, finish, stop_token_ids
 from align.rollout.scoring import score_rollouts, trainer_view
 
 # Mean |engine - trainer| logprob over the probe's tokens that still counts as in sync. fp32
@@ -89,6 +90,21 @@ def coarsest(*precisions: str) -> str:
     return max(precisions, key=SYNC_TOLERANCE.__getitem__)
 
 
+def sampling_options(sampling: Sampling, per_request: int, eos_ids: set[int]) -> dict:
+    """vLLM's sampling parameters for ``sampling``: keywords of its SamplingParams, and the same names in a
+    completions request to its server (seeds are per request, added by the engine)."""
+    return dict(
+        n=per_request,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        max_tokens=sampling.max_new_tokens,
+        stop=list(sampling.stop) or None,
+        stop_token_ids=sorted(eos_ids),
+        logprobs=0,  # the sampled token's own logprob
+    )
+
+
 class VerifiedEngine:
     """The probe, the faithfulness check and the sync bookkeeping of an engine that is not the trainer.
 
@@ -131,6 +147,34 @@ class VerifiedEngine:
     def _greedy(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
         """The engine's greedy answer ids to each prompt, ending at an end-of-turn id or ``max_tokens``."""
         raise NotImplementedError
+
+    def _sample(
+        self, requests: list[tuple[int, list[int]]], sampling: Sampling, per_request: int
+    ) -> list[list[tuple[list[int], list[float]]]]:
+        """For each (prompt index, prompt ids) request: ``per_request`` samples as (ids, logprobs), seeded
+        ``sampling.seed + prompt index``, stopping at an end-of-turn id, a stop string or max_new_tokens."""
+        raise NotImplementedError
+
+    # --- generation --------------------------------------------------------------------------
+    def generate(self, conversations: list[list[dict]], sampling: Sampling) -> list[Rollout]:
+        """n samples per conversation, prompt-major: rollouts[i * n + j] answers conversation i."""
+        return self.generate_ids(encode_prompts(self.tokenizer, conversations), sampling)
+
+    def generate_ids(self, prompts: list[list[int]], sampling: Sampling) -> list[Rollout]:
+        self._refuse_if_failed()
+        # vLLM refuses n > 1 for greedy sampling; those become n separate single requests.
+        copies, per_request = (sampling.n, 1) if sampling.temperature == 0 else (1, sampling.n)
+        requests = [(index, prompt) for index, prompt in enumerate(prompts) for _ in range(copies)]
+        rollouts = []
+        for (index, prompt), samples in zip(requests, self._sample(requests, sampling, per_request)):
+            for ids, logprobs in samples:
+                completion, logprobs, reason, text = finish(self.tokenizer, ids, logprobs, self.eos_ids, sampling.stop)
+                rollouts.append(Rollout(index, list(prompt), completion, logprobs, reason, text, self.version))
+        return rollouts
+
+    def stream(self, conversation: list[dict], sampling: Sampling):
+        """The answer comes in one piece (neither vLLM's offline LLM nor align's server client streams tokens)."""
+        yield self.generate([conversation], sampling)[0].text
 
     # --- the checks --------------------------------------------------------------------------
     def probe_difference(self, policy) -> float:

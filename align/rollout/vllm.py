@@ -50,8 +50,8 @@ import torch
 
 from align.models.loading import DTYPES
 from align.models.trained import base_weights, export_base
-from align.rollout.engine import EngineSettingsError, Rollout, Sampling, encode_prompts, finish
-from align.rollout.verify import VerifiedEngine, served_lora
+from align.rollout.engine import EngineSettingsError, Sampling
+from align.rollout.verify import VerifiedEngine, sampling_options, served_lora
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM accepts for max_lora_rank
 
@@ -443,45 +443,20 @@ class VLLMEngine(VerifiedEngine):
             if self.sleep:
                 self.llm.sleep(level=1)
 
-    def generate(self, conversations: list[list[dict]], sampling: Sampling) -> list[Rollout]:
-        """n samples per conversation, prompt-major: rollouts[i * n + j] answers conversation i."""
-        return self.generate_ids(encode_prompts(self.tokenizer, conversations), sampling)
-
-    def generate_ids(self, prompts: list[list[int]], sampling: Sampling) -> list[Rollout]:
+    def _sample(self, requests, sampling: Sampling, per_request: int):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        self._refuse_if_failed()
-        # vLLM refuses n > 1 for greedy sampling; those become n separate single requests.
-        copies, per_request = (sampling.n, 1) if sampling.temperature == 0 else (1, sampling.n)
-        requests = [(index, prompt) for index, prompt in enumerate(prompts) for _ in range(copies)]
-        params = [
-            SamplingParams(
-                n=per_request,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=sampling.top_k,
-                max_tokens=sampling.max_new_tokens,
-                stop=list(sampling.stop) or None,
-                stop_token_ids=sorted(self.eos_ids),
-                seed=sampling.seed + index,  # one seed per prompt, so equal prompts still differ
-                logprobs=0,
-            )
-            for index, _ in requests
-        ]
+        options = sampling_options(sampling, per_request, self.eos_ids)
+        # one seed per prompt, so equal prompts still differ
+        params = [SamplingParams(**options, seed=sampling.seed + index) for index, _ in requests]
         outputs = self._run([TokensPrompt(prompt_token_ids=p) for _, p in requests], params)
-        rollouts = []
-        for (index, prompt), output in zip(requests, outputs):
-            for sample in output.outputs:
-                ids = list(sample.token_ids)
-                logprobs = [position[token].logprob for position, token in zip(sample.logprobs, ids)]
-                completion, logprobs, reason, text = finish(self.tokenizer, ids, logprobs, self.eos_ids, sampling.stop)
-                rollouts.append(Rollout(index, list(prompt), completion, logprobs, reason, text, self.version))
-        return rollouts
-
-    def stream(self, conversation: list[dict], sampling: Sampling):
-        """vLLM's offline LLM has no token streaming; the answer comes in one piece."""
-        yield self.generate([conversation], sampling)[0].text
+        answers = []
+        for output in outputs:
+            samples = [list(sample.token_ids) for sample in output.outputs]
+            logprobs = [[pos[t].logprob for pos, t in zip(s.logprobs, ids)] for s, ids in zip(output.outputs, samples)]
+            answers.append(list(zip(samples, logprobs)))
+        return answers
 
     def close(self) -> None:
         """Free the engine, its process groups and its exported base and adapters.
