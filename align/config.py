@@ -619,6 +619,12 @@ class RewardOptions(_Strict):
     margin: bool = Field(False, description="subtract each pair's 'margin' column inside the sigmoid (Llama-2 style)")
     center_coef: float = Field(0.0, ge=0, description="weight of mean((r_c + r_r)^2): keeps scores centred near 0")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="assumed label-flip rate")
+    shared_prompt: bool = Field(
+        True,
+        description="run each pair as one row [prompt, chosen, rejected], the prompt computed once, a mask keeping "
+        "the answers apart (same scores; fewer tokens). Models whose attention takes no custom mask "
+        "(flash_attention_2, sliding windows) use two rows a pair anyway",
+    )
 
 
 class RewardConfig(StageConfig):

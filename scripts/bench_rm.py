@@ -4,6 +4,9 @@ Same model (SmolLM2-135M-Instruct, QLoRA NF4, LoRA r=16 on all linear layers + s
 same factual-summary pairs (the last 50 held out), batch size and steps; one process each.
 
     python scripts/bench_rm.py --steps 12
+
+align-rm runs align's defaults (each pair one row, the prompt run once for both answers);
+align-rm-two-rows puts back two padded rows a pair (reward.shared_prompt false), TRL's layout.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ def split():
     return rows[:-HELD_OUT], rows[-HELD_OUT:]
 
 
-def worker_align(steps: int, batch: int) -> dict:
+def worker_align(steps: int, batch: int, shared_prompt: bool = True) -> dict:
     from align.recipe import recipe_from_dict
     from align.stages.reward import run_reward
 
@@ -40,7 +43,7 @@ def worker_align(steps: int, batch: int) -> dict:
             "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
             "data": {"train": str(folder / "train.jsonl"), "eval": str(folder / "eval.jsonl"), "max_length": 256},
             "train": {"max_steps": steps, "batch_size": batch, "save_steps": 10_000, "lr": 5e-4},
-            "stages": {"reward": {}},
+            "stages": {"reward": {"reward": {"shared_prompt": shared_prompt}}},
         }
     )
     run_reward(recipe.resolve("reward"), folder / "run", recipe_name="bench")
@@ -112,7 +115,7 @@ def worker_trl(steps: int, batch: int) -> dict:
     }
 
 
-CONFIGS = ["trl-rm-defaults", "align-rm"]
+CONFIGS = ["trl-rm-defaults", "align-rm", "align-rm-two-rows"]
 
 
 def main() -> None:
@@ -122,17 +125,21 @@ def main() -> None:
     parser.add_argument("--worker")
     args = parser.parse_args()
     if args.worker:
-        report((worker_trl if args.worker == "trl-rm-defaults" else worker_align)(args.steps, args.batch))
+        if args.worker == "trl-rm-defaults":
+            report(worker_trl(args.steps, args.batch))
+        else:
+            report(worker_align(args.steps, args.batch, shared_prompt=args.worker == "align-rm"))
         return
     results = run_configs(__file__, CONFIGS, ["--steps", str(args.steps), "--batch", str(args.batch)])
     baseline = results.get("trl-rm-defaults")
     print(f"\nsteps {args.steps} x batch {args.batch} pairs, {HELD_OUT} held-out pairs\n")
-    print("| configuration | pairs/s | vs TRL | held-out accuracy | peak RSS MB |")
-    print("|---|---|---|---|---|")
+    print("| configuration | pairs/s | vs TRL | held-out accuracy | peak RSS MB | vs TRL |")
+    print("|---|---|---|---|---|---|")
     for name, r in results.items():
         rate = r["pairs"] / r["train_seconds"]
         ratio = f"{rate / (baseline['pairs'] / baseline['train_seconds']):.2f}x" if baseline else "-"
-        print(f"| {name} | {rate:.2f} | {ratio} | {r['held_out_accuracy']:.3f} | {r['peak_rss_mb']:.0f} |")
+        memory = f"{r['peak_rss_mb'] / baseline['peak_rss_mb']:.2f}x" if baseline else "-"
+        print(f"| {name} | {rate:.2f} | {ratio} | {r['held_out_accuracy']:.3f} | {r['peak_rss_mb']:.0f} | {memory} |")
 
 
 if __name__ == "__main__":

@@ -167,6 +167,28 @@ def test_a_merged_sync_sends_a_tied_output_layer_when_its_embedding_trains(tiny_
     assert {"lm_head.weight", "model.embed_tokens.weight"} <= sent()
 
 
+@pytest.mark.parametrize("lora", [{}, {"use_rslora": True}], ids=["lora", "rslora"])
+def test_merged_weights_equal_peft_merge_and_unload(tiny_model_dir, lora):
+    """base_weights(merge_adapter=True) - one addmm a layer for plain linear adapters, peft's delta for
+    GPT-2's fan-in-fan-out Conv1D - gives the weights peft's own merge gives, for every adapted layer."""
+    from align.models.trained import base_weights, lora_layers
+
+    model = add_adapter(load_tiny(tiny_model_dir), AdapterConfig(), LoraConfig(r=4, alpha=8, **lora), False, False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)  # peft starts B at zero: a merge of zeros would prove nothing
+    ours = dict(base_weights(model, merge_adapter=True))
+    unmerged = {name: weight.clone() for name, weight in base_weights(model)}  # merge_and_unload writes in place
+    adapted = lora_layers(model)
+    assert adapted and all(name in ours for name in adapted)
+    expected = model.merge_and_unload().state_dict()
+    for name in adapted:
+        assert (ours[name] - unmerged[name]).abs().max() > 1e-3  # the adapter's delta is in it
+        torch.testing.assert_close(ours[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_under_fsdp_the_4bit_base_is_stored_in_the_compute_dtype_and_computes_the_same(tiny_llama, monkeypatch):
     """FSDP flattens a layer's parameters into one tensor of one dtype: QLoRA's packed 4-bit weights must be
     stored as the compute dtype to be sharded with the norms and the adapter (FSDP-QLoRA). The storage is a

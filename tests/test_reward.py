@@ -135,6 +135,49 @@ def test_scores_do_not_depend_on_padding_or_batch_mates(toy_rm, tokenizer):
     assert abs(output.logits[0, 0].item() - alone[0].item()) > 1e-4
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prompt_rows_give_the_two_row_scores_and_gradients(tiny_model_dir, tokenizer, attention):
+    """One row [prompt, chosen, rejected] with the prompt run once must give every answer the score (and
+    the head and weights the gradient) of its own [prompt, answer] row; pairs of unequal lengths so
+    both layouts pad, and a rejected answer longer than the chosen one."""
+    from transformers import AutoModelForSequenceClassification
+
+    from align.data.batching import PairCollator, SharedPromptCollator
+    from align.models.reward import pair_scores
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dir, num_labels=1, dtype=torch.float32, attn_implementation=attention
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    vocab = len(tokenizer)
+    generator = torch.Generator().manual_seed(1)
+    ids = lambda n: torch.randint(10, vocab, (n,), generator=generator).tolist()
+    rows = [
+        {"prompt_ids": ids(p), "chosen_ids": ids(c), "rejected_ids": ids(r)}
+        for p, c, r in ((7, 3, 9), (2, 5, 1), (11, 4, 4))
+    ]
+    shared = SharedPromptCollator(tokenizer.pad_token_id)(rows)
+    assert shared["input_ids"].shape == (3, 19)  # the longest row's 7 + 3 + 9 tokens, not 2 x (prompt + answer)
+
+    def scores_and_grads(batch):
+        model.zero_grad()
+        scores = pair_scores(model, batch)
+        (scores * torch.linspace(1, 2, len(scores))).sum().backward()
+        return scores.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ours, our_grads = scores_and_grads(shared)
+    expected, expected_grads = scores_and_grads(PairCollator(tokenizer.pad_token_id)(rows))
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    assert our_grads.keys() == expected_grads.keys() and "score.weight" in our_grads
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    # each score is its answer's own: scoring one answer alone gives it
+    alone = pair_scores(model, PairCollator(tokenizer.pad_token_id)([rows[1]])).detach()
+    torch.testing.assert_close(ours[[1, 4]], alone, atol=1e-5, rtol=1e-5)
+    assert shared["answer_lengths"].tolist() == [3, 5, 4, 9, 1, 4]
+
+
 def test_learned_reward_named_by_stage(toy_rm):
     from reward_models import build_reward
 
@@ -376,7 +419,7 @@ def test_rm_under_torchrun_ddp_shards_pairs_and_equals_one_process(tmp_path, tin
     run_reward(
         load_recipe(recipe).resolve("reward", DDP_EXACT + ["train.batch_size=4"]), tmp_path / "one", recipe_name="tiny"
     )
-    # a step's rows are the chosen then the rejected sequence of each pair: 4 per rank, 8 in one process
+    # a step's rows are its pairs, each one row [prompt, chosen, rejected]: 2 per rank, 4 in one process
     assert_ddp_matches_one_process(
-        ddp_rows, tmp_path / "one-rows", tmp_path / "ddp", tmp_path / "one", per_rank=4, steps=2
+        ddp_rows, tmp_path / "one-rows", tmp_path / "ddp", tmp_path / "one", per_rank=2, steps=2
     )

@@ -233,7 +233,11 @@ import json, os
 
 def recording(original, rows_dir):
     def training_step(self, model, inputs, *args, **kwargs):
-        rows = [ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
+        if "ends" in inputs:  # reward pairs in one row each: [prompt, chosen, rejected] ends at the rejected end
+            n = len(inputs["input_ids"])
+            rows = [ids[: end + 1].tolist() for ids, end in zip(inputs["input_ids"], inputs["ends"][n:])]
+        else:
+            rows = [ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
         with open(os.path.join(rows_dir, "rank%s.jsonl" % os.environ.get("RANK", "0")), "a") as f:
             f.write(json.dumps({"step": self.state.global_step + 1, "rows": rows}) + "\\n")
         return original(self, model, inputs, *args, **kwargs)

@@ -3,6 +3,10 @@
 Padding is masked by the attention mask and by labels built from lengths, never by comparing
 token ids with pad_token_id (SmolLM2 has pad == eos, and the eos it must learn would vanish).
 
+Preference pairs come in two layouts: PairCollator's 2B padded rows (chosen, then rejected), or
+SharedPromptCollator's B rows of [prompt, chosen, rejected] with a 4D mask that keeps the answers
+apart, so the prompt's tokens run through the model once instead of twice.
+
 Packed rows carry position ids that restart at 0 for each example and no attention mask;
 transformers then builds a block-diagonal causal mask from the position ids, so no token
 attends across examples, and each example sees the same positions as unpacked. It does so only
@@ -129,4 +133,54 @@ class PairCollator:
             batch["ref_logps"] = torch.tensor(
                 [f[f"ref_{first}"] for f in features] + [f[f"ref_{second}"] for f in features], dtype=torch.float32
             )
+        return batch
+
+
+class SharedPromptCollator:
+    """Preference pairs -> B rows of [prompt, chosen, rejected]: the prompt computed once for both answers.
+
+    A 4D boolean attention mask [B, 1, T, T] keeps the answers apart: a chosen token sees the prompt and
+    the chosen tokens before it; a rejected token sees the prompt and the rejected tokens before it, never
+    a chosen one; and the rejected positions restart where the prompt ends. Each answer's hidden states
+    are therefore those of its own [prompt, answer] sequence (exact up to rounding), while the model
+    runs len(prompt) + len(chosen) + len(rejected) tokens instead of twice the prompt plus padding.
+    Padding attends to itself only (a query that sees nothing would make softmax NaN).
+
+    Written by hand: transformers passes a custom 4D mask to the attention as is, and neither it nor
+    TRL builds prefix-shared pairs. ``ends`` [2B] is each answer's last token (chosen ones, then
+    rejected ones: PairCollator's order); ``answer_lengths`` [2B] their lengths in the same order.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        sizes = [(len(f["prompt_ids"]), len(f["chosen_ids"]), len(f["rejected_ids"])) for f in features]
+        longest = max(p + c + r for p, c, r in sizes)
+        rows = len(features)
+        input_ids = torch.full((rows, longest), self.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros((rows, longest), dtype=torch.long)
+        mask = torch.zeros((rows, 1, longest, longest), dtype=torch.bool)
+        causal = torch.ones((longest, longest), dtype=torch.bool).tril()
+        chosen_ends, rejected_ends = [], []
+        for row, (feature, (p, c, r)) in enumerate(zip(features, sizes)):
+            n = p + c + r
+            input_ids[row, :n] = torch.tensor(feature["prompt_ids"] + feature["chosen_ids"] + feature["rejected_ids"])
+            position_ids[row, : p + c] = torch.arange(p + c)
+            position_ids[row, p + c : n] = torch.arange(p, p + r)
+            position_ids[row, n:] = torch.arange(longest - n)
+            mask[row, 0, :n, :n] = causal[:n, :n]
+            mask[row, 0, p + c : n, p : p + c] = False  # rejected tokens never see the chosen answer
+            mask[row, 0, n:, n:] = torch.eye(longest - n, dtype=torch.bool)  # padding: itself only
+            chosen_ends.append(p + c - 1)
+            rejected_ends.append(n - 1)
+        batch = {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "attention_mask": mask,
+            "ends": torch.tensor(chosen_ends + rejected_ends),
+            "answer_lengths": torch.tensor([c for _, c, _ in sizes] + [r for _, _, r in sizes]),
+        }
+        if "margin" in features[0]:
+            batch["margin"] = torch.tensor([f["margin"] for f in features], dtype=torch.float32)
         return batch

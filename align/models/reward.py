@@ -68,12 +68,59 @@ def _head(model):
 
 
 def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar reward per row [B], read at each row's last attended token (any padding side).
+    """Scalar reward per row [B], read at each row's last attended token (any padding side)."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).int().argmax(-1)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    return _scores_at(model, input_ids, attention_mask, position_ids, rows, last)
+
+
+def pair_scores(model, batch: dict) -> torch.Tensor:
+    """[2B] scores of a pair batch, the chosen answers then the rejected ones, from either layout:
+    PairCollator's 2B padded rows or SharedPromptCollator's B shared-prompt rows."""
+    if "ends" not in batch:
+        return reward_scores(model, batch["input_ids"], batch["attention_mask"])
+    mask = batch["attention_mask"]
+    if _config(model)._attn_implementation == "eager":  # eager attention adds the mask to its scores
+        mask = torch.zeros(mask.shape, dtype=_head_dtype(model), device=mask.device).masked_fill(
+            ~mask, torch.finfo(_head_dtype(model)).min
+        )
+    n = batch["input_ids"].shape[0]
+    rows = torch.arange(n, device=mask.device).repeat(2)
+    return _scores_at(model, batch["input_ids"], mask, batch["position_ids"], rows, batch["ends"])
+
+
+def shared_prompt_obstacle(model) -> str:
+    """Why the model cannot take SharedPromptCollator's custom 4D mask as it is ('' when it can): sdpa and
+    eager attention take it; flash-attention kernels take no mask, and sliding-window layers would lose
+    their window."""
+    config = _config(model)
+    if config._attn_implementation not in ("sdpa", "eager"):
+        return f"{config._attn_implementation} attention takes no custom mask"
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return "its sliding-window layers would lose their window under a custom mask"
+    return ""
+
+
+def _classifier(model):
+    inner = model.module if hasattr(model, "module") else model  # DDP keeps the model in .module
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
+def _config(model):
+    return _classifier(model).config
+
+
+def _head_dtype(model) -> torch.dtype:
+    return next(_head(_classifier(model)).parameters()).dtype
+
+
+def _scores_at(model, input_ids, attention_mask, position_ids, rows, positions) -> torch.Tensor:
+    """The head applied to the final hidden state at (rows[i], positions[i]).
 
     The forward goes through ``model`` itself (so a DDP wrapper synchronises gradients); its own
     pad-id pooled logits are ignored and the head is applied to the final hidden state instead.
     """
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     output = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -82,11 +129,8 @@ def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
         use_cache=False,
     )
     hidden = output.hidden_states[-1]  # after the final norm, as the head expects
-    last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).int().argmax(-1)
-    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    inner = model.module if hasattr(model, "module") else model  # DDP keeps the model in .module
-    classifier = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    head = _head(classifier)
+    head = _head(_classifier(model))
+    pooled = hidden[rows, positions]
     return head(pooled.to(next(head.parameters()).dtype)).squeeze(-1).float()
 
 

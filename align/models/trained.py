@@ -97,19 +97,34 @@ def merge(folder: str | Path, output: str | Path, precision: str = "fp32") -> Pa
     return output
 
 
-def lora_deltas(model) -> dict[str, torch.Tensor]:
-    """{weight name: B @ A x scale} of the active LoRA adapter, under the names ``base_weights`` uses."""
+def lora_layers(model) -> dict[str, object]:
+    """{weight name: peft LoraLayer} holding the active adapter, under the names ``base_weights`` uses."""
     from peft.tuners.lora.layer import LoraLayer
 
     if not hasattr(model, "get_base_model"):
         return {}
     adapter = model.active_adapter
-    deltas = {}
-    with torch.no_grad():
-        for name, module in model.get_base_model().named_modules():
-            if isinstance(module, LoraLayer) and adapter in module.lora_A:
-                deltas[f"{name}.weight"] = module.get_delta_weight(adapter).float()
-    return deltas
+    return {
+        f"{name}.weight": module
+        for name, module in model.get_base_model().named_modules()
+        if isinstance(module, LoraLayer) and adapter in module.lora_A
+    }
+
+
+def merged_weight(weight: torch.Tensor, layer, adapter: str) -> torch.Tensor:
+    """``weight`` in fp32 plus ``layer``'s LoRA delta (scale x B @ A), computed in fp32.
+
+    A linear adapter merges in one addmm, never holding B @ A on its own: peft's get_delta_weight
+    allocates the product, then its scaled copy, and the sum is a third weight-sized tensor - for
+    SmolLM2's 210 adapted layers that took 0.14-0.32 s of every merged sync, the fused form 0.08 s
+    (issue 16). Other adapters (embeddings, convolutions, fan-in-fan-out, DoRA) take peft's delta.
+    """
+    weight = weight.float()
+    lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
+    plain = isinstance(lora_a, torch.nn.Linear) and isinstance(lora_b, torch.nn.Linear)
+    if plain and not getattr(layer, "fan_in_fan_out", False) and not layer.use_dora.get(adapter, False):
+        return torch.addmm(weight, lora_b.weight.float(), lora_a.weight.float(), alpha=layer.scaling[adapter])
+    return weight + layer.get_delta_weight(adapter).float().to(weight.device)
 
 
 def base_weights(model, dtype=None, untie: bool = False, merge_adapter: bool = False, adapted_only: bool = False):
@@ -130,8 +145,9 @@ def base_weights(model, dtype=None, untie: bool = False, merge_adapter: bool = F
     import bitsandbytes.functional as bnbf
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    deltas = lora_deltas(model) if merge_adapter else {}
-    parents = {name.rsplit(".", 2)[0] + "." for name in deltas}
+    adapted = lora_layers(model) if merge_adapter else {}
+    adapter = model.active_adapter if adapted else None
+    parents = {name.rsplit(".", 2)[0] + "." for name in adapted}
     for name, param in base.named_parameters():
         if adapted_only and not param.requires_grad and not any(name.startswith(parent) for parent in parents):
             continue
@@ -150,16 +166,18 @@ def base_weights(model, dtype=None, untie: bool = False, merge_adapter: bool = F
                 f"{name}: 8-bit bases cannot be exported for an inference engine; use nf4 or no quantization"
             )
         name = ".".join(p for p in parts if p != "base_layer")
-        if name in deltas:
-            tensor = tensor.float() + deltas[name].to(tensor.device)
+        if name in adapted:
+            with torch.no_grad():
+                tensor = merged_weight(tensor, adapted[name], adapter)
         yield name, tensor.to(dtype) if dtype is not None else tensor
     tied = untie and getattr(base.config, "tie_word_embeddings", False)
     output = base.get_output_embeddings().weight if tied else None
     # a tied output layer changes with an adapter on lm_head or a trainable embedding
-    if tied and (not adapted_only or "lm_head.weight" in deltas or output.requires_grad):
+    if tied and (not adapted_only or "lm_head.weight" in adapted or output.requires_grad):
         tensor = output.data
-        if "lm_head.weight" in deltas:
-            tensor = tensor.float() + deltas["lm_head.weight"].to(tensor.device)
+        if "lm_head.weight" in adapted:
+            with torch.no_grad():
+                tensor = merged_weight(tensor, adapted["lm_head.weight"], adapter)
         yield "lm_head.weight", tensor.to(dtype) if dtype is not None else tensor
 
 

@@ -49,8 +49,12 @@ FAITHFULNESS_EVERY = 8
 # tie that rounding may flip (bf16 logits carry ~3 digits), not a different model.
 NEAR_TIE = {"fp32": 1e-3, "bf16": 0.1, "fp16": 0.05}
 MIN_GREEDY_AGREEMENT = 0.75
+# The probe is plain text, not a chat: it checks weights, not behaviour (the faithfulness check asks real
+# questions through the chat template), and the template's system prompt tripled its length - a third of
+# the probe's time on each side (issue 16: 46 + 25 tokens took 0.23 s in the trainer and 0.14 s in vLLM,
+# 17 + 25 take 0.21 and 0.09).
 PROBE = (
-    [{"role": "user", "content": "Count from one to ten in words, then name the days of the week."}],
+    "Count from one to ten in words, then name the days of the week.\n",
     "one two three four five six seven eight nine ten. "
     "Monday, Tuesday, Wednesday, Thursday, Friday, Saturday and Sunday.",
 )
@@ -129,8 +133,9 @@ class VerifiedEngine:
         self.failed: str | None = None  # why the last sync failed; generate refuses while set
         self.fidelity: dict[str, float] = {}
         self.sync_seconds: dict[str, float] = {}
+        probe_prompt = tokenizer(PROBE[0])["input_ids"]  # with the tokenizer's BOS, if it adds one
         probe_completion = tokenizer(PROBE[1], add_special_tokens=False)["input_ids"]
-        self.probe = Rollout(0, encode_prompts(tokenizer, [PROBE[0]])[0], probe_completion, [], "length", "")
+        self.probe = Rollout(0, probe_prompt, probe_completion, [], "length", "")
         self.faithfulness_prompts = encode_prompts(
             tokenizer, [[{"role": "user", "content": q}] for q in FAITHFULNESS_PROMPTS]
         )

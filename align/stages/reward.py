@@ -7,7 +7,7 @@ breaks the library's pooling, see align/models/reward.py).
     1. data -> pairs                (the same pair encoding as DPO; row report)
     2. model                        (base + scalar head, adapter with the head saved beside it)
     3. output folder + plan
-    4. train                        (chosen and rejected scored in one forward)
+    4. train                        (chosen and rejected scored in one forward, sharing the prompt's pass)
     5. held-out report              (accuracy, margin, score mean/std, score-length correlation)
     6. save
 """
@@ -23,14 +23,14 @@ from transformers import Trainer
 
 from align.config import RewardConfig
 from align.console import console, print_plan
-from align.data.batching import PairCollator
+from align.data.batching import PairCollator, SharedPromptCollator
 from align.data.loading import DataError
 from align.data.preference_data import load_pairs, pair_rows
 from align.losses import bradley_terry
 from align.models.adapters import add_adapter, trainable_summary
 from align.models.loading import load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
-from align.models.reward import load_reward_base, reward_scores
+from align.models.reward import load_reward_base, pair_scores, shared_prompt_obstacle
 from align.stages.common import (
     adapter_line,
     check_longest_batch,
@@ -68,7 +68,7 @@ class RewardTrainer(Trainer):
         self._eval_lengths: list[torch.Tensor] = []
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        scores = reward_scores(model, inputs["input_ids"], inputs["attention_mask"])
+        scores = pair_scores(model, inputs)
         n = scores.shape[0] // 2
         chosen, rejected = scores[:n], scores[n:]
         margin = inputs.get("margin") if self.options.margin else None
@@ -80,7 +80,10 @@ class RewardTrainer(Trainer):
         self._stats[prefix + "margin"].append((chosen - rejected).mean().item())
         if not model.training:
             self._eval_scores.append(scores.detach().cpu())
-            self._eval_lengths.append((inputs["labels"] != IGNORE_INDEX).sum(-1).cpu())
+            lengths = (
+                inputs["answer_lengths"] if "answer_lengths" in inputs else (inputs["labels"] != IGNORE_INDEX).sum(-1)
+            )
+            self._eval_lengths.append(lengths.cpu())
         else:
             self._stats["score_mean"].append(scores.mean().item())
         return (loss, {}) if return_outputs else loss
@@ -144,6 +147,8 @@ def run_reward(
     )
     model.config.use_cache = False
     trainable, total = trainable_summary(model)
+    obstacle = shared_prompt_obstacle(model) if cfg.reward.shared_prompt else ""
+    shared_prompt = cfg.reward.shared_prompt and not obstacle
 
     # 3. Output folder and plan.
     resume_from = prepare_output(state, output_dir, cfg, overwrite, resume)
@@ -152,6 +157,9 @@ def run_reward(
             f"align rm - {recipe_name}",
             {
                 "model": f"{cfg.model.name} ({model_path}) + scalar head, scored at the last real token",
+                "batches": "one row a pair, the prompt run once for both answers"
+                if shared_prompt
+                else "two rows a pair (chosen, rejected)" + (f": {obstacle}" if obstacle else ""),
                 "adapter": adapter_line(cfg, quantized, precision, trainable, total),
                 "loss": "Bradley-Terry"
                 + (" with margins" if cfg.reward.margin else "")
@@ -172,7 +180,7 @@ def run_reward(
         args=training_arguments(cfg, output_dir, precision, bool(eval_rows), resume_from, f"{recipe_name}/rm"),
         train_dataset=train_rows,
         eval_dataset=eval_rows or None,
-        data_collator=PairCollator(tokenizer.pad_token_id),
+        data_collator=(SharedPromptCollator if shared_prompt else PairCollator)(tokenizer.pad_token_id),
         callbacks=stage_callbacks(output_dir, cfg, model),
         optimizers=(loraplus_optimizer(model, cfg), None),
         options=cfg.reward,
