@@ -113,6 +113,13 @@ class DataConfig(_Strict):
     packing: bool = Field(
         False, description="pack several examples into one row of max_length tokens (no attention across examples)"
     )
+    shared_prompt: bool = Field(
+        True,
+        description="pair stages (rm, dpo, orpo, kto): each pair is one row [prompt, answer, answer] and its prompt "
+        "runs through the model once; a mask keeps the answers apart (same results, fewer tokens). Off, with "
+        "attention that takes no custom mask (flash_attention_2, sliding windows) or with orpo.sft_on_prompt: "
+        "two padded rows a pair",
+    )
     on_bad_rows: Literal["error", "skip"] = Field(
         "error", description="error: stop before training, naming file, row and field; skip: drop and count"
     )
@@ -502,6 +509,11 @@ class StageConfig(_Strict):
                 raise ValueError(
                     f"{key}={value!r} has no effect in a {self.kind} stage ({why}); remove it for this stage"
                 )
+        if not self.data.shared_prompt and not self.READS_PAIRS:
+            raise ValueError(
+                f"data.shared_prompt=False has no effect in a {self.kind} stage (it lays out preference pairs); "
+                "remove it for this stage"
+            )
         if self.data.from_stage is not None and not self.READS_PAIRS:
             raise ValueError(
                 f"data.from={self.data.from_stage!r}: a {self.kind} stage does not train on preference pairs "
@@ -547,7 +559,7 @@ class DPOConfig(StageConfig):
     kind: Literal["dpo"] = "dpo"
     READS_PAIRS: ClassVar[bool] = True
     UNUSED: ClassVar[dict[str, str]] = {
-        "data.packing": "chosen and rejected answers are scored as separate padded rows, never packed"
+        "data.packing": "pairs are scored as pair rows (data.shared_prompt), never packed"
     }
     from_stage: str | None = Field(
         None, alias="from", description="stage whose adapter this one starts from (e.g. sft); none = a fresh adapter"
@@ -607,7 +619,9 @@ class KTOConfig(StageConfig):
     kind: Literal["kto"] = "kto"
     READS_PAIRS: ClassVar[bool] = True  # a pair is two examples: chosen desirable, rejected not
     UNUSED: ClassVar[dict[str, str]] = {
-        "data.packing": "each answer and its mismatched KL answer are scored as separate padded rows, never packed"
+        "data.packing": "each answer and its mismatched KL answer are scored as separate padded rows, never packed",
+        "data.shared_prompt": "the mismatched KL answers are scored in a pass of their own without gradient, so each "
+        "answer has its own row",
     }
     from_stage: str | None = Field(
         None, alias="from", description="stage whose adapter this one starts from (e.g. sft); none = a fresh adapter"
@@ -619,12 +633,6 @@ class RewardOptions(_Strict):
     margin: bool = Field(False, description="subtract each pair's 'margin' column inside the sigmoid (Llama-2 style)")
     center_coef: float = Field(0.0, ge=0, description="weight of mean((r_c + r_r)^2): keeps scores centred near 0")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="assumed label-flip rate")
-    shared_prompt: bool = Field(
-        True,
-        description="run each pair as one row [prompt, chosen, rejected], the prompt computed once, a mask keeping "
-        "the answers apart (same scores; fewer tokens). Models whose attention takes no custom mask "
-        "(flash_attention_2, sliding windows) use two rows a pair anyway",
-    )
 
 
 class RewardConfig(StageConfig):

@@ -4,6 +4,10 @@ Same model (SmolLM2-135M-Instruct, QLoRA NF4, LoRA r=16 on all linear layers), t
 factual-summary pairs, batch size and steps, each configuration in its own process.
 
     python scripts/bench_dpo.py --steps 8
+
+align rows run align's defaults (each pair one row, its prompt run once) unless named: `-two-rows`
+puts back two padded rows a pair (data.shared_prompt false, TRL's layout), `-full-logits` the
+model's [2B, T, V] logits.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ def pairs(n: int) -> list[dict]:
     return summary_pair_rows()[:n]
 
 
-def worker_align(reference: str, steps: int, batch: int, full_logits: bool = False) -> dict:
+def worker_align(reference: str, steps: int, batch: int, full_logits: bool = False, shared_prompt: bool = True) -> dict:
     if full_logits:  # log-probs through the model's [2B, T, V] logits, as before issue 16
         os.environ["ALIGN_FULL_LOGITS"] = "1"
     from align.recipe import recipe_from_dict
@@ -38,7 +42,7 @@ def worker_align(reference: str, steps: int, batch: int, full_logits: bool = Fal
             "name": "bench",
             "lora": LORA,
             "quantization": {"mode": "nf4"},
-            "data": {"train": str(folder / "pairs.jsonl"), "max_length": 256},
+            "data": {"train": str(folder / "pairs.jsonl"), "max_length": 256, "shared_prompt": shared_prompt},
             "train": {"max_steps": steps, "batch_size": batch, "save_steps": 10_000, "lr": 5e-4},
             "stages": {"dpo": {"dpo": {"reference": reference}}},
         }
@@ -107,7 +111,13 @@ def worker_trl(steps: int, batch: int) -> dict:
     }
 
 
-CONFIGS = ["trl-dpo-defaults", "align-dpo-precomputed", "align-dpo-live", "align-dpo-precomputed-full-logits"]
+CONFIGS = [
+    "trl-dpo-defaults",
+    "align-dpo-precomputed",
+    "align-dpo-precomputed-two-rows",
+    "align-dpo-live",
+    "align-dpo-precomputed-full-logits",
+]
 
 
 def main() -> None:
@@ -121,8 +131,16 @@ def main() -> None:
         if args.worker == "trl-dpo-defaults":
             report(worker_trl(args.steps, args.batch))
         else:
-            name = args.worker.removesuffix("-full-logits")
-            report(worker_align(name.rsplit("-", 1)[-1], args.steps, args.batch, name != args.worker))
+            name = args.worker.removesuffix("-full-logits").removesuffix("-two-rows")
+            report(
+                worker_align(
+                    name.rsplit("-", 1)[-1],
+                    args.steps,
+                    args.batch,
+                    full_logits=args.worker.endswith("-full-logits"),
+                    shared_prompt=not args.worker.endswith("-two-rows"),
+                )
+            )
         return
     results = run_configs(__file__, args.only, ["--steps", str(args.steps), "--batch", str(args.batch)])
     baseline = results.get("trl-dpo-defaults")

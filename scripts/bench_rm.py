@@ -6,7 +6,7 @@ same factual-summary pairs (the last 50 held out), batch size and steps; one pro
     python scripts/bench_rm.py --steps 12
 
 align-rm runs align's defaults (each pair one row, the prompt run once for both answers);
-align-rm-two-rows puts back two padded rows a pair (reward.shared_prompt false), TRL's layout.
+align-rm-two-rows puts back two padded rows a pair (data.shared_prompt false), TRL's layout.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def worker_align(steps: int, batch: int, shared_prompt: bool = True) -> dict:
             "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
             "data": {"train": str(folder / "train.jsonl"), "eval": str(folder / "eval.jsonl"), "max_length": 256},
             "train": {"max_steps": steps, "batch_size": batch, "save_steps": 10_000, "lr": 5e-4},
-            "stages": {"reward": {"reward": {"shared_prompt": shared_prompt}}},
+            "stages": {"reward": {"data": {"shared_prompt": shared_prompt}}},
         }
     )
     run_reward(recipe.resolve("reward"), folder / "run", recipe_name="bench")

@@ -11,7 +11,7 @@ import torch
 from conftest import FIXTURES, load_tiny, tiny_recipe, write_jsonl
 
 from align.config import DataConfig, ORPOConfig, ORPOOptions
-from align.data.batching import PairCollator
+from align.data.batching import PairCollator, SharedPromptCollator
 from align.data.preference_data import encode_pair_files, to_pair_messages
 from align.data.templating import encode_prompt
 from align.losses import PreferenceLoss, dpo_robust, dpo_sigmoid, ipo, orpo, simpo
@@ -266,11 +266,44 @@ def test_preference_stages_under_torchrun_ddp_shard_pairs_and_equal_one_process(
         from align.stages.kto import run_kto
 
         run_kto(cfg, tmp_path / "one", recipe_name="tiny")
-    # DPO: a step's rows are each pair's chosen then rejected sequence (4 a rank); KTO: answers and their
-    # mismatched partners (batch_size answers, each with its KL row)
+    # DPO: a step's rows are its pairs, one row each [prompt, chosen, rejected] (2 a rank); KTO: answers and
+    # their mismatched partners (batch_size answers, each with its KL row: 4 a rank)
     assert_ddp_matches_one_process(
-        ddp_rows, tmp_path / "one-rows", tmp_path / "ddp", tmp_path / "one", per_rank=4, steps=2
+        ddp_rows, tmp_path / "one-rows", tmp_path / "ddp", tmp_path / "one", per_rank=2 if kind == "dpo" else 4, steps=2
     )
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prompt_rows_give_every_answer_its_two_row_logprobs(tiny_model_dir, tokenizer, attention):
+    """The answers' summed logprobs and token counts from one row a pair equal two rows' (rows of unequal
+    length, a one-token prompt, an empty answer), with gradients; the model runs fewer tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from align.stages.preference import completion_logps
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attention)
+    generator = torch.Generator().manual_seed(1)
+    ids = lambda n: torch.randint(10, len(tokenizer), (n,), generator=generator).tolist()  # noqa: E731
+    rows = [
+        {"prompt_ids": ids(p), "chosen_ids": ids(c), "rejected_ids": ids(r)}
+        for p, c, r in ((7, 3, 9), (1, 5, 2), (11, 4, 0), (3, 6, 6))
+    ]
+    shared, two = SharedPromptCollator(tokenizer.pad_token_id)(rows), PairCollator(tokenizer.pad_token_id)(rows)
+    assert shared["input_ids"].numel() < two["input_ids"].numel()
+
+    def sums_and_grads(batch):
+        model.zero_grad()
+        sums, counts = completion_logps(model, batch)
+        (sums * torch.linspace(1, 2, len(sums))).sum().backward()
+        return sums.detach(), counts, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ours, our_counts, our_grads = sums_and_grads(shared)
+    expected, expected_counts, expected_grads = sums_and_grads(two)
+    assert our_counts.tolist() == expected_counts.tolist() == [3, 5, 4, 6, 9, 2, 0, 6]
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-5)
+    assert ours[6] == 0 and (ours.abs() > 1).sum() == 7  # the empty answer scores nothing, the others something
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 # ---------------------------------------------------------------- against TRL
@@ -332,11 +365,16 @@ def test_loss_and_gradients_equal_trl_dpo_trainer(tmp_path, tiny_llama, tokenize
             trl.model, DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(rows), False
         )
     )
+    # align's default layout - one row a pair, the prompt run once - gives TRL's loss and gradients too
+    shared_loss, shared_grads = loss_and_grads(
+        lambda: ours.compute_loss(model, SharedPromptCollator(tokenizer.pad_token_id)(rows))
+    )
     assert abs(our_loss.item() - LN2) > 1e-3  # the policy really moved
-    torch.testing.assert_close(our_loss, trl_loss, atol=1e-5, rtol=1e-5)
-    assert our_grads.keys() == trl_grads.keys() and our_grads
-    for name in our_grads:
-        torch.testing.assert_close(our_grads[name], trl_grads[name], atol=1e-5, rtol=1e-4)
+    assert our_grads.keys() == trl_grads.keys() == shared_grads.keys() and our_grads
+    for loss_value, grads in ((our_loss, our_grads), (shared_loss, shared_grads)):
+        torch.testing.assert_close(loss_value, trl_loss, atol=1e-5, rtol=1e-5)
+        for name in grads:
+            torch.testing.assert_close(grads[name], trl_grads[name], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("sft_on_prompt", [True, False])

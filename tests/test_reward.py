@@ -158,7 +158,7 @@ def test_shared_prompt_rows_give_the_two_row_scores_and_gradients(tiny_model_dir
         for p, c, r in ((7, 3, 9), (2, 5, 1), (11, 4, 4))
     ]
     shared = SharedPromptCollator(tokenizer.pad_token_id)(rows)
-    assert shared["input_ids"].shape == (3, 19)  # the longest row's 7 + 3 + 9 tokens, not 2 x (prompt + answer)
+    assert shared["input_ids"].shape == (3, 20)  # the longest row's 7 + 3 + 1 + 9 tokens, not 2 x (prompt + answer)
 
     def scores_and_grads(batch):
         model.zero_grad()

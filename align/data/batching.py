@@ -123,64 +123,109 @@ class PairCollator:
                         "labels": [IGNORE_INDEX] * len(f["prompt_ids"]) + completion,
                     }
                 )
-        batch = self.padding(rows)
-        if "margin" in features[0]:
-            batch["margin"] = torch.tensor([f["margin"] for f in features], dtype=torch.float32)
-        if "label" in features[0]:
-            batch["label"] = torch.tensor([f["label"] for f in features], dtype=torch.bool)
-        first, second = self.sides
-        if f"ref_{first}" in features[0]:
-            batch["ref_logps"] = torch.tensor(
-                [f[f"ref_{first}"] for f in features] + [f[f"ref_{second}"] for f in features], dtype=torch.float32
-            )
-        return batch
+        return self.padding(rows) | pair_extras(features, self.sides)
 
 
 class SharedPromptCollator:
-    """Preference pairs -> B rows of [prompt, chosen, rejected]: the prompt computed once for both answers.
+    """Preference pairs -> B rows of [prompt, first answer, prompt's last token again, second answer]:
+    the prompt runs through the model once for both answers.
 
-    A 4D boolean attention mask [B, 1, T, T] keeps the answers apart: a chosen token sees the prompt and
-    the chosen tokens before it; a rejected token sees the prompt and the rejected tokens before it, never
-    a chosen one; and the rejected positions restart where the prompt ends. Each answer's hidden states
-    are therefore those of its own [prompt, answer] sequence (exact up to rounding), while the model
-    runs len(prompt) + len(chosen) + len(rejected) tokens instead of twice the prompt plus padding.
-    Padding attends to itself only (a query that sees nothing would make softmax NaN).
+    A 4D boolean attention mask [B, 1, T, T] keeps the answers apart. The first answer sees the prompt
+    and itself, as in its own row. The repeated last prompt token sits at that token's position and
+    sees the prompt before it and itself - the same inputs, so the same hidden state - and predicts
+    the second answer's first token, as the prompt's end does in the second answer's own row; the
+    second answer sees the prompt (through that copy) and itself, never the first answer, at the
+    positions it has in its own row. So every answer token gets the logits (and every answer end the
+    hidden state) of the two-row layout up to rounding, and ``labels`` shift as usual, while the
+    model runs P + A + 1 + B tokens a pair instead of 2P + A + B plus padding. Padding sees only
+    itself (a query that sees nothing would make softmax NaN).
 
     Written by hand: transformers passes a custom 4D mask to the attention as is, and neither it nor
-    TRL builds prefix-shared pairs. ``ends`` [2B] is each answer's last token (chosen ones, then
-    rejected ones: PairCollator's order); ``answer_lengths`` [2B] their lengths in the same order.
+    TRL lays pairs out this way. Besides input_ids, position_ids, attention_mask and labels (-100 off
+    the answers): ``split`` [B], the copy's index (label positions from there on are the second
+    answer's); ``ends`` [2B], each answer's last token, first answers then second ones (PairCollator's
+    order); ``answer_lengths`` [2B] in the same order. ``margin``, ``label`` and ``ref_logps`` ride
+    along as in PairCollator.
     """
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, sides: tuple[str, str] = ("chosen", "rejected")):
         self.pad_token_id = pad_token_id
+        self.sides = sides
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        sizes = [(len(f["prompt_ids"]), len(f["chosen_ids"]), len(f["rejected_ids"])) for f in features]
-        longest = max(p + c + r for p, c, r in sizes)
+        first, second = self.sides
+        parts = [(f["prompt_ids"], f[f"{first}_ids"], f[f"{second}_ids"]) for f in features]
+        if any(not prompt for prompt, _, _ in parts):
+            raise ValueError("a shared-prompt pair needs a prompt of at least one token")
+        longest = max(len(p) + len(a) + 1 + len(b) for p, a, b in parts)
         rows = len(features)
         input_ids = torch.full((rows, longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((rows, longest), IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros((rows, longest), dtype=torch.long)
         mask = torch.zeros((rows, 1, longest, longest), dtype=torch.bool)
         causal = torch.ones((longest, longest), dtype=torch.bool).tril()
-        chosen_ends, rejected_ends = [], []
-        for row, (feature, (p, c, r)) in enumerate(zip(features, sizes)):
-            n = p + c + r
-            input_ids[row, :n] = torch.tensor(feature["prompt_ids"] + feature["chosen_ids"] + feature["rejected_ids"])
-            position_ids[row, : p + c] = torch.arange(p + c)
-            position_ids[row, p + c : n] = torch.arange(p, p + r)
+        splits, first_ends, second_ends = [], [], []
+        for row, (prompt, a, b) in enumerate(parts):
+            p, split = len(prompt), len(prompt) + len(a)
+            n = split + 1 + len(b)
+            input_ids[row, :n] = torch.tensor(prompt + a + prompt[-1:] + b)
+            labels[row, p:split] = torch.tensor(a, dtype=torch.long)
+            labels[row, split + 1 : n] = torch.tensor(b, dtype=torch.long)
+            position_ids[row, :split] = torch.arange(split)
+            position_ids[row, split:n] = torch.arange(p - 1, p + len(b))
             position_ids[row, n:] = torch.arange(longest - n)
             mask[row, 0, :n, :n] = causal[:n, :n]
-            mask[row, 0, p + c : n, p : p + c] = False  # rejected tokens never see the chosen answer
+            mask[row, 0, split:n, p - 1 : split] = False  # the copy and b see neither the original last token nor a
             mask[row, 0, n:, n:] = torch.eye(longest - n, dtype=torch.bool)  # padding: itself only
-            chosen_ends.append(p + c - 1)
-            rejected_ends.append(n - 1)
+            splits.append(split)
+            first_ends.append(split - 1)
+            second_ends.append(n - 1)
         batch = {
             "input_ids": input_ids,
             "position_ids": position_ids,
             "attention_mask": mask,
-            "ends": torch.tensor(chosen_ends + rejected_ends),
-            "answer_lengths": torch.tensor([c for _, c, _ in sizes] + [r for _, _, r in sizes]),
+            "labels": labels,
+            "split": torch.tensor(splits),
+            "ends": torch.tensor(first_ends + second_ends),
+            "answer_lengths": torch.tensor([len(a) for _, a, _ in parts] + [len(b) for _, _, b in parts]),
         }
-        if "margin" in features[0]:
-            batch["margin"] = torch.tensor([f["margin"] for f in features], dtype=torch.float32)
-        return batch
+        return batch | pair_extras(features, self.sides)
+
+
+def pair_extras(features: list[dict], sides: tuple[str, str]) -> dict[str, torch.Tensor]:
+    """What rides along with a pair batch in either layout: ``margin`` [B], ``label`` [B] (KTO: desirable),
+    ``ref_logps`` [2B] (first answers, then second ones)."""
+    extras = {}
+    if "margin" in features[0]:
+        extras["margin"] = torch.tensor([f["margin"] for f in features], dtype=torch.float32)
+    if "label" in features[0]:
+        extras["label"] = torch.tensor([f["label"] for f in features], dtype=torch.bool)
+    first, second = sides
+    if f"ref_{first}" in features[0]:
+        extras["ref_logps"] = torch.tensor(
+            [f[f"ref_{first}"] for f in features] + [f[f"ref_{second}"] for f in features], dtype=torch.float32
+        )
+    return extras
+
+
+def shared_prompt_obstacle(config) -> str:
+    """Why a model (its config) cannot take SharedPromptCollator's custom 4D mask as it is, or '': sdpa
+    and eager attention take it; flash-attention kernels take no mask, and sliding-window layers would
+    lose their window."""
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in ("sdpa", "eager"):
+        return f"{implementation} attention takes no custom mask"
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return "its sliding-window layers would lose their window under a custom mask"
+    return ""
+
+
+def mask_for(model, mask: torch.Tensor) -> torch.Tensor:
+    """A batch's attention mask as ``model``'s attention takes it: a boolean 4D mask becomes the additive
+    float mask eager attention adds to its scores (sdpa takes booleans); anything else is unchanged."""
+    inner = getattr(model, "module", model)  # DDP keeps the model in .module; peft forwards .config
+    if mask.ndim != 4 or mask.dtype != torch.bool or inner.config._attn_implementation != "eager":
+        return mask
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
+        ~mask, torch.finfo(torch.float32).min
+    )

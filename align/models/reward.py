@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from align.config import ModelConfig, QuantizationConfig
+from align.data.batching import mask_for
 from align.models.loading import DTYPES, bnb_config, disable_bnb_cpu_repacking, load_tokenizer, read_stage_manifest
 
 HEAD_NAMES = ("score", "classifier")
@@ -80,39 +81,15 @@ def pair_scores(model, batch: dict) -> torch.Tensor:
     PairCollator's 2B padded rows or SharedPromptCollator's B shared-prompt rows."""
     if "ends" not in batch:
         return reward_scores(model, batch["input_ids"], batch["attention_mask"])
-    mask = batch["attention_mask"]
-    if _config(model)._attn_implementation == "eager":  # eager attention adds the mask to its scores
-        mask = torch.zeros(mask.shape, dtype=_head_dtype(model), device=mask.device).masked_fill(
-            ~mask, torch.finfo(_head_dtype(model)).min
-        )
+    mask = mask_for(model, batch["attention_mask"])
     n = batch["input_ids"].shape[0]
     rows = torch.arange(n, device=mask.device).repeat(2)
     return _scores_at(model, batch["input_ids"], mask, batch["position_ids"], rows, batch["ends"])
 
 
-def shared_prompt_obstacle(model) -> str:
-    """Why the model cannot take SharedPromptCollator's custom 4D mask as it is ('' when it can): sdpa and
-    eager attention take it; flash-attention kernels take no mask, and sliding-window layers would lose
-    their window."""
-    config = _config(model)
-    if config._attn_implementation not in ("sdpa", "eager"):
-        return f"{config._attn_implementation} attention takes no custom mask"
-    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
-        return "its sliding-window layers would lose their window under a custom mask"
-    return ""
-
-
 def _classifier(model):
     inner = model.module if hasattr(model, "module") else model  # DDP keeps the model in .module
     return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-
-
-def _config(model):
-    return _classifier(model).config
-
-
-def _head_dtype(model) -> torch.dtype:
-    return next(_head(_classifier(model)).parameters()).dtype
 
 
 def _scores_at(model, input_ids, attention_mask, position_ids, rows, positions) -> torch.Tensor:

@@ -249,11 +249,25 @@ def trial_step(batch: str, advice: str) -> Iterator[None]:
         raise BatchTooLarge(f"{batch} does not fit in memory: {str(error).splitlines()[0][:200]}. {advice}") from None
 
 
-def row_length(row: dict) -> int:
-    """Tokens of a training row: an SFT row's ids, or a pair's (or KTO row's) prompt plus its longest answer."""
+def pair_layout(cfg: StageConfig, model, pad_token_id: int, unavailable: str = ""):
+    """(collator, plan line) of a pair stage: one row a pair sharing its prompt where data.shared_prompt is
+    on and the model's attention takes the mask, else two padded rows a pair, saying why."""
+    from align.data.batching import PairCollator, SharedPromptCollator, shared_prompt_obstacle
+
+    why = unavailable or shared_prompt_obstacle(model.config)
+    if cfg.data.shared_prompt and not why:
+        return SharedPromptCollator(pad_token_id), "one row a pair, the prompt run once for both answers"
+    return PairCollator(pad_token_id), "two padded rows a pair" + (f" ({why})" if cfg.data.shared_prompt else "")
+
+
+def row_length(row: dict, shared_prompt: bool = False) -> int:
+    """Tokens of a training row: an SFT row's ids, or a pair's (or KTO row's) prompt plus its longest
+    answer - or, laid out in one row (SharedPromptCollator), its prompt, both answers and the copied token."""
     if "input_ids" in row:
         return len(row["input_ids"])
     answers = [len(ids) for key, ids in row.items() if key.endswith("_ids") and key != "prompt_ids"]
+    if shared_prompt:
+        return len(row["prompt_ids"]) + sum(answers) + 1
     return len(row.get("prompt_ids", [])) + max(answers, default=0)
 
 
@@ -263,9 +277,12 @@ def check_longest_batch(trainer, rows: list[dict]) -> None:
     (dropout) is restored and any statistics the trainer collected are cleared."""
     if not rows:
         return
+    from align.data.batching import SharedPromptCollator
+
+    shared = isinstance(trainer.data_collator, SharedPromptCollator)
     size = min(trainer.args.per_device_train_batch_size, len(rows))
-    longest = sorted(range(len(rows)), key=lambda i: -row_length(rows[i]))[:size]
-    tokens = row_length(rows[longest[0]])
+    longest = sorted(range(len(rows)), key=lambda i: -row_length(rows[i], shared))[:size]
+    tokens = row_length(rows[longest[0]], shared)
     model = trainer.model
     was_training = model.training
     model.train()  # as in training: dropout on, activations kept for backward

@@ -31,7 +31,6 @@ from transformers import Trainer
 
 from align.config import DPOConfig, ORPOConfig
 from align.console import console, print_plan
-from align.data.batching import PairCollator
 from align.data.preference_data import load_pairs, pair_rows
 from align.losses import PreferenceLoss, orpo_log_odds
 from align.models.adapters import reference_mode, trainable_summary
@@ -43,6 +42,7 @@ from align.stages.common import (
     loraplus_optimizer,
     loss_only_prediction,
     merge_stats,
+    pair_layout,
     prepare_output,
     process_state,
     resume_line,
@@ -113,7 +113,7 @@ class PreferenceTrainer(Trainer):
         self._stats: dict[str, list[float]] = defaultdict(list)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        n = inputs["input_ids"].shape[0] // 2
+        n = len(inputs["ends"]) // 2 if "ends" in inputs else inputs["input_ids"].shape[0] // 2
         sft = None
         if self.options.sft_on_prompt:
             logps, completion = sequence_logps(model, inputs)
@@ -236,7 +236,8 @@ def run_dpo(
     trainable, total = trainable_summary(model)
 
     # 3. Reference: computed once now, or every step.
-    collator = PairCollator(tokenizer.pad_token_id)
+    sft_on_prompt = "orpo.sft_on_prompt scores the prompt tokens, which a shared row holds once"
+    collator, layout = pair_layout(cfg, model, tokenizer.pad_token_id, sft_on_prompt if options.sft_on_prompt else "")
     train_rows, eval_rows, reference_line, reference_seconds = reference_rows(
         cfg,
         model,
@@ -258,6 +259,7 @@ def run_dpo(
                 "adapter": adapter_line(cfg, quantized, precision, trainable, total)
                 + (f"; starts from {source}" if source else ""),
                 "loss": options.describe(),
+                "batches": layout,
                 "reference": reference_line,
                 **{f"data {r.name}": r.summary() for r in reports},
                 "steps": steps_line(cfg, steps, state.num_processes, unit="pairs"),

@@ -13,7 +13,7 @@ import torch
 from transformers import TrainerCallback
 
 from align.config import RecipeError
-from align.data.batching import PairCollator
+from align.data.batching import PairCollator, SharedPromptCollator, mask_for
 from align.models.adapters import add_adapter, load_adapter_for_training
 from align.models.loading import autocast, load_base_model
 from align.models.output_layer import next_token_logps
@@ -23,21 +23,33 @@ from align.tokens import IGNORE_INDEX
 
 
 def completion_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed logprobs of the labelled (completion) tokens and their counts, [2B] each.
+    """Summed logprobs of the labelled (answer) tokens and their counts, [2B] each: the first answers,
+    then the second ones, from PairCollator's 2B rows or SharedPromptCollator's B rows (``split``).
 
-    The model runs from the first completion position on (``logits_to_keep``) and only the labelled
+    The model runs from the first answer position on (``logits_to_keep``) and only the labelled
     positions' logits are made, a chunk at a time (``next_token_logps``): no [2B, T, V] tensor.
     """
     labels = batch["labels"]
-    first = int((labels != IGNORE_INDEX).int().argmax(-1).min())  # earliest completion token in the batch (>= 1)
+    labelled = labels != IGNORE_INDEX
+    starts = labelled.int().argmax(-1)[labelled.any(-1)]  # each labelled row's first answer token (>= 1)
+    first = int(starts.min()) if len(starts) else labels.shape[1] - 1  # the earliest in the batch
     targets = labels[:, first:]
-    logps = next_token_logps(model, targets, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
-    return logps.sum(-1), (targets != IGNORE_INDEX).sum(-1)
+    inputs = {key: batch[key] for key in ("input_ids", "position_ids") if key in batch}
+    inputs["attention_mask"] = mask_for(model, batch["attention_mask"])
+    logps = next_token_logps(model, targets, **inputs)[0]
+    scored = targets != IGNORE_INDEX
+    if "split" not in batch:
+        return logps.sum(-1), scored.sum(-1)
+    # one row a pair: label positions from ``split`` on are the second answer's
+    positions = torch.arange(first, labels.shape[1], device=labels.device)
+    second = positions[None, :] >= batch["split"][:, None]
+    sums = torch.cat([(logps * ~second).sum(-1), (logps * second).sum(-1)])
+    return sums, torch.cat([(scored & ~second).sum(-1), (scored & second).sum(-1)])
 
 
 @torch.no_grad()
 def precompute_reference(
-    model, rows: list[dict], collator: PairCollator, batch_size: int, precision: str
+    model, rows: list[dict], collator: PairCollator | SharedPromptCollator, batch_size: int, precision: str
 ) -> list[dict]:
     """The rows with the reference logprobs of both answers (``ref_<side>``), computed once with the
     starting policy."""

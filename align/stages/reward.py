@@ -23,20 +23,20 @@ from transformers import Trainer
 
 from align.config import RewardConfig
 from align.console import console, print_plan
-from align.data.batching import PairCollator, SharedPromptCollator
 from align.data.loading import DataError
 from align.data.preference_data import load_pairs, pair_rows
 from align.losses import bradley_terry
 from align.models.adapters import add_adapter, trainable_summary
 from align.models.loading import load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
-from align.models.reward import load_reward_base, pair_scores, shared_prompt_obstacle
+from align.models.reward import load_reward_base, pair_scores
 from align.stages.common import (
     adapter_line,
     check_longest_batch,
     loraplus_optimizer,
     loss_only_prediction,
     merge_stats,
+    pair_layout,
     prepare_output,
     process_state,
     resume_line,
@@ -147,8 +147,7 @@ def run_reward(
     )
     model.config.use_cache = False
     trainable, total = trainable_summary(model)
-    obstacle = shared_prompt_obstacle(model) if cfg.reward.shared_prompt else ""
-    shared_prompt = cfg.reward.shared_prompt and not obstacle
+    collator, layout = pair_layout(cfg, model, tokenizer.pad_token_id)
 
     # 3. Output folder and plan.
     resume_from = prepare_output(state, output_dir, cfg, overwrite, resume)
@@ -157,9 +156,7 @@ def run_reward(
             f"align rm - {recipe_name}",
             {
                 "model": f"{cfg.model.name} ({model_path}) + scalar head, scored at the last real token",
-                "batches": "one row a pair, the prompt run once for both answers"
-                if shared_prompt
-                else "two rows a pair (chosen, rejected)" + (f": {obstacle}" if obstacle else ""),
+                "batches": layout,
                 "adapter": adapter_line(cfg, quantized, precision, trainable, total),
                 "loss": "Bradley-Terry"
                 + (" with margins" if cfg.reward.margin else "")
@@ -180,7 +177,7 @@ def run_reward(
         args=training_arguments(cfg, output_dir, precision, bool(eval_rows), resume_from, f"{recipe_name}/rm"),
         train_dataset=train_rows,
         eval_dataset=eval_rows or None,
-        data_collator=(SharedPromptCollator if shared_prompt else PairCollator)(tokenizer.pad_token_id),
+        data_collator=collator,
         callbacks=stage_callbacks(output_dir, cfg, model),
         optimizers=(loraplus_optimizer(model, cfg), None),
         options=cfg.reward,
