@@ -115,10 +115,10 @@ class DataConfig(_Strict):
     )
     shared_prompt: bool = Field(
         True,
-        description="pair stages (rm, dpo, orpo, kto): each pair is one row [prompt, answer, answer] and its prompt "
-        "runs through the model once; a mask keeps the answers apart (same results, fewer tokens). Off, with "
-        "attention that takes no custom mask (flash_attention_2, sliding windows) or with orpo.sft_on_prompt: "
-        "two padded rows a pair",
+        description="rm, dpo and orpo: each pair is one row [prompt, chosen, rejected] and its prompt runs through "
+        "the model once; a mask keeps the answers apart (same results, fewer tokens). Off, for models whose "
+        "layers are not all full attention (sliding windows, recurrent layers), attention that takes no custom "
+        "mask (flash_attention_2) or orpo.sft_on_prompt: two padded rows a pair (the plan says which)",
     )
     on_bad_rows: Literal["error", "skip"] = Field(
         "error", description="error: stop before training, naming file, row and field; skip: drop and count"

@@ -306,6 +306,36 @@ def test_shared_prompt_rows_give_every_answer_its_two_row_logprobs(tiny_model_di
         torch.testing.assert_close(our_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_shared_prompt_only_for_models_whose_layers_all_attend_through_the_mask(tiny_llama, tiny_gpt2):
+    """One row a pair is right only where every layer mixes tokens through the attention mask: not for
+    sliding-window or recurrent/convolutional layers (they would see across the answers), flash attention
+    (no custom mask) or classes from outside transformers."""
+    import peft
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config
+
+    from align.data.batching import shared_prompt_obstacle
+
+    sizes = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
+    assert shared_prompt_obstacle(load_tiny(tiny_llama)) == ""  # eager
+    assert shared_prompt_obstacle(load_tiny(tiny_gpt2)) == ""
+    qwen_like = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, **sizes))
+    assert shared_prompt_obstacle(peft.get_peft_model(qwen_like, peft.LoraConfig(r=2, target_modules=["q_proj"]))) == ""
+    qwen_like.config.layer_types = ["full_attention", "full_attention"]  # Qwen2's default: still fine
+    assert shared_prompt_obstacle(qwen_like) == "" and set(Qwen2Config().layer_types) == {"full_attention"}
+    for kinds, word in ((["full_attention", "sliding_attention"], "sliding"), (["mamba", "full_attention"], "mamba")):
+        qwen_like.config.layer_types = kinds
+        assert word in shared_prompt_obstacle(qwen_like)
+    mistral = MistralForCausalLM(MistralConfig(num_hidden_layers=1, sliding_window=4096, **sizes))
+    assert "sliding window" in shared_prompt_obstacle(mistral)
+    mistral.config._attn_implementation = "flash_attention_2"
+    assert "flash_attention_2" in shared_prompt_obstacle(mistral)
+
+    class Remote(LlamaForCausalLM):  # as trust_remote_code would load it: a class of the model's own module
+        pass
+
+    assert "outside transformers" in shared_prompt_obstacle(Remote(LlamaConfig(num_hidden_layers=1, **sizes)))
+
+
 # ---------------------------------------------------------------- against TRL
 
 

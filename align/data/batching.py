@@ -208,15 +208,25 @@ def pair_extras(features: list[dict], sides: tuple[str, str]) -> dict[str, torch
     return extras
 
 
-def shared_prompt_obstacle(config) -> str:
-    """Why a model (its config) cannot take SharedPromptCollator's custom 4D mask as it is, or '': sdpa
-    and eager attention take it; flash-attention kernels take no mask, and sliding-window layers would
-    lose their window."""
+def shared_prompt_obstacle(model) -> str:
+    """Why ``model`` cannot take SharedPromptCollator's rows as they are, or ''. It must be one of
+    transformers' own classes (remote code may ignore a custom mask or position ids), attend with sdpa or
+    eager (flash-attention kernels take no mask), and have only full-attention layers: sliding-window and
+    chunked layers would lose their window, and recurrent, convolutional or linear-attention layers (Mamba,
+    LFM2, Qwen3-Next, ...) mix tokens in row order, where the rejected answer follows the chosen one."""
+    inner = getattr(model, "module", model)  # DDP keeps the model in .module
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    config = base.config
+    if not type(base).__module__.startswith("transformers."):
+        return "a model class from outside transformers may not honour a custom mask"
     implementation = getattr(config, "_attn_implementation", None)
     if implementation not in ("sdpa", "eager"):
         return f"{implementation} attention takes no custom mask"
-    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
-        return "its sliding-window layers would lose their window under a custom mask"
+    kinds = set(getattr(config, "layer_types", None) or ())
+    if kinds - {"full_attention"}:
+        return f"its {', '.join(sorted(kinds - {'full_attention'}))} layers would see across the answers"
+    if not kinds and getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "its sliding window would be lost under a custom mask"
     return ""
 
 

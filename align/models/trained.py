@@ -123,7 +123,8 @@ def merged_weight(weight: torch.Tensor, layer, adapter: str) -> torch.Tensor:
     lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
     plain = isinstance(lora_a, torch.nn.Linear) and isinstance(lora_b, torch.nn.Linear)
     if plain and not getattr(layer, "fan_in_fan_out", False) and not layer.use_dora.get(adapter, False):
-        return torch.addmm(weight, lora_b.weight.float(), lora_a.weight.float(), alpha=layer.scaling[adapter])
+        b, a = (factor.weight.float().to(weight.device) for factor in (lora_b, lora_a))
+        return torch.addmm(weight, b, a, alpha=layer.scaling[adapter])
     return weight + layer.get_delta_weight(adapter).float().to(weight.device)
 
 

@@ -254,7 +254,7 @@ def pair_layout(cfg: StageConfig, model, pad_token_id: int, unavailable: str = "
     on and the model's attention takes the mask, else two padded rows a pair, saying why."""
     from align.data.batching import PairCollator, SharedPromptCollator, shared_prompt_obstacle
 
-    why = unavailable or shared_prompt_obstacle(model.config)
+    why = unavailable or shared_prompt_obstacle(model)
     if cfg.data.shared_prompt and not why:
         return SharedPromptCollator(pad_token_id), "one row a pair, the prompt run once for both answers"
     return PairCollator(pad_token_id), "two padded rows a pair" + (f" ({why})" if cfg.data.shared_prompt else "")
