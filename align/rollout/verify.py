@@ -50,14 +50,11 @@ FAITHFULNESS_EVERY = 8
 NEAR_TIE = {"fp32": 1e-3, "bf16": 0.1, "fp16": 0.05}
 MIN_GREEDY_AGREEMENT = 0.75
 # The probe is plain text, not a chat: it checks weights, not behaviour (the faithfulness check asks real
-# questions through the chat template), and the template's system prompt tripled its length - a third of
-# the probe's time on each side (issue 16: 46 + 25 tokens took 0.23 s in the trainer and 0.14 s in vLLM,
-# 17 + 25 take 0.21 and 0.09).
-PROBE = (
-    "Count from one to ten in words, then name the days of the week.\n",
-    "one two three four five six seven eight nine ten. "
-    "Monday, Tuesday, Wednesday, Thursday, Friday, Saturday and Sunday.",
-)
+# questions through the chat template). Every token after the first is compared, so no forward pass is
+# spent on an unscored prompt. Its length costs the engine (vLLM scored 42 tokens in 0.085-0.097 s, these
+# 19 in 0.058); the trainer's forward through a 4-bit base takes ~0.15 s whatever the length (every layer
+# is dequantized), so a shorter probe would save little more (issue 16: bench_rl's probe 0.27 -> 0.25 s).
+PROBE = "Count from one to ten in words: one two three four five six seven eight nine ten."
 
 
 def served_lora(policy):
@@ -133,9 +130,8 @@ class VerifiedEngine:
         self.failed: str | None = None  # why the last sync failed; generate refuses while set
         self.fidelity: dict[str, float] = {}
         self.sync_seconds: dict[str, float] = {}
-        probe_prompt = tokenizer(PROBE[0])["input_ids"]  # with the tokenizer's BOS, if it adds one
-        probe_completion = tokenizer(PROBE[1], add_special_tokens=False)["input_ids"]
-        self.probe = Rollout(0, probe_prompt, probe_completion, [], "length", "")
+        probe = tokenizer(PROBE)["input_ids"]  # with the tokenizer's BOS, if it adds one
+        self.probe = Rollout(0, probe[:1], probe[1:], [], "length", "")  # every token but the first is scored
         self.faithfulness_prompts = encode_prompts(
             tokenizer, [[{"role": "user", "content": q}] for q in FAITHFULNESS_PROMPTS]
         )
