@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from align.data.templating import Encoded
+from align.models.unwrap import inner_model
 from align.tokens import IGNORE_INDEX
 
 
@@ -214,8 +215,7 @@ def shared_prompt_obstacle(model) -> str:
     eager (flash-attention kernels take no mask), and have only full-attention layers: sliding-window and
     chunked layers would lose their window, and recurrent, convolutional or linear-attention layers (Mamba,
     LFM2, Qwen3-Next, ...) mix tokens in row order, where the rejected answer follows the chosen one."""
-    inner = getattr(model, "module", model)  # DDP keeps the model in .module
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    base = inner_model(model)
     config = base.config
     if not type(base).__module__.startswith("transformers."):
         return "a model class from outside transformers may not honour a custom mask"
@@ -233,8 +233,7 @@ def shared_prompt_obstacle(model) -> str:
 def mask_for(model, mask: torch.Tensor) -> torch.Tensor:
     """A batch's attention mask as ``model``'s attention takes it: a boolean 4D mask becomes the additive
     float mask eager attention adds to its scores (sdpa takes booleans); anything else is unchanged."""
-    inner = getattr(model, "module", model)  # DDP keeps the model in .module; peft forwards .config
-    if mask.ndim != 4 or mask.dtype != torch.bool or inner.config._attn_implementation != "eager":
+    if mask.ndim != 4 or mask.dtype != torch.bool or inner_model(model).config._attn_implementation != "eager":
         return mask
     return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
         ~mask, torch.finfo(torch.float32).min

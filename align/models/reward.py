@@ -16,6 +16,7 @@ import torch
 from align.config import ModelConfig, QuantizationConfig
 from align.data.batching import mask_for
 from align.models.loading import DTYPES, bnb_config, disable_bnb_cpu_repacking, load_tokenizer, read_stage_manifest
+from align.models.unwrap import inner_model
 
 HEAD_NAMES = ("score", "classifier")
 
@@ -87,11 +88,6 @@ def pair_scores(model, batch: dict) -> torch.Tensor:
     return _scores_at(model, batch["input_ids"], mask, batch["position_ids"], rows, batch["ends"])
 
 
-def _classifier(model):
-    inner = model.module if hasattr(model, "module") else model  # DDP keeps the model in .module
-    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-
-
 def _scores_at(model, input_ids, attention_mask, position_ids, rows, positions) -> torch.Tensor:
     """The head applied to the final hidden state at (rows[i], positions[i]).
 
@@ -106,7 +102,7 @@ def _scores_at(model, input_ids, attention_mask, position_ids, rows, positions) 
         use_cache=False,
     )
     hidden = output.hidden_states[-1]  # after the final norm, as the head expects
-    head = _head(_classifier(model))
+    head = _head(inner_model(model))
     pooled = hidden[rows, positions]
     return head(pooled.to(next(head.parameters()).dtype)).squeeze(-1).float()
 
