@@ -189,6 +189,47 @@ def test_merged_weights_equal_peft_merge_and_unload(tiny_model_dir, lora):
         torch.testing.assert_close(ours[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_an_embedding_adapter_is_merged_into_the_embedding_and_its_tied_output_layer(tiny_llama):
+    """A LoRA on embed_tokens (peft keeps it in lora_embedding_A/B, not lora_A/B) is merged like any other
+    and a merged sync sends it (it was once left out: the engine kept the base embedding). The engine's
+    untied copy of the tied output layer stays the base embedding, which is what the trainer's output
+    layer reads (peft's merge_and_unload would add the delta to both)."""
+    from align.models.trained import base_weights, lora_layers
+
+    targets = AdapterConfig(target_modules=["q_proj", "v_proj", "embed_tokens"])
+    model = add_adapter(load_tiny(tiny_llama), targets, LoraConfig(r=4, alpha=8), False, False)
+    assert model.get_base_model().config.tie_word_embeddings
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "lora_embedding" in name:  # peft starts an embedding's A at zero, not its B
+                param.normal_(0, 0.5)
+    assert "model.embed_tokens.weight" in lora_layers(model)
+    ours = dict(base_weights(model, untie=True, merge_adapter=True))
+    sent = {n for n, _ in base_weights(model, untie=True, merge_adapter=True, adapted_only=True)}
+    unmerged = dict(base_weights(model))["model.embed_tokens.weight"].clone()
+    assert torch.equal(ours["lm_head.weight"], unmerged)  # the output layer reads the base embedding
+    assert "model.embed_tokens.weight" in sent and "lm_head.weight" not in sent
+    expected = model.merge_and_unload().state_dict()["model.embed_tokens.weight"]  # merges in place
+    assert (ours["model.embed_tokens.weight"] - unmerged).abs().max() > 1e-3
+    torch.testing.assert_close(ours["model.embed_tokens.weight"], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_an_adapter_with_lora_bias_is_not_merged_silently(tiny_llama):
+    """peft's lora_bias trains a bias on lora_B that an engine's merged weights have no place for (Llama's
+    projections have no bias): merging refuses it, and a vLLM engine says to use hf, rather than serve a policy
+    without it."""
+    from align.models.trained import base_weights
+    from align.rollout.verify import served_lora
+
+    adapter = AdapterConfig(target_modules=["q_proj", "v_proj"], options={"lora_bias": True})
+    model = add_adapter(load_tiny(tiny_llama), adapter, LoraConfig(r=4, alpha=8), False, False)
+    with pytest.raises(ValueError, match="lora_bias.*engine hf"):
+        served_lora(model)
+    with pytest.raises(ValueError, match="lora_bias"):
+        dict(base_weights(model, merge_adapter=True))
+
+
 def test_under_fsdp_the_4bit_base_is_stored_in_the_compute_dtype_and_computes_the_same(tiny_llama, monkeypatch):
     """FSDP flattens a layer's parameters into one tensor of one dtype: QLoRA's packed 4-bit weights must be
     stored as the compute dtype to be sharded with the norms and the adapter (FSDP-QLoRA). The storage is a

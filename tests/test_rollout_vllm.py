@@ -142,6 +142,25 @@ def test_merged_sync_pushes_the_adapted_blocks_whole_and_nothing_else(vllm_llama
         engine.close()
 
 
+def test_merged_sync_serves_an_embedding_adapter(vllm_llama, tokenizer):
+    """A LoRA on the embedding alone (peft's lora_embedding_A/B): after a real step only the embedding has
+    changed, the probe sees the stale engine, and a merged sync makes it equal the trainer (the merged
+    embedding is sent; the output layer, which reads the base embedding, is not)."""
+    policy = lora_policy(vllm_llama, targets=["embed_tokens"])
+    engine = VLLMEngine(policy, tokenizer, sync="merged", **ENGINE)
+    try:
+        rollouts = engine.generate(CHATS, Sampling(n=2, max_new_tokens=8, seed=4))
+        optimizer_step(policy, rollouts, tokenizer.pad_token_id)
+        assert engine.probe_difference(policy) > 1e-3
+        engine.sync_weights(policy)
+        assert engine.last_sync_difference < 1e-3
+        after = engine.generate(CHATS, Sampling(n=2, max_new_tokens=8, seed=5))
+        trainer = score_rollouts(policy, after, tokenizer.pad_token_id, 1.0)
+        assert logprob_mismatch([r.logprobs for r in after], trainer)["logprob_mismatch_max"] < 1e-3
+    finally:
+        engine.close()
+
+
 def test_auto_sync_is_merged_on_cpu_and_lora_on_gpu(vllm_llama, monkeypatch):
     from align.rollout.vllm import sync_mode
 

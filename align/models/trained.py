@@ -89,12 +89,29 @@ def merge(folder: str | Path, output: str | Path, precision: str = "fp32") -> Pa
         raise FileExistsError(f"{output} exists and is not empty; choose another --output")
     model, tokenizer = load_trained(folder, dequantize=True, precision="fp32")
     if hasattr(model, "merge_and_unload"):
+        untie_adapted_embedding(model)
         model = model.merge_and_unload()
     model = model.to(DTYPES[precision])
     with atomic_folder(output) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     return output
+
+
+def untie_adapted_embedding(model) -> None:
+    """Give the output layer its own copy of a tied embedding that carries a LoRA, before peft merges it.
+
+    The adapter changes the input lookup only; the output layer reads the base weight. peft's
+    merge_and_unload adds the delta to the one shared tensor, so a merged model would also change its
+    output layer (max logit difference 91 on a tiny Llama): not the policy that was trained.
+    """
+    base = model.get_base_model()
+    embedding = base.get_input_embeddings()
+    if not getattr(base.config, "tie_word_embeddings", False) or embedding not in lora_layers(model).values():
+        return
+    output = base.get_output_embeddings()
+    output.weight = torch.nn.Parameter(output.weight.detach().clone(), requires_grad=False)
+    base.config.tie_word_embeddings = False
 
 
 def lora_layers(model) -> dict[str, object]:
@@ -104,10 +121,11 @@ def lora_layers(model) -> dict[str, object]:
     if not hasattr(model, "get_base_model"):
         return {}
     adapter = model.active_adapter
+    # peft keeps an embedding's factors in lora_embedding_A/B, every other layer's in lora_A/B
     return {
         f"{name}.weight": module
         for name, module in model.get_base_model().named_modules()
-        if isinstance(module, LoraLayer) and adapter in module.lora_A
+        if isinstance(module, LoraLayer) and (adapter in module.lora_A or adapter in module.lora_embedding_A)
     }
 
 
@@ -120,7 +138,7 @@ def merged_weight(weight: torch.Tensor, layer, adapter: str) -> torch.Tensor:
     (issue 16). Other adapters (embeddings, convolutions, fan-in-fan-out, DoRA) take peft's delta.
     """
     weight = weight.float()
-    lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
+    lora_a, lora_b = (factors[adapter] if adapter in factors else None for factors in (layer.lora_A, layer.lora_B))
     plain = isinstance(lora_a, torch.nn.Linear) and isinstance(lora_b, torch.nn.Linear)
     if plain and not getattr(layer, "fan_in_fan_out", False) and not layer.use_dora.get(adapter, False):
         b, a = (factor.weight.float().to(weight.device) for factor in (lora_b, lora_a))
@@ -148,11 +166,20 @@ def base_weights(model, dtype=None, untie: bool = False, merge_adapter: bool = F
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     adapted = lora_layers(model) if merge_adapter else {}
     adapter = model.active_adapter if adapted else None
-    parents = {name.rsplit(".", 2)[0] + "." for name in adapted}
+    for name, layer in adapted.items():
+        if getattr(layer, "lora_bias", {}).get(adapter, False):
+            raise ValueError(
+                f"{name}: a LoRA with lora_bias (a bias on lora_B) cannot be merged into an engine's weights"
+            )
+    embedding = base.get_input_embeddings()
+    # fused siblings (q/k/v, gate/up) are sent with an adapted block; the embedding has none
+    parents = {name.rsplit(".", 2)[0] + "." for name, layer in adapted.items() if layer is not embedding}
     for name, param in base.named_parameters():
-        if adapted_only and not param.requires_grad and not any(name.startswith(parent) for parent in parents):
-            continue
         parts = name.split(".")
+        clean = ".".join(p for p in parts if p != "base_layer")
+        sibling = any(name.startswith(parent) for parent in parents)
+        if adapted_only and not param.requires_grad and clean not in adapted and not sibling:
+            continue
         if any(p.startswith("lora_") or p in ("modules_to_save", "original_module") for p in parts):
             if "modules_to_save" in parts:
                 raise ValueError(
@@ -166,14 +193,15 @@ def base_weights(model, dtype=None, untie: bool = False, merge_adapter: bool = F
             raise ValueError(
                 f"{name}: 8-bit bases cannot be exported for an inference engine; use nf4 or no quantization"
             )
-        name = ".".join(p for p in parts if p != "base_layer")
+        name = clean
         if name in adapted:
             with torch.no_grad():
                 tensor = merged_weight(tensor, adapted[name], adapter)
         yield name, tensor.to(dtype) if dtype is not None else tensor
     tied = untie and getattr(base.config, "tie_word_embeddings", False)
     output = base.get_output_embeddings().weight if tied else None
-    # a tied output layer changes with an adapter on lm_head or a trainable embedding
+    # A tied output layer changes with an adapter on lm_head or a trainable embedding - not with an adapter
+    # on the embedding: that changes the input lookup only, the output layer still reads the base weight.
     if tied and (not adapted_only or "lm_head.weight" in adapted or output.requires_grad):
         tensor = output.data
         if "lm_head.weight" in adapted:

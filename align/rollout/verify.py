@@ -66,6 +66,8 @@ def served_lora(policy):
     config = policy.peft_config[policy.active_adapter]
     if getattr(config, "peft_type", None) is None or config.peft_type.value != "LORA":
         raise ValueError(f"vLLM serves LoRA adapters only; this policy uses {config.peft_type.value}. Use engine hf")
+    if getattr(config, "lora_bias", False):
+        raise ValueError("vLLM cannot serve LoRA adapters with lora_bias (a bias on lora_B); use engine hf")
     if getattr(config, "use_dora", False) or config.modules_to_save:
         raise ValueError("vLLM cannot serve DoRA adapters or adapters with modules_to_save; use engine hf")
     return config
