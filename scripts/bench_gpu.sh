@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures in one go (issue 16), for a session that is lent a GPU: rollouts (hf vs vLLM, LoRA vs
 # merged sync), SFT and DPO against TRL (with Liger, TRL's strongest GPU setting), GRPO and PPO steps.
+# DPO also with two rows a pair: the shared-prompt row's custom mask keeps sdpa off its flash kernel on a GPU.
 # Every row is its own process; each prints its result dict (peak_gpu_mb = torch.cuda.max_memory_allocated)
 # as it ends, each script a table of ratios. About 10 minutes on one H200; each script is cut at its limit.
 #   bash scripts/bench_gpu.sh            # logs under $OUT (the device tool's folder) or bench-gpu/
@@ -24,6 +25,6 @@ run() {  # run LIMIT_SECONDS NAME COMMAND...: one benchmark script, its log kept
 
 run 150 rollout scripts/bench_rollout.py --prompts 64 --tokens 128 --only hf-batched,vllm-bf16-lora,vllm-bf16-merged
 run 170 sft scripts/bench_sft.py --steps 20 --only trl-qlora-defaults trl-qlora-no-dropout trl-qlora-no-dropout-liger align-qlora align-qlora-no-checkpointing
-run 90 dpo scripts/bench_dpo.py --steps 12 --only trl-dpo-defaults align-dpo-precomputed
+run 120 dpo scripts/bench_dpo.py --steps 12 --only trl-dpo-defaults align-dpo-precomputed align-dpo-precomputed-two-rows
 run 150 rl scripts/bench_rl.py --steps 4 --only grpo-vllm,ppo-vllm
 echo "logs: $LOG"
