@@ -113,16 +113,20 @@ def test_adapter_engine_samples_what_the_trainer_scores_and_follows_every_step(v
     assert not torch.distributed.is_initialized()  # vLLM's process group is gone with the engine
 
 
-def test_merged_sync_pushes_the_adapted_blocks_whole_and_nothing_else(vllm_llama, tokenizer):
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj", "up_proj"], ["embed_tokens"]], ids=["q-v-up", "embedding"])
+def test_merged_sync_pushes_what_a_step_changes_and_nothing_else(vllm_llama, tokenizer, targets):
     """A merged sync sends only what a LoRA step changes. vLLM fuses q/k/v and gate/up into one layer: an
     adapter on q, v and up only must still send k and gate (else the fused layer is rebuilt from part of
-    its weights), and the engine must equal the trainer after a real step (probe and sampled logprobs)."""
+    its weights). A LoRA on the embedding (peft's lora_embedding_A/B, once left out: the engine kept the
+    base embedding) sends the merged embedding and not the output layer, which reads the base embedding.
+    Either way the engine must equal the trainer after a real step (probe and sampled logprobs)."""
     from align.models.trained import base_weights
 
-    policy = lora_policy(vllm_llama, targets=["q_proj", "v_proj", "up_proj"])
+    policy = lora_policy(vllm_llama, targets=targets)
     sent = {name for name, _ in base_weights(policy, torch.float32, untie=True, merge_adapter=True, adapted_only=True)}
     every = {name for name, _ in base_weights(policy, torch.float32, untie=True)}
-    assert sent == {n for n in every if ".self_attn." in n or ".mlp." in n}  # k, o, gate, down included
+    blocks = {n for n in every if ".self_attn." in n or ".mlp." in n}  # k, o, gate, down included
+    assert sent == ({"model.embed_tokens.weight"} if targets == ["embed_tokens"] else blocks)
     engine = VLLMEngine(policy, tokenizer, sync="merged", **ENGINE)
     try:
         rollouts = engine.generate(CHATS, Sampling(n=2, max_new_tokens=8, seed=4))
@@ -135,25 +139,6 @@ def test_merged_sync_pushes_the_adapted_blocks_whole_and_nothing_else(vllm_llama
             "time/sync_faithfulness",
         }
         assert engine.fidelity == {}  # the greedy-answer check ran at start-up; next at FAITHFULNESS_EVERY
-        after = engine.generate(CHATS, Sampling(n=2, max_new_tokens=8, seed=5))
-        trainer = score_rollouts(policy, after, tokenizer.pad_token_id, 1.0)
-        assert logprob_mismatch([r.logprobs for r in after], trainer)["logprob_mismatch_max"] < 1e-3
-    finally:
-        engine.close()
-
-
-def test_merged_sync_serves_an_embedding_adapter(vllm_llama, tokenizer):
-    """A LoRA on the embedding alone (peft's lora_embedding_A/B): after a real step only the embedding has
-    changed, the probe sees the stale engine, and a merged sync makes it equal the trainer (the merged
-    embedding is sent; the output layer, which reads the base embedding, is not)."""
-    policy = lora_policy(vllm_llama, targets=["embed_tokens"])
-    engine = VLLMEngine(policy, tokenizer, sync="merged", **ENGINE)
-    try:
-        rollouts = engine.generate(CHATS, Sampling(n=2, max_new_tokens=8, seed=4))
-        optimizer_step(policy, rollouts, tokenizer.pad_token_id)
-        assert engine.probe_difference(policy) > 1e-3
-        engine.sync_weights(policy)
-        assert engine.last_sync_difference < 1e-3
         after = engine.generate(CHATS, Sampling(n=2, max_new_tokens=8, seed=5))
         trainer = score_rollouts(policy, after, tokenizer.pad_token_id, 1.0)
         assert logprob_mismatch([r.logprobs for r in after], trainer)["logprob_mismatch_max"] < 1e-3
