@@ -89,7 +89,7 @@ def merge(folder: str | Path, output: str | Path, precision: str = "fp32") -> Pa
         raise FileExistsError(f"{output} exists and is not empty; choose another --output")
     model, tokenizer = load_trained(folder, dequantize=True, precision="fp32")
     if hasattr(model, "merge_and_unload"):
-        untie_adapted_embedding(model)
+        untie_adapted_embeddings(model)
         model = model.merge_and_unload()
     model = model.to(DTYPES[precision])
     with atomic_folder(output) as staging:
@@ -98,18 +98,21 @@ def merge(folder: str | Path, output: str | Path, precision: str = "fp32") -> Pa
     return output
 
 
-def untie_adapted_embedding(model) -> None:
-    """Give the output layer its own copy of a tied embedding that carries a LoRA, before peft merges it.
+def untie_adapted_embeddings(model) -> None:
+    """Give the output layer its own copy of a tied embedding weight when either side carries a LoRA,
+    before peft merges it.
 
-    The adapter changes the input lookup only; the output layer reads the base weight. peft's
-    merge_and_unload adds the delta to the one shared tensor, so a merged model would also change its
-    output layer (max logit difference 91 on a tiny Llama): not the policy that was trained.
+    An adapter on the embedding changes the input lookup only, one on lm_head the output layer only; each
+    side still reads the base weight where it has no adapter. peft's merge_and_unload adds a delta to the
+    one shared tensor, so the merged model would change both sides (max logit difference 91 with an
+    embedding LoRA, 20 with an lm_head LoRA, tiny Llama): not the policy that was trained.
     """
     base = model.get_base_model()
-    embedding = base.get_input_embeddings()
-    if not getattr(base.config, "tie_word_embeddings", False) or embedding not in lora_layers(model).values():
+    adapted = set(lora_layers(model).values())
+    sides = (base.get_input_embeddings(), base.get_output_embeddings())
+    if not getattr(base.config, "tie_word_embeddings", False) or not adapted.intersection(sides):
         return
-    output = base.get_output_embeddings()
+    output = sides[1].get_base_layer() if hasattr(sides[1], "get_base_layer") else sides[1]  # under peft's wrapper
     output.weight = torch.nn.Parameter(output.weight.detach().clone(), requires_grad=False)
     base.config.tie_word_embeddings = False
 
