@@ -146,6 +146,39 @@ def test_merged_sync_pushes_what_a_step_changes_and_nothing_else(vllm_llama, tok
         engine.close()
 
 
+def test_a_push_that_fails_half_way_leaves_an_engine_that_says_to_start_a_new_one(vllm_llama, tokenizer, monkeypatch):
+    """The merged weights stream into vLLM as they are built. vLLM empties its layers before loading, so a
+    build that fails half-way (here after 5 blocks) leaves layers it cannot load again: the sync fails, every
+    later one says the engine must be started anew (not vLLM's own error), and nothing is sampled."""
+    import align.rollout.vllm as vllm_engine
+
+    build = vllm_engine.base_weights
+
+    def failing(*args, **kwargs):
+        for index, item in enumerate(build(*args, **kwargs)):
+            if index == 5:
+                raise RuntimeError("out of memory while merging")
+            yield item
+
+    policy = lora_policy(vllm_llama)
+    engine = VLLMEngine(policy, tokenizer, sync="merged", **ENGINE)
+    try:
+        optimizer_step(policy, engine.generate(CHATS, Sampling(n=2, max_new_tokens=8, seed=4)), tokenizer.pad_token_id)
+        monkeypatch.setattr(vllm_engine, "base_weights", failing)
+        with pytest.raises(SyncError, match="out of memory while merging"):
+            engine.sync_weights(policy)
+        monkeypatch.setattr(vllm_engine, "base_weights", build)
+        with pytest.raises(
+            SyncError, match="version 1 .*out of memory while merging.* left vLLM half-loaded; start a new"
+        ):
+            engine.sync_weights(policy)
+        with pytest.raises(SyncError, match="refusing"):
+            engine.generate(CHATS, Sampling(max_new_tokens=2))
+        assert engine.version == 0
+    finally:
+        engine.close()
+
+
 def test_auto_sync_is_merged_on_cpu_and_lora_on_gpu(vllm_llama, monkeypatch):
     from align.rollout.vllm import sync_mode
 

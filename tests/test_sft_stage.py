@@ -222,10 +222,10 @@ def test_qlora_nf4_trains_on_cpu(tmp_path, tiny_llama):
         torch.testing.assert_close(merged(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("side", ["embed_tokens", "lm_head"])
+@pytest.mark.parametrize("side", ["embed_tokens", "lm_head", "embed_tokens, lm_head"])
 def test_merging_an_adapter_on_one_side_of_tied_embeddings_leaves_the_other_as_trained(tmp_path, tiny_llama, side):
-    """A LoRA on a tied embedding changes the input lookup only, one on lm_head the output layer only; the
-    other side still reads the base weight. peft's merge_and_unload adds the delta to the one shared weight
+    """A LoRA on a tied embedding changes the input lookup only, one on lm_head the output layer only; a
+    side without one still reads the base weight. peft's merge_and_unload adds the delta to the one shared weight
     (max logit difference 91 and 20 on a tiny Llama), so the merge unties them first: the merged model
     computes what the trained one did."""
     from align.models.trained import load_trained, merge
@@ -235,8 +235,9 @@ def test_merging_an_adapter_on_one_side_of_tied_embeddings_leaves_the_other_as_t
     )
     model, tokenizer = load_trained(out)
     assert model.get_base_model().config.tie_word_embeddings
-    factor = "lora_embedding_A" if side == "embed_tokens" else f"{side}.lora_B"
-    assert any(factor in k and v.abs().sum() > 0 for k, v in adapter_tensors(out).items())
+    factors = {"embed_tokens": "lora_embedding_A", "lm_head": "lm_head.lora_B"}
+    for factor in (factors[name] for name in side.split(", ")):
+        assert any(factor in k and v.abs().sum() > 0 for k, v in adapter_tensors(out).items()), factor
     merge(out, tmp_path / "merged")
     merged = load_tiny(tmp_path / "merged")
     ids = torch.tensor([tokenizer("Natalia sold clips to 48 of her friends")["input_ids"]])

@@ -115,6 +115,7 @@ def untie_adapted_embeddings(model) -> None:
     output = sides[1].get_base_layer() if hasattr(sides[1], "get_base_layer") else sides[1]  # under peft's wrapper
     output.weight = torch.nn.Parameter(output.weight.detach().clone(), requires_grad=False)
     base.config.tie_word_embeddings = False
+    base.config.get_text_config().tie_word_embeddings = False  # multimodal configs copy it back from here
 
 
 def lora_layers(model) -> dict[str, object]:
@@ -160,9 +161,10 @@ def base_weights(model, dtype=None, untie: bool = False, merge_adapter: bool = F
     dequantized weights (never into 4-bit ones): the policy as one plain model.
 
     ``adapted_only`` (with ``merge_adapter``) gives only what a LoRA step can change: the weights
-    of the modules that hold the adapter and of their siblings under the same parent (an engine
-    fuses q/k/v and gate/up into one layer, which must receive every part), and any base weight
-    left trainable; the frozen embeddings, norms and unadapted blocks are neither dequantized nor copied.
+    of the modules that hold the adapter, of their siblings under the same parent (an engine fuses
+    q/k/v and gate/up into one layer, which must receive every part; an adapted embedding has no
+    siblings), and any base weight left trainable; frozen embeddings, norms and unadapted blocks are
+    neither dequantized nor copied.
     """
     import bitsandbytes.functional as bnbf
 
@@ -174,9 +176,8 @@ def base_weights(model, dtype=None, untie: bool = False, merge_adapter: bool = F
             raise ValueError(
                 f"{name}: a LoRA with lora_bias (a bias on lora_B) cannot be merged into an engine's weights"
             )
-    embedding = base.get_input_embeddings()
-    # fused siblings (q/k/v, gate/up) are sent with an adapted block; the embedding has none
-    parents = {name.rsplit(".", 2)[0] + "." for name, layer in adapted.items() if layer is not embedding}
+    # fused siblings (q/k/v, gate/up) are sent with an adapted block; an embedding has none
+    parents = {name.rsplit(".", 2)[0] + "." for name, layer in adapted.items() if adapter not in layer.lora_embedding_A}
     for name, param in base.named_parameters():
         parts = name.split(".")
         clean = ".".join(p for p in parts if p != "base_layer")

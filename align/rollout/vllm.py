@@ -19,7 +19,8 @@ exported once, dequantized, see ``export_base``), and follows the trainer in one
 
 Every sync is verified (RELIABILITY 14, align/rollout/verify.py): a probe sequence's logprobs after every
 sync, the engine's own greedy answers to real prompts at start-up and every few syncs; a sync that fails
-raises ``SyncError`` and the engine refuses to generate until one passes. It never samples from stale weights.
+raises ``SyncError`` and the engine refuses to generate until one passes (none can after a push that stopped
+half-way through vLLM's reload: a new engine is needed). It never samples from stale weights.
 
 The model runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so pushing weights is a
 function call. On GPU ``gpu_memory_utilization`` bounds vLLM's share of memory and ``sleep``
@@ -305,6 +306,7 @@ class VLLMEngine(VerifiedEngine):
         # An engine that one process of a torchrun launch starts by itself (eval, sample: process 0 only) runs
         # vLLM in a child process: in this process vLLM would build its groups over the launcher's ranks,
         # a collective the other processes never join (`align run` with eval under torchrun hung there).
+        self.half_loaded: str | None = None  # why no push can succeed any more (``_push``)
         self.own_process = alone and self._launcher_group and torch.distributed.get_world_size() > 1
         positions = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
         max_model_len = min(max_model_len, positions) if positions else max_model_len
@@ -403,17 +405,29 @@ class VLLMEngine(VerifiedEngine):
             stale = self.workdir / f"lora-v{version - 1}"
             shutil.rmtree(stale, ignore_errors=True)
         else:
+            if self.half_loaded:
+                raise RuntimeError(self.half_loaded)
             # merged: only the adapted blocks change between versions (the frozen rest stays as exported)
             merged = self.mode == "merged"
             dtype = DTYPES[self.engine_precision]
+            weights = base_weights(policy, dtype, untie=True, merge_adapter=merged, adapted_only=merged)
             # Streamed: each weight is built (dequantized, merged) as vLLM loads it, never all at once - a list
             # of SmolLM2's 210 merged fp32 blocks held 0.4 GB during every sync (bench_rl grpo-vllm peak RSS
-            # 3980/3713 -> 3804/3577 MB, sync time unchanged; issue 16). A failure half-way raises, and the
-            # sync fails. An engine in its own process is sent the weights serialized, which a generator cannot be.
-            weights = base_weights(policy, dtype, untie=True, merge_adapter=merged, adapted_only=merged)
-            if self.own_process:
+            # 3980/3713 -> 3804/3577 MB, sync time unchanged; issue 16). An engine core in another process
+            # (torchrun's own process, or VLLM_ENABLE_V1_MULTIPROCESSING=1) is sent the weights serialized,
+            # which a generator cannot be.
+            if type(self.llm.llm_engine.engine_core).__name__ != "InprocClient":
                 weights = list(weights)
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            try:
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            except Exception as error:
+                # vLLM empties its layers before loading them: after a reload that stopped half-way (here or
+                # in building a weight) it cannot load again. Say so, rather than fail every later sync with
+                # vLLM's own error. align's RL stages stop at the first failed sync anyway.
+                self.half_loaded = (
+                    f"the failed push of version {version} ({error}) left vLLM half-loaded; start a new engine"
+                )
+                raise
             self.llm.reset_prefix_cache()
 
     def _score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
