@@ -142,10 +142,10 @@ def merged_weight(weight: torch.Tensor, layer, adapter: str) -> torch.Tensor:
     (issue 16). Other adapters (embeddings, convolutions, fan-in-fan-out, DoRA) take peft's delta.
     """
     weight = weight.float()
-    lora_a, lora_b = (factors[adapter] if adapter in factors else None for factors in (layer.lora_A, layer.lora_B))
-    plain = isinstance(lora_a, torch.nn.Linear) and isinstance(lora_b, torch.nn.Linear)
+    factors = (layer.lora_B, layer.lora_A)  # an embedding's are in lora_embedding_B/A: not plain
+    plain = adapter in layer.lora_A and all(isinstance(f[adapter], torch.nn.Linear) for f in factors)
     if plain and not getattr(layer, "fan_in_fan_out", False) and not layer.use_dora.get(adapter, False):
-        b, a = (factor.weight.float().to(weight.device) for factor in (lora_b, lora_a))
+        b, a = (f[adapter].weight.float().to(weight.device) for f in factors)
         return torch.addmm(weight, b, a, alpha=layer.scaling[adapter])
     return weight + layer.get_delta_weight(adapter).float().to(weight.device)
 
@@ -181,8 +181,8 @@ def base_weights(model, dtype=None, untie: bool = False, merge_adapter: bool = F
     for name, param in base.named_parameters():
         parts = name.split(".")
         clean = ".".join(p for p in parts if p != "base_layer")
-        sibling = any(name.startswith(parent) for parent in parents)
-        if adapted_only and not param.requires_grad and clean not in adapted and not sibling:
+        frozen = adapted_only and not param.requires_grad and clean not in adapted
+        if frozen and not any(name.startswith(parent) for parent in parents):  # not a fused sibling either
             continue
         if any(p.startswith("lora_") or p in ("modules_to_save", "original_module") for p in parts):
             if "modules_to_save" in parts:
