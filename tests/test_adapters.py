@@ -179,8 +179,10 @@ def test_merged_weights_equal_peft_merge_and_unload(tiny_model_dir, lora):
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.5)  # peft starts B at zero: a merge of zeros would prove nothing
-    ours = dict(base_weights(model, merge_adapter=True))
     unmerged = {name: weight.clone() for name, weight in base_weights(model)}  # merge_and_unload writes in place
+    ours = {name: weight.clone() for name, weight in base_weights(model, merge_adapter=True)}
+    for name, weight in base_weights(model):  # merging gave new tensors: the model's own fp32 weights are untouched
+        assert torch.equal(weight, unmerged[name]), name
     adapted = lora_layers(model)
     assert adapted and all(name in ours for name in adapted)
     expected = model.merge_and_unload().state_dict()
@@ -249,3 +251,38 @@ def test_under_fsdp_the_4bit_base_is_stored_in_the_compute_dtype_and_computes_th
         with torch.no_grad():
             logits[fsdp] = model(input_ids=ids).logits.float()
     torch.testing.assert_close(logits["true"], logits["false"], atol=0, rtol=0)
+
+
+def test_set_training_sets_every_flag_train_would_without_calling_it(tiny_llama, monkeypatch):
+    """The fast switch (align/models/modes.py) skips ``train``'s recursion: for a peft model over a transformers
+    model every module ends in the mode ``model.train`` gives, and no ``train`` runs at all."""
+    from align.models.modes import evaluating, set_training
+
+    model = add_adapter(load_tiny(tiny_llama), AdapterConfig(), LoraConfig(r=4, alpha=8, dropout=0.1), False, False)
+    modules = list(model.modules())
+    for mode in (False, True):
+        model.train(not mode)
+        with monkeypatch.context() as patched:
+            patched.setattr(torch.nn.Module, "train", lambda *_: pytest.fail("train was called"))
+            set_training(model, mode)
+        assert [m.training for m in modules] == [mode] * len(modules)
+    model.train()
+    with evaluating(model):
+        assert not any(m.training for m in modules)
+    assert all(m.training for m in modules)
+
+
+def test_a_module_whose_train_does_more_is_switched_by_train_itself():
+    from align.models.modes import evaluating
+
+    class Counting(torch.nn.Linear):
+        calls = 0
+
+        def train(self, mode=True):
+            Counting.calls += 1
+            return super().train(mode)
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(Counting(2, 2)))
+    with evaluating(model):
+        assert not any(m.training for m in model.modules()) and Counting.calls == 1
+    assert all(m.training for m in model.modules()) and Counting.calls == 2

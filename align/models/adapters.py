@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 
 from align.config import AdapterConfig, LoraConfig, RecipeError
 from align.models.loading import disable_bnb_cpu_repacking
+from align.models.modes import evaluating
 
 
 def peft_config(adapter: AdapterConfig, lora: LoraConfig, total_steps: int = 1000, task_type: str = "CAUSAL_LM"):
@@ -163,9 +164,7 @@ def trainable_summary(model) -> tuple[int, int]:
 @contextmanager
 def reference_mode(model, adapter_name: str | None):
     """The reference policy, in eval mode (no dropout): a named frozen adapter, or adapters off."""
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         if adapter_name is None:
             with model.disable_adapter():
                 yield
@@ -176,5 +175,3 @@ def reference_mode(model, adapter_name: str | None):
                 yield
             finally:
                 model.set_adapter(previous)
-    finally:
-        model.train(was_training)

@@ -141,13 +141,14 @@ def merged_weight(weight: torch.Tensor, layer, adapter: str) -> torch.Tensor:
     SmolLM2's 210 adapted layers that took 0.14-0.32 s of every merged sync, the fused form 0.08 s
     (issue 16). Other adapters (embeddings, convolutions, fan-in-fan-out, DoRA) take peft's delta.
     """
-    weight = weight.float()
     factors = (layer.lora_B, layer.lora_A)  # an embedding's are in lora_embedding_B/A: not plain
     plain = adapter in layer.lora_A and all(isinstance(f[adapter], torch.nn.Linear) for f in factors)
     if plain and not getattr(layer, "fan_in_fan_out", False) and not layer.use_dora.get(adapter, False):
         b, a = (f[adapter].weight.float().to(weight.device) for f in factors)
-        return torch.addmm(weight, b, a, alpha=layer.scaling[adapter])
-    return weight + layer.get_delta_weight(adapter).float().to(weight.device)
+        # summed in place into a copy of its own (an fp32 weight may be the model's): one fp32 weight-sized
+        # tensor per layer, not the converted weight and then the sum (SmolLM2's 210 layers: 0.079 -> 0.062 s)
+        return weight.to(torch.float32, copy=True).addmm_(b, a, alpha=layer.scaling[adapter])
+    return weight.float() + layer.get_delta_weight(adapter).float().to(weight.device)
 
 
 def base_weights(model, dtype=None, untie: bool = False, merge_adapter: bool = False, adapted_only: bool = False):

@@ -20,6 +20,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TextIteratorStreamer
 
 from align.models.loading import autocast
+from align.models.modes import evaluating
 from align.rollout.engine import Rollout, Sampling, encode_prompts, finish, stop_token_ids
 
 
@@ -130,10 +131,8 @@ class HFEngine:
     def generate_ids(self, prompts: list[list[int]], sampling: Sampling) -> list[Rollout]:
         rows = [(i, p) for i, p in enumerate(prompts) for _ in range(sampling.n)]
         generator = torch.Generator(device=next(self.policy.parameters()).device).manual_seed(sampling.seed)
-        was_training = self.policy.training
-        self.policy.eval()
         rollouts = []
-        try:
+        with evaluating(self.policy):
             for start in range(0, len(rows), self.batch_size):
                 chunk = rows[start : start + self.batch_size]
                 ids, logps = self._generate_rows([p for _, p in chunk], sampling, generator)
@@ -142,8 +141,6 @@ class HFEngine:
                         self.tokenizer, row_ids, row_logps, self.eos_ids, sampling.stop
                     )
                     rollouts.append(Rollout(index, list(prompt), completion, logprobs, reason, text, self.version))
-        finally:
-            self.policy.train(was_training)
         return rollouts
 
     def stream(self, conversation: list[dict], sampling: Sampling) -> Iterator[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from align.models.loading import autocast
+from align.models.modes import evaluating
 from align.models.output_layer import next_token_logps
 from align.rollout.engine import Rollout
 from align.tokens import IGNORE_INDEX
@@ -91,19 +92,15 @@ def score_rollouts(
     model, rollouts: list[Rollout], pad_id: int, temperature: float, precision: str = "fp32", batch_size: int = 16
 ) -> list[list[float]]:
     """The trainer's logprobs of each rollout's completion tokens, in eval mode (no dropout)."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     out = []
-    try:
+    with evaluating(model):
         for start in range(0, len(rollouts), batch_size):
             chunk = rollouts[start : start + batch_size]
             batch = {k: v.to(device) for k, v in rollout_batch(chunk, pad_id).items()}
             with autocast(precision):
                 logps = completion_token_logps(model, batch, temperature)
             out += [row[: len(r.completion_ids)].tolist() for row, r in zip(logps.float().cpu(), chunk)]
-    finally:
-        model.train(was_training)
     return out
 
 
@@ -113,21 +110,16 @@ def trainer_view(
 ) -> tuple[list[list[float]], float]:
     """(the trainer's logprobs of each rollout's tokens at temperature 1, the share of tokens that are
     the trainer's most likely one or within ``near_tie`` nats of it) - for checking an engine's greedy answers."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
-    try:
-        batch = {k: v.to(device) for k, v in rollout_batch(rollouts, pad_id).items()}
-        with autocast(precision):
-            logits = completion_forward(model, batch)[0]
-        logp = torch.log_softmax(logits.float(), -1)
-        chosen = logp.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
-        close = (logp.max(-1).values - chosen) <= near_tie
-        mask = batch["completion_mask"].bool()
-        agreement = (close & mask).sum().item() / max(mask.sum().item(), 1)
-        return [row[: len(r.completion_ids)].cpu().tolist() for row, r in zip(chosen, rollouts)], agreement
-    finally:
-        model.train(was_training)
+    batch = {k: v.to(device) for k, v in rollout_batch(rollouts, pad_id).items()}
+    with evaluating(model), autocast(precision):
+        logits = completion_forward(model, batch)[0]
+    logp = torch.log_softmax(logits.float(), -1)
+    chosen = logp.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    close = (logp.max(-1).values - chosen) <= near_tie
+    mask = batch["completion_mask"].bool()
+    agreement = (close & mask).sum().item() / max(mask.sum().item(), 1)
+    return [row[: len(r.completion_ids)].cpu().tolist() for row, r in zip(chosen, rollouts)], agreement
 
 
 def logprob_mismatch(engine: list[list[float]], trainer: list[list[float]]) -> dict[str, float]:

@@ -16,6 +16,7 @@ from align.config import RecipeError
 from align.data.batching import PairCollator, SharedPromptCollator, mask_for
 from align.models.adapters import add_adapter, load_adapter_for_training
 from align.models.loading import autocast, load_base_model
+from align.models.modes import evaluating
 from align.models.output_layer import next_token_logps
 from align.stages.checkup import checkup_status, raise_if_collapsed, run_checkup, with_training_alarm
 from align.stages.common import check_longest_batch, process_state, save_stage
@@ -54,18 +55,16 @@ def precompute_reference(
     """The rows with the reference logprobs of both answers (``ref_<side>``), computed once with the
     starting policy."""
     first, second = collator.sides
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in collator(chunk).items()}
-        with autocast(precision):
-            sums, _ = completion_logps(model, batch)
-        n = len(chunk)
-        for row, one, other in zip(chunk, sums[:n].tolist(), sums[n:].tolist()):
-            row[f"ref_{first}"], row[f"ref_{second}"] = one, other
-    model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in collator(chunk).items()}
+            with autocast(precision):
+                sums, _ = completion_logps(model, batch)
+            n = len(chunk)
+            for row, one, other in zip(chunk, sums[:n].tolist(), sums[n:].tolist()):
+                row[f"ref_{first}"], row[f"ref_{second}"] = one, other
     return rows
 
 
