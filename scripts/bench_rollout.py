@@ -1,4 +1,4 @@
-"""Rollout throughput: hf one prompt at a time, hf batched, vLLM - and the time of one weight sync.
+"""Rollout throughput: hf one prompt at a time, hf batched, vLLM - and the median time of a weight sync.
 
 The policy is what RL trains: SmolLM2-135M-Instruct, NF4 base + LoRA r=16 on all linear layers
 (B perturbed so the adapter matters). The same GSM8K questions and sampling (temperature 1,
@@ -7,6 +7,7 @@ warms up on 4 prompts, then generates for all prompts. Tokens/s counts generated
 
     python scripts/bench_rollout.py --prompts 64 --tokens 64
     python scripts/bench_rollout.py --only vllm-bf16,vllm-bf16-lora   # a subset
+    python scripts/bench_rollout.py --only vllm-cpu-default --prompts 8 --syncs 12   # the merged sync's time
 
 ``precision`` is the trainer's (autocast, 4-bit compute dtype); ``engine_precision`` the weights
 vLLM serves (default: fp32 on CPU). "mismatch" is the mean |engine - trainer| logprob per
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 from benchlib import report, run_configs
@@ -62,7 +64,7 @@ def policy(precision: str, adapter: bool = True):
     return model, load_tokenizer(model_cfg)
 
 
-def worker(name: str, prompts: int, tokens: int) -> dict:
+def worker(name: str, prompts: int, tokens: int, syncs_wanted: int = 1) -> dict:
     import torch
 
     from align.data.builtin import gsm8k_rows
@@ -94,20 +96,27 @@ def worker(name: str, prompts: int, tokens: int) -> dict:
     # How far the sampler is from the trainer on what it sampled (what RL's ratios see).
     trainer = score_rollouts(model, rollouts, tokenizer.pad_token_id, 1.0, precision)
     mismatch = logprob_mismatch([r.logprobs for r in rollouts], trainer)
-    with torch.no_grad():  # a small change for the engine to take up: the adapter, or a full model's norms
-        for n, p in model.named_parameters():
-            if "lora_B" in n or (not adapter and n.endswith("norm.weight")):
-                p.add_(0.001)
-    started = time.perf_counter()
-    engine.sync_weights(model)
-    sync = time.perf_counter() - started
+    syncs, parts = [], []
+    for _ in range(max(1, syncs_wanted)):
+        with torch.no_grad():  # a small change for the engine to take up: the adapter, or a full model's norms
+            for n, p in model.named_parameters():
+                if "lora_B" in n or (not adapter and n.endswith("norm.weight")):
+                    p.add_(0.001)
+        started = time.perf_counter()
+        engine.sync_weights(model)
+        syncs.append(time.perf_counter() - started)
+        parts.append(getattr(engine, "sync_seconds", {}))
     return {
         "tokens_per_s": round(generated / seconds, 1),
         "generated_tokens": generated,
         "generate_s": round(seconds, 2),
         "startup_s": round(startup, 1),
-        "sync_s": round(sync, 3),
-        **{k.replace("time/", "") + "_s": round(v, 3) for k, v in getattr(engine, "sync_seconds", {}).items()},
+        "sync_s": round(statistics.median(syncs), 3),  # the median: every 8th sync also runs the faithfulness check
+        "syncs": len(syncs),
+        **{
+            k.replace("time/", "") + "_s": round(statistics.median(p[k] for p in parts), 3)
+            for k in parts[0]  # the hf engine has none
+        },
         "probe_logprob_difference": round(getattr(engine, "last_sync_difference", 0.0), 5),
         "rollout_mismatch_mean": round(mismatch["logprob_mismatch_mean"], 5),
         "rollout_mismatch_max": round(mismatch["logprob_mismatch_max"], 4),
@@ -119,14 +128,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--syncs", type=int, default=12, help="weight syncs after generating; their median is reported")
     parser.add_argument("--only", default=",".join(CONFIGS), help="comma-separated config names")
     parser.add_argument("--worker")
     args = parser.parse_args()
     if args.worker:
-        report(worker(args.worker, args.prompts, args.tokens))
+        report(worker(args.worker, args.prompts, args.tokens, args.syncs))
         return
     names = args.only.split(",")
-    results = run_configs(__file__, names, ["--prompts", str(args.prompts), "--tokens", str(args.tokens)])
+    options = ["--prompts", str(args.prompts), "--tokens", str(args.tokens), "--syncs", str(args.syncs)]
+    results = run_configs(__file__, names, options)
     baseline = results.get("hf-batched", {}).get("tokens_per_s")
     print(
         f"\n{'engine':<20}{'tokens/s':>10}{'vs hf-batched':>15}{'startup s':>11}{'sync s':>9}{'mismatch':>10}"
