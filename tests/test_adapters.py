@@ -282,7 +282,20 @@ def test_a_module_whose_train_does_more_is_switched_by_train_itself():
             Counting.calls += 1
             return super().train(mode)
 
+    class Wrapper(torch.nn.Module):  # ``training`` a property whose setter does more (torch.nn.cpp.ModuleWrapper)
+        @property
+        def training(self):
+            return self.__dict__.get("mode", True)
+
+        @training.setter
+        def training(self, mode):
+            self.__dict__["mode"] = mode
+
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(Counting(2, 2)))
     with evaluating(model):
         assert not any(m.training for m in model.modules()) and Counting.calls == 1
     assert all(m.training for m in model.modules()) and Counting.calls == 2
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), Wrapper())
+    with evaluating(model):
+        assert not any(m.training for m in model.modules())
+    assert all(m.training for m in model.modules())

@@ -12,7 +12,7 @@ from align.config import AdapterConfig, LoraConfig
 from align.losses import linear_token_logps, token_logps
 from align.models.adapters import add_adapter
 from align.models.loading import autocast
-from align.models.output_layer import next_token_logps, output_layer
+from align.models.output_layer import final_hidden, next_token_logps, output_layer
 from align.stages.sft import LabelledTokenTrainer
 from align.tokens import IGNORE_INDEX
 
@@ -118,6 +118,21 @@ def test_the_output_layer_is_cast_once_per_forward_under_autocast(tiny_model_dir
         logps = next_token_logps(model, targets, **inputs)[0]
         logps.sum().backward()
     assert counted.casts == 1
+
+
+def test_the_bypass_puts_back_a_forward_set_on_the_layer_and_its_empty_logits_stay_on_the_graph(tiny_llama):
+    """accelerate's hooks replace a module's forward on the instance, as the bypass does; and DDP with
+    find_unused_parameters searches the graph from the model's outputs, the empty logits among them."""
+    model = lora_model(tiny_llama)
+    layer = output_layer(model)
+    original = layer.forward
+    layer.forward = lambda hidden: original(hidden)  # a wrapper, as accelerate's add_hook_to_module sets
+    wrapper = layer.forward
+    inputs, targets = scored_batch()
+    with final_hidden(model, layer) as captured:
+        logits = model(**inputs, logits_to_keep=targets.shape[1] + 1).logits
+    assert layer.forward is wrapper
+    assert logits.shape[1] == 0 and logits.grad_fn is not None and captured.hidden.shape[1] == targets.shape[1] + 1
 
 
 def test_sft_loss_equals_the_models_own_causal_lm_loss(tiny_llama):

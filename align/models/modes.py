@@ -8,6 +8,7 @@ step makes (the weight sync's probe, reference log-probs, rollouts from the trai
 
 from __future__ import annotations
 
+import inspect
 import sys
 from contextlib import contextmanager
 
@@ -16,6 +17,8 @@ import torch
 
 def _sets_only_the_flag(module: torch.nn.Module) -> bool:
     """Whether ``module.train(mode)`` would do nothing but set its own flag and its children's."""
+    if isinstance(inspect.getattr_static(type(module), "training", None), property):  # a setter does more
+        return False
     train = type(module).train
     if train in (torch.nn.Module.train, torch.nn.parallel.DistributedDataParallel.train):  # DDP's returns self
         return True

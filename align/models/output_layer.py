@@ -59,7 +59,8 @@ def final_hidden(model, layer: torch.nn.Linear):
     # whatever was there is put back.
     def skip(hidden):
         captured.hidden = hidden
-        return hidden.new_empty(*hidden.shape[:-2], 0, layer.out_features)
+        # empty, yet on the graph: DDP with find_unused_parameters searches it from the model's outputs
+        return hidden[..., :0, :1].expand(*hidden.shape[:-2], 0, layer.out_features)
 
     wrapped = layer.__dict__.get("forward")
     layer.forward = skip

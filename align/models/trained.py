@@ -147,7 +147,8 @@ def merged_weight(weight: torch.Tensor, layer, adapter: str) -> torch.Tensor:
         b, a = (f[adapter].weight.float().to(weight.device) for f in factors)
         # summed in place into a copy of its own (an fp32 weight may be the model's): one fp32 weight-sized
         # tensor per layer, not the converted weight and then the sum (SmolLM2's 210 layers: 0.079 -> 0.062 s)
-        return weight.to(torch.float32, copy=True).addmm_(b, a, alpha=layer.scaling[adapter])
+        merged = weight.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
+        return merged.addmm_(b, a, alpha=layer.scaling[adapter])
     return weight.float() + layer.get_delta_weight(adapter).float().to(weight.device)
 
 
