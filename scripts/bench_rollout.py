@@ -64,7 +64,7 @@ def policy(precision: str, adapter: bool = True):
     return model, load_tokenizer(model_cfg)
 
 
-def worker(name: str, prompts: int, tokens: int, syncs_wanted: int = 1) -> dict:
+def worker(name: str, prompts: int, tokens: int, syncs: int) -> dict:
     import torch
 
     from align.data.builtin import gsm8k_rows
@@ -96,23 +96,23 @@ def worker(name: str, prompts: int, tokens: int, syncs_wanted: int = 1) -> dict:
     # How far the sampler is from the trainer on what it sampled (what RL's ratios see).
     trainer = score_rollouts(model, rollouts, tokenizer.pad_token_id, 1.0, precision)
     mismatch = logprob_mismatch([r.logprobs for r in rollouts], trainer)
-    syncs, parts = [], []
-    for _ in range(max(1, syncs_wanted)):
+    sync_seconds, parts = [], []
+    for _ in range(max(1, syncs)):
         with torch.no_grad():  # a small change for the engine to take up: the adapter, or a full model's norms
             for n, p in model.named_parameters():
                 if "lora_B" in n or (not adapter and n.endswith("norm.weight")):
                     p.add_(0.001)
         started = time.perf_counter()
         engine.sync_weights(model)
-        syncs.append(time.perf_counter() - started)
+        sync_seconds.append(time.perf_counter() - started)
         parts.append(getattr(engine, "sync_seconds", {}))
     return {
         "tokens_per_s": round(generated / seconds, 1),
         "generated_tokens": generated,
         "generate_s": round(seconds, 2),
         "startup_s": round(startup, 1),
-        "sync_s": round(statistics.median(syncs), 3),  # the median: every 8th sync also runs the faithfulness check
-        "syncs": len(syncs),
+        "sync_s": round(statistics.median(sync_seconds), 3),  # median: every 8th sync also checks faithfulness
+        "syncs": len(sync_seconds),
         **{
             k.replace("time/", "") + "_s": round(statistics.median(p[k] for p in parts), 3)
             for k in parts[0]  # the hf engine has none
