@@ -18,7 +18,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from benchlib import report, run_configs
+from benchlib import BENCH_MODEL, report, run_configs
 
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 
@@ -40,6 +40,7 @@ def worker_align(reference: str, steps: int, batch: int, full_logits: bool = Fal
     recipe = recipe_from_dict(
         {
             "name": "bench",
+            "model": {"name": BENCH_MODEL},
             "lora": LORA,
             "quantization": {"mode": "nf4"},
             "data": {"train": str(folder / "pairs.jsonl"), "max_length": 256, "shared_prompt": shared_prompt},
@@ -67,7 +68,7 @@ def worker_trl(steps: int, batch: int) -> dict:
 
     from align.models.resolve import resolve_model
 
-    path = resolve_model("smollm2-135m-instruct")
+    path = resolve_model(BENCH_MODEL)
     data = [
         {
             "prompt": [{"role": "user", "content": r["prompt"]}],

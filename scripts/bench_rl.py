@@ -22,7 +22,7 @@ import signal
 import tempfile
 from pathlib import Path
 
-from benchlib import report, run_configs
+from benchlib import BENCH_MODEL, report, run_configs
 
 CONFIGS = {
     # name: (kind, engine, algorithm)
@@ -73,6 +73,7 @@ def worker(name: str, steps: int, tokens: int) -> dict:
     }
     raw = {
         "name": "bench",
+        "model": {"name": BENCH_MODEL},
         "quantization": {"mode": "nf4"},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
         "data": {"train": str(folder / "prompts.jsonl"), "max_length": 512},

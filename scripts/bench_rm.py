@@ -16,7 +16,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from benchlib import report, run_configs
+from benchlib import BENCH_MODEL, report, run_configs
 
 HELD_OUT = 50
 
@@ -39,6 +39,7 @@ def worker_align(steps: int, batch: int, shared_prompt: bool = True) -> dict:
     recipe = recipe_from_dict(
         {
             "name": "bench",
+            "model": {"name": BENCH_MODEL},
             "quantization": {"mode": "nf4"},
             "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
             "data": {"train": str(folder / "train.jsonl"), "eval": str(folder / "eval.jsonl"), "max_length": 256},
@@ -70,7 +71,7 @@ def worker_trl(steps: int, batch: int) -> dict:
 
     from align.models.resolve import resolve_model
 
-    path = resolve_model("smollm2-135m-instruct")
+    path = resolve_model(BENCH_MODEL)
     as_chat = lambda r: {
         "prompt": [{"role": "user", "content": r["prompt"]}],
         "chosen": [{"role": "assistant", "content": r["chosen"]}],

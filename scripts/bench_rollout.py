@@ -21,7 +21,7 @@ import os
 import statistics
 import time
 
-from benchlib import report, run_configs
+from benchlib import BENCH_MODEL, report, run_configs
 
 CONFIGS = {
     # name: (engine, options)
@@ -49,7 +49,7 @@ def policy(precision: str, adapter: bool = True):
     from align.models.adapters import add_adapter
     from align.models.loading import load_base_model, load_tokenizer
 
-    model_cfg = ModelConfig()
+    model_cfg = ModelConfig(name=BENCH_MODEL)
     if not adapter:  # a plain bf16/fp32 model, as a full fine-tune would be
         return load_base_model(model_cfg, QuantizationConfig(mode="none"), precision), load_tokenizer(model_cfg)
     base = load_base_model(model_cfg, QuantizationConfig(mode="nf4"), precision)  # 4-bit layers compute in this dtype

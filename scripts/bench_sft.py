@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import report, run_configs
+from benchlib import BENCH_MODEL, report, run_configs
 
 ROOT = Path(__file__).resolve().parent.parent
 GSM8K = ROOT / "data" / "gsm8k" / "train.jsonl"
@@ -65,7 +65,7 @@ def worker_align(spec: dict) -> dict:
     recipe = recipe_from_dict(
         {
             "name": "bench",
-            "model": {"precision": spec["precision"]},
+            "model": {"name": BENCH_MODEL, "precision": spec["precision"]},
             "quantization": {"mode": spec["quant"]},
             "lora": {"dropout": spec.get("lora_dropout", 0.0)},  # align's defaults unless the row says
             "data": {"train": str(data), "max_length": 512, "packing": spec["packing"]},
@@ -112,7 +112,7 @@ def worker_trl(spec: dict) -> dict:
 
     from align.models.resolve import resolve_model
 
-    path = resolve_model("smollm2-135m-instruct")
+    path = resolve_model(BENCH_MODEL)
     tokenizer = AutoTokenizer.from_pretrained(path)
     data = [
         {
@@ -225,7 +225,7 @@ def main() -> None:
 
     from align.models.resolve import resolve_model
 
-    with safe_open(str(resolve_model("smollm2-135m-instruct") / "model.safetensors"), "pt") as weights:
+    with safe_open(str(resolve_model(BENCH_MODEL) / "model.safetensors"), "pt") as weights:
         params = sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())
     peaks = {d: matmul_peak(d) for d in ("bf16", "fp32")}
     baseline = results.get("trl-qlora-defaults")

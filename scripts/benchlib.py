@@ -8,6 +8,10 @@ import resource
 import subprocess
 import sys
 
+# The model every benchmark trains: the embedded SmolLM2-135M-Instruct, or ALIGN_BENCH_MODEL (a model folder).
+# On a lent GPU machine that is .gpu/model, the same model with random weights (scripts/prepare_gpu_run.sh).
+BENCH_MODEL = os.environ.get("ALIGN_BENCH_MODEL") or "smollm2-135m-instruct"
+
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -38,6 +42,24 @@ def run_configs(
         results[name] = json.loads(line[len("RESULT ") :])
         print(name, results[name], flush=True)
     return results
+
+
+def give_random_weights(folder: str) -> bool:
+    """Random weights (seeded) for the config in ``folder``, saved there - unless it holds weights already.
+
+    For speed and memory only the shapes matter: a GPU machine that cannot take the embedded model's 98 MB
+    GGUF gets its config and tokenizer, and this makes the rest. Returns whether it wrote weights."""
+    from pathlib import Path
+
+    if any(Path(folder).glob("*.safetensors")):
+        return False
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+    model.save_pretrained(folder)
+    return True
 
 
 def peak_gpu_mb() -> float | None:
