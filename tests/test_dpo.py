@@ -576,3 +576,30 @@ def test_dpo_resume_equals_uninterrupted(tmp_path, tiny_gpt2):
     a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "reward"])
+def test_an_evaluation_at_the_last_step_is_the_final_one(tmp_path, tiny_llama, kind, monkeypatch):
+    """With eval_steps dividing max_steps, the held-out metrics the manifest keeps are the last step's
+    evaluation: the same weights on the same rows are not evaluated twice (common.final_evaluation)."""
+    from transformers import Trainer
+
+    from align.stages.reward import run_reward
+
+    calls = []
+    evaluate = Trainer.evaluate
+    monkeypatch.setattr(
+        Trainer, "evaluate", lambda self, *a, **k: calls.append(self.state.global_step) or evaluate(self, *a, **k)
+    )
+    data = FIXTURES / "gsm8k-40.jsonl" if kind == "sft" else write_jsonl(tmp_path / "pairs.jsonl", marker_pairs(16))
+    run = {"sft": run_sft, "dpo": run_dpo, "reward": run_reward}[kind]
+    recipe = load_recipe(tiny_recipe(tmp_path / "r.yaml", tiny_llama, str(data), stages={kind: {}}))
+    cfg = recipe.resolve(kind, ["data.eval_rows=4", "train.max_steps=2", "train.eval_steps=2"])
+    out = run(cfg, tmp_path / kind, recipe_name="tiny")
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [r["step"] for r in evals] == [0, 2] and calls == [0, 2]  # before: a third, again at step 2
+    final = manifest["held_out"]["loss"] if kind == "reward" else manifest["eval_loss"]
+    assert final == evals[-1]["eval_loss"]
+    if kind == "dpo":
+        assert manifest["eval_reward_accuracy"] == evals[-1]["eval_rewards/accuracies"]

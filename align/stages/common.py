@@ -305,6 +305,23 @@ def check_longest_batch(trainer, rows: list[dict]) -> None:
     console.print(f"[dim]memory check: forward + backward on the longest batch ({size} x {tokens} tokens) fits[/]")
 
 
+def final_evaluation(trainer, has_eval: bool) -> dict:
+    """The trained model's held-out metrics ({} without held-out rows).
+
+    When ``train.eval_steps`` put an evaluation at the last step, that one is the answer: the same
+    weights on the same rows, so evaluating again only doubled its cost (the recipes with eval_steps
+    dividing max_steps paid for one more evaluation per stage). Otherwise the trainer evaluates now.
+    Every process decides alike (each keeps the same log history), so distributed runs stay in step.
+    """
+    if not has_eval:
+        return {}
+    state = trainer.state
+    last = next((entry for entry in reversed(state.log_history) if "eval_loss" in entry), None)
+    if last is not None and last.get("step") == state.global_step and not trainer.args.load_best_model_at_end:
+        return {key: value for key, value in last.items() if key != "step"}
+    return trainer.evaluate()
+
+
 def referenced_dirs(cfg: StageConfig, recipe_name: str) -> dict[str, Path]:
     """The runs/<recipe>/<stage> folder of every stage a config names (`from:`, a reward's or a judge's
     `from:`): where `{type: learned, from: reward}` finds its reward model."""

@@ -19,7 +19,7 @@ from align.models.loading import autocast, load_base_model
 from align.models.modes import evaluating
 from align.models.output_layer import next_token_logps
 from align.stages.checkup import checkup_status, raise_if_collapsed, run_checkup, with_training_alarm
-from align.stages.common import check_longest_batch, process_state, save_stage
+from align.stages.common import check_longest_batch, final_evaluation, process_state, save_stage
 from align.tokens import IGNORE_INDEX
 
 
@@ -136,7 +136,7 @@ def train_and_save(
     held-out metrics ({} without held-out rows) on the main process, None on the others."""
     check_longest_batch(trainer, train_rows)
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    final_eval = final_evaluation(trainer, trainer.eval_dataset is not None)
     if not trainer.is_world_process_zero():
         return None
     model = trainer.model

@@ -33,6 +33,7 @@ from align.models.reward import load_reward_base, pair_scores
 from align.stages.common import (
     adapter_line,
     check_longest_batch,
+    final_evaluation,
     loraplus_optimizer,
     loss_only_prediction,
     merge_stats,
@@ -186,7 +187,7 @@ def run_reward(
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     # 5. Held-out report.
-    final = trainer.evaluate() if eval_rows else {}
+    final = final_evaluation(trainer, bool(eval_rows))
 
     # 6. Save: the adapter file carries the head (peft modules_to_save).
     if trainer.is_world_process_zero():

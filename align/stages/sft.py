@@ -33,6 +33,7 @@ from align.stages.checkup import checkup_status, raise_if_collapsed, run_checkup
 from align.stages.common import (
     adapter_line,
     check_longest_batch,
+    final_evaluation,
     loraplus_optimizer,
     prepare_output,
     process_state,
@@ -143,7 +144,7 @@ def run_sft(
     )
     check_longest_batch(trainer, train_rows)
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    final_eval = trainer.evaluate() if has_eval else {}
+    final_eval = final_evaluation(trainer, has_eval)
 
     # 6. Checkup: the trained policy against the base on held-out prompts of the task, then save:
     #    adapter (or whole model), curve, manifest last.
