@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import doctest
 import json
+from pathlib import Path
 
 import pytest
 from conftest import tiny_recipe, write_jsonl
@@ -188,3 +189,36 @@ def test_a_collapsed_stage_is_not_an_input(tmp_path, yes_no_model, monkeypatch):
     assert not (tmp_path / "runs" / "tiny" / "more").exists()
     plans = Pipeline(recipe).plan()
     assert [p.action for p in plans] == ["run", "run"] and "collapse alarm stopped it" in plans[0].reason
+
+
+def _watch_on_two_processes(rank: int, init_file: str, results: str) -> None:
+    """One of two gloo processes: this process's own DPO stats cross the alarm threshold only on rank 0."""
+    import torch.distributed as dist
+    from transformers import TrainerControl, TrainerState
+
+    from align.config import CheckupConfig
+    from align.stages.preference import ChosenWatch
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        watch, control, state = ChosenWatch(CheckupConfig(max_chosen_drop=0.5)), TrainerControl(), TrainerState()
+        state.global_step = 7
+        watch.on_log(None, state, control, logs={"loss": 0.6, "chosen_logratio_per_token": -0.1})  # both fine
+        stopped_early = control.should_training_stop
+        watch.on_log(None, state, control, logs={"chosen_logratio_per_token": -0.9 if rank == 0 else -0.1})
+        Path(f"{results}.{rank}").write_text(json.dumps([stopped_early, control.should_training_stop, watch.reason]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dpo_alarm_stops_every_process_when_one_crosses_it(tmp_path):
+    """Under DDP each process sees its own batches' chosen log-ratio: when one crosses the alarm, every
+    process stops at that step (one going on alone would wait in the next gradient all-reduce for ever)."""
+    import torch.multiprocessing as mp
+
+    results = str(tmp_path / "result")
+    mp.spawn(_watch_on_two_processes, args=(str(tmp_path / "init"), results), nprocs=2, join=True)
+    first, second = (json.loads(Path(f"{results}.{rank}").read_text()) for rank in (0, 1))
+    assert (first[1], second[1]) == (True, True)  # before: only the process that crossed it stopped
+    assert (first[0], second[0]) == (False, False)
+    assert "fell 0.900 per token" in first[2] and "another process" in second[2]

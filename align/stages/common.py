@@ -308,9 +308,9 @@ def check_longest_batch(trainer, rows: list[dict]) -> None:
 def final_evaluation(trainer, has_eval: bool) -> dict:
     """The trained model's held-out metrics ({} without held-out rows).
 
-    When ``train.eval_steps`` put an evaluation at the last step, that one is the answer: the same
-    weights on the same rows, so evaluating again only doubled its cost (the recipes with eval_steps
-    dividing max_steps paid for one more evaluation per stage). Otherwise the trainer evaluates now.
+    With ``train.eval_steps`` set, transformers also evaluates at the last step, whatever N is: that
+    evaluation is the answer (the same weights on the same rows; evaluating again cost every such stage
+    one more evaluation). Otherwise (no eval_steps, or a stop between evaluations) the trainer evaluates now.
     Every process decides alike (each keeps the same log history), so distributed runs stay in step.
     """
     if not has_eval:

@@ -71,22 +71,45 @@ def precompute_reference(
 class ChosenWatch(TrainerCallback):
     """DPO's side of the collapse alarm: training stops when the policy's log-probability of the
     chosen answers, per token, falls more than checkup.max_chosen_drop below the reference's (both
-    answers pushed down, the likelihood displacement that makes DPO'd models ramble)."""
+    answers pushed down, the likelihood displacement that makes DPO'd models ramble).
+
+    The figure is each process's own batches' (the stages' stats are not gathered), so under DDP one
+    process can cross the threshold while the others do not: every process then stops at that step,
+    or those that went on would wait for the stopped one in the next gradient all-reduce for ever."""
 
     def __init__(self, checkup):
         self.checkup = checkup
         self.reason: str | None = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self.checkup.alarm or self.reason:
+            return  # the same on every process: the recipe's setting, and a reason all of them set at once
+        found = None
         for key, where in (("eval_chosen_logratio_per_token", "held-out"), ("chosen_logratio_per_token", "training")):
             value = (logs or {}).get(key)
-            if self.checkup.alarm and value is not None and value < -self.checkup.max_chosen_drop and not self.reason:
-                self.reason = (
-                    f"step {state.global_step}: the {where} chosen answers' log-probability fell {value:.3f} per token "
-                    "below "
-                    f"the start's (threshold checkup.max_chosen_drop {self.checkup.max_chosen_drop})"
+            if value is not None and value < -self.checkup.max_chosen_drop:
+                found = (
+                    f"step {state.global_step}: the {where} chosen answers' log-probability fell {-value:.3f} per "
+                    f"token below the start's (threshold checkup.max_chosen_drop {self.checkup.max_chosen_drop})"
                 )
-                control.should_training_stop = True
+                break
+        if any_process(found is not None):
+            self.reason = found or (
+                f"step {state.global_step}: another process's chosen answers' log-probability fell more than "
+                f"{self.checkup.max_chosen_drop} per token below the start's (threshold checkup.max_chosen_drop)"
+            )
+            control.should_training_stop = True
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (a collective: every process must call it at the same point)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    if torch.distributed.get_world_size() == 1:
+        return flag
+    votes = torch.tensor([float(flag)], device=process_state().device)
+    torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
+    return bool(votes.item())
 
 
 def start_policy(cfg, model_path, source: Path | None, steps: int, live: bool, precision: str):
