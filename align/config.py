@@ -452,9 +452,16 @@ class CheckupConfig(_Strict):
         "from the base)",
     )
     max_loop_rise: float = Field(0.25, gt=0, description="rise of the share of answers stuck in a repeated n-gram loop")
+    max_cutoff_rise: float = Field(
+        0.25, gt=0, description="rise of the share of answers cut off at max_new_tokens (answers that no longer end)"
+    )
     max_reward_drop: float = Field(0.15, gt=0, description="fall of the mean reward on the checkup prompts")
     max_chosen_drop: float = Field(
-        0.5, gt=0, description="dpo: fall of the chosen answers' log-probability per token below the reference's"
+        0.5,
+        gt=0,
+        description="dpo, kto: fall of the chosen answers' log-probability per token below the reference's past which "
+        "training stops if the pairs do not separate too (the rejected falling further, most pairs ranked right); "
+        "a fall while they separate is reported as likelihood displacement, not a collapse",
     )
 
     @field_validator("prompts", mode="before")

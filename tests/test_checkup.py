@@ -150,29 +150,109 @@ def test_collapse_alarm_stops_rl_with_a_huge_learning_rate(tmp_path, yes_no_mode
     assert manifest["status"] == "complete" and manifest["checkup"]["collapse"]
 
 
-def test_collapse_alarm_stops_dpo_when_the_chosen_answers_fall(tmp_path, yes_no_model):
+def _dpo_on_yes_no(tmp_path, model, name: str, pairs: list[dict], lr: float, steps: int, **checkup) -> Path:
+    """A DPO stage on the yes/no model with a checkup; returns its folder (CollapseAlarm propagates)."""
     from align.stages.dpo import run_dpo
 
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Pick one.", "chosen": "yes", "rejected": "no"}] * 32)
+    data = write_jsonl(tmp_path / f"{name}.jsonl", pairs)
     stage = {
         "kind": "dpo",
-        "data": {"train": str(pairs)},
+        "data": {"train": str(data)},
         "dpo": {"beta": 0.1},
-        "train": {"max_steps": 20, "lr": 1.0, "batch_size": 4},
+        "train": {"max_steps": steps, "lr": lr, "batch_size": 4},
     }
-    recipe = recipe_with_checkup(tmp_path, yes_no_model, {"dpo": stage})
-    with pytest.raises(CollapseAlarm, match="chosen answers. log-probability fell"):
-        run_dpo(recipe.resolve("dpo"), tmp_path / "dpo", recipe_name="tiny")
-    manifest = json.loads((tmp_path / "dpo" / "manifest.json").read_text())
-    assert manifest["status"] == "collapsed" and manifest["steps"] < 20
-    # a sane learning rate: no alarm, and the chosen answer gained
-    stage["train"] = {"max_steps": 6, "lr": 1e-3, "batch_size": 4}
-    recipe = recipe_with_checkup(tmp_path, yes_no_model, {"dpo": stage})
-    out = run_dpo(recipe.resolve("dpo"), tmp_path / "dpo-sane", recipe_name="tiny")
+    recipe = recipe_with_checkup(tmp_path, model, {"dpo": stage}, **checkup)
+    return run_dpo(recipe.resolve("dpo"), tmp_path / name, recipe_name="tiny")
+
+
+YES_OVER_NO = {"prompt": "Pick one.", "chosen": "yes", "rejected": "no"}
+
+
+def test_dpo_alarm_stops_training_when_both_answers_fall_together(tmp_path, yes_no_model):
+    """Contradictory pairs (yes > no and no > yes) at lr 1.0 cannot separate: by step 3 both answers fell
+    12 nats per token, the rejected no further than the chosen (measured). The watch stops training."""
+    both_ways = [YES_OVER_NO, {"prompt": "Pick one.", "chosen": "no", "rejected": "yes"}] * 16
+    with pytest.raises(CollapseAlarm, match="both pushed down together"):
+        _dpo_on_yes_no(tmp_path, yes_no_model, "contradictory", both_ways, lr=1.0, steps=20)
+    manifest = json.loads((tmp_path / "contradictory" / "manifest.json").read_text())
+    assert manifest["status"] == "collapsed" and manifest["steps"] < 20  # stopped during training
+
+
+def test_dpo_checkup_judges_the_answers_the_watch_let_through(tmp_path, yes_no_model):
+    """yes > no at lr 1.0 with the training watch out of reach (max_chosen_drop 100): every pair ends
+    ranked right, but the answers collapsed (empty; KL ~7 per token, the reward 1 -> 0, measured), and
+    the checkup stops the stage after its last step. At lr 1e-3 the same data is healthy: complete."""
+    with pytest.raises(CollapseAlarm, match="KL to the start"):
+        _dpo_on_yes_no(tmp_path, yes_no_model, "wrecked", [YES_OVER_NO] * 32, lr=1.0, steps=20, max_chosen_drop=100)
+    manifest = json.loads((tmp_path / "wrecked" / "manifest.json").read_text())
+    checkup = manifest["checkup"]
+    assert manifest["status"] == "collapsed" and manifest["steps"] == 20  # trained to the end
+    assert not any(reason.startswith("during training") for reason in checkup["collapse"])
+    assert "held-out reward fell from 1.000 to 0.000" in " ".join(checkup["collapse"])
+
+    out = _dpo_on_yes_no(tmp_path, yes_no_model, "sane", [YES_OVER_NO] * 32, lr=1e-3, steps=6)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["checkup"]["collapse"] == []
+    assert "notes" not in manifest["checkup"]
     last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line][-1]
-    assert last["chosen_logratio_per_token"] > 0  # lr 1e-2 already overshoots on this tiny model (CI, 2026-12-02)
+    assert last["chosen_logratio_per_token"] > 0 > last["rejected_logratio_per_token"]
+
+
+def test_a_training_note_is_kept_beside_the_checkup():
+    from align.stages.checkup import with_training_alarm
+
+    checkup = {"collapse": [], "after": {}}
+    assert with_training_alarm(checkup, None, "step 9: displaced")["notes"] == ["during training: step 9: displaced"]
+    assert with_training_alarm(None, "step 3: fell", None) == {"collapse": ["during training: step 3: fell"]}
+    assert with_training_alarm(None, None, None) is None
+
+
+def _watch(**checkup):
+    from transformers import TrainerControl, TrainerState
+
+    from align.config import CheckupConfig
+    from align.stages.preference import ChosenWatch
+
+    return ChosenWatch(CheckupConfig(**checkup)), TrainerControl(), TrainerState()
+
+
+def _log(chosen: float, rejected: float, accuracy: float | None = None, prefix: str = "") -> dict:
+    """What a DPO log holds for the watch: per-token log-ratios of both sides, the share of pairs ranked right."""
+    log = {f"{prefix}chosen_logratio_per_token": chosen, f"{prefix}rejected_logratio_per_token": rejected}
+    return log if accuracy is None else {**log, f"{prefix}rewards/accuracies": accuracy}
+
+
+def test_dpo_watch_lets_a_healthy_displacing_run_through():
+    """The run this alarm once stopped (issue 37: held-out accuracy 0.81, loss 0.693 -> 0.581) logged a
+    training chosen log-ratio of -0.501 per token; healthy runs measured here fell to -0.31 on a batch
+    while the rejected fell further. Far past the threshold (-1.5 per token) with the pairs separating,
+    the watch still only notes it; a single bad batch among healthy ones does not stop training."""
+    watch, control, state = _watch(max_chosen_drop=0.5)
+    for step, (chosen, rejected) in enumerate([(-0.1, -0.2), (-0.501, -0.7), (-1.5, -2.5), (-1.4, -2.4), (-1.6, -2.0)]):
+        state.global_step = step + 1
+        watch.on_log(None, state, control, logs={"loss": 0.6, **_log(chosen, rejected)})
+    watch.on_log(None, state, control, logs=_log(-1.2, -1.9, 0.8, prefix="eval_"))
+    assert not control.should_training_stop and watch.reason is None
+    assert "likelihood displacement" in watch.note and "fell 1.200" in watch.note  # the largest fall it saw
+
+    watch, control, state = _watch(max_chosen_drop=0.5)
+    for chosen, rejected in [(-0.2, -0.4)] * 4 + [(-2.0, -1.9)]:  # one batch in five pushed both down
+        watch.on_log(None, state, control, logs=_log(chosen, rejected))
+    assert not control.should_training_stop  # the window's means: chosen -0.56, rejected -0.70 (1.25x)
+
+
+def test_dpo_watch_stops_when_the_pairs_do_not_separate():
+    """Far past the threshold with nothing separating - on the held-out pairs at once, on training logs
+    through the window's mean - stops training; with checkup.alarm false it only watches."""
+    held_out = [_log(-3.0, -4.0, 0.4, prefix="eval_")]  # the rejected fell further, but most pairs rank wrong
+    for logs in (held_out, [_log(-0.1, -0.2)] + [_log(-3.0, -2.9)] * 2):
+        watch, control, state = _watch(max_chosen_drop=0.5)
+        for log in logs:
+            watch.on_log(None, state, control, logs=log)
+        assert control.should_training_stop and "both pushed down together" in watch.reason, logs
+    watch, control, state = _watch(max_chosen_drop=0.5, alarm=False)
+    watch.on_log(None, state, control, logs=_log(-3.0, -2.9))
+    assert not control.should_training_stop and watch.reason is None
 
 
 def test_a_collapsed_stage_is_not_an_input(tmp_path, yes_no_model, monkeypatch):
@@ -203,9 +283,10 @@ def _watch_on_two_processes(rank: int, init_file: str, results: str) -> None:
     try:
         watch, control, state = ChosenWatch(CheckupConfig(max_chosen_drop=0.5)), TrainerControl(), TrainerState()
         state.global_step = 7
-        watch.on_log(None, state, control, logs={"loss": 0.6, "chosen_logratio_per_token": -0.1})  # both fine
+        healthy, collapsing = _log(-0.1, -0.2), _log(-2.1, -2.0)
+        watch.on_log(None, state, control, logs={"loss": 0.6, **healthy})  # both fine
         stopped_early = control.should_training_stop
-        watch.on_log(None, state, control, logs={"chosen_logratio_per_token": -0.9 if rank == 0 else -0.1})
+        watch.on_log(None, state, control, logs=collapsing if rank == 0 else healthy)  # rank 0's mean: -1.1
         Path(f"{results}.{rank}").write_text(json.dumps([stopped_early, control.should_training_stop, watch.reason]))
     finally:
         dist.destroy_process_group()
@@ -221,4 +302,4 @@ def test_dpo_alarm_stops_every_process_when_one_crosses_it(tmp_path):
     first, second = (json.loads(Path(f"{results}.{rank}").read_text()) for rank in (0, 1))
     assert (first[1], second[1]) == (True, True)  # before: only the process that crossed it stopped
     assert (first[0], second[0]) == (False, False)
-    assert "fell 0.900 per token" in first[2] and "another process" in second[2]
+    assert "fell 1.100 per token" in first[2] and "another process" in second[2]

@@ -92,7 +92,13 @@ def run_checkup(cfg: StageConfig, model, tokenizer, source: Path | None, precisi
     before = earlier["after"] if reused else measure(start_answers, reward, prompts)
     after = measure(answers, reward, prompts)
     reasons = collapse_reasons(
-        before, after, kl if cfg.CHECKUP_KL_ALARM else None, c.max_kl, c.max_loop_rise, c.max_reward_drop
+        before,
+        after,
+        kl if cfg.CHECKUP_KL_ALARM else None,
+        max_kl=c.max_kl,
+        max_loop_rise=c.max_loop_rise,
+        max_cutoff_rise=c.max_cutoff_rise,
+        max_reward_drop=c.max_reward_drop,
     )
     result = {
         "prompts": len(prompts),
@@ -185,12 +191,17 @@ def print_checkup(kind: str, result: dict) -> None:
         console.print(f"[bold red]collapse: {reason}[/]")
 
 
-def with_training_alarm(result: dict | None, reason: str | None) -> dict | None:
-    """The checkup's result with the training loop's own collapse reason (RL: CollapseWatch, DPO: ChosenWatch) added."""
-    if not reason:
+def with_training_alarm(result: dict | None, reason: str | None, note: str | None = None) -> dict | None:
+    """The checkup's result with the training loop's own collapse reason (RL: CollapseWatch, DPO and KTO:
+    ChosenWatch) added, and a note of what it saw that is not a collapse (``notes``, printed in yellow)."""
+    if not reason and not note:
         return result
     result = result or {"collapse": []}
-    result["collapse"] = [f"during training: {reason}", *result["collapse"]]
+    if reason:
+        result["collapse"] = [f"during training: {reason}", *result["collapse"]]
+    if note:
+        result["notes"] = [*result.get("notes", []), f"during training: {note}"]
+        console.print(f"[yellow]note: during training: {note}[/]")
     return result
 
 

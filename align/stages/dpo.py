@@ -179,9 +179,12 @@ class PreferenceTrainer(Trainer):
             # (not a KL: these answers are not sampled from the policy)
             logratio = torch.cat([policy_chosen - ref[:n], policy_rejected - ref[n:]]).sum() / counts.sum()
             stats[prefix + "logratio_per_token"].append(logratio.item())
-            # the chosen answers alone: falling far below the start is DPO's way of wrecking a model
+            # each side alone, per token: the collapse watch (preference.ChosenWatch) reads both
             stats[prefix + "chosen_logratio_per_token"].append(
                 ((policy_chosen - ref[:n]).sum() / counts[:n].sum()).item()
+            )
+            stats[prefix + "rejected_logratio_per_token"].append(
+                ((policy_rejected - ref[n:]).sum() / counts[n:].sum()).item()
             )
         else:
             margin = policy_chosen / counts[:n] - policy_rejected / counts[n:]

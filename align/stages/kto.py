@@ -100,13 +100,11 @@ class KTOTrainer(Trainer):
             if rows.any():
                 stats[f"{prefix}rewards/{name}"].append(rewards[rows].mean().item())
                 stats[f"{prefix}logps/{name}"].append(policy[rows].mean().item())
+                # each kind alone, per token: the collapse watch (preference.ChosenWatch) reads both
+                logratio = (policy - ref)[rows].sum() / counts[rows].sum()
+                stats[f"{prefix}{name}_logratio_per_token"].append(logratio.item())
         if desirable.any() and not desirable.all():  # TRL's margin: the two kinds' mean rewards, where both occur
             stats[prefix + "rewards/margins"].append((rewards[desirable].mean() - rewards[~desirable].mean()).item())
-        if desirable.any():
-            # the desirable answers alone, per token: DPO's collapse watch reads it (ChosenWatch)
-            stats[prefix + "chosen_logratio_per_token"].append(
-                ((policy - ref)[desirable].sum() / counts[desirable].sum()).item()
-            )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         return loss_only_prediction(self, model, inputs)

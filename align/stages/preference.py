@@ -6,6 +6,7 @@ train-evaluate-checkup-save end of a run."""
 from __future__ import annotations
 
 import time
+from collections import deque
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from transformers import TrainerCallback
 
 from align.config import RecipeError
 from align.data.batching import PairCollator, SharedPromptCollator, mask_for
+from align.eval.health import preference_drift
 from align.models.adapters import add_adapter, load_adapter_for_training
 from align.models.loading import autocast, load_base_model
 from align.models.modes import evaluating
@@ -68,37 +70,75 @@ def precompute_reference(
     return rows
 
 
-class ChosenWatch(TrainerCallback):
-    """DPO's side of the collapse alarm: training stops when the policy's log-probability of the
-    chosen answers, per token, falls more than checkup.max_chosen_drop below the reference's (both
-    answers pushed down, the likelihood displacement that makes DPO'd models ramble).
+# Training logs the watch averages: one log holds a few pairs (4 in the shipped recipes), too few to stop
+# a run on; five logs smooth that out and still stop a collapsing run within a few steps.
+WATCH_WINDOW = 5
 
-    The figure is each process's own batches' (the stages' stats are not gathered), so under DDP one
-    process can cross the threshold while the others do not: every process then stops at that step,
-    or those that went on would wait for the stopped one in the next gradient all-reduce for ever."""
+
+class ChosenWatch(TrainerCallback):
+    """DPO's and KTO's side of the collapse alarm: training stops when the chosen (desirable) answers'
+    log-probability per token falls more than checkup.max_chosen_drop below the reference's while the
+    pairs do not separate - both sides pushed down together (health.preference_drift). A fall while they
+    separate is likelihood displacement, which healthy DPO runs show: kept as a ``note`` for the
+    manifest, and the checkup judges the policy's own answers at the end.
+
+    Held-out logs (eval_steps) are judged as they come, by both sides' fall and the share of pairs
+    ranked right; training logs by both sides' mean fall over the last WATCH_WINDOW logs. The figures
+    are each process's own batches' (the stages' stats are not gathered), so under DDP one process can
+    cross the threshold while the others do not: every process then stops at that step, or those that
+    went on would wait for the stopped one in the next gradient all-reduce
+    for ever."""
 
     def __init__(self, checkup):
         self.checkup = checkup
         self.reason: str | None = None
+        self.note: str | None = None
+        self._fall = 0.0  # the largest fall the note has described
+        self._recent: deque[tuple[float, float | None]] = deque(maxlen=WATCH_WINDOW)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not self.checkup.alarm or self.reason:
-            return  # the same on every process: the recipe's setting, and a reason all of them set at once
+        if self.reason:
+            return  # the same on every process: a reason all of them set at once
         found = None
-        for key, where in (("eval_chosen_logratio_per_token", "held-out"), ("chosen_logratio_per_token", "training")):
-            value = (logs or {}).get(key)
-            if value is not None and value < -self.checkup.max_chosen_drop:
-                found = (
-                    f"step {state.global_step}: the {where} chosen answers' log-probability fell {-value:.3f} per "
-                    f"token below the start's (threshold checkup.max_chosen_drop {self.checkup.max_chosen_drop})"
-                )
+        for where, (chosen, rejected, accuracy) in self._readings(logs or {}):
+            drift = preference_drift(chosen, rejected, accuracy, self.checkup.max_chosen_drop)
+            rest = f"the rejected answers' fell {-rejected:.3f}" if rejected is not None else "no rejected answers"
+            rest += f", pairs ranked right {accuracy:.2f}" if accuracy is not None else ""
+            said = (
+                f"step {state.global_step}: the {where} chosen answers' log-probability fell {-chosen:.3f} per token "
+                f"below the start's (threshold checkup.max_chosen_drop {self.checkup.max_chosen_drop}); {rest}"
+            )
+            if drift == "collapse":
+                found = f"{said}: both pushed down together"
                 break
+            if drift == "displacement" and -chosen > self._fall:
+                self._fall = -chosen
+                self.note = f"{said}: likelihood displacement while the pairs separate, not a collapse by itself"
+        if not self.checkup.alarm:
+            return  # the recipe's setting, the same on every process
         if any_process(found is not None):
             self.reason = found or (
-                f"step {state.global_step}: another process's chosen answers' log-probability fell more than "
-                f"{self.checkup.max_chosen_drop} per token below the start's (threshold checkup.max_chosen_drop)"
+                f"step {state.global_step}: on another process the chosen answers' log-probability fell more than "
+                f"{self.checkup.max_chosen_drop} per token below the start's while the pairs did not separate"
             )
             control.should_training_stop = True
+
+    def _readings(self, logs: dict):
+        """(where, (chosen, rejected, accuracy) per-token log-ratios and pair accuracy) in this log."""
+        if "eval_chosen_logratio_per_token" in logs:
+            figures = ("eval_chosen_logratio_per_token", "eval_rejected_logratio_per_token", "eval_rewards/accuracies")
+            yield "held-out", tuple(logs.get(key) for key in figures)
+        if "chosen_logratio_per_token" in logs:
+            # their accuracy is left out: a few pairs a log make it noisy, and the first log (policy =
+            # reference) counts every pair, a tie, as ranked wrong
+            self._recent.append((logs["chosen_logratio_per_token"], logs.get("rejected_logratio_per_token")))
+            where = f"training (mean of the last {len(self._recent)} logs)" if len(self._recent) > 1 else "training"
+            yield where, (*(_mean(column) for column in zip(*self._recent)), None)
+
+
+def _mean(values) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
 
 
 def any_process(flag: bool) -> bool:
@@ -166,7 +206,7 @@ def train_and_save(
     if reference_adapter:
         model.delete_adapter(reference_adapter)
     precision = manifest["precision"]
-    checkup = with_training_alarm(run_checkup(cfg, model, tokenizer, source, precision), watch.reason)
+    checkup = with_training_alarm(run_checkup(cfg, model, tokenizer, source, precision), watch.reason, watch.note)
     save_stage(
         trainer,
         tokenizer,
