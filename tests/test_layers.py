@@ -1,4 +1,4 @@
-"""The layers of ARCHITECTURE.md, checked on the source: data flows top to bottom, never back up.
+"""The layers of docs/ARCHITECTURE.md, checked on the source: data flows top to bottom, never back up.
 
     cli -> pipeline -> recipe -> stages -> (data, models, losses, rollout, eval, rewards) -> utilities -> config
 
@@ -77,7 +77,7 @@ def sources() -> dict[str, set[str]]:
 def test_no_import_goes_up_a_layer():
     wrong = []
     for module, targets in sources().items():
-        assert rank(module) is not None, f"{module} is in no layer; add it to LAYERS (and to ARCHITECTURE.md)"
+        assert rank(module) is not None, f"{module} is in no layer; add it to LAYERS (and to docs/ARCHITECTURE.md)"
         for target in targets:
             target_rank = rank(target)
             if target_rank is not None and target_rank > rank(module) and not known(module, target):
@@ -93,7 +93,8 @@ def test_known_exceptions_still_exist():
 
 
 def test_no_stage_imports_another_stage():
-    """Stage files (the registry's runners) share code through stages/common.py and online.py only."""
+    """Stage files (the registry's runners) never import each other; they share code through the helper modules
+    (common.py, preference.py, online.py, ranks.py, checkup.py)."""
     stage_modules = {entry.runs.partition(":")[0] for entry in REGISTRY.values()}
     table = sources()
     wrong = [
