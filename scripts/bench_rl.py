@@ -99,9 +99,12 @@ def worker(name: str, steps: int, tokens: int) -> dict:
         if name.endswith("-old-pass"):
             grpo_stage.update_gives_old_logprobs = lambda *args: False
         if name.endswith("-unsorted"):
-            chunks = grpo_stage.micro_batches
-            grpo_stage.micro_batches = lambda indices, size, batch=None: chunks(indices, size)
-            grpo_stage.select_rows = lambda batch, rows, device: {k: v[rows].to(device) for k, v in batch.items()}
+            import align.stages.rl_update as rl_update
+
+            chunks = rl_update.micro_batches
+            rl_update.micro_batches = lambda indices, size, batch=None: chunks(indices, size)
+            whole = lambda batch, rows, device: {k: v[rows].to(device) for k, v in batch.items()}  # noqa: E731
+            rl_update.select_rows = grpo_stage.select_rows = whole
         run = grpo_stage.run_grpo
     try:
         out = run(cfg, folder / "out", recipe_name="bench")

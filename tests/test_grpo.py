@@ -238,7 +238,7 @@ def test_micro_batches_of_similar_length_drop_padding_and_keep_every_logprob(tin
 
     from align.rollout.engine import Rollout
     from align.rollout.scoring import policy_outputs, rollout_batch
-    from align.stages.online import columns, micro_batches, select_rows
+    from align.stages.rl_update import columns, micro_batches, select_rows
 
     model = load_tiny(tiny_llama).eval()
     lengths = [(3, 9), (12, 2), (5, 5), (3, 1), (12, 8), (4, 6)]  # (prompt, completion) tokens

@@ -17,8 +17,9 @@ Written here rather than on TRL's GRPOTrainer/RLOOTrainer: see align/stages/onli
 from __future__ import annotations
 
 import math
-import random
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ from align.losses import (
     rloo_advantages,
     truncated_importance_weights,
 )
-from align.models.adapters import reference_mode, trainable_summary
+from align.models.adapters import trainable_summary
 from align.models.loading import autocast, load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
 from align.rollout.scoring import logprob_mismatch, policy_outputs, rollout_batch
@@ -50,11 +51,9 @@ from align.stages.online import (
     check_longest_rollout_batch,
     check_shares,
     checkpoint_if_due,
-    columns,
     importance_stats,
     load_policy,
     load_rl_checkpoint,
-    micro_batches,
     open_step_log,
     prompt_batches,
     rl_steps,
@@ -64,9 +63,58 @@ from align.stages.online import (
     sampling,
     save_rl_stage,
     score,
-    select_rows,
 )
-from align.stages.ranks import barrier, gathered, gathered_rollouts, share, spread, sum_gradients, summed, world
+from align.stages.ranks import barrier, gathered, gathered_rollouts, share, spread, summed, world
+from align.stages.rl_update import columns, minibatch_updates, rollout_logprobs, select_rows
+
+
+@dataclass
+class GRPOTargets:
+    """What one step's update trains towards, a row per rollout: the rollout batch, and [B, C] mask,
+    the rollout policy's logprobs and entropy (filled by the update itself when ``fused``), advantages
+    [B], the sampler's logprobs (None: the sampler is the trainer) and the reference's (None: no KL)."""
+
+    batch: dict[str, torch.Tensor]
+    mask: torch.Tensor
+    old: torch.Tensor
+    entropy: torch.Tensor
+    advantages: torch.Tensor
+    sampler: torch.Tensor | None
+    ref: torch.Tensor | None
+    fused: bool
+
+
+def grpo_micro_batch(
+    policy, t: GRPOTargets, cfg, device, precision, log, rows: list[int], tokens: float, size: int
+) -> tuple[float, float]:
+    """Forward and backward of some rows of a minibatch of ``size`` rows and ``tokens`` completion
+    tokens (every process's): the clipped objective, importance-weighted when the sampler is not the
+    trainer, plus kl_coef x KL to the reference, aggregated as grpo.loss_aggregation says. Returns (its
+    loss, its approximate KL)."""
+    opts = cfg.grpo
+    micro = select_rows(t.batch, rows, device)
+    width = micro["completion_ids"].shape[1]
+    with autocast(precision):
+        logps, ent, _ = policy_outputs(policy, micro, cfg.rollout.temperature, entropy=t.fused)
+        logps = logps.float()
+    if t.fused:  # the policy has not moved before this one update: its forward gives the rollout logprobs
+        t.old[rows, :width], t.entropy[rows, :width] = logps.detach().cpu(), ent.float().cpu()
+    m, old_rows = columns(t.mask, rows, width, device), columns(t.old, rows, width, device)
+    adv = t.advantages[rows].to(device).unsqueeze(1)
+    token_loss, clipped = clipped_policy_loss(logps, old_rows, adv, opts.clip)
+    if t.sampler is not None:
+        cap = cfg.rollout.importance_cap
+        weights = truncated_importance_weights(old_rows, columns(t.sampler, rows, width, device), cap)[0]
+        token_loss = token_loss * weights
+    if t.ref is not None:
+        kl = kl_estimate(logps, columns(t.ref, rows, width, device), opts.kl_estimator)
+        token_loss = token_loss + opts.kl_coef * kl
+        log.add(kl_in_loss=masked_mean(kl, m).item())
+    loss = aggregate_loss(token_loss, m, opts.loss_aggregation, size, int(tokens), cfg.rollout.max_new_tokens)
+    loss.backward()
+    kl_now = approx_kl(logps, old_rows, m).item()
+    log.add(clip_fraction=masked_mean(clipped, m).item(), approx_kl=kl_now)
+    return loss.item(), kl_now
 
 
 def run_grpo(
@@ -178,7 +226,7 @@ def run_grpo(
             batch = rollout_batch(rollouts, pad)
             mask = batch["completion_mask"].float()
             with log.timed("logprobs"):
-                old, entropy, ref = rollout_logprobs(
+                old, entropy, ref, _ = rollout_logprobs(
                     policy,
                     reference,
                     batch,
@@ -193,56 +241,21 @@ def run_grpo(
             # The sampler is not the trainer (vLLM): truncated importance weights make the gradient the trainer's.
             sampler = sampler_logprobs(cfg, engine, rollouts, mask.shape)
             # 5. Updates: epochs x minibatches, micro-batches accumulated into one optimizer step.
+            targets = GRPOTargets(batch, mask, old, entropy, advantages, sampler, ref, fused)
             with log.timed("training"):
-                # Minibatches are drawn from the whole step's rows, numbered as in one process; each process
-                # trains the rows it rolled out (maybe none), against the whole minibatch's denominators.
-                order, first = list(range(completions_per_step)), rank * len(rollouts)
-                for epoch in range(opts.epochs):
-                    random.Random(cfg.seed * 31 + step * 1009 + epoch).shuffle(order)
-                    for whole in micro_batches(order, minibatch):
-                        mb = [i - first for i in whole if first <= i < first + len(rollouts)]
-                        tokens, minibatch_loss = int(summed(mask[mb].sum().item())), 0.0
-                        for rows in micro_batches(mb, cfg.train.batch_size, batch):
-                            micro = select_rows(batch, rows, device)
-                            width = micro["completion_ids"].shape[1]
-                            with autocast(precision):
-                                logps, ent, _ = policy_outputs(policy, micro, cfg.rollout.temperature, entropy=fused)
-                                logps = logps.float()
-                            if fused:
-                                old[rows, :width], entropy[rows, :width] = logps.detach().cpu(), ent.float().cpu()
-                            m, old_rows = columns(mask, rows, width, device), columns(old, rows, width, device)
-                            adv = advantages[rows].to(device).unsqueeze(1)
-                            token_loss, clipped = clipped_policy_loss(logps, old_rows, adv, opts.clip)
-                            if sampler is not None:
-                                cap = cfg.rollout.importance_cap
-                                weights = truncated_importance_weights(
-                                    old_rows, columns(sampler, rows, width, device), cap
-                                )[0]
-                                token_loss = token_loss * weights
-                            if ref is not None:
-                                kl = kl_estimate(logps, columns(ref, rows, width, device), opts.kl_estimator)
-                                token_loss = token_loss + opts.kl_coef * kl
-                                log.add(kl_in_loss=masked_mean(kl, m).item())
-                            loss = aggregate_loss(
-                                token_loss,
-                                m,
-                                opts.loss_aggregation,
-                                len(whole),
-                                tokens,
-                                cfg.rollout.max_new_tokens,
-                            )
-                            loss.backward()
-                            minibatch_loss += loss.item()
-                            log.add(
-                                clip_fraction=masked_mean(clipped, m).item(),
-                                approx_kl=approx_kl(logps, old_rows, m).item(),
-                            )
-                        sum_gradients(params)  # each process's share of the minibatch loss -> the whole one's
-                        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
-                        log.add(grad_norm=grad_norm.item(), loss=summed(minibatch_loss))
+                minibatch_updates(
+                    mask,
+                    batch,
+                    partial(grpo_micro_batch, policy, targets, cfg, device, precision, log),
+                    epochs=opts.epochs,
+                    minibatch=minibatch,
+                    cfg=cfg,
+                    step=step,
+                    params=params,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    log=log,
+                )
             if ref is not None:  # the rollout policy's KL to the reference, with the loss's estimator
                 log.add(kl=masked_mean(kl_estimate(old, ref, opts.kl_estimator), mask).item())
             if sampler is not None:
@@ -367,25 +380,3 @@ def update_gives_old_logprobs(epochs: int, minibatch: int, completions_per_step:
     not moved before it, so the update's own forward gives the rollout policy's logprobs and the separate
     no-grad pass would compute the same numbers again (about a fifth of a step; issue 16)."""
     return epochs == 1 and minibatch == completions_per_step
-
-
-@torch.no_grad()
-def rollout_logprobs(policy, reference, batch, cfg, precision, device, policy_pass: bool, reference_pass: bool):
-    """(the rollout policy's logprobs [B, C], their entropy [B, C], the reference's logprobs [B, C]) of
-    the sampled tokens, each None when its pass is not asked for; micro-batch by micro-batch, on the CPU."""
-    shape = batch["completion_ids"].shape
-    old, entropy, ref = (
-        torch.zeros(shape) if wanted else None for wanted in (policy_pass, policy_pass, reference_pass)
-    )
-    for rows in micro_batches(list(range(shape[0])), cfg.train.batch_size, batch):
-        micro = select_rows(batch, rows, device)
-        width = micro["completion_ids"].shape[1]
-        with autocast(precision):
-            if policy_pass:
-                logps, ent, _ = policy_outputs(policy, micro, cfg.rollout.temperature, entropy=True)
-                old[rows, :width], entropy[rows, :width] = logps.float().cpu(), ent.float().cpu()
-            if reference_pass:
-                with reference_mode(policy, reference):
-                    ref[rows, :width] = policy_outputs(policy, micro, cfg.rollout.temperature)[0].float().cpu()
-        policy.train()
-    return old, entropy, ref

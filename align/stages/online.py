@@ -235,44 +235,6 @@ def score(reward, examples: list[PromptExample], rollouts: list[Rollout]) -> tor
     return torch.tensor(values, dtype=torch.float32)
 
 
-def micro_batches(indices: list[int], size: int, batch: dict[str, torch.Tensor] | None = None) -> Iterator[list[int]]:
-    """``indices`` in chunks of ``size``. Given the rollout ``batch``, the rows are first sorted by their
-    length (prompt + completion tokens; ties by index, so the chunks do not depend on the order the rows
-    came in), so a micro-batch holds rows of similar length and ``select_rows`` drops the padding columns
-    none of them uses (issue 16). A minibatch's gradient is the sum over its micro-batches: their order
-    and grouping do not change it."""
-    if batch is not None:
-        lengths = batch["attention_mask"].sum(-1).tolist()
-        indices = sorted(indices, key=lambda i: (lengths[i], i))
-    for start in range(0, len(indices), size):
-        yield indices[start : start + size]
-
-
-SEQUENCE_KEYS = ("input_ids", "attention_mask", "position_ids")  # [B, P + C]; the rest of a rollout batch is [B, C]
-
-
-def select_rows(batch: dict[str, torch.Tensor], rows: list[int], device) -> dict[str, torch.Tensor]:
-    """The given rows of every tensor in a rollout batch, on the trainer's device, without the padding
-    columns none of them uses: prompt columns left of their longest prompt (left padding) and completion
-    columns right of their longest completion. The completion tensors come back as the first
-    ``width`` = ``micro["completion_ids"].shape[1]`` columns of the batch's: read the other [B, C]
-    tensors of those rows with ``columns``."""
-    picked = {k: v[rows] for k, v in batch.items()}
-    completion_mask = picked["completion_mask"]  # ones then zeros: each completion is a prefix
-    prompt_width = picked["input_ids"].shape[1] - completion_mask.shape[1]
-    width = max(int(completion_mask.sum(-1).max()), 1) if completion_mask.shape[1] else 0
-    left = prompt_width - int(picked["attention_mask"][:, :prompt_width].sum(-1).max())
-    return {
-        k: (v[:, left : prompt_width + width] if k in SEQUENCE_KEYS else v[:, :width]).to(device)
-        for k, v in picked.items()
-    }
-
-
-def columns(tensor: torch.Tensor, rows: list[int], width: int, device) -> torch.Tensor:
-    """``tensor[rows]`` of a [B, C] tensor, cut to the ``width`` completion columns ``select_rows`` kept."""
-    return tensor[rows, :width].to(device)
-
-
 class DeadRunAlarm:
     """RELIABILITY 16: RL that cannot learn. The stage stops early, says why and records the reason
     in its manifest when, for ``patience`` steps in a row, there is no signal:

@@ -19,9 +19,9 @@ learning rate and saved beside the adapter as value_head.safetensors.
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -44,7 +44,7 @@ from align.losses import (
     per_token_rewards,
     whiten,
 )
-from align.models.adapters import reference_mode, trainable_summary
+from align.models.adapters import trainable_summary
 from align.models.loading import autocast, load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
 from align.rollout.scoring import logprob_mismatch, policy_outputs, rollout_batch
@@ -56,11 +56,9 @@ from align.stages.online import (
     check_longest_rollout_batch,
     check_shares,
     checkpoint_if_due,
-    columns,
     importance_weights,
     load_policy,
     load_rl_checkpoint,
-    micro_batches,
     open_step_log,
     prompt_batches,
     rl_steps,
@@ -69,7 +67,6 @@ from align.stages.online import (
     sampling,
     save_rl_stage,
     score,
-    select_rows,
 )
 from align.stages.ranks import (
     barrier,
@@ -77,11 +74,11 @@ from align.stages.ranks import (
     gathered_rollouts,
     my_rows,
     share,
-    sum_gradients,
     summed,
     whole_step,
     world,
 )
+from align.stages.rl_update import columns, minibatch_updates, rollout_logprobs, select_rows
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -133,47 +130,15 @@ class PPOTargets:
     is_weights: torch.Tensor | None
 
 
-def ppo_epochs(
-    policy, value_head, optimizer, scheduler, params, t: PPOTargets, cfg, step, minibatch, device, precision, log
-):
-    """ppo.epochs passes over the step's rollouts in seeded random minibatches, one optimizer step each
-    (micro-batches of train.batch_size accumulate into it); an epoch whose mean approximate KL passes
-    ppo.early_stop_kl ends the update."""
-    opts = cfg.ppo
-    # Minibatches are drawn from the whole step's rows, numbered as in one process; each process trains the
-    # rows it rolled out (maybe none), against the whole minibatch's token count (align/stages/ranks.py).
-    rank, processes = world()
-    own = len(t.mask)
-    order, first = list(range(own * processes)), rank * own
-    for epoch in range(opts.epochs):
-        random.Random(cfg.seed * 31 + step * 1009 + epoch).shuffle(order)
-        epoch_kl = []
-        for whole in micro_batches(order, minibatch):
-            mb = [i - first for i in whole if first <= i < first + own]
-            tokens, minibatch_loss = torch.tensor(summed(t.mask[mb].sum().item())).clamp(min=1), 0.0
-            for rows in micro_batches(mb, cfg.train.batch_size, t.batch):
-                loss, kl_now = ppo_micro_batch(policy, value_head, t, rows, tokens, cfg, device, precision, log)
-                minibatch_loss += loss
-                epoch_kl.append(kl_now)
-            sum_gradients(params)  # each process's share of the minibatch loss -> the whole one's
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            log.add(loss=summed(minibatch_loss), grad_norm=grad_norm.item())
-        # the mean over every process's micro-batches, so all of them stop (or go on) together
-        if opts.early_stop_kl is not None and summed(sum(epoch_kl)) / summed(len(epoch_kl)) > opts.early_stop_kl:
-            log.add(early_stopped_epoch=epoch + 1)
-            break
-
-
 def ppo_micro_batch(
-    policy, value_head, t: PPOTargets, rows: list[int], tokens, cfg, device, precision, log
+    policy, value_head, t: PPOTargets, cfg, device, precision, log, rows: list[int], tokens: float, size: int
 ) -> tuple[float, float]:
-    """Forward and backward of some rows of a minibatch: the clipped policy loss (importance-weighted
-    when the sampler is not the trainer) plus vf_coef x the clipped value loss, over the minibatch's
-    tokens. Returns (its loss, its approximate KL)."""
+    """Forward and backward of some rows of a minibatch (``size`` rows and ``tokens`` completion tokens,
+    every process's): the clipped policy loss (importance-weighted when the sampler is not the trainer)
+    plus vf_coef x the clipped value loss, over the minibatch's tokens. Returns (its loss, its
+    approximate KL)."""
     opts = cfg.ppo
+    tokens = torch.tensor(tokens).clamp(min=1)
     micro = select_rows(t.batch, rows, device)
     with autocast(precision):
         logps, _, values = policy_outputs(policy, micro, cfg.rollout.temperature, value_head)
@@ -302,7 +267,6 @@ def run_ppo(
         stopped = collapsed = None
         watch = CollapseWatch(cfg.checkup)
         policy.train()
-        temperature = cfg.rollout.temperature
         step = start = loop["step"]
         for step, batch_prompts in zip(
             range(start + 1, steps + 1), prompt_batches(prompts, cfg.rollout.prompts_per_step, cfg.seed, start)
@@ -325,20 +289,19 @@ def run_ppo(
             # 3. Recompute logprobs, reference logprobs and values with the trainer, without gradients.
             batch = rollout_batch(rollouts, tokenizer.pad_token_id)
             mask = batch["completion_mask"].float()
-            with log.timed("logprobs"), torch.no_grad():
-                old, entropy, old_values = (torch.zeros(mask.shape) for _ in range(3))
-                ref = torch.zeros(mask.shape) if needs_reference else old
-                for rows in micro_batches(list(range(len(rollouts))), cfg.train.batch_size, batch):
-                    micro = select_rows(batch, rows, device)
-                    width = micro["completion_ids"].shape[1]
-                    with autocast(precision):
-                        logps, ent, values = policy_outputs(policy, micro, temperature, value_head, entropy=True)
-                        if needs_reference:
-                            with reference_mode(policy, reference):
-                                ref[rows, :width] = policy_outputs(policy, micro, temperature)[0].float().cpu()
-                    policy.train()
-                    old[rows, :width], entropy[rows, :width] = logps.float().cpu(), ent.float().cpu()
-                    old_values[rows, :width] = values.float().cpu()
+            with log.timed("logprobs"):
+                old, entropy, ref, old_values = rollout_logprobs(
+                    policy,
+                    reference,
+                    batch,
+                    cfg,
+                    precision,
+                    device,
+                    policy_pass=True,
+                    reference_pass=needs_reference,
+                    value_head=value_head,
+                )
+            ref = old if ref is None else ref  # no reference: the KL term is exactly 0
             # The sampler is not the trainer (vLLM): truncated importance weights make the gradient the trainer's.
             is_weights = importance_weights(cfg, engine, rollouts, old, mask, log)
             # 4. Per-token rewards: the KL penalty on every token, the score on the last one.
@@ -353,20 +316,19 @@ def run_ppo(
             # 6. PPO epochs over minibatches; micro-batches accumulate into one optimizer step.
             targets = PPOTargets(batch, mask, old, old_values, advantages, returns, is_weights)
             with log.timed("training"):
-                params = policy_params + list(value_head.parameters())
-                ppo_epochs(
-                    policy,
-                    value_head,
-                    optimizer,
-                    scheduler,
-                    params,
-                    targets,
-                    cfg,
-                    step,
-                    minibatch,
-                    device,
-                    precision,
-                    log,
+                minibatch_updates(
+                    mask,
+                    batch,
+                    partial(ppo_micro_batch, policy, value_head, targets, cfg, device, precision, log),
+                    epochs=opts.epochs,
+                    minibatch=minibatch,
+                    cfg=cfg,
+                    step=step,
+                    params=policy_params + list(value_head.parameters()),
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    log=log,
+                    early_stop_kl=opts.early_stop_kl,
                 )
             # 7. Sync, adapt the KL coefficient, log; stop a run with no learning signal.
             with log.timed("sync"):
