@@ -38,7 +38,8 @@ def test_ppo_learns_to_say_yes_through_the_cli(tmp_path, yes_no_model):
 
     from align.models.trained import load_trained
 
-    recipe = ppo_recipe(tmp_path, yes_no_model)
+    held_out = write_jsonl(tmp_path / "held-out.jsonl", [{"prompt": "Pick one."}] * 64)
+    recipe = ppo_recipe(tmp_path, yes_no_model, data={"eval": str(held_out)})
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "align.cli", "ppo", "--recipe", str(recipe), "--output-dir", str(tmp_path / "ppo")],
@@ -51,6 +52,10 @@ def test_ppo_learns_to_say_yes_through_the_cli(tmp_path, yes_no_model):
     trained, _ = load_trained(tmp_path / "ppo")
     before, after = p_yes(base, tokenizer), p_yes(trained, tokenizer)
     assert after > before + 0.05, (before, after)
+    # the reward it optimised, on 64 held-out prompts before the first step and after the last (one sample
+    # each, the same seed): measured 0.531 -> 0.656 while p(yes) went 0.605 -> 0.709
+    manifest = json.loads((tmp_path / "ppo" / "manifest.json").read_text())
+    assert manifest["eval_reward_end"] > manifest["eval_reward_start"]
     records = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     first = records[0]
     assert first["kl"] == 0  # a fresh adapter: the rollout policy is the reference

@@ -51,6 +51,7 @@ from align.stages.online import (
     check_longest_rollout_batch,
     check_shares,
     checkpoint_if_due,
+    held_out_reward,
     importance_stats,
     load_policy,
     load_rl_checkpoint,
@@ -64,7 +65,7 @@ from align.stages.online import (
     save_rl_stage,
     score,
 )
-from align.stages.ranks import barrier, gathered, gathered_rollouts, share, spread, summed, world
+from align.stages.ranks import barrier, gathered, gathered_rollouts, share, summed, world
 from align.stages.rl_update import columns, minibatch_updates, rollout_logprobs, select_rows
 
 
@@ -349,30 +350,6 @@ def run_grpo(
         console.print(f"held-out reward {eval_start:.3f} -> {eval_end:.3f}")
     raise_if_collapsed(cfg, checkup, output_dir)
     return output_dir
-
-
-def held_out_reward(engine, reward, held_out, cfg) -> float | None:
-    """Mean reward of one sample per held-out prompt (fixed seed, the rollout temperature); None without any."""
-    from align.rollout.engine import Sampling
-
-    if not held_out:
-        return None
-
-    r = cfg.rollout
-    mine = spread(held_out)  # each process answers every N-th prompt; the mean is over all of them
-    rollouts = engine.generate(
-        [p.messages for p in mine],
-        Sampling(
-            temperature=r.temperature,
-            top_p=r.top_p,
-            top_k=r.top_k,
-            max_new_tokens=r.max_new_tokens,
-            stop=tuple(r.stop),
-            seed=cfg.seed + 12345,
-        ),
-    )
-    rewards = gathered(score(reward, mine, rollouts).tolist() if mine else [])
-    return sum(rewards) / len(rewards)
 
 
 def update_gives_old_logprobs(epochs: int, minibatch: int, completions_per_step: int) -> bool:

@@ -14,6 +14,7 @@ import math
 import random
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -29,7 +30,7 @@ from align.models.adapters import add_adapter, load_adapter_for_training
 from align.models.loading import load_base_model
 from align.rollout.engine import Rollout, Sampling
 from align.rollout.engines import make_engine
-from align.stages.ranks import is_main, mean_over_ranks
+from align.stages.ranks import gathered, is_main, mean_over_ranks, spread
 from align.tracking import plot_losses
 
 
@@ -233,6 +234,20 @@ def score(reward, examples: list[PromptExample], rollouts: list[Rollout]) -> tor
     columns = {name: [examples[r.prompt_index].columns.get(name) for r in rollouts] for name in names}
     values = reward(prompts, [r.text for r in rollouts], **columns)
     return torch.tensor(values, dtype=torch.float32)
+
+
+def held_out_reward(engine, reward, held_out, cfg) -> float | None:
+    """Mean reward of one sample per held-out prompt (fixed seed, the rollout temperature); None without
+    any. RL stages measure it before their first step and after their last: the reward they optimise,
+    on prompts they never train on."""
+    if not held_out:
+        return None
+
+    mine = spread(held_out)  # each process answers every N-th prompt; the mean is over all of them
+    settings = replace(sampling(cfg, step=0), n=1, seed=cfg.seed + 12345)  # the same draw before and after
+    rollouts = engine.generate([p.messages for p in mine], settings)
+    rewards = gathered(score(reward, mine, rollouts).tolist() if mine else [])
+    return sum(rewards) / len(rewards)
 
 
 class DeadRunAlarm:

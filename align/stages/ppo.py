@@ -12,6 +12,7 @@ of RLHF with PPO" checklist. Each step:
   6. update     - epochs x minibatches of the (weighted) clipped policy loss + vf_coef x clipped value loss;
                   an epoch loop stops early when the approximate KL passes early_stop_kl
   7. sync + log - the engine takes the new weights (verified); the KL controller adapts kl_coef
+Before the first step and after the last, the reward of one sample per held-out prompt (as GRPO).
 The value head is a linear layer on the policy's final hidden state, trained with its own
 learning rate and saved beside the adapter as value_head.safetensors.
 """
@@ -56,6 +57,7 @@ from align.stages.online import (
     check_longest_rollout_batch,
     check_shares,
     checkpoint_if_due,
+    held_out_reward,
     importance_weights,
     load_policy,
     load_rl_checkpoint,
@@ -266,6 +268,10 @@ def run_ppo(
         alarm.streak = loop.get("dead_streak", 0)
         stopped = collapsed = None
         watch = CollapseWatch(cfg.checkup)
+        if "eval_reward_start" in loop:  # resumed: the start was measured before the first step
+            eval_start = loop["eval_reward_start"]
+        else:
+            eval_start = held_out_reward(engine, reward, held_out, cfg)
         policy.train()
         step = start = loop["step"]
         for step, batch_prompts in zip(
@@ -382,9 +388,13 @@ def run_ppo(
                     "dead_streak": alarm.streak,
                     "kl_coef": kl_control.coef,
                     "scale": [scale.count, scale.mean, scale.m2],
+                    "eval_reward_start": eval_start,
                 },
                 {VALUE_HEAD_FILE: value_head.state_dict()},
             )
+
+        # 8. Held-out reward after training (the raw reward, before any normalisation), then save.
+        eval_end = held_out_reward(engine, reward, held_out, cfg)
     finally:
         engine.close()
         log.close()
@@ -412,11 +422,15 @@ def run_ppo(
         reward=getattr(reward, "name", str(cfg.reward)),
         data={r.name: r.as_dict() for r in reports},
         final_kl_coef=kl_control.coef,
+        eval_reward_start=eval_start,
+        eval_reward_end=eval_end,
         resumed_from=str(resume_from) if resume_from else None,
         checkup=checkup,
         status=checkup_status(cfg, checkup),
         **(provenance or {}),
     )
     barrier()
+    if eval_start is not None:
+        console.print(f"held-out reward {eval_start:.3f} -> {eval_end:.3f}")
     raise_if_collapsed(cfg, checkup, output_dir)
     return output_dir
