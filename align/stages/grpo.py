@@ -42,7 +42,7 @@ from align.losses import (
 from align.models.adapters import trainable_summary
 from align.models.loading import autocast, load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
-from align.rollout.scoring import logprob_mismatch, policy_outputs, rollout_batch
+from align.rollout.scoring import policy_outputs, rollout_batch
 from align.stages.checkup import checkup_status, raise_if_collapsed, run_checkup, with_training_alarm
 from align.stages.common import adapter_line, prepare_output, process_state, referenced_dirs, resume_line, source_stage
 from align.stages.online import (
@@ -59,13 +59,13 @@ from align.stages.online import (
     prompt_batches,
     rl_steps,
     rollout_engine,
-    rollout_stats,
     sampler_logprobs,
     sampling,
     save_rl_stage,
     score,
+    sync_and_gather,
 )
-from align.stages.ranks import barrier, gathered, gathered_rollouts, share, summed, world
+from align.stages.ranks import barrier, share, summed, world
 from align.stages.rl_update import columns, minibatch_updates, rollout_logprobs, select_rows
 
 
@@ -264,19 +264,10 @@ def run_grpo(
                     **importance_stats(*truncated_importance_weights(old, sampler, cfg.rollout.importance_cap), mask)
                 )
             # 6. Sync the engine (verified), log, and stop a run that has nothing to learn from.
-            with log.timed("sync"):
-                engine.sync_weights(policy)
-            log.add(**getattr(engine, "fidelity", {}))  # vLLM: its greedy answers to real prompts vs the trainer
-            log.add(**getattr(engine, "sync_seconds", {}))  # vLLM: push, probe and faithfulness check
-            # the step's numbers from every process's rollouts (the same on each, so every rank stops alike)
-            step_rollouts = gathered_rollouts(rollouts, len(my_prompts))
-            step_rewards = torch.tensor(gathered(rewards.tolist()))
-            stats = rollout_stats(step_rollouts, step_rewards)
+            step_rollouts, step_rewards, stats = sync_and_gather(
+                engine, policy, log, rollouts, len(my_prompts), rewards, old
+            )
             log.add(
-                **stats,
-                **logprob_mismatch(
-                    [r.logprobs for r in rollouts], [row[: len(r.logprobs)].tolist() for row, r in zip(old, rollouts)]
-                ),
                 entropy=masked_mean(entropy, mask).item(),
                 advantage_abs=advantages.abs().mean().item(),
                 lr=scheduler.get_last_lr()[0],

@@ -30,7 +30,7 @@ from align.models.adapters import add_adapter, load_adapter_for_training
 from align.models.loading import load_base_model
 from align.rollout.engine import Rollout, Sampling
 from align.rollout.engines import make_engine
-from align.stages.ranks import gathered, is_main, mean_over_ranks, spread
+from align.stages.ranks import gathered, gathered_rollouts, is_main, mean_over_ranks, spread
 from align.tracking import plot_losses
 
 
@@ -370,6 +370,25 @@ def open_step_log(cfg, output_dir: Path, stage: str) -> StepLog:
 
     tracker = Tracker(cfg.tracking, output_dir, stage, cfg.model_dump(mode="json", by_alias=True))
     return StepLog(output_dir / "metrics.jsonl", tracker, cfg.rollout.log_samples_every)
+
+
+def sync_and_gather(engine, policy, log, rollouts: list[Rollout], prompts: int, rewards: torch.Tensor, old):
+    """The end of an RL step, shared by grpo and ppo: the engine takes the new weights (verified), then
+    the step's rollouts and rewards from every process (the same on each, so every process stops alike),
+    their statistics, and how far the sampler's logprobs were from the trainer's ``old`` [B, C], all
+    logged. Returns (the step's rollouts, their rewards, the statistics)."""
+    from align.rollout.scoring import logprob_mismatch
+
+    with log.timed("sync"):
+        engine.sync_weights(policy)
+    log.add(**getattr(engine, "fidelity", {}))  # vLLM: its greedy answers to real prompts vs the trainer
+    log.add(**getattr(engine, "sync_seconds", {}))  # vLLM: push, probe and faithfulness check
+    step_rollouts = gathered_rollouts(rollouts, prompts)
+    step_rewards = torch.tensor(gathered(rewards.tolist()))
+    stats = rollout_stats(step_rollouts, step_rewards)
+    trainer = [row[: len(r.logprobs)].tolist() for row, r in zip(old, rollouts)]
+    log.add(**stats, **logprob_mismatch([r.logprobs for r in rollouts], trainer))
+    return step_rollouts, step_rewards, stats
 
 
 def rollout_stats(rollouts: list[Rollout], rewards: torch.Tensor) -> dict[str, float]:

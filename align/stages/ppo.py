@@ -48,7 +48,7 @@ from align.losses import (
 from align.models.adapters import trainable_summary
 from align.models.loading import autocast, load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
-from align.rollout.scoring import logprob_mismatch, policy_outputs, rollout_batch
+from align.rollout.scoring import policy_outputs, rollout_batch
 from align.stages.checkup import checkup_status, raise_if_collapsed, run_checkup, with_training_alarm
 from align.stages.common import adapter_line, prepare_output, process_state, referenced_dirs, resume_line, source_stage
 from align.stages.online import (
@@ -65,15 +65,14 @@ from align.stages.online import (
     prompt_batches,
     rl_steps,
     rollout_engine,
-    rollout_stats,
     sampling,
     save_rl_stage,
     score,
+    sync_and_gather,
 )
 from align.stages.ranks import (
     barrier,
     gathered,
-    gathered_rollouts,
     my_rows,
     share,
     summed,
@@ -337,20 +336,11 @@ def run_ppo(
                     early_stop_kl=opts.early_stop_kl,
                 )
             # 7. Sync, adapt the KL coefficient, log; stop a run with no learning signal.
-            with log.timed("sync"):
-                engine.sync_weights(policy)
-            log.add(**getattr(engine, "fidelity", {}))  # vLLM: its greedy answers to real prompts vs the trainer
-            log.add(**getattr(engine, "sync_seconds", {}))  # vLLM: push, probe and faithfulness check
+            step_rollouts, step_scores, stats = sync_and_gather(
+                engine, policy, log, rollouts, len(my_prompts), raw_scores, old
+            )
             kl_per_completion = summed(kl.sum().item()) / (len(rollouts) * processes)
-            # the step's numbers from every process's rollouts (the same on each, so every rank stops alike)
-            step_rollouts = gathered_rollouts(rollouts, len(my_prompts))
-            step_scores = torch.tensor(gathered(raw_scores.tolist()))
-            stats = rollout_stats(step_rollouts, step_scores)
             log.add(
-                **stats,
-                **logprob_mismatch(
-                    [r.logprobs for r in rollouts], [row[: len(r.logprobs)].tolist() for row, r in zip(old, rollouts)]
-                ),
                 score_mean=scores.mean().item(),
                 kl=kl_per_completion,
                 kl_coef=kl_control.coef,
