@@ -63,9 +63,9 @@ class LoraConfig(_Strict):
     alpha: float = Field(
         32, gt=0, description="LoRA scaling numerator: scale = alpha / r (alpha / sqrt(r) with rslora)"
     )
-    # 0 by default (issue 16, measured in BENCHMARKS.md): LoRA dropout keeps a dropped copy of every
-    # adapted layer's input for backward - the largest activation cost of a QLoRA step (1.35x slower,
-    # +1.8 GB on SmolLM2) - and with it DPO's first loss is not ln 2 nor RL's first ratios 1.
+    # 0 by default: LoRA dropout keeps a dropped copy of every adapted layer's input for backward - the
+    # largest activation cost of a QLoRA step (BENCHMARKS.md) - and with it DPO's first loss is not ln 2
+    # nor RL's first ratios 1.
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input (0: off)")
     use_rslora: bool = Field(False, description="rank-stabilised scaling alpha / sqrt(r)")
     use_dora: bool = Field(False, description="weight-decomposed LoRA (DoRA)")

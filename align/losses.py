@@ -62,8 +62,8 @@ class _LinearTokenLogps(torch.autograd.Function):
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         # The matmuls in the ambient precision (bf16 under autocast), the softmax in fp32, as the model's own loss.
         # The weight is cast once here: autocast copies a frozen weight again at every use (it caches only weights
-        # that require a gradient), twice a chunk. SmolLM2 QLoRA (fp32 [49152, 576] output layer), 4 x 256 tokens
-        # in 3 chunks: 7 copies -> 1, forward + backward 3.52 -> 3.32 s (issue 16).
+        # that require a gradient), twice a chunk: for SmolLM2's fp32 [49152, 576] output layer that was 7 copies
+        # a forward and backward, now 1 (BENCHMARKS.md).
         weight = autocast_weight(weight, hidden.device.type)
         for start in range(0, n, chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk].unsqueeze(-1)

@@ -3,7 +3,7 @@
 ``Module.train(mode)`` recurses through every child, setting ``training`` through ``Module.__setattr__``: 7-10 ms
 each way for SmolLM2 with a LoRA on every linear layer (2,499 modules), paid around every no-grad pass an RL
 step makes (the weight sync's probe, reference log-probs, rollouts from the trainer's own forward). One
-``modules()`` walk setting the same flags directly: 3 ms (issue 16).
+``modules()`` walk setting the same flags directly: 3 ms (BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -138,8 +138,8 @@ def merged_weight(weight: torch.Tensor, layer, adapter: str) -> torch.Tensor:
 
     A linear adapter merges in one addmm, never holding B @ A on its own: peft's get_delta_weight
     allocates the product, then its scaled copy, and the sum is a third weight-sized tensor - for
-    SmolLM2's 210 adapted layers that took 0.14-0.32 s of every merged sync, the fused form 0.08 s
-    (issue 16). Other adapters (embeddings, convolutions, fan-in-fan-out, DoRA) take peft's delta.
+    SmolLM2's 210 adapted layers that took about twice the fused form's time in every merged sync
+    (BENCHMARKS.md). Other adapters (embeddings, convolutions, fan-in-fan-out, DoRA) take peft's delta.
     """
     factors = (layer.lora_B, layer.lora_A)  # an embedding's are in lora_embedding_B/A: not plain
     plain = adapter in layer.lora_A and all(isinstance(f[adapter], torch.nn.Linear) for f in factors)

@@ -41,8 +41,8 @@ FAITHFULNESS_PROMPTS = (
     "Write one sentence about the sea.",
 )
 FAITHFULNESS_TOKENS = 16
-# Syncs between two faithfulness checks (version 0, the start, is always checked). The check was 2/3 of a
-# sync (1.3 of 2.0 s, SmolLM2 QLoRA, merged; issue 16); the probe still runs after every sync, and every
+# Syncs between two faithfulness checks (version 0, the start, is always checked). The check was most of a
+# sync's time (BENCHMARKS.md); the probe still runs after every sync, and every
 # RL step already compares the engine's logprobs of its samples with the trainer's (logprob_mismatch_*).
 FAITHFULNESS_EVERY = 8
 # Where the engine's greedy token is not the trainer's argmax, a logprob gap below this is a near
@@ -51,9 +51,9 @@ NEAR_TIE = {"fp32": 1e-3, "bf16": 0.1, "fp16": 0.05}
 MIN_GREEDY_AGREEMENT = 0.75
 # The probe is plain text, not a chat: it checks weights, not behaviour (the faithfulness check asks real
 # questions through the chat template). Every token after the first is compared, so no forward pass is
-# spent on an unscored prompt. Its length costs the engine (vLLM scored 42 tokens in 0.085-0.097 s, these
-# 19 in 0.058); the trainer's forward through a 4-bit base takes ~0.15 s whatever the length (every layer
-# is dequantized), so a shorter probe would save little more (issue 16: bench_rl's probe 0.27 -> 0.25 s).
+# spent on an unscored prompt. Its length costs the engine; the trainer's forward through a 4-bit base costs
+# about the same whatever the length (every layer is dequantized), so a shorter probe would save little more
+# (BENCHMARKS.md).
 PROBE = "Count from one to ten in words: one two three four five six seven eight nine ten."
 
 

@@ -143,9 +143,8 @@ def remove_orphans(roots: list[Path] | None = None) -> list[Path]:
 KV_BLOCK = 128
 DEFAULT_KV_GIB = 2.0  # when the caller says nothing about its workload (align generate, align chat)
 # Sequences the auto-sized cache holds at once; vLLM queues the rest of a larger call and admits them as
-# blocks free up. The quickstart's eval (128 prompts) spent 0.95 GB on a cache for all of them; with 64
-# at once its peak fell 0.54 GB, it took 166 s against 160 (within this machine's run-to-run spread) and
-# gave byte-identical answers (per-request seeds; issue 16, BENCHMARKS.md).
+# blocks free up. Admitting 64 at once instead of a whole eval's prompts lowers its peak memory at no
+# measurable cost in time, with byte-identical answers (per-request seeds; BENCHMARKS.md).
 KV_MAX_SEQUENCES = 64
 
 
@@ -156,8 +155,8 @@ def cpu_kv_cache_bytes(
     room for ``workload`` = (sequences, tokens per sequence) of the stage's largest generate call, at most
     ``KV_MAX_SEQUENCES`` of them at once, each in whole blocks (tokens per sequence is the longest prompt
     plus max_new_tokens: no sequence needs more), never less than one ``max_model_len`` sequence (vLLM
-    refuses to start without it), plus vLLM's null block and one more. A quickstart stage needs 0.1-0.4 GB;
-    the fixed 2 GiB it had was most of a 135M model's memory (issue 16). Without a workload: 2 GiB."""
+    refuses to start without it), plus vLLM's null block and one more: a quickstart stage needs far less
+    than a fixed 2 GiB, most of a 135M model's memory (BENCHMARKS.md). Without a workload: 2 GiB."""
     config = getattr(policy, "config", None)
     layers = getattr(config, "num_hidden_layers", None)
     if gib is not None or workload is None or not layers:
@@ -412,10 +411,9 @@ class VLLMEngine(VerifiedEngine):
             dtype = DTYPES[self.engine_precision]
             weights = base_weights(policy, dtype, untie=True, merge_adapter=merged, adapted_only=merged)
             # Streamed: each weight is built (dequantized, merged) as vLLM loads it, never all at once - a list
-            # of SmolLM2's 210 merged fp32 blocks held 0.4 GB during every sync (bench_rl grpo-vllm peak RSS
-            # 3980/3713 -> 3804/3577 MB, sync time unchanged; issue 16). An engine core in another process
-            # (torchrun's own process, or VLLM_ENABLE_V1_MULTIPROCESSING=1) is sent the weights serialized,
-            # which a generator cannot be.
+            # of SmolLM2's 210 merged fp32 blocks held 0.4 GB during every sync (BENCHMARKS.md). An engine core
+            # in another process (torchrun's own process, or VLLM_ENABLE_V1_MULTIPROCESSING=1) is sent the
+            # weights serialized, which a generator cannot be.
             if type(self.llm.llm_engine.engine_core).__name__ != "InprocClient":
                 weights = list(weights)
             try:

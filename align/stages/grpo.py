@@ -346,5 +346,5 @@ def run_grpo(
 def update_gives_old_logprobs(epochs: int, minibatch: int, completions_per_step: int) -> bool:
     """True when the rollouts feed exactly one optimizer step (one epoch, one minibatch): the policy has
     not moved before it, so the update's own forward gives the rollout policy's logprobs and the separate
-    no-grad pass would compute the same numbers again (about a fifth of a step; issue 16)."""
+    no-grad pass would compute the same numbers again (about a fifth of a step, BENCHMARKS.md)."""
     return epochs == 1 and minibatch == completions_per_step

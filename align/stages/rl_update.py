@@ -28,7 +28,7 @@ def micro_batches(indices: list[int], size: int, batch: dict[str, torch.Tensor] 
     """``indices`` in chunks of ``size``. Given the rollout ``batch``, the rows are first sorted by their
     length (prompt + completion tokens; ties by index, so the chunks do not depend on the order the rows
     came in), so a micro-batch holds rows of similar length and ``select_rows`` drops the padding columns
-    none of them uses (issue 16). A minibatch's gradient is the sum over its micro-batches: their order
+    none of them uses (BENCHMARKS.md). A minibatch's gradient is the sum over its micro-batches: their order
     and grouping do not change it."""
     if batch is not None:
         lengths = batch["attention_mask"].sum(-1).tolist()
