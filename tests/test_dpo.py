@@ -243,6 +243,7 @@ def test_gradient_accumulation_gives_the_same_step(tmp_path, tiny_llama):
     assert all(v.abs().sum() > 0 for k, v in results[0].items() if "lora_B" in k)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("kind", ["dpo", "kto"])
 def test_preference_stages_under_torchrun_ddp_shard_pairs_and_equal_one_process(
     tmp_path, tiny_llama, monkeypatch, kind

@@ -360,6 +360,7 @@ def assert_same_training(runs: dict[str, Path], keys: tuple[str, ...], files=("a
             assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("minibatch", [None, 4])
 def test_grpo_under_torchrun_equals_one_process(tmp_path, yes_no_model, monkeypatch, minibatch):
     """torchrun with 2 processes (gloo): each answers half of a step's prompts with its own engine, and the
@@ -375,6 +376,7 @@ def test_grpo_under_torchrun_equals_one_process(tmp_path, yes_no_model, monkeypa
     assert_same_training(runs, ("reward_mean", "reward_std", "completion_length", "loss", "grad_norm"))
 
 
+@pytest.mark.heavy
 def test_grpo_under_torchrun_killed_then_resumed_equals_the_uninterrupted_run(tmp_path, yes_no_model):
     """2 processes, SIGKILL after step 2 (its checkpoint not written), `--resume` with 2 processes again:
     every process restarts from process 0's checkpoint 1, and the adapter, rollouts and logged numbers are

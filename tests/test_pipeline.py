@@ -227,6 +227,7 @@ def test_a_second_align_run_on_the_same_recipe_is_refused(tmp_path, tiny_llama):
     assert not (folder / "sft").exists()
 
 
+@pytest.mark.heavy
 def test_align_run_under_torchrun_runs_every_stage_kind_once_then_skips(tmp_path, vllm_llama):
     """`torchrun --nproc_per_node 2 -m align.cli run R` (gloo): every stage kind - the Trainer stages and grpo/ppo
     across both processes, eval in process 0 - finishes once, with one lock and one pipeline state between

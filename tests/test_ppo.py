@@ -168,6 +168,7 @@ def test_ppo_weights_a_mismatched_samplers_tokens(tmp_path, yes_no_model, monkey
     )
 
 
+@pytest.mark.heavy
 def test_ppo_under_torchrun_equals_one_process(tmp_path, yes_no_model, monkeypatch):
     """torchrun with 2 processes (gloo) equals one process on the same samples: each process answers half
     of a step's prompts, and what PPO computes over the whole batch - advantage and reward whitening, the

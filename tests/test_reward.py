@@ -404,6 +404,7 @@ def test_a_judge_that_always_says_a_is_caught_and_cancelled(tmp_path, tiny_llama
     assert all(abs(w - 0.5) < 0.05 for w in wins)
 
 
+@pytest.mark.heavy
 def test_rm_under_torchrun_ddp_shards_pairs_and_equals_one_process(tmp_path, tiny_llama, monkeypatch):
     """2 processes x 2 pairs (gloo) equal 1 process x 4 pairs: different pairs on each rank, the
     same global batch, the same adapter + head weights and losses (see test_sft_stage for the tolerance)."""

@@ -20,6 +20,7 @@ import torch
 from conftest import p_yes, tiny_recipe, train_yes_no, write_jsonl
 
 pytest.importorskip("vllm")
+pytestmark = pytest.mark.heavy  # every test here starts a vLLM engine or server
 
 from align.rollout.engine import Sampling, SyncError  # noqa: E402
 from align.rollout.scoring import logprob_mismatch, score_rollouts  # noqa: E402

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 pytest.importorskip("vllm")
+pytestmark = pytest.mark.heavy  # every test here starts a vLLM engine or server
 
 from align.data.templating import encode_prompt  # noqa: E402
 from align.rollout.engine import Sampling, SyncError  # noqa: E402

@@ -349,6 +349,7 @@ def assert_ddp_matches_one_process(
 DDP_EXACT = ["train.optim=sgd", "train.lr=1.0", "train.max_grad_norm=0", "train.max_steps=2", "data.max_rows=8"]
 
 
+@pytest.mark.heavy
 def test_multi_process_ddp_on_cpu_shards_rows_and_equals_one_process(tmp_path, tiny_llama, monkeypatch):
     """torchrun with 2 processes (gloo), batch 2 each, equals one process with batch 4: each rank
     trains on different rows, together the same global batch, to the same adapter weights."""
