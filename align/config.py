@@ -8,6 +8,7 @@ each one runs, is in align/stages/registry.py.
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
@@ -818,6 +819,29 @@ class PPOOptions(_Strict):
     )
 
 
+class MonitorConfig(_Strict):
+    """Rewards the RL stage is judged by but never trained on (a gold verifier beside a learned proxy)."""
+
+    rewards: dict[str, RewardSpecs] = Field(
+        default_factory=dict,
+        description="named reward specs scored on one answer per held-out prompt, beside the training reward on the "
+        "same answers, e.g. {exact: {type: rule, name: gsm8k_exact}}; never part of the training reward",
+    )
+    every: int = Field(
+        0, ge=0, description="RL steps between measurements; 0: before the first step and after the last only"
+    )
+
+    @field_validator("rewards", mode="before")
+    @classmethod
+    def _specs(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise ValueError("monitor.rewards is a mapping of names to reward specs, e.g. {exact: {type: rule, ...}}")
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)) or name == "proxy":
+                raise ValueError(f"monitor.rewards: {name!r} is not a plain name (letters, digits, _ . -; not proxy)")
+        return {name: parse_reward(spec, f"monitor.rewards.{name}") for name, spec in value.items()}
+
+
 class _OnlineRLConfig(StageConfig):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
     UNUSED: ClassVar[dict[str, str]] = {
@@ -825,8 +849,8 @@ class _OnlineRLConfig(StageConfig):
         "train.grad_accum": "the optimizer step is one minibatch of completions (grpo/ppo.minibatch_size); "
         "train.batch_size only splits it into micro-batches",
         "train.optim": "RL stages use torch AdamW (with train.lr and train.weight_decay)",
-        "train.eval_steps": "RL stages do not evaluate every N steps (grpo measures the held-out reward before the "
-        "first step and after the last)",
+        "train.eval_steps": "RL stages measure their held-out rewards before the first step, every monitor.every "
+        "steps and after the last",
         "lora.loraplus_lr_ratio": "RL stages use one learning rate for the whole adapter",
     }
     from_stage: str | None = Field(
@@ -838,11 +862,20 @@ class _OnlineRLConfig(StageConfig):
         "with weights",
     )
     rollout: RLRolloutConfig = Field(default_factory=RLRolloutConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 
     @field_validator("reward", mode="before")
     @classmethod
     def _reward_shape(cls, value: Any) -> Any:
         return parse_reward(value)
+
+    @model_validator(mode="after")
+    def _monitors_need_held_out_prompts(self):
+        if self.monitor.rewards and not (self.data.eval or self.data.eval_rows):
+            raise ValueError(
+                "monitor.rewards are scored on held-out prompts: set data.eval (a prompt file) or data.eval_rows"
+            )
+        return self
 
 
 class GRPOConfig(_OnlineRLConfig):
@@ -962,6 +995,8 @@ def stage_references(config: StageConfig) -> list[tuple[str, str]]:
     specs = reward_parts(reward)
     for judge in (getattr(config, "judges", None) or {}).values():
         specs += reward_parts(judge)
+    for monitor in getattr(getattr(config, "monitor", None), "rewards", {}).values():
+        specs += reward_parts(monitor)
     found = [("from", config.from_stage)] if getattr(config, "from_stage", None) else []
     found += [("data from", config.data.from_stage)] if config.data.from_stage else []
     return found + [

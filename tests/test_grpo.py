@@ -421,3 +421,54 @@ def test_grpo_under_torchrun_killed_then_resumed_equals_the_uninterrupted_run(tm
         for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()
     ]
     assert numbers("whole") == numbers("resumed") and [r["step"] for r in numbers("whole")] == [1, 2, 3]
+
+
+NO = {"type": "rule", "name": "contains_marker", "marker": "no"}
+
+
+def test_monitors_are_measured_on_held_out_prompts_and_change_no_update(tmp_path, yes_no_model):
+    """Rewarded for "yes", GRPO raises the proxy on held-out prompts while a monitor that pays for "no" -
+    the shape of a proxy optimised against the truth - falls; both on the same answers, every 2 steps
+    and at the end. The update is the same with and without the monitor, to the bit."""
+    held_out = write_jsonl(tmp_path / "held-out.jsonl", [{"prompt": "Pick one."}] * 32)
+    runs = {}
+    for name, monitor in (("plain", {}), ("monitored", {"rewards": {"no": NO}, "every": 2})):
+        (tmp_path / name).mkdir()
+        recipe = grpo_recipe(
+            tmp_path / name,
+            yes_no_model,
+            [{"prompt": "Pick one."}] * 32,
+            data={"eval": [str(held_out)]},
+            train={"max_steps": 4},
+            monitor=monitor,
+        )
+        runs[name] = run_grpo(load_recipe(recipe).resolve("grpo"), tmp_path / name / "out", recipe_name="tiny")
+    weights = [(runs[n] / "adapter" / "adapter_model.safetensors").read_bytes() for n in ("plain", "monitored")]
+    assert weights[0] == weights[1]
+    manifest = json.loads((runs["monitored"] / "manifest.json").read_text())
+    start, end = manifest["held_out_start"], manifest["held_out_end"]
+    assert end["proxy"] > start["proxy"] and end["no"] < start["no"], (start, end)
+    assert manifest["eval_reward_start"] == start["proxy"] and 0 < start["proxy_ci"] < 0.5
+    rows = [json.loads(line) for line in (runs["monitored"] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "held_out/no" in r] == [2, 4]
+    assert rows[-1]["held_out/no"] == end["no"]  # the last step's measurement is the end
+    plain = json.loads((runs["plain"] / "manifest.json").read_text())
+    assert set(plain["held_out_end"]) == {"proxy", "proxy_ci"} and plain["held_out_end"]["proxy"] == end["proxy"]
+
+
+def test_monitor_specs_are_checked_when_the_recipe_is_read(tmp_path, tiny_llama):
+    prompts = [{"prompt": "Pick one."}] * 8
+    misspelt = grpo_recipe(
+        tmp_path,
+        tiny_llama,
+        prompts,
+        data={"eval_rows": 2},
+        monitor={"rewards": {"g": {**NO, "name": "contains_markr"}}},
+    )
+    with pytest.raises(
+        Exception, match="monitor.rewards.g: unknown rule 'contains_markr' - did you mean 'contains_marker'"
+    ):
+        load_recipe(misspelt).resolve("grpo")
+    no_held_out = grpo_recipe(tmp_path, tiny_llama, prompts, monitor={"rewards": {"g": NO}})
+    with pytest.raises(Exception, match="monitor.rewards are scored on held-out prompts"):
+        load_recipe(no_held_out).resolve("grpo")

@@ -11,6 +11,8 @@ Each step:
   5. update    - epochs x minibatches of the (weighted) clipped objective + kl_coef x KL(k3), aggregated
                  per token, per sequence or by a constant (see GRPOOptions.loss_aggregation)
   6. sync      - the engine takes the new weights (verified) and the step is logged
+Before the first step, every monitor.every steps and after the last: one answer per held-out prompt,
+scored by the training reward (the proxy) and by the monitor rewards, never trained on.
 Written here rather than on TRL's GRPOTrainer/RLOOTrainer: see align/stages/online.py.
 """
 
@@ -48,10 +50,11 @@ from align.stages.common import adapter_line, prepare_output, process_state, ref
 from align.stages.online import (
     CollapseWatch,
     DeadRunAlarm,
+    HeldOut,
+    build_monitors,
     check_longest_rollout_batch,
     check_shares,
     checkpoint_if_due,
-    held_out_reward,
     importance_stats,
     load_policy,
     load_rl_checkpoint,
@@ -139,6 +142,7 @@ def run_grpo(
     tokenizer = load_tokenizer(cfg.model, model_path)
     prompts, held_out, reports = load_prompts(cfg.data, tokenizer, cfg.seed)
     reward = build_reward(cfg.reward, referenced_dirs(cfg, recipe_name), cfg.model.trust_remote_code)
+    monitors = build_monitors(cfg, recipe_name)  # judged by, never trained on
     source = source_stage(cfg, recipe_name, from_dir)
 
     # 2. Policy (+ reference on the same base), optimizer, output folder (resuming: the checkpoint's
@@ -199,10 +203,7 @@ def run_grpo(
         alarm = DeadRunAlarm(opts.dead_steps, cfg.rollout.max_new_tokens)
         watch = CollapseWatch(cfg.checkup)
         alarm.streak = loop.get("dead_streak", 0)
-        if "eval_reward_start" in loop:  # resumed: the start was measured before the first step
-            eval_start = loop["eval_reward_start"]
-        else:
-            eval_start = held_out_reward(engine, reward, held_out, cfg)
+        held = HeldOut(cfg, engine, reward, monitors, held_out, loop)  # the start, unless resumed
         policy.train()
         step = start = loop["step"]
         for step, batch_prompts in zip(
@@ -272,6 +273,7 @@ def run_grpo(
                 advantage_abs=advantages.abs().mean().item(),
                 lr=scheduler.get_last_lr()[0],
             )
+            held.after_step(step, log)  # monitor.every: the held-out rewards, into this step's row
             record = log.write(step)
             log.samples(step, batch_prompts, step_rollouts, step_rewards)
             console.print(
@@ -298,11 +300,11 @@ def run_grpo(
                 policy,
                 optimizer,
                 scheduler,
-                {"dead_streak": alarm.streak, "eval_reward_start": eval_start},
+                {"dead_streak": alarm.streak, **held.state()},
             )
 
-        # 7. Held-out reward after training, then save.
-        eval_end = held_out_reward(engine, reward, held_out, cfg)
+        # 7. Held-out rewards after training (the last step's, when monitor.every measured it), then save.
+        held.finish(step)
     finally:
         engine.close()
         log.close()
@@ -329,16 +331,15 @@ def run_grpo(
         stopped_early=stopped,
         reward=getattr(reward, "name", str(cfg.reward)),
         data={r.name: r.as_dict() for r in reports},
-        eval_reward_start=eval_start,
-        eval_reward_end=eval_end,
+        **held.manifest(),
         resumed_from=str(resume_from) if resume_from else None,
         checkup=checkup,
         status=checkup_status(cfg, checkup),
         **(provenance or {}),
     )
     barrier()
-    if eval_start is not None:
-        console.print(f"held-out reward {eval_start:.3f} -> {eval_end:.3f}")
+    if held.line():
+        console.print(held.line())
     raise_if_collapsed(cfg, checkup, output_dir)
     return output_dir
 

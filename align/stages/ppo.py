@@ -12,7 +12,8 @@ of RLHF with PPO" checklist. Each step:
   6. update     - epochs x minibatches of the (weighted) clipped policy loss + vf_coef x clipped value loss;
                   an epoch loop stops early when the approximate KL passes early_stop_kl
   7. sync + log - the engine takes the new weights (verified); the KL controller adapts kl_coef
-Before the first step and after the last, the reward of one sample per held-out prompt (as GRPO).
+Before the first step, every monitor.every steps and after the last: one answer per held-out prompt,
+scored by the training reward (the proxy) and by the monitor rewards, never trained on (as GRPO).
 The value head is a linear layer on the policy's final hidden state, trained with its own
 learning rate and saved beside the adapter as value_head.safetensors.
 """
@@ -54,10 +55,11 @@ from align.stages.common import adapter_line, prepare_output, process_state, ref
 from align.stages.online import (
     CollapseWatch,
     DeadRunAlarm,
+    HeldOut,
+    build_monitors,
     check_longest_rollout_batch,
     check_shares,
     checkpoint_if_due,
-    held_out_reward,
     importance_weights,
     load_policy,
     load_rl_checkpoint,
@@ -190,6 +192,7 @@ def run_ppo(
     prompts, held_out, reports = load_prompts(cfg.data, tokenizer, cfg.seed)
     reward_stages = referenced_dirs(cfg, recipe_name)
     reward = build_reward(cfg.reward, reward_stages, cfg.model.trust_remote_code)
+    monitors = build_monitors(cfg, recipe_name)  # judged by, never trained on
     source = source_stage(cfg, recipe_name, from_dir)
 
     # Policy + reference on one base, value head, optimizer (two learning rates), engine.
@@ -267,10 +270,7 @@ def run_ppo(
         alarm.streak = loop.get("dead_streak", 0)
         stopped = collapsed = None
         watch = CollapseWatch(cfg.checkup)
-        if "eval_reward_start" in loop:  # resumed: the start was measured before the first step
-            eval_start = loop["eval_reward_start"]
-        else:
-            eval_start = held_out_reward(engine, reward, held_out, cfg)
+        held = HeldOut(cfg, engine, reward, monitors, held_out, loop)  # the start, unless resumed
         policy.train()
         step = start = loop["step"]
         for step, batch_prompts in zip(
@@ -350,6 +350,7 @@ def run_ppo(
                 lr=scheduler.get_last_lr()[0],
             )
             kl_control.update(kl_per_completion, len(step_rollouts))
+            held.after_step(step, log)  # monitor.every: the held-out rewards, into this step's row
             record = log.write(step)
             log.samples(step, batch_prompts, step_rollouts, step_scores)
             console.print(
@@ -378,13 +379,13 @@ def run_ppo(
                     "dead_streak": alarm.streak,
                     "kl_coef": kl_control.coef,
                     "scale": [scale.count, scale.mean, scale.m2],
-                    "eval_reward_start": eval_start,
+                    **held.state(),
                 },
                 {VALUE_HEAD_FILE: value_head.state_dict()},
             )
 
-        # 8. Held-out reward after training (the raw reward, before any normalisation), then save.
-        eval_end = held_out_reward(engine, reward, held_out, cfg)
+        # 8. Held-out rewards after training (raw, before any normalisation), then save.
+        held.finish(step)
     finally:
         engine.close()
         log.close()
@@ -412,15 +413,14 @@ def run_ppo(
         reward=getattr(reward, "name", str(cfg.reward)),
         data={r.name: r.as_dict() for r in reports},
         final_kl_coef=kl_control.coef,
-        eval_reward_start=eval_start,
-        eval_reward_end=eval_end,
+        **held.manifest(),
         resumed_from=str(resume_from) if resume_from else None,
         checkup=checkup,
         status=checkup_status(cfg, checkup),
         **(provenance or {}),
     )
     barrier()
-    if eval_start is not None:
-        console.print(f"held-out reward {eval_start:.3f} -> {eval_end:.3f}")
+    if held.line():
+        console.print(held.line())
     raise_if_collapsed(cfg, checkup, output_dir)
     return output_dir
