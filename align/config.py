@@ -830,6 +830,22 @@ class MonitorConfig(_Strict):
     every: int = Field(
         0, ge=0, description="RL steps between measurements; 0: before the first step and after the last only"
     )
+    on_hacking: Literal["warn", "stop"] = Field(
+        "warn",
+        description="when the first monitor falls significantly below its best while the proxy is at or above its "
+        "value there (paired over the held-out prompts): say so (warn), or say so and stop training (stop)",
+    )
+    select: Literal["best", "last"] = Field(
+        "best",
+        description="the stage's output: the policy of the measurement with the best first monitor (best), or of the "
+        "last step (last)",
+    )
+
+    @model_validator(mode="after")
+    def _settings_need_monitors(self):
+        if not self.rewards and (self.every or self.on_hacking != "warn" or self.select != "best"):
+            raise ValueError("monitor.every, on_hacking and select act on monitor.rewards: name at least one")
+        return self
 
     @field_validator("rewards", mode="before")
     @classmethod

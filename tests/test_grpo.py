@@ -426,34 +426,67 @@ def test_grpo_under_torchrun_killed_then_resumed_equals_the_uninterrupted_run(tm
 NO = {"type": "rule", "name": "contains_marker", "marker": "no"}
 
 
-def test_monitors_are_measured_on_held_out_prompts_and_change_no_update(tmp_path, yes_no_model):
-    """Rewarded for "yes", GRPO raises the proxy on held-out prompts while a monitor that pays for "no" -
-    the shape of a proxy optimised against the truth - falls; both on the same answers, every 2 steps
-    and at the end. The update is the same with and without the monitor, to the bit."""
+def _monitored_grpo(tmp_path, model, name: str, monitor: dict) -> Path:
+    """Four GRPO steps rewarded for "yes" on the yes/no model, with 32 held-out prompts."""
     held_out = write_jsonl(tmp_path / "held-out.jsonl", [{"prompt": "Pick one."}] * 32)
-    runs = {}
-    for name, monitor in (("plain", {}), ("monitored", {"rewards": {"no": NO}, "every": 2})):
-        (tmp_path / name).mkdir()
-        recipe = grpo_recipe(
-            tmp_path / name,
-            yes_no_model,
-            [{"prompt": "Pick one."}] * 32,
-            data={"eval": [str(held_out)]},
-            train={"max_steps": 4},
-            monitor=monitor,
-        )
-        runs[name] = run_grpo(load_recipe(recipe).resolve("grpo"), tmp_path / name / "out", recipe_name="tiny")
-    weights = [(runs[n] / "adapter" / "adapter_model.safetensors").read_bytes() for n in ("plain", "monitored")]
-    assert weights[0] == weights[1]
-    manifest = json.loads((runs["monitored"] / "manifest.json").read_text())
+    (tmp_path / name).mkdir()
+    recipe = grpo_recipe(
+        tmp_path / name,
+        model,
+        [{"prompt": "Pick one."}] * 32,
+        data={"eval": [str(held_out)]},
+        train={"max_steps": 4},
+        monitor=monitor,
+    )
+    return run_grpo(load_recipe(recipe).resolve("grpo"), tmp_path / name / "out", recipe_name="tiny")
+
+
+def _adapter(out: Path) -> bytes:
+    return (out / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_monitor_the_proxy_works_against_raises_the_alarm_and_the_best_policy_is_kept(tmp_path, yes_no_model):
+    """Rewarded for "yes", GRPO raises the held-out proxy while a monitor paying for "no" - the shape of
+    a proxy optimised against the truth - falls, both on the same answers every 2 steps. The alarm says
+    so; with monitor.select: best the stage's output is the start (the monitor's best), and with
+    select: last the update is byte-identical to the run without a monitor."""
+    from align.models.trained import load_trained
+
+    plain = _monitored_grpo(tmp_path, yes_no_model, "plain", {})
+    last = _monitored_grpo(tmp_path, yes_no_model, "last", {"rewards": {"no": NO}, "every": 2, "select": "last"})
+    assert _adapter(plain) == _adapter(last)  # monitors change no update
+    manifest = json.loads((last / "manifest.json").read_text())
     start, end = manifest["held_out_start"], manifest["held_out_end"]
     assert end["proxy"] > start["proxy"] and end["no"] < start["no"], (start, end)
     assert manifest["eval_reward_start"] == start["proxy"] and 0 < start["proxy_ci"] < 0.5
-    rows = [json.loads(line) for line in (runs["monitored"] / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (last / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "held_out/no" in r] == [2, 4]
     assert rows[-1]["held_out/no"] == end["no"]  # the last step's measurement is the end
-    plain = json.loads((runs["plain"] / "manifest.json").read_text())
-    assert set(plain["held_out_end"]) == {"proxy", "proxy_ci"} and plain["held_out_end"]["proxy"] == end["proxy"]
+    monitor = manifest["monitor"]
+    assert (
+        monitor["best_step"] == 0
+        and monitor["selected_step"] == 4
+        and "reward hacking - monitor 'no'" in (monitor["hacking"])
+    )
+    plain_manifest = json.loads((plain / "manifest.json").read_text())
+    assert set(plain_manifest["held_out_end"]) == {"proxy", "proxy_ci"} and "monitor" not in plain_manifest
+
+    best = _monitored_grpo(tmp_path, yes_no_model, "best", {"rewards": {"no": NO}, "every": 2})
+    monitor = json.loads((best / "manifest.json").read_text())["monitor"]
+    assert monitor["selected_step"] == 0 and monitor["hacking"]
+    base, tokenizer = load_trained(yes_no_model)
+    kept, _ = load_trained(best)
+    assert abs(p_yes(kept, tokenizer) - p_yes(base, tokenizer)) < 1e-6  # the start: a fresh adapter adds nothing
+
+
+def test_an_honest_monitor_raises_no_alarm_and_keeps_the_last_policy(tmp_path, yes_no_model):
+    """The monitor pays for what the proxy pays for: no alarm, its best is the last step, and the stage's
+    output is what it would be without a monitor."""
+    plain = _monitored_grpo(tmp_path, yes_no_model, "plain", {})
+    honest = _monitored_grpo(tmp_path, yes_no_model, "honest", {"rewards": {"yes": YES}, "every": 2})
+    monitor = json.loads((honest / "manifest.json").read_text())["monitor"]
+    assert monitor["hacking"] is None and monitor["best_step"] == monitor["selected_step"] == 4, monitor
+    assert _adapter(plain) == _adapter(honest)
 
 
 def test_monitor_specs_are_checked_when_the_recipe_is_read(tmp_path, tiny_llama):

@@ -47,11 +47,10 @@ from align.models.resolve import resolve_model
 from align.rollout.scoring import policy_outputs, rollout_batch
 from align.stages.checkup import checkup_status, raise_if_collapsed, run_checkup, with_training_alarm
 from align.stages.common import adapter_line, prepare_output, process_state, referenced_dirs, resume_line, source_stage
+from align.stages.monitors import HeldOut, build_monitors
 from align.stages.online import (
     CollapseWatch,
     DeadRunAlarm,
-    HeldOut,
-    build_monitors,
     check_longest_rollout_batch,
     check_shares,
     checkpoint_if_due,
@@ -203,7 +202,7 @@ def run_grpo(
         alarm = DeadRunAlarm(opts.dead_steps, cfg.rollout.max_new_tokens)
         watch = CollapseWatch(cfg.checkup)
         alarm.streak = loop.get("dead_streak", 0)
-        held = HeldOut(cfg, engine, reward, monitors, held_out, loop)  # the start, unless resumed
+        held = HeldOut(cfg, engine, policy, reward, monitors, held_out, loop, resume_from)  # the start
         policy.train()
         step = start = loop["step"]
         for step, batch_prompts in zip(
@@ -273,7 +272,7 @@ def run_grpo(
                 advantage_abs=advantages.abs().mean().item(),
                 lr=scheduler.get_last_lr()[0],
             )
-            held.after_step(step, log)  # monitor.every: the held-out rewards, into this step's row
+            hacked = held.after_step(step, log)  # monitor.every: held-out rewards, into this step's row
             record = log.write(step)
             log.samples(step, batch_prompts, step_rollouts, step_rewards)
             console.print(
@@ -288,6 +287,7 @@ def run_grpo(
             )
             collapsed = watch.check(stats["loop_fraction"], record.get("kl"))
             stopped = stopped or (f"collapse: {collapsed}" if collapsed else None)
+            stopped = stopped or hacked  # monitor.on_hacking: stop
             if stopped:
                 console.print(f"[yellow]stopping early: {stopped}[/]")
                 break
@@ -301,6 +301,7 @@ def run_grpo(
                 optimizer,
                 scheduler,
                 {"dead_streak": alarm.streak, **held.state()},
+                held.tensors(),
             )
 
         # 7. Held-out rewards after training (the last step's, when monitor.every measured it), then save.
@@ -331,7 +332,7 @@ def run_grpo(
         stopped_early=stopped,
         reward=getattr(reward, "name", str(cfg.reward)),
         data={r.name: r.as_dict() for r in reports},
-        **held.manifest(),
+        **held.manifest(step),
         resumed_from=str(resume_from) if resume_from else None,
         checkup=checkup,
         status=checkup_status(cfg, checkup),

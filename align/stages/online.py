@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import math
 import random
-import statistics
 import time
 from collections import defaultdict
-from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -31,7 +29,7 @@ from align.models.adapters import add_adapter, load_adapter_for_training
 from align.models.loading import load_base_model
 from align.rollout.engine import Rollout, Sampling
 from align.rollout.engines import make_engine
-from align.stages.ranks import gathered, gathered_rollouts, is_main, mean_over_ranks, spread
+from align.stages.ranks import gathered, gathered_rollouts, is_main, mean_over_ranks
 from align.tracking import plot_losses
 
 
@@ -235,85 +233,6 @@ def score(reward, examples: list[PromptExample], rollouts: list[Rollout]) -> tor
     columns = {name: [examples[r.prompt_index].columns.get(name) for r in rollouts] for name in names}
     values = reward(prompts, [r.text for r in rollouts], **columns)
     return torch.tensor(values, dtype=torch.float32)
-
-
-def held_out_scores(engine, rewards: dict, held_out: list[PromptExample], cfg) -> dict[str, float] | None:
-    """One answer per held-out prompt (a fixed seed, the rollout temperature: the same draw every time),
-    scored by each of ``rewards`` (name -> reward: "proxy", the training reward, and the stage's
-    monitors): {name: mean, name_ci: the half-width of its normal-approximation 95% interval}. None
-    without held-out prompts. RL stages measure it before their first step, every monitor.every steps
-    and after their last: what the training reward says on prompts it never trained on, beside what
-    the monitors (never trained on) say of the same answers."""
-    if not held_out:
-        return None
-    mine = spread(held_out)  # each process answers every N-th prompt; the means are over all of them
-    settings = replace(sampling(cfg, step=0), n=1, seed=cfg.seed + 12345)
-    rollouts = engine.generate([p.messages for p in mine], settings)
-    scores = {}
-    for name, reward in rewards.items():
-        values = gathered(score(reward, mine, rollouts).tolist() if mine else [])
-        half_width = 1.96 * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-        scores[name], scores[f"{name}_ci"] = sum(values) / len(values), half_width
-    return scores
-
-
-class HeldOut:
-    """An RL stage's held-out measurements (``held_out_scores``): before the first step (kept in the
-    checkpoints, so a resumed run keeps its start), after every monitor.every-th step (into that step's
-    metrics row as held_out/<name> and held_out/<name>_ci) and after the last step. Measuring draws no
-    random number the update uses and changes no weight: a stage trains the same with or without it."""
-
-    def __init__(self, cfg, engine, reward, monitors: dict, held_out: list[PromptExample], loop: dict):
-        self.cfg, self.engine, self.held_out = cfg, engine, held_out
-        self.rewards = {"proxy": reward, **monitors}
-        self.start = loop.get("held_out_start")
-        if self.start is None:
-            self.start = self.measure()
-        self.end: dict | None = None
-        self._last: tuple[int, dict | None] | None = None
-
-    def measure(self) -> dict | None:
-        return held_out_scores(self.engine, self.rewards, self.held_out, self.cfg)
-
-    def after_step(self, step: int, log) -> None:
-        """Measures after the step when monitor.every says so, into the step's row."""
-        every = self.cfg.monitor.every
-        if self.held_out and every and step % every == 0:
-            self._last = (step, self.measure())
-            log.add(**{f"held_out/{key}": value for key, value in self._last[1].items()})
-
-    def finish(self, step: int) -> None:
-        """The end: the last step's own measurement when it had one, else measured now."""
-        self.end = self._last[1] if self._last and self._last[0] == step else self.measure()
-
-    def state(self) -> dict:
-        return {"held_out_start": self.start}
-
-    def manifest(self) -> dict:
-        start, end = self.start or {}, self.end or {}
-        return {
-            "eval_reward_start": start.get("proxy"),
-            "eval_reward_end": end.get("proxy"),
-            "held_out_start": self.start,
-            "held_out_end": self.end,
-        }
-
-    def line(self) -> str | None:
-        """'held-out, one answer per prompt: proxy 0.500 -> 0.700, exact 0.400 -> 0.300' (None without any)."""
-        if not self.start or not self.end:
-            return None
-        return "held-out, one answer per prompt: " + ", ".join(
-            f"{name} {self.start[name]:.3f} -> {self.end[name]:.3f}" for name in self.rewards
-        )
-
-
-def build_monitors(cfg, recipe_name: str) -> dict:
-    """The stage's monitor.rewards, built (name -> reward): checked before any model loads."""
-    from align.stages.common import referenced_dirs
-    from reward_models import build_reward
-
-    stages = referenced_dirs(cfg, recipe_name)
-    return {name: build_reward(spec, stages, cfg.model.trust_remote_code) for name, spec in cfg.monitor.rewards.items()}
 
 
 class DeadRunAlarm:

@@ -52,11 +52,10 @@ from align.models.resolve import resolve_model
 from align.rollout.scoring import policy_outputs, rollout_batch
 from align.stages.checkup import checkup_status, raise_if_collapsed, run_checkup, with_training_alarm
 from align.stages.common import adapter_line, prepare_output, process_state, referenced_dirs, resume_line, source_stage
+from align.stages.monitors import HeldOut, build_monitors
 from align.stages.online import (
     CollapseWatch,
     DeadRunAlarm,
-    HeldOut,
-    build_monitors,
     check_longest_rollout_batch,
     check_shares,
     checkpoint_if_due,
@@ -270,7 +269,7 @@ def run_ppo(
         alarm.streak = loop.get("dead_streak", 0)
         stopped = collapsed = None
         watch = CollapseWatch(cfg.checkup)
-        held = HeldOut(cfg, engine, reward, monitors, held_out, loop)  # the start, unless resumed
+        held = HeldOut(cfg, engine, policy, reward, monitors, held_out, loop, resume_from)  # the start
         policy.train()
         step = start = loop["step"]
         for step, batch_prompts in zip(
@@ -350,7 +349,7 @@ def run_ppo(
                 lr=scheduler.get_last_lr()[0],
             )
             kl_control.update(kl_per_completion, len(step_rollouts))
-            held.after_step(step, log)  # monitor.every: the held-out rewards, into this step's row
+            hacked = held.after_step(step, log)  # monitor.every: held-out rewards, into this step's row
             record = log.write(step)
             log.samples(step, batch_prompts, step_rollouts, step_scores)
             console.print(
@@ -363,6 +362,7 @@ def run_ppo(
             # PPO logs KL per completion (the penalty's sum); the alarm's threshold is per token
             collapsed = watch.check(stats["loop_fraction"], kl_per_completion / max(stats["completion_length"], 1.0))
             stopped = stopped or (f"collapse: {collapsed}" if collapsed else None)
+            stopped = stopped or hacked  # monitor.on_hacking: stop
             if stopped:
                 console.print(f"[yellow]stopping early: {stopped}[/]")
                 break
@@ -381,7 +381,7 @@ def run_ppo(
                     "scale": [scale.count, scale.mean, scale.m2],
                     **held.state(),
                 },
-                {VALUE_HEAD_FILE: value_head.state_dict()},
+                {VALUE_HEAD_FILE: value_head.state_dict(), **held.tensors()},
             )
 
         # 8. Held-out rewards after training (raw, before any normalisation), then save.
@@ -413,7 +413,7 @@ def run_ppo(
         reward=getattr(reward, "name", str(cfg.reward)),
         data={r.name: r.as_dict() for r in reports},
         final_kl_coef=kl_control.coef,
-        **held.manifest(),
+        **held.manifest(step),
         resumed_from=str(resume_from) if resume_from else None,
         checkup=checkup,
         status=checkup_status(cfg, checkup),
