@@ -505,3 +505,34 @@ def test_monitor_specs_are_checked_when_the_recipe_is_read(tmp_path, tiny_llama)
     no_held_out = grpo_recipe(tmp_path, tiny_llama, prompts, monitor={"rewards": {"g": NO}})
     with pytest.raises(Exception, match="monitor.rewards are scored on held-out prompts"):
         load_recipe(no_held_out).resolve("grpo")
+
+
+def test_a_killed_monitored_run_resumes_with_its_best_policy_and_history(tmp_path, yes_no_model):
+    """Killed after step 3 (checkpoint at step 2), then resumed: the same verdict and the same kept policy
+    (the start's weights, read back from the checkpoint) as the run that was never interrupted."""
+    held_out = write_jsonl(tmp_path / "held-out.jsonl", [{"prompt": "Pick one."}] * 32)
+    recipe = grpo_recipe(
+        tmp_path,
+        yes_no_model,
+        [{"prompt": "Pick one."}] * 32,
+        data={"eval": [str(held_out)]},
+        train={"max_steps": 4, "save_steps": 2},
+        monitor={"rewards": {"no": NO}, "every": 2},
+    )
+
+    def grpo(out: Path, *args: str, fault: str | None = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"ALIGN_FAULT": fault} if fault else {})}
+        command = [sys.executable, "-m", "align.cli", "grpo", "--recipe", str(recipe), "--output-dir", str(out)]
+        return subprocess.run([*command, *args], capture_output=True, text=True, env=env)
+
+    whole = grpo(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stdout[-2000:] + whole.stderr[-2000:]
+    assert grpo(tmp_path / "resumed", fault="grpo:step:3").returncode != 0
+    resumed = grpo(tmp_path / "resumed", "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    manifests = [json.loads((tmp_path / n / "manifest.json").read_text()) for n in ("whole", "resumed")]
+    assert manifests[0]["monitor"] == manifests[1]["monitor"] and manifests[0]["monitor"]["selected_step"] == 0
+    assert manifests[0]["held_out_start"] == manifests[1]["held_out_start"]
+    assert _adapter(tmp_path / "whole") == _adapter(tmp_path / "resumed")
+    rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "held_out/no" in r] == [2, 4]  # the history from before the kill kept
