@@ -445,11 +445,12 @@ def _adapter(out: Path) -> bytes:
     return (out / "adapter" / "adapter_model.safetensors").read_bytes()
 
 
-def test_a_monitor_the_proxy_works_against_raises_the_alarm_and_the_best_policy_is_kept(tmp_path, yes_no_model):
+def test_monitors_raise_the_alarm_when_the_proxy_works_against_them_and_keep_the_best_policy(tmp_path, yes_no_model):
     """Rewarded for "yes", GRPO raises the held-out proxy while a monitor paying for "no" - the shape of
     a proxy optimised against the truth - falls, both on the same answers every 2 steps. The alarm says
     so; with monitor.select: best the stage's output is the start (the monitor's best), and with
-    select: last the update is byte-identical to the run without a monitor."""
+    select: last the update is byte-identical to the run without a monitor. An honest monitor raises
+    nothing and keeps the last step."""
     from align.models.trained import load_trained
 
     plain = _monitored_grpo(tmp_path, yes_no_model, "plain", {})
@@ -462,6 +463,7 @@ def test_a_monitor_the_proxy_works_against_raises_the_alarm_and_the_best_policy_
     rows = [json.loads(line) for line in (last / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "held_out/no" in r] == [2, 4]
     assert rows[-1]["held_out/no"] == end["no"]  # the last step's measurement is the end
+    assert (last / "overoptimization.png").stat().st_size > 10_000  # proxy and monitor against the step
     monitor = manifest["monitor"]
     assert (
         monitor["best_step"] == 0
@@ -478,11 +480,8 @@ def test_a_monitor_the_proxy_works_against_raises_the_alarm_and_the_best_policy_
     kept, _ = load_trained(best)
     assert abs(p_yes(kept, tokenizer) - p_yes(base, tokenizer)) < 1e-6  # the start: a fresh adapter adds nothing
 
-
-def test_an_honest_monitor_raises_no_alarm_and_keeps_the_last_policy(tmp_path, yes_no_model):
-    """The monitor pays for what the proxy pays for: no alarm, its best is the last step, and the stage's
-    output is what it would be without a monitor."""
-    plain = _monitored_grpo(tmp_path, yes_no_model, "plain", {})
+    # an honest monitor pays for what the proxy pays for: no alarm, its best is the last step, and the output
+    # is what it would be without a monitor
     honest = _monitored_grpo(tmp_path, yes_no_model, "honest", {"rewards": {"yes": YES}, "every": 2})
     monitor = json.loads((honest / "manifest.json").read_text())["monitor"]
     assert monitor["hacking"] is None and monitor["best_step"] == monitor["selected_step"] == 4, monitor

@@ -207,3 +207,51 @@ class HeldOut:
         return "held-out, one answer per prompt: " + ", ".join(
             f"{name} {start[name]:.3f} -> {end[name]:.3f}" for name in self.rewards
         )
+
+
+def plot_overoptimization(output_dir: Path, start: dict | None, end: dict | None, last_step: int) -> Path | None:
+    """overoptimization.png: the held-out proxy and each monitor at every measurement (start, every
+    monitor.every steps, end), with their 95% intervals, against the RL step and - where the step's KL
+    to the reference was logged - against sqrt(KL), the axis on which over-optimisation is usually
+    drawn (Gao et al. 2022: the gold score rises, peaks and falls while the proxy keeps rising).
+    None without held-out measurements."""
+    from align.tracking import read_metrics
+
+    if not start or not end:
+        return None
+    names = [key for key in start if not key.endswith("_ci")]
+    rows = [r for r in read_metrics(output_dir / "metrics.jsonl") if f"held_out/{names[0]}" in r]
+    points = [(0, 0.0, start)] + [
+        (
+            r["step"],
+            r.get("kl"),
+            {n: r[f"held_out/{n}"] for n in names} | {f"{n}_ci": r[f"held_out/{n}_ci"] for n in names},
+        )
+        for r in rows
+    ]
+    if points[-1][0] != last_step:
+        points.append((last_step, None, end))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with_kl = all(kl is not None for _, kl, _ in points)
+    fig, axes = plt.subplots(1, 2 if with_kl else 1, figsize=(10 if with_kl else 6, 3.5), dpi=120, squeeze=False)
+    xs = [("RL step", [step for step, _, _ in points])]
+    if with_kl:
+        xs.append(("sqrt(KL to the reference)", [max(kl, 0.0) ** 0.5 for _, kl, _ in points]))
+    for ax, (label, x) in zip(axes[0], xs):
+        for name in names:
+            y = [values[name] for _, _, values in points]
+            ci = [values[f"{name}_ci"] for _, _, values in points]
+            ax.errorbar(x, y, yerr=ci, marker="o", capsize=3, label=name if name != "proxy" else "proxy (trained on)")
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out reward")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path = output_dir / "overoptimization.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
