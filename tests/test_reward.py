@@ -105,6 +105,14 @@ def test_toy_preference_accuracy_rises_and_report_has_the_probes(toy_rm):
         r for r in map(json.loads, (toy_rm / "metrics.jsonl").read_text().splitlines()) if "eval_accuracy" in r
     )
     assert first["step"] == 0 and first["eval_accuracy"] < held_out["accuracy"]
+    # how far to trust it: a bootstrap interval around the accuracy over the pairs, calibration, by margin
+    assert held_out["accuracy_low"] <= held_out["accuracy"] <= held_out["accuracy_high"] <= 1.0
+    assert 0 <= held_out["calibration_error"] <= 0.5
+    groups = held_out["accuracy_by_margin"]
+    assert (
+        sum(g["pairs"] for g in groups) == held_out["pairs"]
+        and groups[-1]["abs_margin_low"] >= groups[0]["abs_margin_high"]
+    )
 
 
 def test_scores_do_not_depend_on_padding_or_batch_mates(toy_rm, tokenizer):
@@ -298,7 +306,10 @@ def test_cli_rm_train_and_score(tmp_path, tiny_gpt2):
     proc = cli("rm", "--recipe", recipe, "train.max_steps=2", "--output-dir", tmp_path / "rm")
     assert "held-out: accuracy" in " ".join(proc.stdout.split())
     scored = cli("rm", "score", "--model", tmp_path / "rm", "--data", pairs)
-    assert "10 pairs, accuracy" in " ".join(scored.stdout.split())
+    said = " ".join(scored.stdout.split())
+    assert (
+        "10 pairs, accuracy" in said and "(95% interval" in said and "calibration error" in said and "|margin|" in said
+    )
     rows = write_jsonl(
         tmp_path / "rows.jsonl", [{"prompt": "hi", "completion": "zebra"}, {"prompt": "hi", "completion": "cat"}]
     )

@@ -25,6 +25,7 @@ from align.config import RewardConfig
 from align.console import console, print_plan
 from align.data.loading import DataError
 from align.data.preference_data import load_pairs, pair_rows
+from align.eval.reward_quality import pair_diagnostics
 from align.losses import bradley_terry
 from align.models.adapters import add_adapter, trainable_summary
 from align.models.loading import load_tokenizer, resolve_precision
@@ -67,6 +68,8 @@ class RewardTrainer(Trainer):
         self._stats: dict[str, list[float]] = defaultdict(list)
         self._eval_scores: list[torch.Tensor] = []
         self._eval_lengths: list[torch.Tensor] = []
+        self._eval_margins: list[torch.Tensor] = []
+        self.held_out_diagnostics: dict = {}  # the last evaluation's (align/eval/reward_quality.py)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         scores = pair_scores(model, inputs)
@@ -81,6 +84,7 @@ class RewardTrainer(Trainer):
         self._stats[prefix + "margin"].append((chosen - rejected).mean().item())
         if not model.training:
             self._eval_scores.append(scores.detach().cpu())
+            self._eval_margins.append((chosen - rejected).detach().float().cpu())
             lengths = (
                 inputs["answer_lengths"] if "answer_lengths" in inputs else (inputs["labels"] != IGNORE_INDEX).sum(-1)
             )
@@ -96,14 +100,20 @@ class RewardTrainer(Trainer):
         prefix = merge_stats(self._stats, logs)
         if prefix and self._eval_scores:
             scores, lengths = torch.cat(self._eval_scores), torch.cat(self._eval_lengths)
+            self.held_out_diagnostics = pair_diagnostics(torch.cat(self._eval_margins).tolist())
             logs.update(
                 {
                     "eval_score_mean": scores.mean().item(),
                     "eval_score_std": scores.std().item() if len(scores) > 1 else 0.0,
                     "eval_length_correlation": pearson(scores, lengths.float()),
+                    # the scalars; the accuracy by margin quarter goes to the manifest only
+                    **{
+                        f"eval_{key}": self.held_out_diagnostics[key]
+                        for key in ("accuracy_low", "accuracy_high", "calibration_error")
+                    },
                 }
             )
-            self._eval_scores, self._eval_lengths = [], []
+            self._eval_scores, self._eval_lengths, self._eval_margins = [], [], []
         super().log(logs, start_time)
 
 
@@ -196,6 +206,8 @@ def run_reward(
             for k, v in final.items()
             if k.startswith("eval_") and "runtime" not in k and "per_second" not in k
         }
+        if held_out:  # accuracy over the pairs themselves (not a mean of batch means), its interval, calibration
+            held_out.update(trainer.held_out_diagnostics)
         save_stage(
             trainer,
             tokenizer,
@@ -219,7 +231,9 @@ def run_reward(
         )
         if held_out:
             console.print(
-                f"held-out: accuracy {held_out['accuracy']:.3f}, margin {held_out['margin']:.3f}, "
+                f"held-out: accuracy {held_out['accuracy']:.3f} (95% interval {held_out['accuracy_low']:.3f}-"
+                f"{held_out['accuracy_high']:.3f}, {held_out['pairs']} pairs; calibration error "
+                f"{held_out['calibration_error']:.3f}), margin {held_out['margin']:.3f}, "
                 f"score mean {held_out['score_mean']:.3f} std {held_out['score_std']:.3f}, "
                 f"score-length correlation {held_out['length_correlation']:+.3f}"
             )
@@ -249,15 +263,18 @@ def score_file(model_dir: str | Path, data: str | Path, output: str | Path | Non
                 raise DataError(f"{record.where}, field '{err.field}': {err}") from None
             prompts.append(prompt), chosen.append(good), rejected.append(bad)
         good_scores, bad_scores = reward(prompts, chosen), reward(prompts, rejected)
-        wins = [g > b for g, b in zip(good_scores, bad_scores)]
-        result = {
-            "pairs": len(wins),
-            "accuracy": sum(wins) / len(wins),
-            "margin": sum(g - b for g, b in zip(good_scores, bad_scores)) / len(wins),
-        }
+        margins = [g - b for g, b in zip(good_scores, bad_scores)]
+        result = {**pair_diagnostics(margins), "margin": sum(margins) / len(margins)}
         console.print(
-            f"{data}: {result['pairs']} pairs, accuracy {result['accuracy']:.3f}, mean margin {result['margin']:.3f}"
+            f"{data}: {result['pairs']} pairs, accuracy {result['accuracy']:.3f} (95% interval "
+            f"{result['accuracy_low']:.3f}-{result['accuracy_high']:.3f}), mean margin {result['margin']:.3f}, "
+            f"calibration error {result['calibration_error']:.3f}"
         )
+        for group in result["accuracy_by_margin"]:
+            console.print(
+                f"  |margin| {group['abs_margin_low']:.3f}-{group['abs_margin_high']:.3f}: accuracy "
+                f"{group['accuracy']:.3f} ({group['pairs']} pairs)"
+            )
         return result
     prompts, completions = [], []
     for record in records:
