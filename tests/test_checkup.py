@@ -24,10 +24,18 @@ YES = {"type": "rule", "name": "contains_marker", "marker": "yes"}
 def test_health_pair_and_task_doctests():
     import align.data.builtin
     import align.eval.health
+    import align.eval.reward_quality
     import align.stages.monitors
     import align.stages.sample
 
-    for module in (align.eval.health, align.stages.sample, align.data.builtin, align.stages.monitors):
+    modules = (
+        align.eval.health,
+        align.eval.reward_quality,
+        align.stages.sample,
+        align.data.builtin,
+        align.stages.monitors,
+    )
+    for module in modules:
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module
 
