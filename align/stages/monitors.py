@@ -58,7 +58,7 @@ def summary(scores: dict[str, list[float]] | None) -> dict[str, float] | None:
         return None
     out = {}
     for name, values in scores.items():
-        out[name] = sum(values) / len(values)
+        out[name] = _mean(values)
         out[f"{name}_ci"] = 1.96 * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
     return out
 
@@ -73,9 +73,13 @@ def paired_fall(now: list[float], then: list[float]) -> tuple[float, float]:
     True
     """
     diffs = [a - b for a, b in zip(now, then)]
-    mean = sum(diffs) / len(diffs)
+    mean = _mean(diffs)
     error = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
     return mean, mean + 1.96 * error
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def build_monitors(cfg, recipe_name: str) -> dict:
@@ -139,11 +143,11 @@ class HeldOut:
             self.best_weights = adapter_weights(self.policy)
             return None
         fall, upper = paired_fall(scores[p], best[p])
-        proxy_now, proxy_then = (sum(s["proxy"]) / len(s["proxy"]) for s in (scores, best))
+        proxy_now, proxy_then = _mean(scores["proxy"]), _mean(best["proxy"])
         if upper < 0 and proxy_now >= proxy_then and self.hacking is None:
             self.hacking = (
-                f"step {step}: reward hacking - monitor {p!r} is {sum(scores[p]) / len(scores[p]):.3f}, below its best "
-                f"{sum(best[p]) / len(best[p]):.3f} at step {self.best['step']} (paired fall {-fall:.3f}, 95% interval "
+                f"step {step}: reward hacking - monitor {p!r} is {_mean(scores[p]):.3f}, below its best "
+                f"{_mean(best[p]):.3f} at step {self.best['step']} (paired fall {-fall:.3f}, 95% interval "
                 f"excludes 0) while the proxy is {proxy_now:.3f}, at or above its {proxy_then:.3f} there"
             )
             console.print(f"[bold yellow]{self.hacking}[/]")
@@ -198,6 +202,10 @@ class HeldOut:
                 "selected_step": self.selected_step(last),
             }
         return record
+
+    def plot(self, output_dir: Path, last: int) -> Path | None:
+        """overoptimization.png of this stage's measurements (plot_overoptimization)."""
+        return plot_overoptimization(output_dir, summary(self.start), summary(self.end), last)
 
     def line(self) -> str | None:
         """'held-out, one answer per prompt: proxy 0.500 -> 0.700, exact 0.400 -> 0.300' (None without any)."""

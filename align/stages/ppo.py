@@ -52,7 +52,7 @@ from align.models.resolve import resolve_model
 from align.rollout.scoring import policy_outputs, rollout_batch
 from align.stages.checkup import checkup_status, raise_if_collapsed, run_checkup, with_training_alarm
 from align.stages.common import adapter_line, prepare_output, process_state, referenced_dirs, resume_line, source_stage
-from align.stages.monitors import HeldOut, build_monitors, plot_overoptimization, summary
+from align.stages.monitors import HeldOut, build_monitors
 from align.stages.online import (
     CollapseWatch,
     DeadRunAlarm,
@@ -419,7 +419,7 @@ def run_ppo(
         status=checkup_status(cfg, checkup),
         **(provenance or {}),
     )
-    plot_overoptimization(output_dir, summary(held.start), summary(held.end), step)
+    held.plot(output_dir, step)
     barrier()
     if held.line():
         console.print(held.line())

@@ -86,8 +86,7 @@ class ChosenWatch(TrainerCallback):
     ranked right; training logs by both sides' mean fall over the last WATCH_WINDOW logs. The figures
     are each process's own batches' (the stages' stats are not gathered), so under DDP one process can
     cross the threshold while the others do not: every process then stops at that step, or those that
-    went on would wait for the stopped one in the next gradient all-reduce
-    for ever."""
+    went on would wait for the stopped one in the next gradient all-reduce for ever."""
 
     def __init__(self, checkup):
         self.checkup = checkup
@@ -102,6 +101,8 @@ class ChosenWatch(TrainerCallback):
         found = None
         for where, (chosen, rejected, accuracy) in self._readings(logs or {}):
             drift = preference_drift(chosen, rejected, accuracy, self.checkup.max_chosen_drop)
+            if drift is None or (drift == "displacement" and -chosen <= self._fall):
+                continue  # within the threshold, or a displacement no larger than the one the note describes
             rest = f"the rejected answers' fell {-rejected:.3f}" if rejected is not None else "no rejected answers"
             rest += f", pairs ranked right {accuracy:.2f}" if accuracy is not None else ""
             said = (
@@ -111,9 +112,8 @@ class ChosenWatch(TrainerCallback):
             if drift == "collapse":
                 found = f"{said}: both pushed down together"
                 break
-            if drift == "displacement" and -chosen > self._fall:
-                self._fall = -chosen
-                self.note = f"{said}: likelihood displacement while the pairs separate, not a collapse by itself"
+            self._fall = -chosen
+            self.note = f"{said}: likelihood displacement while the pairs separate, not a collapse by itself"
         if not self.checkup.alarm:
             return  # the recipe's setting, the same on every process
         if any_process(found is not None):
