@@ -168,7 +168,7 @@ def _judge_spec(text: str):
 def _standalone_eval(
     policy: Path,
     baselines: List[str],
-    prompts: List[Path],
+    prompts: List[str],
     judges: List[str],
     max_prompts: Optional[int],
     max_new_tokens: Optional[int],
@@ -204,11 +204,23 @@ def _standalone_eval(
             "policy": str(policy.resolve()),
             "baselines": [b if b == "base" else str(Path(b).resolve()) for b in baselines or ["base"]],
             "judges": judge_specs,
-            "data": {"eval": [str(p) for p in prompts], "max_eval_rows": max_prompts},
+            "data": {"eval": _prompt_sets(prompts), "max_eval_rows": max_prompts},
             "rollout": rollout,
         },
         where="align eval",
     )
+
+
+def _prompt_sets(prompts: List[str]) -> list[str] | dict[str, list[str]]:
+    """--prompts FILE (one set) or NAME=FILE (named sets, one table each); a file given without a
+    name among named ones is named by its file name."""
+    if not any("=" in p for p in prompts):
+        return list(prompts)
+    sets: dict[str, list[str]] = {}
+    for text in prompts:
+        name, _, path = text.rpartition("=")
+        sets.setdefault(name or Path(path).stem, []).append(path)
+    return sets
 
 
 @app.command("eval")
@@ -224,8 +236,10 @@ def eval_(
     baseline: Optional[List[str]] = typer.Option(
         None, "--baseline", help="(no recipe) 'base' (the policy's base model) or a folder; repeatable; default base"
     ),
-    prompts: Optional[List[Path]] = typer.Option(
-        None, "--prompts", help="(no recipe) held-out prompt file; repeatable"
+    prompts: Optional[List[str]] = typer.Option(
+        None,
+        "--prompts",
+        help="(no recipe) held-out prompt file, or NAME=FILE for a named set with its own table; repeatable",
     ),
     judge: Optional[List[str]] = typer.Option(
         None,

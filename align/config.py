@@ -97,6 +97,11 @@ class DataConfig(_Strict):
     eval: list[str] = Field(
         default_factory=list, description="held-out files; if empty, eval_rows are held out from train"
     )
+    eval_sets: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="named held-out sets, written as data.eval: {name: file or [files]} (eval stages): each set gets "
+        "its own win-rate table; data.eval then lists all their files",
+    )
     eval_rows: int = Field(0, ge=0, description="rows held out from train for evaluation when no eval file is given")
     format: Literal["auto", "messages", "prompt_completion", "alpaca", "preference"] = Field(
         "auto",
@@ -129,6 +134,36 @@ class DataConfig(_Strict):
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _named_eval_sets(cls, data: Any) -> Any:
+        """data.eval: {name: file or [files]} -> eval_sets, and eval the files of every set in order."""
+        sets = data.get("eval") if isinstance(data, dict) else None
+        if not isinstance(sets, dict):
+            return data
+        if not sets:
+            raise ValueError("data.eval: an empty map of held-out sets; name at least one, e.g. {task: FILE}")
+        named = {}
+        for name, files in sets.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
+                raise ValueError(f"data.eval: {name!r} is not a plain set name (letters, digits, _ . -)")
+            named[str(name)] = [files] if isinstance(files, str) else files
+        if data.get("eval_sets") not in (None, {}, named):
+            raise ValueError("give the held-out sets in data.eval ({name: file}) or in data.eval_sets, not both")
+        return {**data, "eval": [f for files in named.values() for f in files], "eval_sets": named}
+
+    @model_validator(mode="after")
+    def _sets_are_the_eval_files(self):
+        if self.eval_sets and [f for files in self.eval_sets.values() for f in files] != self.eval:
+            raise ValueError(
+                "data.eval_sets and data.eval name different files; give the sets as data.eval: {name: file}"
+            )
+        return self
+
+    def held_out_sets(self) -> dict[str, list[str]]:
+        """{set name: files}: the named sets, or data.eval as one set named held_out."""
+        return dict(self.eval_sets) if self.eval_sets else {"held_out": list(self.eval)} if self.eval else {}
 
     @model_validator(mode="before")
     @classmethod
@@ -435,9 +470,13 @@ class CheckupConfig(_Strict):
     prompts: list[str] = Field(
         default_factory=list,
         description="held-out prompt files of the recipe's task: every policy stage (sft, dpo, grpo, ppo) "
-        "answers them greedily at its start and its end and reports what changed (empty = no checkup)",
+        "answers them greedily at its start and its end and reports what changed (empty = no checkup); or a map "
+        "{name: file} of named sets, each measured and alarmed on apart (the first is the task)",
     )
-    max_prompts: int = Field(32, gt=0, description="prompts used, from the top of the files")
+    sets: dict[str, list[str]] = Field(
+        default_factory=dict, description="the named sets when checkup.prompts is a map (prompts lists their files)"
+    )
+    max_prompts: int = Field(32, gt=0, description="prompts used per set, from the top of its files")
     reward: RewardSpecs | None = Field(
         None, description="the task's verifier or reward on those answers, e.g. {type: rule, name: gsm8k_exact}"
     )
@@ -457,6 +496,19 @@ class CheckupConfig(_Strict):
         0.25, gt=0, description="rise of the share of answers cut off at max_new_tokens (answers that no longer end)"
     )
     max_reward_drop: float = Field(0.15, gt=0, description="fall of the mean reward on the checkup prompts")
+    general: str | None = Field(
+        "builtin",
+        description="general-ability probe (the alignment tax): reference texts whose answers' log-likelihood per "
+        "token is measured under the policy, its start and the base; builtin: chit-chat, worked word problems and "
+        "summaries shipped with align; or a .jsonl file / folder of messages rows; null = off",
+    )
+    general_rows: int = Field(16, gt=0, description="reference texts read per kind (file) of the general probe")
+    max_general_drop: float = Field(
+        0.15,
+        gt=0,
+        description="fall of the general probe's mean log-likelihood from the stage's start (nats per token) past "
+        "which the alarm goes off",
+    )
     max_chosen_drop: float = Field(
         0.5,
         gt=0,
@@ -469,6 +521,32 @@ class CheckupConfig(_Strict):
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _named_sets(cls, data: Any) -> Any:
+        """checkup.prompts: {name: file or [files]} -> sets, and prompts the files of every set in order."""
+        sets = data.get("prompts") if isinstance(data, dict) else None
+        if not isinstance(sets, dict):
+            return data
+        named = {}
+        for name, files in sets.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
+                raise ValueError(f"checkup.prompts: {name!r} is not a plain set name (letters, digits, _ . -)")
+            named[str(name)] = [files] if isinstance(files, str) else files
+        return {**data, "prompts": [f for files in named.values() for f in files], "sets": named}
+
+    @model_validator(mode="after")
+    def _sets_are_the_files(self):
+        if self.sets and [f for files in self.sets.values() for f in files] != self.prompts:
+            raise ValueError(
+                "checkup.sets and checkup.prompts name different files; write checkup.prompts: {name: file}"
+            )
+        return self
+
+    def prompt_sets(self) -> dict[str, list[str]]:
+        """{set name: files}: the named sets, or checkup.prompts as one set named task."""
+        return dict(self.sets) if self.sets else {"task": list(self.prompts)} if self.prompts else {}
 
     @field_validator("reward", mode="before")
     @classmethod
@@ -521,6 +599,11 @@ class StageConfig(_Strict):
             raise ValueError(
                 f"data.shared_prompt=False has no effect in a {self.kind} stage (it lays out preference pairs); "
                 "remove it for this stage"
+            )
+        if self.data.eval_sets and self.kind != "eval":
+            raise ValueError(
+                f"data.eval as a map of named sets is read by eval stages; a {self.kind} stage holds out one set "
+                "(data.eval: FILE or [FILES])"
             )
         if self.data.from_stage is not None and not self.READS_PAIRS:
             raise ValueError(

@@ -25,6 +25,7 @@ def test_health_pair_and_task_doctests():
     import align.data.builtin
     import align.eval.health
     import align.eval.reward_quality
+    import align.stages.checkup
     import align.stages.monitors
     import align.stages.sample
 
@@ -34,6 +35,7 @@ def test_health_pair_and_task_doctests():
         align.stages.sample,
         align.data.builtin,
         align.stages.monitors,
+        align.stages.checkup,  # the alarm reads every named set
     )
     for module in modules:
         result = doctest.testmod(module)
@@ -57,6 +59,10 @@ def test_arithmetic_held_out_questions_share_no_first_operand_with_training():
 
 
 def recipe_with_checkup(tmp_path, model_dir, stages: dict, **checkup):
+    """A recipe whose checkup reads "Pick one." prompts. The general probe is off unless asked for: the
+    yes/no model knows no general text (about -20 nats per token), so what it measures there says
+    nothing; the probe has its own tests."""
+    checkup = {"general": None, **checkup}
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Pick one."}] * 32)
     return load_recipe(
         tiny_recipe(
@@ -124,6 +130,60 @@ def test_sft_raises_held_out_exact_match_from_zero(tmp_path, tiny_llama):
     assert checkup["collapse"] == []  # SFT has no KL alarm: moving far from the start is its job
 
 
+def _sft_on_yes(tmp_path, tiny_llama, lr: float, steps: int, **checkup):
+    from align.stages.sft import run_sft
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    rows = write_jsonl(
+        tmp_path / "sft.jsonl", [{"prompt": f"Is {i} a number?", "completion": "yes"} for i in range(24)]
+    )
+    held_out = write_jsonl(tmp_path / "held-out.jsonl", [{"prompt": f"Is {i} a number?"} for i in range(90, 94)])
+    recipe = load_recipe(
+        tiny_recipe(
+            tmp_path / "recipe.yaml",
+            tiny_llama,
+            str(rows),
+            lora={"r": 8, "alpha": 16, "dropout": 0.0},
+            checkup={"prompts": str(held_out), "max_prompts": 4, "max_new_tokens": 4, "reward": YES, **checkup},
+            stages={"sft": {"train": {"max_steps": steps, "lr": lr, "batch_size": 8}}},
+        )
+    )
+    return run_sft(recipe.resolve("sft"), tmp_path / "sft", recipe_name="tiny")
+
+
+def test_the_general_probe_measures_the_tax_of_a_narrow_run_and_alarms_past_its_threshold(tmp_path, yes_no_model):
+    """The yes/no model, taught to say only "yes", finds the answer "no" to other questions less likely:
+    the probe (here on a small reference file) measures the fall, and past max_general_drop the stage is
+    stopped although its own task stays solved. A gentle run (a few small steps, on the builtin
+    reference texts) moves the probe far less and passes."""
+    from align.eval.general_probe import probe_reason
+
+    other = [("Is the sky green?", "no"), ("Is ice hot?", "no"), ("Can fish fly?", "no"), ("Is 7 even?", "no")]
+    reference = write_jsonl(
+        tmp_path / "other.jsonl",
+        [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in other],
+    )
+    hard = _sft_on_yes(tmp_path / "hard", yes_no_model, 2e-2, 30, alarm=False, general=str(reference))
+    checkup = json.loads((hard / "manifest.json").read_text())["checkup"]
+    general = checkup["general"]
+    assert general["rows"] == {"other": 4} and checkup["after"]["reward"] == 1.0
+    assert general["base"] == general["before"]  # an sft stage starts from the base
+    tax = general["before"]["mean"] - general["after"]["mean"]
+    assert tax > 0.15, general  # a measured tax, past the default threshold
+    assert [r for r in checkup["collapse"] if r.startswith("general ability")] == [probe_reason(general, 0.15)]
+
+    gentle = _sft_on_yes(tmp_path / "gentle", yes_no_model, 1e-3, 3)
+    moved = json.loads((gentle / "manifest.json").read_text())["checkup"]
+    assert moved["general"]["texts"] == "builtin"
+    assert moved["general"]["rows"] == {"conversation": 16, "reasoning": 16, "summaries": 16}
+    assert [e["kind"] for e in moved["general"]["examples"]] == ["conversation", "reasoning", "summaries"]
+    assert abs(moved["general"]["before"]["mean"] - moved["general"]["after"]["mean"]) < 0.15  # the default
+    assert not [r for r in moved["collapse"] if r.startswith("general ability")]
+    # with the threshold below the hard run's tax, the alarm stops it
+    with pytest.raises(CollapseAlarm, match="general ability: log-likelihood of the reference texts fell"):
+        _sft_on_yes(tmp_path / "stopped", yes_no_model, 2e-2, 30, general=str(reference), max_general_drop=tax / 2)
+
+
 def test_grpo_raises_the_checkup_reward_from_zero(tmp_path, yes_no_model):
     """The start's greedy answer is "yes" (it samples no about half the time): rewarded for "no", GRPO
     turns the greedy answer around, so the checkup's verifier goes 0 -> 1. With the update disabled
@@ -137,6 +197,30 @@ def test_grpo_raises_the_checkup_reward_from_zero(tmp_path, yes_no_model):
     checkup = json.loads((out / "manifest.json").read_text())["checkup"]
     assert checkup["before"]["reward"] == 0.0 and checkup["after"]["reward"] == 1.0, checkup
     assert checkup["collapse"] == []
+
+
+def test_named_checkup_sets_are_measured_apart_and_any_set_raises_the_alarm(tmp_path, yes_no_model):
+    """GRPO paid for "no" on "Pick one." while the checkup's reward is "yes": the greedy answer turns
+    from yes to no there. With that set named second, the alarm must still read it (a first-set-only
+    alarm would miss the fall); the manifest keeps each set's before and after."""
+    from align.stages.grpo import run_grpo
+
+    no = {"type": "rule", "name": "contains_marker", "marker": "no"}
+    hello = write_jsonl(tmp_path / "hello.jsonl", [{"prompt": "Say hello."}] * 4)
+    pick = write_jsonl(tmp_path / "pick.jsonl", [{"prompt": "Pick one."}] * 4)
+    grpo = {**GRPO, "reward": no, "train": {"max_steps": 6, "lr": 1e-2, "batch_size": 16}}
+    recipe = recipe_with_checkup(tmp_path, yes_no_model, {"grpo": grpo}, alarm=False)
+    cfg = recipe.resolve("grpo")
+    cfg.checkup = cfg.checkup.model_validate(
+        {**cfg.checkup.model_dump(exclude={"prompts", "sets"}), "prompts": {"hello": str(hello), "pick": str(pick)}}
+    )
+    out = run_grpo(cfg, tmp_path / "grpo", recipe_name="tiny")
+    checkup = json.loads((out / "manifest.json").read_text())["checkup"]
+    assert list(checkup["sets"]) == ["hello", "pick"] and checkup["prompts"] == 8
+    assert checkup["before"] == checkup["sets"]["hello"]["before"]  # before / after: the first set's
+    pick_set = checkup["sets"]["pick"]
+    assert pick_set["before"]["reward"] == 1.0 and pick_set["after"]["reward"] == 0.0, pick_set
+    assert "set pick: held-out reward fell from 1.000 to 0.000 (threshold -0.15)" in checkup["collapse"]
 
 
 def test_collapse_alarm_stops_rl_with_a_huge_learning_rate(tmp_path, yes_no_model):

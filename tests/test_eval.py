@@ -179,7 +179,7 @@ def test_policy_against_base_through_the_cli(standalone_runs, tiny_llama):
         assert (out / name).is_file(), name
     assert "hf (transformers generate" in proc.stdout  # the engine used is logged
     report = json.loads((out / "report.json").read_text())
-    assert report["prompts"]["n"] == 6 and report["prompts"]["rows"]["read"] == 8
+    assert report["prompts"]["n"] == 6 and report["prompts"]["sets"]["held_out"]["rows"]["read"] == 8
     assert report["policy"]["path"] == str(stage.resolve())
     assert [b["name"] for b in report["baselines"]] == ["base"] and report["baselines"][0]["path"] == str(tiny_llama)
     rule, judge = report["results"]
@@ -203,6 +203,49 @@ def test_policy_against_base_through_the_cli(standalone_runs, tiny_llama):
     markdown = (out / "report.md").read_text()
     assert f"| {YES} | base | {rule['wins']} | {rule['ties']} | 0 |" in markdown
     assert markdown.count("### Prompt") == 5  # examples: 5 (the default) per baseline
+
+
+def test_named_sets_are_judged_apart_and_the_first_equals_its_file_alone(standalone_runs, tmp_path, prompts):
+    """--prompts NAME=FILE twice: one table per set; the first set's numbers are the single-set run's on the
+    same file (same prompts, seeds and answers), and the second set's row counts only its own prompts."""
+    stage, [(alone, _), _] = standalone_runs
+    other = write_jsonl(tmp_path / "other.jsonl", [{"prompt": "Pick two."}] * 4)
+    out = tmp_path / "sets"
+    proc = align_eval(
+        *("--policy", str(stage), "--prompts", f"task={prompts}", "--prompts", f"reworded={other}"),
+        *("--judge", YES, "--engine", "hf", "--max-new-tokens", "4", "--temperature", "1", "--max-prompts", "6"),
+        *("--output-dir", str(out)),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert {name: info["n"] for name, info in report["prompts"]["sets"].items()} == {"task": 6, "reworded": 4}
+    task, reworded = report["results"]
+    assert (task["set"], reworded["set"]) == ("task", "reworded") and reworded["n"] == 4
+    [single] = [r for r in json.loads((alone / "report.json").read_text())["results"] if r["judge"] == YES]
+    assert {**task, "set": None} == {**single, "set": None}
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["set"] for s in samples] == ["task"] * 6 + ["reworded"] * 4
+    assert reworded["wins"] == sum(s["policy"] == "yes" for s in samples[6:])
+    markdown = (out / "report.md").read_text()
+    assert "## Set `task` (6 prompts)" in markdown and "## Set `reworded` (4 prompts)" in markdown
+    printed = " ".join(proc.stdout.split())  # rich wraps a table's title to the table's width
+    assert "prompts of set task" in printed and "prompts of set reworded" in printed  # a console table per set
+
+
+def test_named_sets_are_for_eval_stages_and_plain_names(tmp_path):
+    from align.config import DPOConfig, EvalConfig
+
+    judges = {"yes": {"type": "rule", "name": "contains_marker", "marker": "yes"}}
+    cfg = EvalConfig(judges=judges, data={"eval": {"task": "a.jsonl", "reworded": ["b.jsonl", "c.jsonl"]}})
+    assert cfg.data.eval == ["a.jsonl", "b.jsonl", "c.jsonl"]
+    assert cfg.data.held_out_sets() == {"task": ["a.jsonl"], "reworded": ["b.jsonl", "c.jsonl"]}
+    again = EvalConfig(**cfg.model_dump(by_alias=True))  # what config.yaml holds reads back the same
+    assert again.data.held_out_sets() == cfg.data.held_out_sets()
+    assert EvalConfig(judges=judges, data={"eval": "a.jsonl"}).data.held_out_sets() == {"held_out": ["a.jsonl"]}
+    with pytest.raises(ValueError, match="read by eval stages"):
+        DPOConfig(data={"train": "p.jsonl", "eval": {"task": "a.jsonl"}})
+    with pytest.raises(ValueError, match="not a plain set name"):
+        EvalConfig(judges=judges, data={"eval": {"a set": "a.jsonl"}})
 
 
 def test_a_pairwise_llm_judge_reports_its_position_bias(standalone_runs):

@@ -1,9 +1,10 @@
 """The win-rate report: report.json (every number), report.md (a table and example pairs),
 winrate.png (bars with 95% intervals) and the console table. Files are written atomically.
 
-``report`` is the dict run_eval builds: policy, baselines, judges, sampling, prompts and
-``results``, one row per judge x baseline (the fields of ``winrate.summarize`` plus judge,
-baseline and position_bias). ``samples`` are the rows of samples.jsonl.
+``report`` is the dict run_eval builds: policy, baselines, judges, sampling, prompts (with its
+held-out ``sets``) and ``results``, one row per set x judge x baseline (the fields of
+``winrate.summarize`` plus set, judge, baseline and position_bias). ``samples`` are the rows of
+samples.jsonl. Each set gets its own table; with one set the tables read as before sets existed.
 """
 
 from __future__ import annotations
@@ -45,12 +46,26 @@ def _bias(row: dict) -> str:
     return "-" if row["position_bias"] is None else f"{row['position_bias']:.2f}"
 
 
+def by_set(report: dict) -> dict[str, list[dict]]:
+    """The result rows grouped by held-out set, in the report's order."""
+    groups: dict[str, list[dict]] = {}
+    for row in report["results"]:
+        groups.setdefault(row.get("set", "held_out"), []).append(row)
+    return groups
+
+
 def markdown(report: dict, samples: list[dict], examples: int) -> str:
     policy, s, prompts = report["policy"], report["sampling"], report["prompts"]
+    sets = prompts.get("sets", {})
+    where = (
+        "; ".join(f"`{name}` {info['n']} from {', '.join(info['files'])}" for name, info in sets.items())
+        if len(sets) > 1
+        else f"from {', '.join(prompts['files'])}"
+    )
     lines = [
         f"# Win-rate of {policy['name']}",
         "",
-        f"{prompts['n']} held-out prompts from {', '.join(prompts['files'])}. Sampling, the same for every model: "
+        f"{prompts['n']} held-out prompts {where}. Sampling, the same for every model: "
         f"temperature {s['temperature']}, top_p {s['top_p']}, top_k {s['top_k']}, "
         f"at most {s['max_new_tokens']} new tokens, seed {s['seed']}.",
         "",
@@ -59,17 +74,23 @@ def markdown(report: dict, samples: list[dict], examples: int) -> str:
             f"- baseline `{b['name']}`: {b['description']}; sampled by {b['engine']}{_fidelity(b)}"
             for b in report["baselines"]
         ),
-        "",
-        "| judge | baseline | wins | ties | losses | win-rate [95% CI] | LC win-rate "
-        "| length policy / baseline | position bias |",
-        "|---|---|---:|---:|---:|---|---:|---|---:|",
     ]
-    for row in report["results"]:
-        lines.append(
-            f"| {row['judge']} | {row['baseline']} | {row['wins']} | {row['ties']} | {row['losses']} "
-            f"| {_interval(row)} | "
-            f"{row['lc_win_rate']:.3f} | {row['policy_length']:.1f} / {row['baseline_length']:.1f} | {_bias(row)} |"
-        )
+    groups = by_set(report)
+    for set_name, rows in groups.items():
+        if len(groups) > 1:
+            lines += ["", f"## Set `{set_name}` ({sets[set_name]['n']} prompts)"]
+        lines += [
+            "",
+            "| judge | baseline | wins | ties | losses | win-rate [95% CI] | LC win-rate "
+            "| length policy / baseline | position bias |",
+            "|---|---|---:|---:|---:|---|---:|---|---:|",
+        ]
+        for row in rows:
+            lines.append(
+                f"| {row['judge']} | {row['baseline']} | {row['wins']} | {row['ties']} | {row['losses']} "
+                f"| {_interval(row)} | "
+                f"{row['lc_win_rate']:.3f} | {row['policy_length']:.1f} / {row['baseline_length']:.1f} | {_bias(row)} |"
+            )
     lines += [
         "",
         "Win-rate = (wins + ties / 2) / prompts; the interval resamples the prompts "
@@ -83,11 +104,11 @@ def markdown(report: dict, samples: list[dict], examples: int) -> str:
     for baseline in report["baselines"]:
         name = baseline["name"]
         lines += ["", f"## Examples against {name}"]
-        for sample in samples[:examples]:
+        for sample in _examples(samples, examples, list(groups)):
             verdicts = "; ".join(_verdict(judge, by_baseline[name]) for judge, by_baseline in sample["judges"].items())
             lines += [
                 "",
-                f"### Prompt {sample['index'] + 1}",
+                f"### Prompt {sample['index'] + 1}" + (f" (set `{sample['set']}`)" if len(groups) > 1 else ""),
                 "",
                 _fenced(_prompt_text(sample["prompt"])),
                 "",
@@ -102,6 +123,13 @@ def markdown(report: dict, samples: list[dict], examples: int) -> str:
                 f"**verdict**: {verdicts}",
             ]
     return "\n".join(lines) + "\n"
+
+
+def _examples(samples: list[dict], n: int, sets: list[str]) -> list[dict]:
+    """The first n samples of each set (the first n overall with one set)."""
+    if len(sets) <= 1:
+        return samples[:n]
+    return [s for name in sets for s in [x for x in samples if x.get("set") == name][:n]]
 
 
 def _verdict(judge: str, detail: dict) -> str:
@@ -131,7 +159,8 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = report["results"]
-    labels = [f"vs {r['baseline']}\n({r['judge']})" for r in rows]
+    several = len(by_set(report)) > 1
+    labels = [f"{r['set'] + ': ' if several else ''}vs {r['baseline']}\n({r['judge']})" for r in rows]
     y = list(range(len(rows)))[::-1]  # first row on top
     rates = [r["win_rate"] for r in rows]
     errors = [[r["win_rate"] - r["ci_low"] for r in rows], [r["ci_high"] - r["win_rate"] for r in rows]]
@@ -170,18 +199,29 @@ def print_table(report: dict) -> None:
     """The win-rate table; judges and baselines named by long paths get short labels, and the full
     names are printed once above the table, so an 80-column terminal does not wrap any row."""
     rows = report["results"]
+    groups = by_set(report)
     judges = short_labels([r["judge"] for r in rows], width=12)
     baselines = short_labels([r["baseline"] for r in rows], width=12)
     for kind, labels in (("judge", judges), ("baseline", baselines)):
         for name, label in labels.items():
             if label != name:
                 console.print(f"[dim]{kind} {label} = {name}[/]", soft_wrap=True)
-    table = Table(
-        title=f"win-rate of {report['policy']['name']} on {report['prompts']['n']} held-out prompts",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
+    for set_name, set_rows in groups.items():
+        n = report["prompts"].get("sets", {}).get(set_name, {}).get("n", report["prompts"]["n"])
+        named = f" of set {set_name}" if len(groups) > 1 else ""
+        console.print(
+            _table(
+                f"win-rate of {report['policy']['name']} on {n} held-out prompts{named}", set_rows, judges, baselines
+            )
+        )
+    console.print(
+        "[dim]win: (wins + ties/2) / prompts; LC: length-controlled win-rate; length: mean answer tokens, "
+        "policy/baseline; bias: how often a pairwise judge's verdict flipped with the answer order[/]"
     )
+
+
+def _table(title: str, rows: list[dict], judges: dict[str, str], baselines: dict[str, str]) -> Table:
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for column in ("judge", "baseline", "W/T/L", "win", "95% CI", "LC", "length", "bias"):
         table.add_column(column, no_wrap=True)
     for row in rows:
@@ -197,8 +237,4 @@ def print_table(report: dict) -> None:
             f"{row['policy_length']:.0f}/{row['baseline_length']:.0f}",
             _bias(row),
         )
-    console.print(table)
-    console.print(
-        "[dim]win: (wins + ties/2) / prompts; LC: length-controlled win-rate; length: mean answer tokens, "
-        "policy/baseline; bias: how often a pairwise judge's verdict flipped with the answer order[/]"
-    )
+    return table

@@ -8,7 +8,10 @@ Every stage that changes a policy (sft, dpo, grpo, ppo) runs this at its end whe
   2. measure  - per model: the verifier's mean reward, the share of answers stuck in a loop, distinct-2,
                 mean length, the share cut at max_new_tokens (align/eval/health.py); and the KL per token
                 from the start, exact over the vocabulary, on the trained policy's answers
-  3. verdict  - a table before -> after; past a threshold (KL, loops, reward) the stage is marked
+  3. general  - the general-ability probe (align/eval/general_probe.py): log-likelihood of reference
+                texts of other kinds under the start, the end and the base, and a greedy answer to the
+                first of each kind before and after: what the stage cost outside its task
+  4. verdict  - a table before -> after; past a threshold (KL, loops, reward, general ability) the stage is marked
                 collapsed, not complete, and stops the pipeline with the reasons (checkup.alarm: false
                 reports without stopping)
 """
@@ -25,6 +28,7 @@ import torch
 from align.config import StageConfig
 from align.console import console
 from align.data.prompt_data import PromptExample, encode_prompt_files
+from align.eval.general_probe import probe_reason
 from align.eval.health import collapse_reasons, degeneration
 from align.models.adapters import reference_mode
 from align.models.loading import autocast
@@ -38,20 +42,25 @@ class CollapseAlarm(RuntimeError):
     """A stage made the model measurably worse on the recipe's task; its folder is marked collapsed."""
 
 
-def checkup_prompts(cfg: StageConfig, tokenizer) -> list[PromptExample]:
-    """The checkup's prompts (read with the stage's own prompt rules; bad rows stop the stage)."""
+def checkup_prompts(cfg: StageConfig, tokenizer) -> dict[str, list[PromptExample]]:
+    """{set name: prompts} (read with the stage's own prompt rules; bad rows stop the stage); one set
+    named task unless checkup.prompts names several."""
     c = cfg.checkup
-    prompts, report = encode_prompt_files(
-        c.prompts, tokenizer, cfg.data.model_copy(update={"max_length": 10**6}), "checkup"
-    )
-    report.raise_if_bad()
-    return prompts[: c.max_prompts]
+    sets = {}
+    for name, files in c.prompt_sets().items():
+        prompts, report = encode_prompt_files(
+            files, tokenizer, cfg.data.model_copy(update={"max_length": 10**6}), "checkup"
+        )
+        report.raise_if_bad()
+        sets[name] = prompts[: c.max_prompts]
+    return sets
 
 
 @torch.no_grad()
 def run_checkup(cfg: StageConfig, model, tokenizer, source: Path | None, precision: str) -> dict | None:
-    """{"before", "after", "kl_per_token", "collapse": [reasons], "prompts", "settings"}, or None
-    without a checkup section.
+    """{"before", "after", "kl_per_token", "collapse": [reasons], "prompts", "settings", "sets"}, or None
+    without a checkup section. before / after are the first set's (the task); "sets" holds every set's,
+    and the alarm reads each of them (a stage can gain on its task and lose on another form of it).
 
     ``source`` is the stage the policy started from (its adapter is loaded beside the trained one
     for the comparison and removed again); None means the start is the base with the adapter off.
@@ -66,14 +75,18 @@ def run_checkup(cfg: StageConfig, model, tokenizer, source: Path | None, precisi
         console.print("[yellow]checkup skipped: full fine-tuning keeps no start to compare with in memory[/]")
         return None
     started = time.time()
-    prompts = checkup_prompts(cfg, tokenizer)
+    sets = checkup_prompts(cfg, tokenizer)
+    prompts = [p for set_prompts in sets.values() for p in set_prompts]
+    spans, start = {}, 0
+    for name, set_prompts in sets.items():
+        spans[name], start = slice(start, start + len(set_prompts)), start + len(set_prompts)
     reward = build_reward(c.reward, trust_remote_code=cfg.model.trust_remote_code) if c.reward is not None else None
     was_training = model.training
     engine = HFEngine(model, tokenizer, precision, batch_size=len(prompts))
     settings = Sampling(temperature=0.0, max_new_tokens=c.max_new_tokens, seed=cfg.seed)
     conversations = [p.messages for p in prompts]
     settings_record = c.model_dump(
-        mode="json", include={"prompts", "max_prompts", "reward", "max_new_tokens"}
+        mode="json", include={"prompts", "sets", "max_prompts", "reward", "max_new_tokens"}
     )  # what the answers depend on
     earlier = _checkup_of(source)
     try:
@@ -83,27 +96,31 @@ def run_checkup(cfg: StageConfig, model, tokenizer, source: Path | None, precisi
         model.eval()
         answers = engine.generate(conversations, settings)
         kl = kl_per_token(model, source, answers, tokenizer.pad_token_id, precision)
+        general = general_probe(cfg, model, tokenizer, source, precision, engine, settings) if c.general else None
     finally:
         if START_ADAPTER in getattr(model, "peft_config", {}):
             model.delete_adapter(START_ADAPTER)
         model.train(was_training)
     # The start is the stage it started from, whose own checkup measured these answers as its end.
     reused = earlier is not None and earlier.get("settings") == settings_record
-    before = earlier["after"] if reused else measure(start_answers, reward, prompts)
-    after = measure(answers, reward, prompts)
-    reasons = collapse_reasons(
-        before,
-        after,
-        kl if cfg.CHECKUP_KL_ALARM else None,
-        max_kl=c.max_kl,
-        max_loop_rise=c.max_loop_rise,
-        max_cutoff_rise=c.max_cutoff_rise,
-        max_reward_drop=c.max_reward_drop,
-    )
+    measured = {}
+    for name, span in spans.items():
+        if reused:
+            before = earlier["sets"][name]["after"] if "sets" in earlier else earlier["after"]
+        else:
+            before = measure(start_answers[span], reward, prompts)  # answers know their prompt's index in prompts
+        after = measure(answers[span], reward, prompts)
+        measured[name] = {"prompts": span.stop - span.start, "before": before, "after": after}
+    reasons = set_reasons(measured, kl if cfg.CHECKUP_KL_ALARM else None, c)
+    if general is not None and (reason := probe_reason(general, c.max_general_drop)):
+        reasons.append(reason)
+    task = next(iter(measured.values()))
     result = {
         "prompts": len(prompts),
-        "before": before,
-        "after": after,
+        "before": task["before"],
+        "after": task["after"],
+        "sets": measured,
+        "general": general,
         "kl_per_token": kl,
         "collapse": reasons,
         "start": str(source) if source else "base (adapter off)",
@@ -116,6 +133,64 @@ def run_checkup(cfg: StageConfig, model, tokenizer, source: Path | None, precisi
     }
     print_checkup(cfg.kind, result)
     return result
+
+
+def set_reasons(measured: dict[str, dict], kl: float | None, c) -> list[str]:
+    """The collapse reasons of every set ({name: {"before", "after"}}), each named by its set when
+    there are several; the KL (one number, over every set's answers) is judged once.
+
+    >>> from align.config import CheckupConfig
+    >>> fine = {"reward": 0.5, "loop_fraction": 0.0, "truncated_fraction": 0.0}
+    >>> fell = {**fine, "reward": 0.1}
+    >>> set_reasons({"task": {"before": fine, "after": fine}, "reworded": {"before": fine, "after": fell}},
+    ...             0.2, CheckupConfig())
+    ['set reworded: held-out reward fell from 0.500 to 0.100 (threshold -0.15)']
+    >>> set_reasons({"task": {"before": fine, "after": fell}}, 2.0, CheckupConfig())
+    ['KL to the start 2.000 per token (threshold 1.0)', 'held-out reward fell from 0.500 to 0.100 (threshold -0.15)']
+    """
+    thresholds = dict(
+        max_loop_rise=c.max_loop_rise, max_cutoff_rise=c.max_cutoff_rise, max_reward_drop=c.max_reward_drop
+    )
+    first = next(iter(measured.values()))
+    reasons = collapse_reasons(first["before"], first["before"], kl, max_kl=c.max_kl, **thresholds)  # the KL alone
+    for name, m in measured.items():
+        found = collapse_reasons(m["before"], m["after"], None, max_kl=c.max_kl, **thresholds)
+        reasons += [f"set {name}: {r}" if len(measured) > 1 else r for r in found]
+    return reasons
+
+
+def general_probe(cfg: StageConfig, model, tokenizer, source: Path | None, precision: str, engine, settings) -> dict:
+    """{"before", "after", "base": {kind: log-likelihood per token, "mean"}, "examples"}: the reference
+    texts under the stage's start, its end and the base (adapters off), and greedy answers to the first
+    prompt of each kind from the start and the end."""
+    from align.eval.general_probe import first_prompts, log_likelihood, probe_texts
+
+    c = cfg.checkup
+    texts = probe_texts(c.general, tokenizer, c.general_rows)
+    pad = tokenizer.pad_token_id
+    firsts = first_prompts(c.general)
+    with start_policy(model, source):
+        before = log_likelihood(model, texts, pad, precision)
+        said_before = engine.generate(list(firsts.values()), settings)
+    if source is None:
+        base = before
+    else:
+        with reference_mode(model, None):
+            base = log_likelihood(model, texts, pad, precision)
+    model.eval()
+    after = log_likelihood(model, texts, pad, precision)
+    said_after = engine.generate(list(firsts.values()), settings)
+    return {
+        "texts": c.general,
+        "rows": {kind: len(examples) for kind, examples in texts.items()},
+        "before": before,
+        "after": after,
+        "base": base,
+        "examples": [
+            {"kind": kind, "prompt": prompt[-1]["content"], "before": b.text, "after": a.text}
+            for (kind, prompt), b, a in zip(firsts.items(), said_before, said_after)
+        ],
+    }
 
 
 def _checkup_of(source: Path | None) -> dict | None:
@@ -184,9 +259,21 @@ def print_checkup(kind: str, result: dict) -> None:
         f"checkup of {kind} on {result['prompts']} held-out prompts (greedy, {result['seconds']:.0f}s), start -> end; "
         f"KL to start {result['kl_per_token']:.4f} per token"
     )
-    for label, key, fmt in rows:
-        if before.get(key) is not None:
-            console.print(f"  {label:<16} {fmt.format(before[key])} -> {fmt.format(after[key])}")
+    sets = result.get("sets") or {"task": {"before": before, "after": after}}
+    for name, measured in sets.items():
+        if len(sets) > 1:
+            console.print(f"  set {name} ({measured['prompts']} prompts)")
+        for label, key, fmt in rows:
+            was, now = measured["before"], measured["after"]
+            if was.get(key) is not None:
+                console.print(f"  {label:<16} {fmt.format(was[key])} -> {fmt.format(now[key])}")
+    general = result.get("general")
+    if general:
+        kinds = ", ".join(f"{k} {general['after'][k] - general['before'][k]:+.3f}" for k in general["rows"])
+        console.print(
+            f"  general ability   {general['before']['mean']:.3f} -> {general['after']['mean']:.3f} log-likelihood "
+            f"per token of reference texts (base {general['base']['mean']:.3f}; by kind: {kinds})"
+        )
     for reason in result["collapse"]:
         console.print(f"[bold red]collapse: {reason}[/]")
 

@@ -1,13 +1,18 @@
 """`align eval`: the win-rate of a policy against baselines on held-out prompts.
 
-1. check   - prompts (row report), judges and every model folder, before any model loads
+1. check   - prompts of every held-out set (row reports), judges and every model folder, before
+             any model loads
 2. sample  - one answer per prompt from the policy and from each baseline, all with the same
-             sampling settings and seed, one model in memory at a time
+             sampling settings and seed, one model in memory at a time (every set's prompts at once)
 3. judge   - per judge and baseline, prompt by prompt: a pairwise LLM judge reads both answers in
              both orders (P(policy better), position bias); any other reward scores both answers
              and the higher score wins (differences within tie_margin are ties)
-4. report  - win / tie / loss, win-rate with a bootstrap 95% interval, length-controlled
-             win-rate; samples.jsonl, report.json / .md / .png, the manifest last
+4. report  - per set, judge and baseline: win / tie / loss, win-rate with a bootstrap 95% interval,
+             length-controlled win-rate; samples.jsonl, report.json / .md / .png, the manifest last
+
+Named sets (data.eval: {name: file}) are reported apart because a policy can gain on the form of
+the questions it trained on and lose on another form of the same questions; one pooled number
+would hide the loss.
 """
 
 from __future__ import annotations
@@ -49,8 +54,10 @@ class Contestant:
 
 def plan(cfg: EvalConfig, tokenizer) -> tuple[str, str]:
     """(prompts, work) for `align run`'s plan; reading every prompt is the validation."""
-    prompts, _ = held_out_prompts(cfg.data, tokenizer)
-    return f"{len(prompts)} prompts", f"{len(prompts)} answers x {1 + len(cfg.baselines)} models"
+    sets = held_out_sets(cfg.data, tokenizer)
+    n = sum(len(prompts) for prompts, _ in sets.values())
+    named = f" in {len(sets)} sets" if len(sets) > 1 else ""
+    return f"{n} prompts{named}", f"{n} answers x {1 + len(cfg.baselines)} models"
 
 
 def run_eval(
@@ -71,7 +78,11 @@ def run_eval(
 
     # 1. Check everything before any model loads: prompts, judges, the policy and baselines.
     base_path = resolve_model(cfg.model.name, cfg.model.revision)
-    prompts, row_report = held_out_prompts(cfg.data, load_tokenizer(cfg.model, base_path))
+    sets = held_out_sets(cfg.data, load_tokenizer(cfg.model, base_path))
+    prompts = [p for set_prompts, _ in sets.values() for p in set_prompts]
+    spans, start = {}, 0  # set name -> its slice of ``prompts``
+    for name, (set_prompts, _) in sets.items():
+        spans[name], start = slice(start, start + len(set_prompts)), start + len(set_prompts)
     stage_dirs = referenced_dirs(cfg, recipe_name)
     for name, spec in cfg.judges.items():
         check_judge(name, spec, stage_dirs, prompts)
@@ -89,7 +100,10 @@ def run_eval(
             "policy": f"{policy.name}: {policy.description}",
             "baselines": "; ".join(f"{b.name}: {b.description}" for b in baselines),
             "judges": "; ".join(f"{name} ({spec_text(spec)})" for name, spec in cfg.judges.items()),
-            "data eval": f"{row_report.summary()}; {len(prompts)} prompts evaluated",
+            **{
+                f"data {name}" if len(sets) > 1 else "data eval": f"{rows.summary()}; {len(ps)} prompts evaluated"
+                for name, (ps, rows) in sets.items()
+            },
             "sampling": f"engine {r.engine}, temperature {r.temperature}, top_p {r.top_p}, top_k {r.top_k}, "
             f"<= {r.max_new_tokens} new tokens, seed {cfg.seed}; the same for every model",
             "statistics": f"ties within {cfg.tie_margin}; 95% interval from {cfg.bootstrap} bootstrap resamples of the "
@@ -128,31 +142,42 @@ def run_eval(
         verdicts[judge_name] = {}
         for baseline in baselines:
             theirs = answers[baseline.name]
-            if pairwise:  # both orders; P(policy's answer better)
-                p = judge.compare([x.messages for x in prompts], [a.text for a in mine], [a.text for a in theirs])
-                outcomes, bias = outcomes_from_probabilities(p), judge.last_position_bias
-                per_prompt = [{"p_policy_wins": v} for v in p]
-            else:
-                ours, others = scores[policy.name], scores[baseline.name]
-                outcomes, bias = outcomes_from_scores(ours, others, cfg.tie_margin), None
-                per_prompt = [{"policy": a, "baseline": b} for a, b in zip(ours, others)]
-            verdicts[judge_name][baseline.name] = [{"outcome": float(o), **d} for o, d in zip(outcomes, per_prompt)]
-            lengths = [len(a.completion_ids) for a in mine], [len(a.completion_ids) for a in theirs]
-            results.append(
-                {
-                    "judge": judge_name,
-                    "baseline": baseline.name,
-                    **summarize(outcomes, *lengths, resamples=cfg.bootstrap, seed=cfg.seed),
-                    "position_bias": bias,
-                }
-            )
+            verdicts[judge_name][baseline.name] = []
+            for set_name, span in spans.items():
+                if pairwise:  # both orders; P(policy's answer better); position bias per set
+                    p = judge.compare(
+                        [x.messages for x in prompts[span]],
+                        [a.text for a in mine[span]],
+                        [a.text for a in theirs[span]],
+                    )
+                    outcomes, bias = outcomes_from_probabilities(p), judge.last_position_bias
+                    per_prompt = [{"p_policy_wins": v} for v in p]
+                else:
+                    ours, others = scores[policy.name][span], scores[baseline.name][span]
+                    outcomes, bias = outcomes_from_scores(ours, others, cfg.tie_margin), None
+                    per_prompt = [{"policy": a, "baseline": b} for a, b in zip(ours, others)]
+                verdicts[judge_name][baseline.name] += [
+                    {"outcome": float(o), **d} for o, d in zip(outcomes, per_prompt)
+                ]
+                lengths = [len(a.completion_ids) for a in mine[span]], [len(a.completion_ids) for a in theirs[span]]
+                results.append(
+                    {
+                        "set": set_name,
+                        "judge": judge_name,
+                        "baseline": baseline.name,
+                        **summarize(outcomes, *lengths, resamples=cfg.bootstrap, seed=cfg.seed),
+                        "position_bias": bias,
+                    }
+                )
         del judge
         free_memory()
 
     # 4. Samples and report, then the manifest: written last, it says the evaluation is complete.
+    set_of = {i: name for name, span in spans.items() for i in range(len(prompts))[span]}
     samples = [
         {
             "index": i,
+            "set": set_of[i],
             "prompt": p.messages,
             "policy": mine[i].text,
             "baselines": {b.name: answers[b.name][i].text for b in baselines},
@@ -185,7 +210,14 @@ def run_eval(
             "stop": r.stop,
             "seed": cfg.seed,
         },
-        "prompts": {"n": len(prompts), "files": cfg.data.eval, "rows": row_report.as_dict()},
+        "prompts": {
+            "n": len(prompts),
+            "files": cfg.data.eval,
+            "sets": {
+                name: {"n": len(ps), "files": cfg.data.held_out_sets()[name], "rows": rows.as_dict()}
+                for name, (ps, rows) in sets.items()
+            },
+        },
         "tie_margin": cfg.tie_margin,
         "bootstrap": cfg.bootstrap,
         "length_unit": "tokens",
@@ -212,7 +244,8 @@ def run_eval(
     return output_dir
 
 
-# The report's figures that go to wandb / trackio, as judge/baseline/figure.
+# The report's figures that go to wandb / trackio, as judge/baseline/figure (set/judge/baseline/figure
+# when the report has several held-out sets).
 TRACKED_FIGURES = ("win_rate", "ci_low", "ci_high", "lc_win_rate", "wins", "ties", "losses", "position_bias")
 
 
@@ -222,18 +255,32 @@ def track_results(cfg: EvalConfig, output_dir: Path, recipe_name: str, results: 
 
     tracker = Tracker(cfg.tracking, output_dir, f"{recipe_name}/eval", cfg.model_dump(mode="json", by_alias=True))
     try:
+        several = len({r["set"] for r in results}) > 1
         figures = {
-            f"{r['judge']}/{r['baseline']}/{key}": r[key]
+            f"{r['set'] + '/' if several else ''}{r['judge']}/{r['baseline']}/{key}": r[key]
             for r in results
             for key in TRACKED_FIGURES
             if r[key] is not None
         }
         tracker.log(figures)
         baselines = list(samples[0]["baselines"]) if samples else []
-        rows = [[s["prompt"][-1]["content"], s["policy"], *s["baselines"].values()] for s in samples]
-        tracker.table("samples", ["prompt", "policy", *baselines], rows)
+        rows = [[s["set"], s["prompt"][-1]["content"], s["policy"], *s["baselines"].values()] for s in samples]
+        tracker.table("samples", ["set", "prompt", "policy", *baselines], rows)
     finally:
         tracker.close()
+
+
+def held_out_sets(data: DataConfig, tokenizer) -> dict[str, tuple[list[PromptExample], RowReport]]:
+    """{set name: (prompts, row report)} for every held-out set, each capped at data.max_eval_rows."""
+    sets = {}
+    for name, files in data.held_out_sets().items():
+        try:
+            sets[name] = held_out_prompts(data.model_copy(update={"eval": files, "eval_sets": {}}), tokenizer)
+        except DataError as err:
+            if not data.eval_sets:
+                raise
+            raise DataError(f"held-out set {name!r}: {err}") from None
+    return sets
 
 
 def held_out_prompts(data: DataConfig, tokenizer) -> tuple[list[PromptExample], RowReport]:
