@@ -502,7 +502,11 @@ class CheckupConfig(_Strict):
         "token is measured under the policy, its start and the base; builtin: chit-chat, worked word problems and "
         "summaries shipped with align; or a .jsonl file / folder of messages rows; null = off",
     )
-    general_rows: int = Field(16, gt=0, description="reference texts read per kind (file) of the general probe")
+    general_rows: int = Field(
+        8,
+        gt=0,
+        description="reference texts read per kind (file) of the general probe, from the top; 256 tokens each at most",
+    )
     max_general_drop: float = Field(
         0.15,
         gt=0,

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_recipe, write_jsonl
 
 from align.recipe import load_recipe
@@ -56,6 +57,40 @@ def test_arithmetic_held_out_questions_share_no_first_operand_with_training():
     rows = train + held_out
     assert gsm8k_exact(None, [r["completion"] for r in rows], [r["completion"] for r in rows]) == [1.0] * 720
     assert arithmetic_rows() == (train, held_out)  # seeded: the same files on every machine
+
+
+def test_arithmetic_re_forms_ask_the_held_out_questions_otherwise_and_prepare_adds_only_missing_files(tmp_path):
+    """reworded: 64 held-out questions asked plainly, with their answers; harder: three-digit
+    first operands no training row has. `align data prepare` run again adds the files an older prepare did
+    not write, keeps identical ones and refuses to replace a file that differs (the user's own)."""
+    import re
+
+    from align.data.builtin import arithmetic_reforms, arithmetic_rows, prepare
+    from reward_models.rules import gsm8k_exact
+
+    train, held_out = arithmetic_rows()
+    sets = arithmetic_reforms()
+    pairs = lambda rows, pattern: [tuple(map(int, re.search(pattern, r["prompt"]).groups())) for r in rows]  # noqa: E731
+    assert pairs(sets["reworded"], r"Multiply (\d+) by (\d+)") == pairs(held_out[:64], r"What is (\d+) \* (\d+)")
+    assert [r["completion"] for r in sets["reworded"]] == [r["completion"] for r in held_out[:64]]
+    harder = pairs(sets["harder"], r"What is (\d+) \* (\d+)")
+    assert all(100 <= a < 1000 for a, _ in harder)
+    answers = [r["completion"] for r in sets["harder"]]
+    assert gsm8k_exact(None, [f"#### {a * b}" for a, b in harder], answers) == [1.0] * 64
+
+    folder = tmp_path / "arithmetic"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))  # an older prepare's file
+    _, counts = prepare("arithmetic", folder)
+    assert (
+        sorted(p.name for p in folder.iterdir())
+        == sorted(counts)
+        == ["eval.jsonl", "eval_harder.jsonl", "eval_reworded.jsonl", "train.jsonl"]
+    )
+    (folder / "eval.jsonl").write_text('{"prompt": "mine", "completion": "#### 1"}\n')
+    with pytest.raises(FileExistsError, match="eval.jsonl already exists and differs"):
+        prepare("arithmetic", folder)
+    assert (folder / "eval.jsonl").read_text().startswith('{"prompt": "mine"')  # the user's file is untouched
 
 
 def recipe_with_checkup(tmp_path, model_dir, stages: dict, **checkup):
@@ -154,7 +189,8 @@ def _sft_on_yes(tmp_path, tiny_llama, lr: float, steps: int, **checkup):
 def test_the_general_probe_measures_the_tax_of_a_narrow_run_and_alarms_past_its_threshold(tmp_path, yes_no_model):
     """The yes/no model, taught to say only "yes", finds the answer "no" to other questions less likely:
     the probe (here on a small reference file) measures the fall, and past max_general_drop the stage is
-    stopped although its own task stays solved. A gentle run (a few small steps, on the builtin
+    marked collapsed although its own task stays solved (with the alarm on, any reason stops the stage:
+    test_collapse_alarm_stops_rl_with_a_huge_learning_rate). A gentle run (a few small steps, on the builtin
     reference texts) moves the probe far less and passes."""
     from align.eval.general_probe import probe_reason
 
@@ -175,13 +211,42 @@ def test_the_general_probe_measures_the_tax_of_a_narrow_run_and_alarms_past_its_
     gentle = _sft_on_yes(tmp_path / "gentle", yes_no_model, 1e-3, 3)
     moved = json.loads((gentle / "manifest.json").read_text())["checkup"]
     assert moved["general"]["texts"] == "builtin"
-    assert moved["general"]["rows"] == {"conversation": 16, "reasoning": 16, "summaries": 16}
+    assert moved["general"]["rows"] == {"conversation": 8, "reasoning": 8, "summaries": 8}
     assert [e["kind"] for e in moved["general"]["examples"]] == ["conversation", "reasoning", "summaries"]
     assert abs(moved["general"]["before"]["mean"] - moved["general"]["after"]["mean"]) < 0.15  # the default
     assert not [r for r in moved["collapse"] if r.startswith("general ability")]
-    # with the threshold below the hard run's tax, the alarm stops it
-    with pytest.raises(CollapseAlarm, match="general ability: log-likelihood of the reference texts fell"):
-        _sft_on_yes(tmp_path / "stopped", yes_no_model, 2e-2, 30, general=str(reference), max_general_drop=tax / 2)
+
+
+def test_the_probe_log_likelihood_is_the_mean_answer_token_log_prob_of_the_full_forward(tiny_llama, tokenizer):
+    """Exact cross-check of the probe's sliced forward (logits from the first answer token on, padded
+    batches of texts with different lengths, several answer turns) against log-softmax over every
+    position of each text alone."""
+    from transformers import AutoModelForCausalLM
+
+    from align.data.templating import encode_conversation
+    from align.eval.general_probe import log_likelihood
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    talk = [
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, friend."}],
+        [
+            {"role": "user", "content": "What is two and two, and why?"},
+            {"role": "assistant", "content": "Four."},
+            {"role": "user", "content": "Sure?"},
+            {"role": "assistant", "content": "Yes, quite sure of it."},
+        ],
+        [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue"}],
+    ]
+    encoded = [encode_conversation(tokenizer, m, 512) for m in talk]
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for e in encoded:
+            logprobs = model(torch.tensor([e.input_ids])).logits[0, :-1].log_softmax(-1)
+            for t, label in enumerate(e.labels[1:]):
+                if label != -100:
+                    total, tokens = total + logprobs[t, label].item(), tokens + 1
+    measured = log_likelihood(model, {"talk": encoded}, tokenizer.pad_token_id, "fp32", batch_size=2)
+    assert measured["talk"] == pytest.approx(total / tokens, abs=1e-5) and measured["mean"] == measured["talk"]
 
 
 def test_grpo_raises_the_checkup_reward_from_zero(tmp_path, yes_no_model):

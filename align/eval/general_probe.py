@@ -46,7 +46,7 @@ def probe_texts(source: str, tokenizer, max_rows: int) -> dict[str, list[Encoded
 
     texts = {}
     for kind, path in probe_files(source).items():
-        examples, report = encode_files([str(path)], tokenizer, DataConfig(max_length=512), f"general {kind}")
+        examples, report = encode_files([str(path)], tokenizer, DataConfig(max_length=256), f"general {kind}")
         report.raise_if_bad()
         texts[kind] = examples[:max_rows]
     return texts
@@ -67,9 +67,14 @@ def first_prompts(source: str) -> dict[str, list[dict]]:
 
 
 @torch.no_grad()
-def log_likelihood(model, texts: dict[str, list[Encoded]], pad_id: int, precision: str, batch_size: int = 8):
+def log_likelihood(model, texts: dict[str, list[Encoded]], pad_id: int, precision: str, batch_size: int = 4):
     """{kind: mean log-likelihood per answer token} under the model as it is (adapter state included),
-    and "mean": the mean over the kinds (each kind weighs the same, whatever its length)."""
+    and "mean": the mean over the kinds (each kind weighs the same, whatever its length).
+
+    Logits are made only from the batch's first answer token on (``logits_to_keep``): a [B, T, V]
+    tensor over a 49k vocabulary would be most of the probe's time and memory."""
+    import torch.nn.functional as F
+
     from align.models.loading import autocast
 
     device = next(model.parameters()).device
@@ -81,17 +86,23 @@ def log_likelihood(model, texts: dict[str, list[Encoded]], pad_id: int, precisio
             width = max(len(e.input_ids) for e in chunk)
             ids = torch.tensor([e.input_ids + [pad_id] * (width - len(e.input_ids)) for e in chunk], device=device)
             labels = torch.tensor([e.labels + [IGNORE_INDEX] * (width - len(e.labels)) for e in chunk], device=device)
-            mask = torch.tensor(
-                [[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in chunk], device=device
-            )
+            mask = (
+                torch.arange(width, device=device)[None]
+                < torch.tensor([len(e.input_ids) for e in chunk])[:, None].to(device)
+            ).long()
+            first = int((labels != IGNORE_INDEX).float().argmax(-1).min())  # the earliest answer token in the batch
+            keep = width - first + 1  # logits from the position that predicts it
             with autocast(precision):
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            targets = labels[:, 1:]
-            logprobs = logits[:, :-1].float().log_softmax(-1)
-            picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            keep = targets != IGNORE_INDEX
-            total += picked[keep].sum().item()
-            tokens += int(keep.sum().item())
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
+            targets = labels[:, width - keep + 1 :]
+            nll = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                targets.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            total -= nll.item()
+            tokens += int((targets != IGNORE_INDEX).sum().item())
         result[kind] = total / max(tokens, 1)
     result["mean"] = sum(result.values()) / len(result)
     return result

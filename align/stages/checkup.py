@@ -85,9 +85,7 @@ def run_checkup(cfg: StageConfig, model, tokenizer, source: Path | None, precisi
     engine = HFEngine(model, tokenizer, precision, batch_size=len(prompts))
     settings = Sampling(temperature=0.0, max_new_tokens=c.max_new_tokens, seed=cfg.seed)
     conversations = [p.messages for p in prompts]
-    settings_record = c.model_dump(
-        mode="json", include={"prompts", "sets", "max_prompts", "reward", "max_new_tokens"}
-    )  # what the answers depend on
+    settings_record = settings_of(c)
     earlier = _checkup_of(source)
     try:
         if earlier is None or earlier.get("settings") != settings_record:
@@ -96,7 +94,9 @@ def run_checkup(cfg: StageConfig, model, tokenizer, source: Path | None, precisi
         model.eval()
         answers = engine.generate(conversations, settings)
         kl = kl_per_token(model, source, answers, tokenizer.pad_token_id, precision)
-        general = general_probe(cfg, model, tokenizer, source, precision, engine, settings) if c.general else None
+        general = (
+            general_probe(cfg, model, tokenizer, source, precision, engine, settings, earlier) if c.general else None
+        )
     finally:
         if START_ADAPTER in getattr(model, "peft_config", {}):
             model.delete_adapter(START_ADAPTER)
@@ -135,6 +135,11 @@ def run_checkup(cfg: StageConfig, model, tokenizer, source: Path | None, precisi
     return result
 
 
+def settings_of(c) -> dict:
+    """The checkup settings its answers depend on: a start stage's checkup is reused only when they match."""
+    return c.model_dump(mode="json", include={"prompts", "sets", "max_prompts", "reward", "max_new_tokens"})
+
+
 def set_reasons(measured: dict[str, dict], kl: float | None, c) -> list[str]:
     """The collapse reasons of every set ({name: {"before", "after"}}), each named by its set when
     there are several; the KL (one number, over every set's answers) is judged once.
@@ -159,35 +164,44 @@ def set_reasons(measured: dict[str, dict], kl: float | None, c) -> list[str]:
     return reasons
 
 
-def general_probe(cfg: StageConfig, model, tokenizer, source: Path | None, precision: str, engine, settings) -> dict:
+def general_probe(
+    cfg: StageConfig, model, tokenizer, source: Path | None, precision: str, engine, settings, earlier: dict | None
+) -> dict:
     """{"before", "after", "base": {kind: log-likelihood per token, "mean"}, "examples"}: the reference
     texts under the stage's start, its end and the base (adapters off), and greedy answers to the first
-    prompt of each kind from the start and the end."""
+    prompt of each kind from the start and the end. The start's numbers and answers are the start
+    stage's own checkup's end when it probed the same texts (as the task's before is)."""
     from align.eval.general_probe import first_prompts, log_likelihood, probe_texts
 
     c = cfg.checkup
     texts = probe_texts(c.general, tokenizer, c.general_rows)
+    rows = {kind: len(examples) for kind, examples in texts.items()}
     pad = tokenizer.pad_token_id
     firsts = first_prompts(c.general)
-    with start_policy(model, source):
-        before = log_likelihood(model, texts, pad, precision)
-        said_before = engine.generate(list(firsts.values()), settings)
-    if source is None:
-        base = before
+    known = (earlier or {}).get("general") or {}
+    if known.get("texts") == c.general and known.get("rows") == rows and earlier.get("settings") == settings_of(c):
+        before, base = known["after"], known["base"]
+        said_before = [e["after"] for e in known["examples"]]
     else:
-        with reference_mode(model, None):
-            base = log_likelihood(model, texts, pad, precision)
+        with start_policy(model, source):
+            before = log_likelihood(model, texts, pad, precision)
+            said_before = [a.text for a in engine.generate(list(firsts.values()), settings)]
+        if source is None:
+            base = before
+        else:
+            with reference_mode(model, None):
+                base = log_likelihood(model, texts, pad, precision)
     model.eval()
     after = log_likelihood(model, texts, pad, precision)
     said_after = engine.generate(list(firsts.values()), settings)
     return {
         "texts": c.general,
-        "rows": {kind: len(examples) for kind, examples in texts.items()},
+        "rows": rows,
         "before": before,
         "after": after,
         "base": base,
         "examples": [
-            {"kind": kind, "prompt": prompt[-1]["content"], "before": b.text, "after": a.text}
+            {"kind": kind, "prompt": prompt[-1]["content"], "before": b, "after": a.text}
             for (kind, prompt), b, a in zip(firsts.items(), said_before, said_after)
         ],
     }
