@@ -75,6 +75,31 @@ class LoraConfig(_Strict):
     )
 
 
+def named_sets(data: Any, files_key: str, sets_key: str, section: str) -> Any:
+    """A section's {files_key: {name: file or [files]}} -> {sets_key: {name: [files]}} and files_key the
+    files of every set in order (how data.eval and checkup.prompts take named held-out sets)."""
+    sets = data.get(files_key) if isinstance(data, dict) else None
+    if not isinstance(sets, dict):
+        return data
+    if not sets:
+        raise ValueError(
+            f"{section}.{files_key}: an empty map of held-out sets; name at least one, e.g. {{task: FILE}}"
+        )
+    named = {}
+    for name, files in sets.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
+            raise ValueError(f"{section}.{files_key}: {name!r} is not a plain set name (letters, digits, _ . -)")
+        named[str(name)] = [files] if isinstance(files, str) else files
+    if data.get(sets_key) not in (None, {}, named):
+        raise ValueError(f"give the held-out sets in {section}.{files_key} ({{name: file}}) or in {sets_key}, not both")
+    return {**data, files_key: [f for files in named.values() for f in files], sets_key: named}
+
+
+def check_sets(sets: dict[str, list[str]], files: list[str], sets_key: str, files_key: str) -> None:
+    if sets and [f for group in sets.values() for f in group] != files:
+        raise ValueError(f"{sets_key} and {files_key} name different files; write {files_key}: {{name: file}}")
+
+
 class DataConfig(_Strict):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
     from_stage: str | None = Field(
@@ -139,26 +164,11 @@ class DataConfig(_Strict):
     @classmethod
     def _named_eval_sets(cls, data: Any) -> Any:
         """data.eval: {name: file or [files]} -> eval_sets, and eval the files of every set in order."""
-        sets = data.get("eval") if isinstance(data, dict) else None
-        if not isinstance(sets, dict):
-            return data
-        if not sets:
-            raise ValueError("data.eval: an empty map of held-out sets; name at least one, e.g. {task: FILE}")
-        named = {}
-        for name, files in sets.items():
-            if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
-                raise ValueError(f"data.eval: {name!r} is not a plain set name (letters, digits, _ . -)")
-            named[str(name)] = [files] if isinstance(files, str) else files
-        if data.get("eval_sets") not in (None, {}, named):
-            raise ValueError("give the held-out sets in data.eval ({name: file}) or in data.eval_sets, not both")
-        return {**data, "eval": [f for files in named.values() for f in files], "eval_sets": named}
+        return named_sets(data, "eval", "eval_sets", "data")
 
     @model_validator(mode="after")
     def _sets_are_the_eval_files(self):
-        if self.eval_sets and [f for files in self.eval_sets.values() for f in files] != self.eval:
-            raise ValueError(
-                "data.eval_sets and data.eval name different files; give the sets as data.eval: {name: file}"
-            )
+        check_sets(self.eval_sets, self.eval, "data.eval_sets", "data.eval")
         return self
 
     def held_out_sets(self) -> dict[str, list[str]]:
@@ -530,22 +540,11 @@ class CheckupConfig(_Strict):
     @classmethod
     def _named_sets(cls, data: Any) -> Any:
         """checkup.prompts: {name: file or [files]} -> sets, and prompts the files of every set in order."""
-        sets = data.get("prompts") if isinstance(data, dict) else None
-        if not isinstance(sets, dict):
-            return data
-        named = {}
-        for name, files in sets.items():
-            if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
-                raise ValueError(f"checkup.prompts: {name!r} is not a plain set name (letters, digits, _ . -)")
-            named[str(name)] = [files] if isinstance(files, str) else files
-        return {**data, "prompts": [f for files in named.values() for f in files], "sets": named}
+        return named_sets(data, "prompts", "sets", "checkup")
 
     @model_validator(mode="after")
     def _sets_are_the_files(self):
-        if self.sets and [f for files in self.sets.values() for f in files] != self.prompts:
-            raise ValueError(
-                "checkup.sets and checkup.prompts name different files; write checkup.prompts: {name: file}"
-            )
+        check_sets(self.sets, self.prompts, "checkup.sets", "checkup.prompts")
         return self
 
     def prompt_sets(self) -> dict[str, list[str]]:

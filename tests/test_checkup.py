@@ -139,32 +139,6 @@ def test_grpo_reports_its_checkup_and_completes(tmp_path, yes_no_model):
     assert all("loop_fraction" in r and "distinct_2" in r for r in records)
 
 
-def test_sft_raises_held_out_exact_match_from_zero(tmp_path, tiny_llama):
-    """SFT's checkup on prompts it never trained on: the random tiny model never answers "yes"
-    (reward 0); taught to answer "yes" to 24 questions, it answers the 4 held-out ones with it
-    (reward 1). With the update disabled the after side equals the before side, so this fails."""
-    from align.stages.sft import run_sft
-
-    rows = write_jsonl(
-        tmp_path / "sft.jsonl", [{"prompt": f"Is {i} a number?", "completion": "yes"} for i in range(24)]
-    )
-    held_out = write_jsonl(tmp_path / "held-out.jsonl", [{"prompt": f"Is {i} a number?"} for i in range(90, 94)])
-    recipe = load_recipe(
-        tiny_recipe(
-            tmp_path / "recipe.yaml",
-            tiny_llama,
-            str(rows),
-            lora={"r": 8, "alpha": 16, "dropout": 0.0},
-            checkup={"prompts": str(held_out), "max_prompts": 4, "max_new_tokens": 4, "reward": YES},
-            stages={"sft": {"train": {"max_steps": 30, "lr": 2e-2, "batch_size": 8}}},
-        )
-    )
-    out = run_sft(recipe.resolve("sft"), tmp_path / "sft", recipe_name="tiny")
-    checkup = json.loads((out / "manifest.json").read_text())["checkup"]
-    assert checkup["before"]["reward"] == 0.0 and checkup["after"]["reward"] == 1.0, checkup
-    assert checkup["collapse"] == []  # SFT has no KL alarm: moving far from the start is its job
-
-
 def _sft_on_yes(tmp_path, tiny_llama, lr: float, steps: int, **checkup):
     from align.stages.sft import run_sft
 
@@ -184,6 +158,16 @@ def _sft_on_yes(tmp_path, tiny_llama, lr: float, steps: int, **checkup):
         )
     )
     return run_sft(recipe.resolve("sft"), tmp_path / "sft", recipe_name="tiny")
+
+
+def test_sft_raises_held_out_exact_match_from_zero(tmp_path, tiny_llama):
+    """SFT's checkup on prompts it never trained on: the random tiny model never answers "yes"
+    (reward 0); taught to answer "yes" to 24 questions, it answers the 4 held-out ones with it
+    (reward 1). With the update disabled the after side equals the before side, so this fails."""
+    out = _sft_on_yes(tmp_path, tiny_llama, 2e-2, 30)
+    checkup = json.loads((out / "manifest.json").read_text())["checkup"]
+    assert checkup["before"]["reward"] == 0.0 and checkup["after"]["reward"] == 1.0, checkup
+    assert checkup["collapse"] == []  # SFT has no KL alarm: moving far from the start is its job
 
 
 def test_the_general_probe_measures_the_tax_of_a_narrow_run_and_alarms_past_its_threshold(tmp_path, yes_no_model):
