@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from align.data.templating import Encoded
+from align.tokens import IGNORE_INDEX
 
 BUILTIN = Path(__file__).resolve().parent.parent / "data" / "general"
-IGNORE_INDEX = -100
 
 
 def probe_files(source: str) -> dict[str, Path]:
