@@ -79,3 +79,17 @@ def load_prompts(
 ) -> tuple[list[PromptExample], list[PromptExample], list[RowReport]]:
     """Train and held-out prompts with their row reports; strict mode fails here, before any model loads."""
     return load_splits(cfg, seed, lambda paths, c, name: encode_prompt_files(paths, tokenizer, c, name), "prompts")
+
+
+def concatenate(sets: dict[str, list]) -> tuple[list, dict[str, slice]]:
+    """Every set's items in one list, and each set's slice of it (named held-out sets are sampled
+    together and judged apart).
+
+    >>> concatenate({"a": [1, 2], "b": [3]})
+    ([1, 2, 3], {'a': slice(0, 2, None), 'b': slice(2, 3, None)})
+    """
+    items, spans = [], {}
+    for name, part in sets.items():
+        spans[name] = slice(len(items), len(items) + len(part))
+        items += part
+    return items, spans

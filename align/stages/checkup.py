@@ -27,7 +27,7 @@ import torch
 
 from align.config import StageConfig
 from align.console import console
-from align.data.prompt_data import PromptExample, encode_prompt_files
+from align.data.prompt_data import PromptExample, concatenate, encode_prompt_files
 from align.eval.general_probe import probe_reason
 from align.eval.health import collapse_reasons, degeneration
 from align.models.adapters import reference_mode
@@ -76,10 +76,7 @@ def run_checkup(cfg: StageConfig, model, tokenizer, source: Path | None, precisi
         return None
     started = time.time()
     sets = checkup_prompts(cfg, tokenizer)
-    prompts = [p for set_prompts in sets.values() for p in set_prompts]
-    spans, start = {}, 0
-    for name, set_prompts in sets.items():
-        spans[name], start = slice(start, start + len(set_prompts)), start + len(set_prompts)
+    prompts, spans = concatenate(sets)
     reward = build_reward(c.reward, trust_remote_code=cfg.model.trust_remote_code) if c.reward is not None else None
     was_training = model.training
     engine = HFEngine(model, tokenizer, precision, batch_size=len(prompts))

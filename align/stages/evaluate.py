@@ -30,7 +30,7 @@ from align.artifacts import stage_folder, write_atomic, write_manifest
 from align.config import DataConfig, EvalConfig, RecipeError, reward_parts
 from align.console import console, print_plan
 from align.data.loading import DataError
-from align.data.prompt_data import PromptExample, encode_prompt_files
+from align.data.prompt_data import PromptExample, concatenate, encode_prompt_files
 from align.data.report import RowReport
 from align.eval.report import print_table, write_report
 from align.eval.winrate import outcomes_from_probabilities, outcomes_from_scores, summarize
@@ -79,10 +79,7 @@ def run_eval(
     # 1. Check everything before any model loads: prompts, judges, the policy and baselines.
     base_path = resolve_model(cfg.model.name, cfg.model.revision)
     sets = held_out_sets(cfg.data, load_tokenizer(cfg.model, base_path))
-    prompts = [p for set_prompts, _ in sets.values() for p in set_prompts]
-    spans, start = {}, 0  # set name -> its slice of ``prompts``
-    for name, (set_prompts, _) in sets.items():
-        spans[name], start = slice(start, start + len(set_prompts)), start + len(set_prompts)
+    prompts, spans = concatenate({name: set_prompts for name, (set_prompts, _) in sets.items()})
     stage_dirs = referenced_dirs(cfg, recipe_name)
     for name, spec in cfg.judges.items():
         check_judge(name, spec, stage_dirs, prompts)
