@@ -1025,6 +1025,12 @@ class SampleConfig(StageConfig):
         ge=0,
         description="a prompt whose best and worst scores differ by no more than this gives no pair (counted)",
     )
+    pairs: Literal["best_vs_worst", "all"] = Field(
+        "best_vs_worst",
+        description="best_vs_worst: one pair per prompt; all: every answer against every answer it outscored by "
+        "more than tie_margin (InstructGPT's K-choose-2 comparisons: more pairs for a reward model from the same "
+        "samples; equal texts paired once)",
+    )
 
     @field_validator("reward", mode="before")
     @classmethod

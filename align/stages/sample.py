@@ -84,8 +84,12 @@ def run_sample(
             "sampling": f"{r.samples_per_prompt} answers per prompt, engine {r.engine}, temperature {r.temperature}, "
             f"top_p {r.top_p}, "
             f"top_k {r.top_k}, <= {r.max_new_tokens} new tokens, seed {cfg.seed}",
-            "pairs": f"best vs worst answer per prompt; none when they differ by <= {cfg.tie_margin} or the best was "
-            "cut off",
+            "pairs": (
+                "best vs worst answer per prompt"
+                if cfg.pairs == "best_vs_worst"
+                else "every answer vs every answer it outscored"
+            )
+            + f"; none when the scores differ by <= {cfg.tie_margin} or the better answer was cut off",
             "output": str(output_dir),
         },
     )
@@ -94,14 +98,14 @@ def run_sample(
     prompts = train + held_out
     chunks = _sample(cfg, source, model_path, prompts, output_dir / "checkpoints", resume)
 
-    # 3. Rank: every answer scored by the reward, one pair per prompt.
+    # 3. Rank: every answer scored by the reward; pairs per prompt as cfg.pairs says.
     answers = [a for chunk in chunks for a in chunk]
     for answer, value in zip(answers, score(reward, prompts, _as_rollouts(answers)).tolist()):
         answer["score"] = value
     pairs, counts = {}, {}
     for split, examples, offset in (("train", train, 0), ("held_out", held_out, len(train))):
         by_prompt = [[a for a in answers if a["prompt_index"] == offset + i] for i in range(len(examples))]
-        pairs[split], counts[split] = make_pairs(examples, by_prompt, cfg.tie_margin)
+        pairs[split], counts[split] = make_pairs(examples, by_prompt, cfg.tie_margin, every_pair=cfg.pairs == "all")
 
     # 4. Files, then the manifest: written last, it says the pairs are complete.
     write_atomic(output_dir / PAIRS_FILE, "".join(json.dumps(p) + "\n" for p in pairs["train"]))
@@ -157,17 +161,24 @@ def run_sample(
     return output_dir
 
 
-def make_pairs(examples: list[PromptExample], answers: list[list[dict]], tie_margin: float) -> tuple[list[dict], dict]:
-    """Best vs worst answer of each prompt as {prompt, chosen, rejected, chosen_score, rejected_score}
-    rows, and the counts: prompts, pairs, ties (best - worst <= tie_margin), best_cut_off (the best
-    answer ran out of tokens), and the mean chosen and rejected scores.
+def make_pairs(
+    examples: list[PromptExample], answers: list[list[dict]], tie_margin: float, every_pair: bool = False
+) -> tuple[list[dict], dict]:
+    """Pairs of each prompt's answers as {prompt, chosen, rejected, chosen_score, rejected_score} rows: the
+    best vs the worst, or with every_pair each answer vs each answer it outscored by more than tie_margin
+    (a chosen answer that ran out of tokens is never paired; equal text pairs are written once). The
+    counts: prompts, pairs, ties (best - worst <= tie_margin), best_cut_off (the best answer ran out of
+    tokens), and the mean chosen and rejected scores.
 
     >>> from align.data.prompt_data import PromptExample
     >>> ask = [PromptExample([{"role": "user", "content": "2+2?"}], [1])]
-    >>> rows, counts = make_pairs(ask, [[{"text": "5", "score": 0.0, "truncated": False},
-    ...                                   {"text": "4", "score": 1.0, "truncated": False}]], 0.0)
+    >>> scored = [("5", 0.0), ("4", 1.0), ("3", 0.0), ("4", 1.0)]
+    >>> said = [[{"text": t, "score": s, "truncated": False} for t, s in scored]]
+    >>> rows, counts = make_pairs(ask, said, 0.0)
     >>> rows[0]["chosen"], rows[0]["rejected"], counts["pairs"], counts["ties"]
     ('4', '5', 1, 0)
+    >>> [(r["chosen"], r["rejected"]) for r in make_pairs(ask, said, 0.0, every_pair=True)[0]]
+    [('4', '5'), ('4', '3')]
     """
     rows, ties, cut = [], 0, 0
     for example, mine in zip(examples, answers):
@@ -175,16 +186,30 @@ def make_pairs(examples: list[PromptExample], answers: list[list[dict]], tie_mar
         worst = min(mine, key=lambda a: a["score"])
         if best["score"] - worst["score"] <= tie_margin:
             ties += 1
-        elif best["truncated"]:
+            continue
+        if best["truncated"]:
             cut += 1
+            if not every_pair:
+                continue
+        if every_pair:
+            ranked = sorted(mine, key=lambda a: -a["score"])  # stable: equal scores keep their sampling order
+            duos = [
+                (a, b) for i, a in enumerate(ranked) for b in ranked[i + 1 :] if a["score"] - b["score"] > tie_margin
+            ]
         else:
+            duos = [(best, worst)]
+        seen = set()
+        for chosen, rejected in duos:
+            if chosen["truncated"] or (chosen["text"], rejected["text"]) in seen:
+                continue
+            seen.add((chosen["text"], rejected["text"]))
             rows.append(
                 {
                     "prompt": example.messages,
-                    "chosen": best["text"],
-                    "rejected": worst["text"],
-                    "chosen_score": best["score"],
-                    "rejected_score": worst["score"],
+                    "chosen": chosen["text"],
+                    "rejected": rejected["text"],
+                    "chosen_score": chosen["score"],
+                    "rejected_score": rejected["score"],
                 }
             )
     mean = lambda key: sum(r[key] for r in rows) / len(rows) if rows else 0.0  # noqa: E731
