@@ -738,6 +738,13 @@ class RewardConfig(StageConfig):
     UNUSED: ClassVar[dict[str, str]] = {
         "data.packing": "each answer is scored at its own last token, so rows are never packed"
     }
+    from_stage: str | None = Field(
+        None,
+        alias="from",
+        description="a policy stage (e.g. sft) whose adapter weights start this reward model's adapter, as "
+        "InstructGPT starts its reward model from the SFT model: it reads answers with what the policy learned of "
+        "the task; the scalar head starts new. That stage's adapter must have this stage's shape (adapter, lora)",
+    )
     reward: RewardOptions = Field(default_factory=RewardOptions)
 
 
@@ -1041,6 +1048,34 @@ class SampleConfig(StageConfig):
         return value
 
 
+class BestOfBaseline(_Strict):
+    """A baseline that answers n times per prompt and keeps the answer a reward scores highest: best-of-n
+    reranking, the cheap alternative to RL that an RL stage should beat (it reaches the reward's gains
+    with no training and at far less distance from its start; Gao et al. 2022)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    best_of: int = Field(..., ge=2, le=64, description="answers drawn per prompt; the best one is judged")
+    from_stage: str = Field(
+        ..., alias="from", description="who answers: a stage name, 'base', or a model or stage folder"
+    )
+    reward: RewardSpecs = Field(
+        ..., description="what picks the best answer, e.g. {type: learned, from: rm}; the first of equal scores"
+    )
+    name: str | None = Field(None, description="its name in the report; default <from>-best-of-<n>")
+
+    @field_validator("reward", mode="before")
+    @classmethod
+    def _pointwise(cls, value: Any) -> Any:
+        value = parse_reward(value, "best_of reward")
+        if any(getattr(part, "mode", None) == "pairwise" for part in reward_parts(value)):
+            raise ValueError("a best-of-n baseline scores each answer on its own: use a pointwise judge")
+        return value
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.from_stage.rstrip('/').rsplit('/', 1)[-1]}-best-of-{self.best_of}"
+
+
 class EvalConfig(StageConfig):
     """Win-rate of a policy against baselines on held-out prompts (data.eval), judged by rewards."""
 
@@ -1049,9 +1084,10 @@ class EvalConfig(StageConfig):
         None,
         description="stage name (or finished stage folder) to evaluate; none = the last training stage before this one",
     )
-    baselines: list[str] = Field(
+    baselines: list[str | BestOfBaseline] = Field(
         default_factory=lambda: ["base"],
-        description="compared with: stage names, 'base' (the recipe's model, no adapter), or model/stage folders",
+        description="compared with: stage names, 'base' (the recipe's model, no adapter), model/stage folders, or "
+        "best-of-n rerankings: {best_of: 8, from: sft, reward: {type: learned, from: rm}}",
     )
     judges: dict[str, RewardSpecs] = Field(
         ..., description="name -> reward spec ({type: rule|learned|judge, ...}); each judge gets its own win-rate table"
@@ -1091,7 +1127,19 @@ class EvalConfig(StageConfig):
             )
         if self.rollout.samples_per_prompt != 1:
             raise ValueError("eval compares one answer per prompt: rollout.samples_per_prompt must be 1")
+        names = [self.baseline_name(b) for b in self.baselines]
+        twice = sorted({n for n in names if names.count(n) > 1} | ({self.policy} & set(names)))
+        if twice:
+            raise ValueError(f"baselines: {', '.join(map(str, twice))} named twice (give a best-of baseline a name:)")
         return self
+
+    @staticmethod
+    def baseline_name(baseline: str | BestOfBaseline) -> str:
+        return baseline if isinstance(baseline, str) else baseline.label
+
+    def baseline_sources(self) -> list[str]:
+        """The stage, 'base' or folder that answers for each baseline (a best-of baseline's `from`)."""
+        return [b if isinstance(b, str) else b.from_stage for b in self.baselines]
 
 
 SHARED_SECTIONS = [name for name in StageConfig.model_fields if name != "kind"]
@@ -1103,6 +1151,8 @@ def stage_references(config: StageConfig) -> list[tuple[str, str]]:
     specs = reward_parts(reward)
     for judge in (getattr(config, "judges", None) or {}).values():
         specs += reward_parts(judge)
+    for baseline in getattr(config, "baselines", None) or []:
+        specs += [] if isinstance(baseline, str) else reward_parts(baseline.reward)
     for monitor in getattr(getattr(config, "monitor", None), "rewards", {}).values():
         specs += reward_parts(monitor)
     found = [("from", config.from_stage)] if getattr(config, "from_stage", None) else []

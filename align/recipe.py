@@ -73,7 +73,7 @@ class Recipe(_Strict):
             self._read_pairs_of(config, stage)
         if isinstance(config, EvalConfig):
             trained = [s for s in earlier if self.stage_kind(s) in POLICY_KINDS]
-            for key, name in [("policy", config.policy)] + [("baselines", b) for b in config.baselines]:
+            for key, name in [("policy", config.policy)] + [("baselines", b) for b in config.baseline_sources()]:
                 if name is not None and name in self.stages and name not in earlier:
                     raise RecipeError(f"{self._where()}, stage '{stage}': {key}: {name} is not an earlier stage")
                 if name in earlier and self.stage_kind(name) not in POLICY_KINDS:
@@ -110,7 +110,7 @@ class Recipe(_Strict):
         config = self.resolve(stage)
         names = [source for _, source in stage_references(config)]
         if isinstance(config, EvalConfig):
-            names += [n for n in [config.policy, *config.baselines] if n in self.stages]
+            names += [n for n in [config.policy, *config.baseline_sources()] if n in self.stages]
         return list(dict.fromkeys(names))
 
     def validate_all(self) -> dict[str, StageConfig]:

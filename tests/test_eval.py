@@ -307,6 +307,74 @@ def test_a_recipe_eval_stage_matches_the_standalone_command(standalone_runs, tin
     assert again.exit_code != 0 and "already holds a run" in str(again.exception)
 
 
+def test_a_best_of_n_baseline_keeps_the_answer_its_reward_likes(standalone_runs, tiny_llama, prompts, tmp_path):
+    """The yes/no policy against the best of 4 of its own answers picked by 'contains yes': the picked
+    answers say yes where any draw did, so the policy (yes about half the time) wins none and loses
+    where it said no; the report says what was drawn and picked."""
+    from typer.testing import CliRunner
+
+    from align.cli import app
+
+    stage, _ = standalone_runs
+    yes = {"type": "rule", "name": "contains_marker", "marker": "yes"}
+    recipe = tmp_path / "eval.yaml"
+    eval_stage = {
+        "policy": str(stage.resolve()),
+        "baselines": [{"best_of": 4, "from": str(stage.resolve()), "reward": yes}],
+        "judges": {"yes": yes},
+        "data": {"eval": str(prompts), "max_eval_rows": 8},
+        "rollout": {"engine": "hf", "temperature": 1.0, "max_new_tokens": 4},
+    }
+    model = {"name": str(tiny_llama), "precision": "fp32", "attn_implementation": "eager"}
+    recipe.write_text(yaml.safe_dump({"name": "tiny-eval", "model": model, "stages": {"eval": eval_stage}}))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["eval", "--recipe", str(recipe), "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    [picked] = report["baselines"]
+    assert picked["name"] == "sft-best-of-4" and picked["best_of"] == 4 and picked["picked_by"]["marker"] == "yes"
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    said_yes = ["yes" in s["baselines"]["sft-best-of-4"] for s in samples]
+    assert picked["picked_reward_mean"] == sum(said_yes) / len(said_yes) == 1.0  # P(4 draws all no) = 1/16
+    assert 0.2 < picked["drawn_reward_mean"] < 0.8  # the draws themselves: yes about half the time
+    [row] = report["results"]
+    assert row["wins"] == 0 and row["losses"] == sum("yes" not in s["policy"] for s in samples) > 0
+    assert "the best of 4 answers of" in picked["description"]
+
+
+def test_a_best_of_n_baseline_reads_its_stages_and_is_named_once():
+    from align.config import EvalConfig
+    from align.recipe import recipe_from_dict
+
+    judges = {"yes": {"type": "rule", "name": "contains_marker", "marker": "yes"}}
+    best = {"best_of": 8, "from": "sft", "reward": {"type": "learned", "from": "rm"}}
+    recipe = recipe_from_dict(
+        {
+            "name": "r",
+            "stages": {
+                "sft": {"data": {"train": "a.jsonl"}},
+                "rm": {"data": {"train": "p.jsonl"}},
+                "eval": {"policy": "sft", "baselines": ["base", best], "judges": judges, "data": {"eval": "e.jsonl"}},
+            },
+        }
+    )
+    assert sorted(recipe.dependencies("eval")) == ["rm", "sft"]
+    with pytest.raises(ValueError, match="sft-best-of-8 named twice"):
+        EvalConfig(judges=judges, data={"eval": "e.jsonl"}, baselines=[best, best])
+    with pytest.raises(ValueError, match="greater than or equal to 2"):
+        EvalConfig(judges=judges, data={"eval": "e.jsonl"}, baselines=[{**best, "best_of": 1}])
+    with pytest.raises(ValueError, match="rm is a dpo stage|is not an earlier stage|names no earlier stage"):
+        recipe_from_dict(
+            {
+                "name": "r",
+                "stages": {
+                    "sft": {"data": {"train": "a.jsonl"}},
+                    "eval": {"policy": "sft", "baselines": [best], "judges": judges, "data": {"eval": "e.jsonl"}},
+                },
+            }
+        ).resolve("eval")
+
+
 def test_an_unfinished_policy_stops_before_anything_is_generated(tmp_path, prompts):
     unfinished = tmp_path / "sft"
     (unfinished / "checkpoints" / "checkpoint-2").mkdir(parents=True)

@@ -464,6 +464,8 @@ def test_monitors_raise_the_alarm_when_the_proxy_works_against_them_and_keep_the
     assert [r["step"] for r in rows if "held_out/no" in r] == [2, 4]
     assert rows[-1]["held_out/no"] == end["no"]  # the last step's measurement is the end
     assert (last / "overoptimization.png").stat().st_size > 10_000  # proxy and monitor against the step
+    # the proxy orders answers the opposite way to the monitor: an answer it pays for is one the monitor does not
+    assert manifest["proxy_agreement"]["end"]["proxy_agrees/no"] <= 0.1 and "held_out/proxy_agrees/no" in rows[-1]
     monitor = manifest["monitor"]
     assert (
         monitor["best_step"] == 0
@@ -483,7 +485,9 @@ def test_monitors_raise_the_alarm_when_the_proxy_works_against_them_and_keep_the
     # an honest monitor pays for what the proxy pays for: no alarm, its best is the last step, and the output
     # is what it would be without a monitor
     honest = _monitored_grpo(tmp_path, yes_no_model, "honest", {"rewards": {"yes": YES}, "every": 2})
-    monitor = json.loads((honest / "manifest.json").read_text())["monitor"]
+    manifest = json.loads((honest / "manifest.json").read_text())
+    monitor = manifest["monitor"]
+    assert manifest["proxy_agreement"]["end"]["proxy_agrees/yes"] >= 0.9
     assert monitor["hacking"] is None and monitor["best_step"] == monitor["selected_step"] == 4, monitor
     assert _adapter(plain) == _adapter(honest)
 

@@ -93,6 +93,74 @@ def toy_rm(tmp_path_factory, tiny_llama):
     return train_toy(tmp_path_factory.mktemp("rm"), tiny_llama)
 
 
+def test_a_reward_model_started_from_a_policy_reads_answers_as_that_policy_does(tmp_path, tiny_llama, tokenizer):
+    """rm from: sft - the reward model's adapter starts as the SFT adapter (InstructGPT's RM starts from
+    the SFT model): before any step its backbone's hidden states are the SFT policy's, exactly; the
+    trained stage records where it started; an adapter of another shape is refused by name."""
+    from align.config import RecipeError
+    from align.models.adapters import add_adapter, start_from_adapter
+    from align.models.reward import load_reward_base
+    from align.models.trained import load_trained
+    from align.stages.sft import run_sft
+
+    answers = write_jsonl(
+        tmp_path / "sft.jsonl", [{"prompt": f"Say {i}.", "completion": f"{i} it is."} for i in range(8)]
+    )
+    recipe = load_recipe(tiny_recipe(tmp_path / "sft.yaml", tiny_llama, str(answers)))
+    sft = run_sft(recipe.resolve("sft"), tmp_path / "sft", recipe_name="tiny")
+    cfg = recipe.resolve("sft")
+    rm = add_adapter(
+        load_reward_base(cfg.model, cfg.quantization, "fp32", tiny_llama),
+        cfg.adapter,
+        cfg.lora,
+        False,
+        False,
+        task_type="SEQ_CLS",
+    )
+    assert start_from_adapter(rm, sft / "adapter") > 0
+    policy, _ = load_trained(sft, precision="fp32")
+    ids = torch.tensor([tokenizer.encode("3 it is.")])
+    with torch.no_grad():
+        ours = rm.base_model.model.model(input_ids=ids).last_hidden_state
+        theirs = policy.base_model.model.model(input_ids=ids).last_hidden_state
+        fresh = (
+            add_adapter(
+                load_reward_base(cfg.model, cfg.quantization, "fp32", tiny_llama),
+                cfg.adapter,
+                cfg.lora,
+                False,
+                False,
+                task_type="SEQ_CLS",
+            )
+            .base_model.model.model(input_ids=ids)
+            .last_hidden_state
+        )
+    assert torch.equal(ours, theirs) and not torch.allclose(fresh, theirs)  # the SFT adapter moved it; we copied it
+
+    wider = add_adapter(
+        load_reward_base(cfg.model, cfg.quantization, "fp32", tiny_llama),
+        cfg.adapter,
+        cfg.lora.model_copy(update={"r": 8}),
+        False,
+        False,
+        task_type="SEQ_CLS",
+    )
+    with pytest.raises(RecipeError, match="cannot start this one - they differ in r"):
+        start_from_adapter(wider, sft / "adapter")
+
+    out = train_toy(tmp_path, tiny_llama, steps=2, **{"lora.r": 4, "lora.alpha": 8})
+    assert json.loads((out / "manifest.json").read_text())["from_stage"] is None
+    started = run_reward(
+        load_recipe(
+            tiny_recipe(tmp_path / "rm.yaml", tiny_llama, str(tmp_path / "train.jsonl"), stages={"reward": {}})
+        ).resolve("reward", ["train.max_steps=2"]),
+        tmp_path / "rm-from-sft",
+        recipe_name="tiny",
+        from_dir=sft,
+    )
+    assert json.loads((started / "manifest.json").read_text())["from_stage"] == str(sft)
+
+
 def test_toy_preference_accuracy_rises_and_report_has_the_probes(toy_rm):
     manifest = json.loads((toy_rm / "manifest.json").read_text())
     held_out = manifest["held_out"]

@@ -6,6 +6,7 @@ import math
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 
 from align.config import AdapterConfig, LoraConfig, RecipeError
@@ -127,6 +128,49 @@ def add_adapter(
         raise RecipeError(
             f"adapter ({adapter.method}, target_modules={adapter.target_modules}, options={adapter.options}): {exc}"
         ) from None
+
+
+def start_from_adapter(model, adapter_dir: Path) -> int:
+    """Copy a saved adapter's weights into ``model``'s fresh adapter of the same shape, by module name:
+    a reward model (SEQ_CLS) started from a policy's adapter (CAUSAL_LM) of the same base, whose
+    layers are named alike; what the saved adapter lacks (the new scalar head) stays as it was.
+    peft loads an adapter only into a model of its own task, so the weights are copied here.
+    Returns how many tensors were copied; an adapter of another shape is an error naming both."""
+    import json
+
+    from safetensors.torch import load_file
+
+    saved_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    mine = model.peft_config["default"].to_dict()
+
+    def shape(config: dict) -> tuple:
+        modules = config.get("target_modules") or []
+        return (
+            str(config.get("peft_type")).rsplit(".", 1)[-1],  # "LORA" saved, PeftType.LORA in memory
+            config.get("r"),
+            config.get("lora_alpha"),
+            modules if isinstance(modules, str) else tuple(sorted(modules)),
+        )
+
+    theirs, ours = shape(saved_config), shape(mine)
+    if theirs != ours:
+        differ = [name for name, a, b in zip(("type", "r", "alpha", "target modules"), theirs, ours) if a != b]
+        raise RecipeError(
+            f"{adapter_dir}: its adapter cannot start this one - they differ in {', '.join(differ)} "
+            f"({', '.join(f'{theirs[i]} vs {ours[i]}' for i in range(3) if theirs[i] != ours[i]) or 'modules'}); "
+            "give this stage the adapter and lora sections of the stage it starts from"
+        )
+    saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    # By hand: peft's set_peft_model_state_dict insists on the task's modules_to_save (the head), which a
+    # policy's adapter does not have. Saved names are the parameter names without the adapter's name.
+    params = {name.replace(".default.", "."): p for name, p in model.named_parameters() if ".default." in name}
+    unmatched = sorted(set(saved) - set(params))
+    if unmatched:
+        raise RecipeError(f"{adapter_dir}: {len(unmatched)} weights match no layer of this model, e.g. {unmatched[0]}")
+    with torch.no_grad():
+        for name, value in saved.items():
+            params[name].copy_(value.to(params[name].dtype))
+    return len(saved)
 
 
 def load_adapter_for_training(

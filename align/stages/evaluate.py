@@ -3,7 +3,8 @@
 1. check   - prompts of every held-out set (row reports), judges and every model folder, before
              any model loads
 2. sample  - one answer per prompt from the policy and from each baseline, all with the same
-             sampling settings and seed, one model in memory at a time (every set's prompts at once)
+             sampling settings and seed, one model in memory at a time (every set's prompts at once);
+             a best-of-n baseline draws n answers per prompt and keeps the one its reward scores highest
 3. judge   - per judge and baseline, prompt by prompt: a pairwise LLM judge reads both answers in
              both orders (P(policy better), position bias); any other reward scores both answers
              and the higher score wins (differences within tie_margin are ties)
@@ -21,13 +22,14 @@ import gc
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from align.artifacts import stage_folder, write_atomic, write_manifest
-from align.config import DataConfig, EvalConfig, RecipeError, reward_parts
+from align.config import BestOfBaseline, DataConfig, EvalConfig, RecipeError, reward_parts
 from align.console import console, print_plan
 from align.data.loading import DataError
 from align.data.prompt_data import PromptExample, concatenate, encode_prompt_files
@@ -50,6 +52,8 @@ class Contestant:
     folder: Path
     description: str
     is_base: bool = False  # the recipe's model itself, loaded as the stages load their base
+    best_of: int = 1  # answers drawn per prompt; the one ``reward`` scores highest is kept
+    reward: Any = None
 
 
 def plan(cfg: EvalConfig, tokenizer) -> tuple[str, str]:
@@ -57,7 +61,8 @@ def plan(cfg: EvalConfig, tokenizer) -> tuple[str, str]:
     sets = held_out_sets(cfg.data, tokenizer)
     n = sum(len(prompts) for prompts, _ in sets.values())
     named = f" in {len(sets)} sets" if len(sets) > 1 else ""
-    return f"{n} prompts{named}", f"{n} answers x {1 + len(cfg.baselines)} models"
+    draws = 1 + sum(1 if isinstance(b, str) else b.best_of for b in cfg.baselines)
+    return f"{n} prompts{named}", f"{n} answers x {draws} draws ({1 + len(cfg.baselines)} models)"
 
 
 def run_eval(
@@ -83,10 +88,13 @@ def run_eval(
     stage_dirs = referenced_dirs(cfg, recipe_name)
     for name, spec in cfg.judges.items():
         check_judge(name, spec, stage_dirs, prompts)
+    for baseline in cfg.baselines:
+        if isinstance(baseline, BestOfBaseline):
+            check_judge(baseline.label, baseline.reward, stage_dirs, prompts)
     if cfg.policy is None:
         raise RecipeError("eval: no policy to evaluate (set policy: <stage or folder>)")
     policy = locate(cfg.policy, cfg, recipe_name, base_path)
-    baselines = [locate(name, cfg, recipe_name, base_path) for name in cfg.baselines]
+    baselines = [contestant(baseline, cfg, recipe_name, base_path) for baseline in cfg.baselines]
     contestants = [policy, *baselines]
     check_distinct(contestants)
     prepare_output(process_state(), output_dir, cfg, overwrite, resume, together=False)
@@ -119,11 +127,11 @@ def run_eval(
         stop=tuple(r.stop),
         seed=cfg.seed,
     )
-    answers, engines, fidelity = {}, {}, {}
-    for contestant in contestants:
-        answers[contestant.name], engines[contestant.name], fidelity[contestant.name] = generate(
-            contestant, cfg, prompts, settings, precision
-        )
+    answers, engines, fidelity, picked = {}, {}, {}, {}
+    for who in contestants:
+        answers[who.name], engines[who.name], fidelity[who.name] = generate(who, cfg, prompts, settings, precision)
+        if who.best_of > 1:
+            answers[who.name], picked[who.name] = best_answers(who, answers[who.name], prompts, stage_dirs, cfg)
     mine = answers[policy.name]
 
     # 3. Judge the policy's answer against each baseline's, prompt by prompt.
@@ -191,6 +199,7 @@ def run_eval(
             "description": c.description,
             "engine": engines[c.name],
             "engine_trainer_mismatch": fidelity[c.name],
+            **({"best_of": c.best_of, "picked_by": _written(c.reward), **picked[c.name]} if c.best_of > 1 else {}),
         }
         for c in contestants
     }
@@ -338,12 +347,60 @@ def locate(name: str, cfg: EvalConfig, recipe_name: str, base_path: Path) -> Con
     )
 
 
+def contestant(baseline: str | BestOfBaseline, cfg: EvalConfig, recipe_name: str, base_path: Path) -> Contestant:
+    """A baseline as run_eval compares it: a stage, folder or the base, or best-of-n answers of one."""
+    if isinstance(baseline, str):
+        return locate(baseline, cfg, recipe_name, base_path)
+    source = locate(baseline.from_stage, cfg, recipe_name, base_path)
+    return Contestant(
+        baseline.label,
+        source.folder,
+        f"the best of {baseline.best_of} answers of {source.name} by {spec_text(baseline.reward)} "
+        f"({source.description})",
+        is_base=source.is_base,
+        best_of=baseline.best_of,
+        reward=baseline.reward,
+    )
+
+
+def best_answers(
+    who: Contestant, drawn: list[Rollout], prompts: list[PromptExample], stage_dirs: dict[str, Path], cfg: EvalConfig
+) -> tuple[list[Rollout], dict]:
+    """Per prompt, the answer of ``drawn`` (best_of per prompt) that who.reward scores highest (the first
+    of equals: draws are i.i.d.), in prompt order; and what the picking did: the reward's mean over the
+    picked answers and over every draw."""
+    from reward_models import build_reward
+
+    reward = build_reward(who.reward, stage_dirs, cfg.model.trust_remote_code)
+    console.print(f"{who.name}: picking the best of {who.best_of} answers per prompt by {getattr(reward, 'name', '')}")
+    values = score(reward, prompts, drawn).tolist()
+    del reward
+    free_memory()
+    best: dict[int, tuple[float, Rollout]] = {}
+    for rollout, value in zip(drawn, values):
+        if rollout.prompt_index not in best or value > best[rollout.prompt_index][0]:
+            best[rollout.prompt_index] = (value, rollout)
+    if sorted(best) != list(range(len(prompts))):
+        raise RuntimeError(f"{who.name}: the engine answered {len(best)} of {len(prompts)} prompts")
+    kept = [best[i] for i in range(len(prompts))]
+    return [rollout for _, rollout in kept], {
+        "picked_reward_mean": sum(v for v, _ in kept) / len(kept),
+        "drawn_reward_mean": sum(values) / len(values),
+    }
+
+
 def check_distinct(contestants: list[Contestant]) -> None:
     """Two names for one model (a baseline folder that is the base, a stage named twice) would be a
-    comparison with itself: half ties, half coin flips, and no error to say why."""
-    seen: dict[Path, str] = {}
+    comparison with itself: half ties, half coin flips, and no error to say why. A best-of-n baseline
+    of a model is another contestant than the model."""
+    seen: dict[tuple, str] = {}
     for contestant in contestants:
-        other = seen.setdefault(contestant.folder.resolve(), contestant.name)
+        key = (
+            contestant.folder.resolve(),
+            contestant.best_of,
+            spec_text(contestant.reward) if contestant.reward else "",
+        )
+        other = seen.setdefault(key, contestant.name)
         if other != contestant.name:
             raise RecipeError(
                 f"eval: {other} and {contestant.name} are the same model ({contestant.folder}); compare different ones"
@@ -382,7 +439,7 @@ def check_judge(name: str, spec, stage_dirs: dict[str, Path], prompts: list[Prom
 def generate(
     contestant: Contestant, cfg: EvalConfig, prompts: list[PromptExample], settings: Sampling, precision: str
 ) -> tuple[list[Rollout], str, dict | None]:
-    """(one rollout per prompt, the engine that sampled them, how far the engine's logprobs of its own
+    """(contestant.best_of rollouts per prompt, the engine that sampled them, how far the engine's logprobs of its own
     answers are from the model's as the trainer computes it); the model is freed before returning.
 
     An engine that is not the trainer's own forward (vLLM) may answer like a different model; the
@@ -399,17 +456,19 @@ def generate(
         )
     if torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":  # 4-bit bases are placed at load
         model.to("cuda")
+    settings = replace(settings, n=contestant.best_of)
     engine = rollout_engine(cfg, model, tokenizer, precision, prompts, len(prompts) * settings.n, alone=True)
     used = engine.describe()
-    console.print(f"{contestant.name}: {len(prompts)} answers from {used}")
+    console.print(f"{contestant.name}: {len(prompts) * settings.n} answers from {used}")
     try:
         rollouts = engine.generate([p.messages for p in prompts], settings)
     finally:
         engine.close()
     mismatch = None
-    if not getattr(engine, "samples_from_trainer", False):
-        trainer = score_rollouts(model, rollouts, tokenizer.pad_token_id, settings.temperature or 1.0, precision)
-        mismatch = logprob_mismatch([r.logprobs for r in rollouts], trainer)
+    if not getattr(engine, "samples_from_trainer", False):  # checked on one answer per prompt, the first drawn
+        first = list({r.prompt_index: r for r in reversed(rollouts)}.values())
+        trainer = score_rollouts(model, first, tokenizer.pad_token_id, settings.temperature or 1.0, precision)
+        mismatch = logprob_mismatch([r.logprobs for r in first], trainer)
         console.print(
             f"{contestant.name}: engine vs trainer logprobs of its answers: mean "
             f"{mismatch['logprob_mismatch_mean']:.4f}, "

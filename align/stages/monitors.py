@@ -63,6 +63,34 @@ def summary(scores: dict[str, list[float]] | None) -> dict[str, float] | None:
     return out
 
 
+def agreement(scores: dict[str, list[float]] | None) -> dict[str, float]:
+    """How often the proxy orders two held-out answers as each monitor does: over every pair of answers
+    the monitor scores differently, the share the proxy scores the same way round (a proxy tie counts
+    half), as 'proxy_agrees/<monitor>'. 0.5 is chance. It is the proxy's accuracy where the policy is
+    now: it falls when the policy finds answers the proxy overrates. Pairs are across prompts (one
+    answer each), so a prompt's difficulty is part of what the proxy must see; a monitor that scores
+    every answer alike has no entry.
+
+    >>> agreement({"proxy": [0.9, 0.1, 0.5], "exact": [1.0, 0.0, 0.0]})
+    {'proxy_agrees/exact': 1.0}
+    >>> agreement({"proxy": [0.1, 0.9, 0.9], "exact": [1.0, 0.0, 1.0]})
+    {'proxy_agrees/exact': 0.25}
+    """
+    out = {}
+    for name, values in (scores or {}).items():
+        if name == "proxy":
+            continue
+        agree = pairs = 0.0
+        for i, (mi, pi) in enumerate(zip(values, scores["proxy"])):
+            for mj, pj in zip(values[i + 1 :], scores["proxy"][i + 1 :]):
+                if mi != mj:
+                    pairs += 1
+                    agree += 0.5 if pi == pj else float((mi > mj) == (pi > pj))
+        if pairs:
+            out[f"proxy_agrees/{name}"] = agree / pairs
+    return out
+
+
 def paired_fall(now: list[float], then: list[float]) -> tuple[float, float]:
     """(mean of now - then per prompt, the upper end of its 95% interval): a fall is significant when
     the upper end is below zero.
@@ -130,7 +158,7 @@ class HeldOut:
             return None
         scores = held_out_scores(self.engine, self.rewards, self.held_out, self.cfg)
         self._last = (step, scores)
-        log.add(**{f"held_out/{key}": value for key, value in summary(scores).items()})
+        log.add(**{f"held_out/{key}": value for key, value in {**summary(scores), **agreement(scores)}.items()})
         return self._judge(step, scores)
 
     def _judge(self, step: int, scores: dict[str, list[float]]) -> str | None:
@@ -192,6 +220,7 @@ class HeldOut:
             "eval_reward_end": end["proxy"] if end else None,
             "held_out_start": start,
             "held_out_end": end,
+            "proxy_agreement": {"start": agreement(self.start), "end": agreement(self.end)} if self.primary else None,
         }
         if self.best is not None:
             record["monitor"] = {
@@ -212,8 +241,10 @@ class HeldOut:
         start, end = summary(self.start), summary(self.end)
         if not start or not end:
             return None
+        agrees = [(key.split("/", 1)[1], a, agreement(self.end).get(key)) for key, a in agreement(self.start).items()]
         return "held-out, one answer per prompt: " + ", ".join(
-            f"{name} {start[name]:.3f} -> {end[name]:.3f}" for name in self.rewards
+            [f"{name} {start[name]:.3f} -> {end[name]:.3f}" for name in self.rewards]
+            + [f"proxy orders answers as {n} does {a:.2f} -> {b:.2f}" for n, a, b in agrees if b is not None]
         )
 
 

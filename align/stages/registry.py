@@ -80,6 +80,7 @@ REGISTRY: dict[str, StageKind] = {
             "align.stages.reward:plan",
             "reward",
             "Train a Bradley-Terry reward model on prompt/chosen/rejected pairs.",
+            starts_from=True,
             stage_names=("reward",),
         ),
         StageKind(

@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
-from align.config import RewardConfig
+from align.config import RecipeError, RewardConfig
 from align.console import console, print_plan
 from align.data.loading import DataError
 from align.data.preference_data import load_pairs, pair_rows
 from align.eval.reward_quality import pair_diagnostics
 from align.losses import bradley_terry
-from align.models.adapters import add_adapter, trainable_summary
+from align.models.adapters import add_adapter, start_from_adapter, trainable_summary
 from align.models.loading import load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
 from align.models.reward import load_reward_base, pair_scores
@@ -43,6 +43,7 @@ from align.stages.common import (
     process_state,
     resume_line,
     save_stage,
+    source_stage,
     stage_callbacks,
     steps_line,
     total_steps,
@@ -130,6 +131,7 @@ def run_reward(
     overwrite: bool = False,
     resume: bool = False,
     provenance: dict | None = None,
+    from_dir: str | Path | None = None,
 ) -> Path:
     from transformers import set_seed
 
@@ -145,6 +147,9 @@ def run_reward(
     if cfg.reward.margin and any(p.margin is None for p in train_pairs + eval_pairs):
         raise DataError("reward.margin is on, but some pairs have no numeric 'margin' field")
     steps = total_steps(cfg, len(train_pairs), state.num_processes)
+    source = source_stage(cfg, recipe_name, from_dir)
+    if source and cfg.adapter.method == "full":
+        raise RecipeError(f"rm: from {source} starts an adapter; adapter.method=full trains the whole model instead")
 
     # 2. Model: base + scalar head; the adapter's task is SEQ_CLS so peft trains and saves the head.
     set_seed(cfg.seed)
@@ -156,6 +161,8 @@ def run_reward(
     model = add_adapter(
         model, cfg.adapter, cfg.lora, quantized, cfg.train.gradient_checkpointing, steps, task_type="SEQ_CLS"
     )
+    if source:  # before any step; a resumed run then loads its checkpoint's weights over these
+        copied = start_from_adapter(model, source / "adapter")
     model.config.use_cache = False
     trainable, total = trainable_summary(model)
     collator, layout = pair_layout(cfg, model, tokenizer.pad_token_id)
@@ -168,7 +175,8 @@ def run_reward(
             {
                 "model": f"{cfg.model.name} ({model_path}) + scalar head, scored at the last real token",
                 "batches": layout,
-                "adapter": adapter_line(cfg, quantized, precision, trainable, total),
+                "adapter": adapter_line(cfg, quantized, precision, trainable, total)
+                + (f"; starts from {source}'s adapter ({copied} tensors), the head new" if source else ""),
                 "loss": "Bradley-Terry"
                 + (" with margins" if cfg.reward.margin else "")
                 + (f", centering {cfg.reward.center_coef}" if cfg.reward.center_coef else "")
@@ -218,6 +226,7 @@ def run_reward(
             kind="rm",
             recipe=recipe_name,
             base_model=cfg.model.name,
+            from_stage=str(source) if source else None,
             base_model_path=str(model_path),
             precision=precision,
             quantization=cfg.quantization.mode if quantized else "none",
