@@ -109,42 +109,24 @@ def test_a_reward_model_started_from_a_policy_reads_answers_as_that_policy_does(
     recipe = load_recipe(tiny_recipe(tmp_path / "sft.yaml", tiny_llama, str(answers)))
     sft = run_sft(recipe.resolve("sft"), tmp_path / "sft", recipe_name="tiny")
     cfg = recipe.resolve("sft")
-    rm = add_adapter(
+    head_model = lambda lora: add_adapter(  # noqa: E731  a fresh reward model: base, scalar head, new adapter
         load_reward_base(cfg.model, cfg.quantization, "fp32", tiny_llama),
         cfg.adapter,
-        cfg.lora,
+        lora,
         False,
         False,
         task_type="SEQ_CLS",
     )
+    rm = head_model(cfg.lora)
     assert start_from_adapter(rm, sft / "adapter") > 0
     policy, _ = load_trained(sft, precision="fp32")
     ids = torch.tensor([tokenizer.encode("3 it is.")])
+    hidden = lambda model: model.base_model.model.model(input_ids=ids).last_hidden_state  # noqa: E731
     with torch.no_grad():
-        ours = rm.base_model.model.model(input_ids=ids).last_hidden_state
-        theirs = policy.base_model.model.model(input_ids=ids).last_hidden_state
-        fresh = (
-            add_adapter(
-                load_reward_base(cfg.model, cfg.quantization, "fp32", tiny_llama),
-                cfg.adapter,
-                cfg.lora,
-                False,
-                False,
-                task_type="SEQ_CLS",
-            )
-            .base_model.model.model(input_ids=ids)
-            .last_hidden_state
-        )
+        ours, theirs, fresh = hidden(rm), hidden(policy), hidden(head_model(cfg.lora))
     assert torch.equal(ours, theirs) and not torch.allclose(fresh, theirs)  # the SFT adapter moved it; we copied it
 
-    wider = add_adapter(
-        load_reward_base(cfg.model, cfg.quantization, "fp32", tiny_llama),
-        cfg.adapter,
-        cfg.lora.model_copy(update={"r": 8}),
-        False,
-        False,
-        task_type="SEQ_CLS",
-    )
+    wider = head_model(cfg.lora.model_copy(update={"r": 8}))
     with pytest.raises(RecipeError, match="cannot start this one - they differ in r"):
         start_from_adapter(wider, sft / "adapter")
 
