@@ -476,6 +476,11 @@ def reward_parts(spec: Any) -> list:
     return [] if spec is None else list(spec) if isinstance(spec, list) else [spec]
 
 
+def has_pairwise(spec: Any) -> bool:
+    """Whether any part of a reward is a pairwise judge (it compares two answers; it cannot score one)."""
+    return any(getattr(part, "mode", None) == "pairwise" for part in reward_parts(spec))
+
+
 class CheckupConfig(_Strict):
     prompts: list[str] = Field(
         default_factory=list,
@@ -1043,7 +1048,7 @@ class SampleConfig(StageConfig):
     @classmethod
     def _reward_shape(cls, value: Any) -> Any:
         value = parse_reward(value)
-        if any(getattr(part, "mode", None) == "pairwise" for part in reward_parts(value)):
+        if has_pairwise(value):
             raise ValueError("a sample stage scores each answer on its own: use a pointwise judge (mode: pointwise)")
         return value
 
@@ -1067,7 +1072,7 @@ class BestOfBaseline(_Strict):
     @classmethod
     def _pointwise(cls, value: Any) -> Any:
         value = parse_reward(value, "best_of reward")
-        if any(getattr(part, "mode", None) == "pairwise" for part in reward_parts(value)):
+        if has_pairwise(value):
             raise ValueError("a best-of-n baseline scores each answer on its own: use a pointwise judge")
         return value
 
@@ -1113,7 +1118,7 @@ class EvalConfig(StageConfig):
             raise ValueError(f"judges is a mapping of name -> reward spec, got {value!r}")
         judges = {name: parse_reward(spec, f"judges.{name}") for name, spec in value.items()}
         for name, spec in judges.items():
-            if isinstance(spec, list) and any(getattr(part, "mode", None) == "pairwise" for part in spec):
+            if isinstance(spec, list) and has_pairwise(spec):
                 raise ValueError(
                     f"judge '{name}': a pairwise judge compares two answers itself; it cannot be part of a weighted sum"
                 )

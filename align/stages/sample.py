@@ -187,10 +187,7 @@ def make_pairs(
         if best["score"] - worst["score"] <= tie_margin:
             ties += 1
             continue
-        if best["truncated"]:
-            cut += 1
-            if not every_pair:
-                continue
+        cut += best["truncated"]  # a cut-off answer is never chosen (below), so best-vs-worst gives no pair
         if every_pair:
             ranked = sorted(mine, key=lambda a: -a["score"])  # stable: equal scores keep their sampling order
             duos = [
