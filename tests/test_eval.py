@@ -463,6 +463,15 @@ def test_console_table_fits_80_columns_with_judges_and_baselines_named_by_path(m
     )  # one line per row, no wrapping
 
 
+def test_the_engine_check_rescores_the_first_answer_of_prompts_spread_over_every_set():
+    import doctest
+
+    import align.stages.evaluate
+
+    result = doctest.testmod(align.stages.evaluate)
+    assert result.attempted > 0 and result.failed == 0
+
+
 def test_the_report_states_each_models_engine_trainer_mismatch(tmp_path, prompts, yes_no_model, monkeypatch):
     """An engine that is not the trainer's forward (here: the hf engine reporting logprobs 0.3 too
     low, as a mismatched vLLM kernel would) is measured against the trainer on its own answers."""
@@ -488,6 +497,7 @@ def test_the_report_states_each_models_engine_trainer_mismatch(tmp_path, prompts
     report = json.loads((out / "report.json").read_text())
     for model in [report["policy"], *report["baselines"]]:
         assert model["engine_trainer_mismatch"]["logprob_mismatch_mean"] == pytest.approx(0.3, abs=1e-4)
+        assert model["engine_trainer_mismatch"]["answers"] == 8  # the first answer of each of the 8 prompts
     assert "engine vs trainer logprobs: mean 0.3000" in (out / "report.md").read_text()
     monkeypatch.setattr(evaluate, "rollout_engine", real)
     plain = json.loads((evaluate.run_eval(cfg, tmp_path / "plain") / "report.json").read_text())

@@ -322,12 +322,13 @@ def two_processes_and_one(tmp_path, kind: str, recipe: Path, run_one, monkeypatc
     seeded = namespace["seeded_by_prompt"](HFEngine.generate_ids, tmp_path / "one-rows")
     monkeypatch.setattr(HFEngine, "generate_ids", seeded)
     run_one(load_recipe(recipe).resolve(kind), runs["one"], recipe_name="tiny")
-    # each process answered its own half of every step's prompts; together the one process's prompts
+    # each process answered its own share of every call's prompts (a step's half, every other held-out prompt);
+    # together the one process's prompts
     read = lambda path: [json.loads(line) for line in path.read_text().splitlines()]  # noqa: E731
     answered = {rank: read(tmp_path / "two-rows" / f"rank{rank}.jsonl") for rank in (0, 1)}
     for step, whole in enumerate(read(tmp_path / "one-rows" / "rank0.jsonl")):
         first, second = answered[0][step]["prompts"], answered[1][step]["prompts"]
-        assert first + second == whole["prompts"] and first != second
+        assert sorted(map(str, first + second)) == sorted(map(str, whole["prompts"])) and first != second
     # the same samples and rewards, gathered in the one process's order
     assert (runs["two"] / "rollouts.jsonl").read_text() == (runs["one"] / "rollouts.jsonl").read_text()
     return runs
@@ -366,14 +367,27 @@ def test_grpo_under_torchrun_equals_one_process(tmp_path, yes_no_model, monkeypa
     """torchrun with 2 processes (gloo): each answers half of a step's prompts with its own engine, and the
     run equals one process on the same samples - the same adapter after 2 steps and the same logged
     numbers - with one minibatch a step (the fused old-logprob path) and with 4 (rows of both processes
-    mixed in a minibatch, the denominators the whole minibatch's)."""
+    mixed in a minibatch, the denominators the whole minibatch's). The monitors' held-out measurements (5
+    prompts spread unevenly over the processes) give the same numbers, per prompt, as in one process."""
     prompts = [{"prompt": f"Pick one. ({i})"} for i in range(16)]  # distinct: the two shares differ
-    stage = {"rollout": {"prompts_per_step": 4, "samples_per_prompt": 4}, "train": {"max_steps": 2, "batch_size": 4}}
+    stage = {
+        "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4},
+        "train": {"max_steps": 2, "batch_size": 4, "save_steps": 1},
+        "data": {"eval_rows": 5},
+        "monitor": {"rewards": {"no": NO}, "every": 1, "select": "last"},  # the output: the trained adapter
+    }
     if minibatch:
         stage["grpo"] = {"minibatch_size": minibatch}
     recipe = grpo_recipe(tmp_path, yes_no_model, prompts, **stage)
     runs = two_processes_and_one(tmp_path, "grpo", recipe, run_grpo, monkeypatch)
-    assert_same_training(runs, ("reward_mean", "reward_std", "completion_length", "loss", "grad_norm"))
+    held_out = ("held_out/proxy", "held_out/no", "held_out/proxy_agrees/no")
+    assert_same_training(runs, ("reward_mean", "reward_std", "completion_length", "loss", "grad_norm", *held_out))
+    manifests = {n: json.loads((runs[n] / "manifest.json").read_text()) for n in runs}
+    for key in ("held_out_start", "held_out_end", "monitor", "proxy_agreement"):
+        assert manifests["two"][key] == manifests["one"][key], key
+    # the per-prompt scores a checkpoint keeps (the start's, and the best's) are in the prompts' order in both
+    states = {n: json.loads((runs[n] / "checkpoints" / "checkpoint-1" / "loop_state.json").read_text()) for n in runs}
+    assert states["two"]["held_out"] == states["one"]["held_out"] and len(states["one"]["held_out"]["start"]["no"]) == 5
 
 
 @pytest.mark.heavy

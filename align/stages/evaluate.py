@@ -465,18 +465,39 @@ def generate(
     finally:
         engine.close()
     mismatch = None
-    if not getattr(engine, "samples_from_trainer", False):  # checked on one answer per prompt, the first drawn
-        first = list({r.prompt_index: r for r in reversed(rollouts)}.values())
-        trainer = score_rollouts(model, first, tokenizer.pad_token_id, settings.temperature or 1.0, precision)
-        mismatch = logprob_mismatch([r.logprobs for r in first], trainer)
+    if not getattr(engine, "samples_from_trainer", False):
+        checked = fidelity_sample(rollouts)
+        trainer = score_rollouts(model, checked, tokenizer.pad_token_id, settings.temperature or 1.0, precision)
+        mismatch = {**logprob_mismatch([r.logprobs for r in checked], trainer), "answers": len(checked)}
         console.print(
-            f"{contestant.name}: engine vs trainer logprobs of its answers: mean "
+            f"{contestant.name}: engine vs trainer logprobs of {len(checked)} of its answers: mean "
             f"{mismatch['logprob_mismatch_mean']:.4f}, "
             f"max {mismatch['logprob_mismatch_max']:.3f} per token"
         )
     del engine, model
     free_memory()
     return rollouts, used, mismatch
+
+
+FIDELITY_ANSWERS = 32
+
+
+def fidelity_sample(rollouts: list[Rollout], most: int = FIDELITY_ANSWERS) -> list[Rollout]:
+    """The answers the trainer rescores to check the engine: the first drawn for each prompt, at most
+    ``most`` of them spread evenly over the prompts (so every named set is in it). ~1,000 tokens
+    measure a mean per-token mismatch well; rescoring every answer cost as much as drawing them.
+
+    >>> from align.rollout.engine import Rollout
+    >>> drawn = [Rollout(i // 2, [], [1], [0.0], "stop", "") for i in range(20)]  # 10 prompts x 2 answers
+    >>> [(r.prompt_index, drawn.index(r)) for r in fidelity_sample(drawn, most=4)]
+    [(0, 0), (2, 4), (5, 10), (7, 14)]
+    >>> len(fidelity_sample(drawn)) == 10
+    True
+    """
+    first = list({r.prompt_index: r for r in reversed(rollouts)}.values())[::-1]
+    if len(first) <= most:
+        return first
+    return [first[i * len(first) // most] for i in range(most)]
 
 
 def spec_text(spec) -> str:

@@ -31,7 +31,7 @@ import torch
 from align.console import console
 from align.data.prompt_data import PromptExample
 from align.stages.online import sampling, score
-from align.stages.ranks import gathered, spread
+from align.stages.ranks import spread, unspread
 
 BEST_ADAPTER_FILE = "best_adapter.safetensors"  # in RL checkpoints: the weights of the best measurement
 
@@ -45,7 +45,10 @@ def held_out_scores(engine, rewards: dict, held_out: list[PromptExample], cfg) -
     mine = spread(held_out)  # each process answers every N-th prompt; every process gets all the scores
     settings = replace(sampling(cfg, step=0), n=1, seed=cfg.seed + 12345)
     rollouts = engine.generate([p.messages for p in mine], settings)
-    return {name: gathered(score(reward, mine, rollouts).tolist() if mine else []) for name, reward in rewards.items()}
+    return {
+        name: unspread(score(reward, mine, rollouts).tolist() if mine else [], len(held_out))
+        for name, reward in rewards.items()
+    }
 
 
 def summary(scores: dict[str, list[float]] | None) -> dict[str, float] | None:

@@ -82,6 +82,18 @@ def gathered(items: list) -> list:
     return [item for part in parts for item in part]
 
 
+def unspread(mine: list, total: int) -> list:
+    """Every rank's ``spread`` share gathered back into the original order of the ``total`` items."""
+    rank, size = world()
+    if size == 1:
+        return mine
+    parts = gathered([mine])
+    out: list = [None] * total
+    for r, part in enumerate(parts):
+        out[r::size] = part
+    return out
+
+
 def gathered_rollouts(rollouts: list, prompts_per_rank: int) -> list:
     """The step's rollouts from every rank, each ``prompt_index`` renumbered into the whole step's prompts."""
     rank, _ = world()
