@@ -6,8 +6,6 @@ clear message and exit with status 2; anything else is a bug and keeps its trace
 
 from __future__ import annotations
 
-import os
-import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -118,111 +116,6 @@ for _kind in ("sft", "sample", "dpo", "orpo", "kto", "grpo", "ppo"):
     app.command(_kind)(_stage_command(_kind))
 
 
-def _option_value(text: str) -> int | float | str:
-    """A number when it reads as one, else the text (not YAML: 'yes' must stay a string)."""
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _judge_spec(text: str):
-    """rule:NAME[,key=value...] | learned:DIR | judge:MODEL (pairwise) | judge-pointwise:MODEL | remote:URL |
-    openai:MODEL | openai-pointwise:MODEL (key in OPENAI_API_KEY, base URL from OPENAI_BASE_URL if set) -> a typed
-    reward spec (align.config), checked now: a misspelt rule is a bad --judge, not a failure later."""
-    from align.config import parse_reward
-
-    kind, _, rest = text.partition(":")
-    if kind == "rule" and rest:
-        name, *options = rest.split(",")
-        pairs = [option.partition("=") for option in options]
-        if any(not sep for _, sep, _ in pairs):
-            raise typer.BadParameter(
-                f"--judge {text}: rule options are key=value, e.g. rule:contains_marker,marker=yes"
-            )
-        spec = {"type": "rule", "name": name, **{key: _option_value(value) for key, _, value in pairs}}
-    elif kind == "learned" and rest:
-        spec = {"type": "learned", "path": rest}
-    elif kind in ("judge", "judge-pointwise") and rest:
-        spec = {"type": "judge", "model": rest, "mode": "pointwise" if kind == "judge-pointwise" else "pairwise"}
-    elif kind == "remote" and rest:
-        spec = {"type": "remote", "url": rest}
-    elif kind in ("openai", "openai-pointwise") and rest:
-        mode = "pointwise" if kind == "openai-pointwise" else "pairwise"
-        spec = {"type": "openai", "model": rest, "mode": mode}
-        if os.environ.get("OPENAI_BASE_URL"):
-            spec["base_url"] = os.environ["OPENAI_BASE_URL"]
-    else:
-        raise typer.BadParameter(
-            f"--judge {text}: use rule:NAME, learned:DIR, judge:MODEL, judge-pointwise:MODEL, remote:URL, openai:MODEL "
-            "or openai-pointwise:MODEL"
-        )
-    try:
-        return parse_reward(spec, f"--judge {text}")
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from None
-
-
-def _standalone_eval(
-    policy: Path,
-    baselines: List[str],
-    prompts: List[str],
-    judges: List[str],
-    max_prompts: Optional[int],
-    max_new_tokens: Optional[int],
-    temperature: Optional[float],
-    engine: str,
-):
-    """An eval config without a recipe: the model sections are the policy stage's own (so 'base' is
-    what it was trained from), or the folder itself for a plain model folder."""
-    from align.config import EvalConfig
-    from align.models.trained import stage_config
-    from align.recipe import validate
-    from align.stages.evaluate import check_folder
-
-    if not prompts or not judges:
-        raise typer.BadParameter("align eval without --recipe needs --prompts FILE and at least one --judge")
-    judge_specs = {text: _judge_spec(text) for text in judges}  # a bad --judge first: nothing read yet
-    if check_folder(policy):
-        trained = stage_config(policy)
-        model, quantization = trained.model.model_dump(), trained.quantization.model_dump()
-    else:
-        model, quantization = {"name": str(policy)}, {"mode": "none"}
-    rollout = {
-        "engine": engine,
-        **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}),
-        **({"temperature": temperature} if temperature is not None else {}),
-    }
-    return validate(
-        EvalConfig,
-        {
-            "model": model,
-            "quantization": quantization,
-            # folders as absolute paths: a bare name would be read as a stage of a recipe
-            "policy": str(policy.resolve()),
-            "baselines": [b if b == "base" else str(Path(b).resolve()) for b in baselines or ["base"]],
-            "judges": judge_specs,
-            "data": {"eval": _prompt_sets(prompts), "max_eval_rows": max_prompts},
-            "rollout": rollout,
-        },
-        where="align eval",
-    )
-
-
-def _prompt_sets(prompts: List[str]) -> list[str] | dict[str, list[str]]:
-    """--prompts FILE (one set) or NAME=FILE (named sets, one table each); a file given without a
-    name among named ones is named by its file name."""
-    if not any("=" in p for p in prompts):
-        return list(prompts)
-    sets: dict[str, list[str]] = {}
-    for text in prompts:
-        name, _, path = text.rpartition("=")
-        sets.setdefault(name or Path(path).stem, []).append(path)
-    return sets
-
-
 @app.command("eval")
 def eval_(
     recipe: Optional[Path] = typer.Option(
@@ -283,14 +176,12 @@ def eval_(
     if overrides:
         raise typer.BadParameter(f"overrides ({' '.join(overrides)}) need --recipe")
     from align.artifacts import stage_folder
+    from align.standalone_eval import output_name, standalone_eval_config
 
-    cfg = _standalone_eval(
+    cfg = standalone_eval_config(
         policy, baseline or [], prompts or [], judge or [], max_prompts, max_new_tokens, temperature, engine
     )
-    plain = (
-        re.sub(r"[^A-Za-z0-9._-]+", "-", policy.resolve().name).strip(".-") or "policy"
-    )  # a folder name as a plain name
-    run_eval(cfg, output_dir or stage_folder("eval", plain), recipe_name="eval", overwrite=overwrite)
+    run_eval(cfg, output_dir or stage_folder("eval", output_name(policy)), recipe_name="eval", overwrite=overwrite)
 
 
 class _TrainsByDefault(TyperGroup):

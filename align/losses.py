@@ -446,3 +446,12 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     residual = returns - values
     var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
     return (1 - var_residual / var).item() if var > 0 else float("nan")
+
+
+def importance_stats(weights: torch.Tensor, truncated: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """The weights' mean, max and truncated share over completion tokens, for the step's log."""
+    return {
+        "is_weight_mean": masked_mean(weights, mask).item(),
+        "is_weight_max": weights[mask.bool()].max().item() if mask.any() else 1.0,
+        "is_truncated_fraction": masked_mean(truncated, mask).item(),
+    }

@@ -345,7 +345,7 @@ def test_an_empty_data_file_and_a_model_without_weights_are_named(tmp_path, tiny
 
 
 def test_dead_run_alarm_fires_on_zero_advantage_without_truncation():
-    from align.stages.online import DeadRunAlarm
+    from align.stages.rl_log import DeadRunAlarm
 
     alarm = DeadRunAlarm(patience=3, max_new_tokens=64)
     assert alarm.check(0.0, 0.4, zero_advantage=True) is None and alarm.check(0.1, 0.3, zero_advantage=True) is None
@@ -580,7 +580,7 @@ def test_rl_memory_check_runs_a_worst_case_micro_batch_without_a_trace(tmp_path,
     from align.data.prompt_data import load_prompts
     from align.models.loading import load_tokenizer
     from align.stages.common import BatchTooLarge
-    from align.stages.online import check_longest_rollout_batch, load_policy
+    from align.stages.rl_setup import check_longest_rollout_batch, load_policy
 
     data = write_jsonl(
         tmp_path / "p.jsonl", [{"prompt": "Hi."}, {"prompt": "A much longer question, with many more words in it?"}]

@@ -212,7 +212,7 @@ def _checkup_of(source: Path | None) -> dict | None:
 
 
 def measure(answers: list[Rollout], reward, prompts: list[PromptExample]) -> dict[str, float]:
-    from align.stages.online import score
+    from align.stages.rollouts import score
 
     stats = degeneration([a.completion_ids for a in answers], [a.truncated for a in answers])
     stats["reward"] = score(reward, prompts, answers).mean().item() if reward is not None else None

@@ -41,7 +41,7 @@ from align.models.resolve import resolve_model
 from align.rollout.engine import Rollout, Sampling
 from align.rollout.scoring import logprob_mismatch, score_rollouts
 from align.stages.common import elsewhere, prepare_output, process_state, referenced_dirs
-from align.stages.online import rollout_engine, score
+from align.stages.rollouts import rollout_engine, score
 
 
 @dataclass

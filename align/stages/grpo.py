@@ -13,7 +13,7 @@ Each step:
   6. sync      - the engine takes the new weights (verified) and the step is logged
 Before the first step, every monitor.every steps and after the last: one answer per held-out prompt,
 scored by the training reward (the proxy) and by the monitor rewards, never trained on.
-Written here rather than on TRL's GRPOTrainer/RLOOTrainer: see align/stages/online.py.
+Written here rather than on TRL's GRPOTrainer/RLOOTrainer: see align/stages/rl_setup.py.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from align.losses import (
     approx_kl,
     clipped_policy_loss,
     group_advantages,
+    importance_stats,
     kl_estimate,
     masked_mean,
     rloo_advantages,
@@ -48,27 +49,19 @@ from align.rollout.scoring import policy_outputs, rollout_batch
 from align.stages.checkup import checkup_status, raise_if_collapsed, run_checkup, with_training_alarm
 from align.stages.common import adapter_line, prepare_output, process_state, referenced_dirs, resume_line, source_stage
 from align.stages.monitors import HeldOut, build_monitors
-from align.stages.online import (
-    CollapseWatch,
-    DeadRunAlarm,
+from align.stages.ranks import barrier, share, summed, world
+from align.stages.rl_checkpoints import checkpoint_if_due, load_rl_checkpoint, save_rl_stage
+from align.stages.rl_log import CollapseWatch, DeadRunAlarm, open_step_log, sync_and_gather
+from align.stages.rl_setup import (
     check_longest_rollout_batch,
     check_shares,
-    checkpoint_if_due,
-    importance_stats,
     load_policy,
-    load_rl_checkpoint,
-    open_step_log,
     prompt_batches,
     rl_steps,
-    rollout_engine,
     sampler_logprobs,
-    sampling,
-    save_rl_stage,
-    score,
-    sync_and_gather,
 )
-from align.stages.ranks import barrier, share, summed, world
 from align.stages.rl_update import columns, minibatch_updates, rollout_logprobs, select_rows
+from align.stages.rollouts import rollout_engine, sampling, score
 
 
 @dataclass

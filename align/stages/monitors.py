@@ -30,8 +30,8 @@ import torch
 
 from align.console import console
 from align.data.prompt_data import PromptExample
-from align.stages.online import sampling, score
 from align.stages.ranks import spread, unspread
+from align.stages.rollouts import sampling, score
 
 BEST_ADAPTER_FILE = "best_adapter.safetensors"  # in RL checkpoints: the weights of the best measurement
 

@@ -53,24 +53,6 @@ from align.rollout.scoring import policy_outputs, rollout_batch
 from align.stages.checkup import checkup_status, raise_if_collapsed, run_checkup, with_training_alarm
 from align.stages.common import adapter_line, prepare_output, process_state, referenced_dirs, resume_line, source_stage
 from align.stages.monitors import HeldOut, build_monitors
-from align.stages.online import (
-    CollapseWatch,
-    DeadRunAlarm,
-    check_longest_rollout_batch,
-    check_shares,
-    checkpoint_if_due,
-    importance_weights,
-    load_policy,
-    load_rl_checkpoint,
-    open_step_log,
-    prompt_batches,
-    rl_steps,
-    rollout_engine,
-    sampling,
-    save_rl_stage,
-    score,
-    sync_and_gather,
-)
 from align.stages.ranks import (
     barrier,
     gathered,
@@ -80,7 +62,18 @@ from align.stages.ranks import (
     whole_step,
     world,
 )
+from align.stages.rl_checkpoints import checkpoint_if_due, load_rl_checkpoint, save_rl_stage
+from align.stages.rl_log import CollapseWatch, DeadRunAlarm, open_step_log, sync_and_gather
+from align.stages.rl_setup import (
+    check_longest_rollout_batch,
+    check_shares,
+    importance_weights,
+    load_policy,
+    prompt_batches,
+    rl_steps,
+)
 from align.stages.rl_update import columns, minibatch_updates, rollout_logprobs, select_rows
+from align.stages.rollouts import rollout_engine, sampling, score
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 

@@ -29,7 +29,7 @@ from align.models.loading import load_base_model, load_tokenizer, resolve_precis
 from align.models.resolve import resolve_model
 from align.rollout.engine import Sampling
 from align.stages.common import elsewhere, prepare_output, process_state, referenced_dirs, source_stage
-from align.stages.online import rollout_engine, score
+from align.stages.rollouts import rollout_engine, score
 
 CHUNK_PROMPTS = 32  # prompts per saved chunk: what a killed run can lose
 
