@@ -403,7 +403,7 @@ def test_remove_orphans_spares_live_unknown_and_foreign_folders(tmp_path):
     import os
     import subprocess
 
-    from align.rollout.vllm import OWNER_FILE, _pid_namespace, _start_time, remove_orphans
+    from align.rollout.scratch import OWNER_FILE, pid_namespace, remove_orphans, start_time
 
     def folder(name, owner):
         path = tmp_path / name
@@ -416,13 +416,13 @@ def test_remove_orphans_spares_live_unknown_and_foreign_folders(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
     try:
-        ns, started = _pid_namespace(), _start_time(live.pid)
+        ns, started = pid_namespace(), start_time(live.pid)
         keep = [
             folder(f"align-vllm-{live.pid}-live", f"{live.pid} {ns} {started}"),  # a running engine
             folder("align-vllm-k2j4x9q1", None),  # older align: no pid, no owner record
             folder(f"align-vllm-{dead.pid}-norecord", None),  # killed before it wrote its record
             folder(f"align-vllm-{dead.pid}-foreign", f"{dead.pid} pid:[1] 123"),  # another pid namespace
-            folder(f"align-vllm-{os.getpid()}-mine", f"{os.getpid()} {ns} {_start_time(os.getpid())}"),
+            folder(f"align-vllm-{os.getpid()}-mine", f"{os.getpid()} {ns} {start_time(os.getpid())}"),
         ]
         gone = [
             folder(f"align-vllm-{dead.pid}-dead", f"{dead.pid} {ns} 123"),
@@ -442,10 +442,10 @@ def test_a_failed_start_leaves_no_export_behind(vllm_llama, tokenizer, monkeypat
     import vllm
     from transformers import AutoModelForCausalLM
 
-    from align.rollout.vllm import _scratch_roots
+    from align.rollout.scratch import scratch_roots
 
     def mine():
-        return {p for root in _scratch_roots() for p in root.glob(f"align-vllm-{os.getpid()}-*")}
+        return {p for root in scratch_roots() for p in root.glob(f"align-vllm-{os.getpid()}-*")}
 
     before = mine()
     exported = []

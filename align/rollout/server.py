@@ -138,7 +138,7 @@ class ServerEngine(VerifiedEngine):
         adapter_dir: str | None = None,
         longest_sequence: int = 0,
     ):
-        from align.rollout.vllm import remove_orphans, scratch_dir
+        from align.rollout.scratch import remove_orphans, scratch_dir
 
         self.url = url.rstrip("/").removesuffix("/v1")
         self.client = HttpClient(ServerPatience(timeout), f"vLLM server {self.url}")

@@ -30,9 +30,8 @@ on CPU the KV cache is sized to the stage's largest generate call (``cpu_kv_cach
 The exported base is as large as the model and usually lives in RAM (/dev/shm): its weight files are
 deleted as soon as vLLM has loaded them, and the folder (config, tokenizer, adapters) must not
 outlive the engine: ``close()``, garbage collection and interpreter exit remove it (a
-``weakref.finalize``), a failing start-up removes it before re-raising, and since a SIGKILL or the
-OOM killer runs none of those, every engine start first removes the folders of dead engines
-(``remove_orphans``: the folder is named ``align-vllm-<pid>-*`` and holds an owner record).
+``weakref.finalize``), a failing start-up removes it before re-raising, and every start first removes
+the folders of engines that were killed (align/rollout/scratch.py).
 """
 
 from __future__ import annotations
@@ -40,18 +39,16 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 import shutil
-import tempfile
 import warnings
 import weakref
-from pathlib import Path
 
 import torch
 
 from align.models.loading import DTYPES
 from align.models.trained import base_weights, export_base
 from align.rollout.engine import EngineSettingsError, Sampling
+from align.rollout.scratch import remove_orphans, scratch_dir
 from align.rollout.verify import VerifiedEngine, sampling_options, served_lora
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM accepts for max_lora_rank
@@ -66,76 +63,6 @@ def sync_mode(policy, sync: str) -> str:
     if sync not in ("lora", "merged"):
         raise ValueError(f"vllm sync must be auto, lora or merged, not {sync!r}")
     return sync
-
-
-SCRATCH_PREFIX = "align-vllm-"
-OWNER_FILE = "owner"  # "<pid> <pid namespace> <start time>" of the process that made the folder
-
-
-def _scratch_roots() -> list[Path]:
-    return [Path("/dev/shm"), Path(tempfile.gettempdir())]
-
-
-def _start_time(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot, /proc/<pid>/stat field 22); None if no such process.
-
-    The start time tells a reused pid from the process that made a folder. Off Linux (no /proc)
-    it is "" for every live process, so there only liveness counts.
-    """
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # alive, owned by another user
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        # A zombie (killed, not yet reaped by its parent) answers kill(pid, 0) but never runs again.
-        return None if fields[0] == "Z" else fields[19]
-    except FileNotFoundError:
-        return None if Path("/proc/self/stat").exists() else ""  # it exited just now
-    except OSError:
-        return ""
-
-
-def _pid_namespace() -> str:
-    """This process's pid namespace: containers sharing /dev/shm but not pids must not judge each other's folders."""
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return ""
-
-
-def remove_orphans(roots: list[Path] | None = None) -> list[Path]:
-    """Delete the scratch folders of engines whose process is gone; returns what was deleted.
-
-    A folder is removed only when its owner record says it was made in this pid namespace and
-    that process no longer exists (or its pid now belongs to a process that started later). The
-    folders of live engines, of other pid namespaces, and those without an owner record (made by
-    older align versions, or by an engine killed between creating the folder and writing the
-    record) are left alone: nothing ties them to a dead process, and removing a live engine's
-    base would break its next weight load.
-    """
-    namespace = _pid_namespace()
-    removed = []
-    for root in roots or _scratch_roots():
-        try:
-            candidates = [p for p in root.iterdir() if re.fullmatch(re.escape(SCRATCH_PREFIX) + r"\d+-.+", p.name)]
-        except OSError:
-            continue
-        for folder in candidates:
-            try:
-                pid = int(folder.name.removeprefix(SCRATCH_PREFIX).split("-")[0])
-                owner = (folder / OWNER_FILE).read_text().split(" ")
-            except (OSError, ValueError):
-                continue
-            if len(owner) != 3 or owner[0] != str(pid) or owner[1] != namespace:
-                continue
-            started = _start_time(pid)
-            if started is None or (started and owner[2] and started != owner[2]):
-                shutil.rmtree(folder, ignore_errors=True)
-                removed.append(folder)
-    return removed
 
 
 # vLLM's CPU KV cache comes in blocks of 128 tokens (its CPU default; MLA models use 16, DeepSeek-V4 256),
@@ -167,25 +94,6 @@ def cpu_kv_cache_bytes(
     sequences, tokens = workload
     needed = max(min(sequences, KV_MAX_SEQUENCES) * math.ceil(tokens / KV_BLOCK), math.ceil(max_model_len / KV_BLOCK))
     return per_block * (needed + 2)
-
-
-def scratch_dir(nbytes: int, root: Path | None = None) -> Path:
-    """A temporary folder in ``root``, else a RAM-backed one when /dev/shm has room for ``nbytes``, else a disk one.
-
-    Named ``align-vllm-<pid>-*`` with an owner record inside, so a later engine can tell whether
-    the process that made it is still alive (``remove_orphans``).
-    """
-    shm = Path("/dev/shm")
-    prefix = f"{SCRATCH_PREFIX}{os.getpid()}-"
-    if root is not None:
-        root.mkdir(parents=True, exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
-    elif shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 2 * nbytes:
-        folder = Path(tempfile.mkdtemp(prefix=prefix, dir=shm))
-    else:
-        folder = Path(tempfile.mkdtemp(prefix=prefix))
-    (folder / OWNER_FILE).write_text(f"{os.getpid()} {_pid_namespace()} {_start_time(os.getpid())}")
-    return folder
 
 
 def engine_dtype(precision: str, engine_precision: str = "auto", on_gpu: bool | None = None) -> str:
