@@ -71,7 +71,7 @@ def standalone_eval_config(
     from align.config import EvalConfig
     from align.models.trained import stage_config
     from align.recipe import validate
-    from align.stages.evaluate import check_folder
+    from align.stages.contestants import check_folder
 
     if not prompts or not judges:
         raise RecipeError("align eval without --recipe needs --prompts FILE and at least one --judge")

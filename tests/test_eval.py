@@ -466,21 +466,22 @@ def test_console_table_fits_80_columns_with_judges_and_baselines_named_by_path(m
 def test_the_engine_check_rescores_the_first_answer_of_prompts_spread_over_every_set():
     import doctest
 
-    import align.stages.evaluate
+    import align.stages.contestants
 
-    result = doctest.testmod(align.stages.evaluate)
+    result = doctest.testmod(align.stages.contestants)
     assert result.attempted > 0 and result.failed == 0
 
 
 def test_the_report_states_each_models_engine_trainer_mismatch(tmp_path, prompts, yes_no_model, monkeypatch):
     """An engine that is not the trainer's forward (here: the hf engine reporting logprobs 0.3 too
     low, as a mismatched vLLM kernel would) is measured against the trainer on its own answers."""
+    import align.stages.contestants as contestants
     import align.stages.evaluate as evaluate
     from align.config import EvalConfig
 
-    real = evaluate.rollout_engine
+    real = contestants.rollout_engine
     monkeypatch.setattr(
-        evaluate, "rollout_engine", lambda *args, **kwargs: ShiftedSampler(real(*args, **kwargs), shift=0.3)
+        contestants, "rollout_engine", lambda *args, **kwargs: ShiftedSampler(real(*args, **kwargs), shift=0.3)
     )
     cfg = EvalConfig.model_validate(
         {
@@ -499,6 +500,6 @@ def test_the_report_states_each_models_engine_trainer_mismatch(tmp_path, prompts
         assert model["engine_trainer_mismatch"]["logprob_mismatch_mean"] == pytest.approx(0.3, abs=1e-4)
         assert model["engine_trainer_mismatch"]["answers"] == 8  # the first answer of each of the 8 prompts
     assert "engine vs trainer logprobs: mean 0.3000" in (out / "report.md").read_text()
-    monkeypatch.setattr(evaluate, "rollout_engine", real)
+    monkeypatch.setattr(contestants, "rollout_engine", real)
     plain = json.loads((evaluate.run_eval(cfg, tmp_path / "plain") / "report.json").read_text())
     assert plain["policy"]["engine_trainer_mismatch"] is None  # the hf engine in fp32 is the model's own forward
