@@ -410,35 +410,12 @@ def data_preview(
     n: int = typer.Option(3, "-n", help="examples to show"),
 ):
     """Show templated examples with trained tokens highlighted, and the row report."""
-    from align.data.sft_data import encode_files
+    from align.data.preview import preview
     from align.models.loading import load_tokenizer
     from align.recipe import load_recipe
-    from align.tokens import IGNORE_INDEX
 
     cfg = load_recipe(recipe).resolve(stage, overrides)
-    tokenizer = load_tokenizer(cfg.model)
-    console.print("[bold]legend:[/] [bold green]trained tokens[/] / [dim]masked tokens (labels -100)[/]\n")
-    reports = []
-    for name, paths in (("train", cfg.data.train), ("eval", cfg.data.eval)):
-        if not paths:
-            continue
-        examples, report = encode_files(paths, tokenizer, cfg.data, name)
-        reports.append(report)
-        for index, example in enumerate(examples[:n] if name == "train" else []):
-            text = Text()
-            for token, label in zip(example.input_ids, example.labels):
-                piece = tokenizer.decode([token])
-                text.append(piece, style="bold green" if label != IGNORE_INDEX else "dim")
-            console.rule(
-                f"{name} example {index + 1}: {len(example.input_ids)} tokens, {example.trained_tokens} trained"
-                + (" (truncated)" if example.truncated else "")
-            )
-            console.print(text)
-    console.rule("row report")
-    for report in reports:
-        console.print(report.summary())
-        for problem in report.problems[:10]:
-            console.print(f"  [red]-[/] {problem}")
+    preview(cfg.data, load_tokenizer(cfg.model), n)
 
 
 @models_app.command("import-gguf")
