@@ -32,7 +32,6 @@ from align.eval.report import print_table, write_report
 from align.eval.winrate import outcomes_from_probabilities, outcomes_from_scores, summarize
 from align.models.loading import load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
-from align.rollout.engine import Sampling
 from align.stages.common import elsewhere, prepare_output, process_state, referenced_dirs
 from align.stages.contestants import (
     best_answers,
@@ -44,7 +43,7 @@ from align.stages.contestants import (
     locate,
     spec_text,
 )
-from align.stages.rollouts import score
+from align.stages.rollouts import rollout_sampling, score
 
 
 def plan(cfg: EvalConfig, tokenizer) -> tuple[str, str]:
@@ -110,14 +109,7 @@ def run_eval(
 
     # 2. Sample one answer per prompt from each model, with identical settings and seed.
     precision = resolve_precision(cfg.model.precision)
-    settings = Sampling(
-        temperature=r.temperature,
-        top_p=r.top_p,
-        top_k=r.top_k,
-        max_new_tokens=r.max_new_tokens,
-        stop=tuple(r.stop),
-        seed=cfg.seed,
-    )
+    settings = rollout_sampling(r, cfg.seed)
     answers, engines, fidelity, picked = {}, {}, {}, {}
     for who in contestants:
         answers[who.name], engines[who.name], fidelity[who.name] = generate(who, cfg, prompts, settings, precision)

@@ -39,9 +39,9 @@ def rollout_engine(
     return make_engine(r.engine, policy, tokenizer, precision, batch_size=r.batch_size, server=server, **options)
 
 
-def sampling(cfg, step: int, rank: int = 0) -> Sampling:
-    """The step's sampling settings; each process draws with its own seed (rank 0's is the one-process seed)."""
-    r = cfg.rollout
+def rollout_sampling(r, seed: int) -> Sampling:
+    """The Sampling a rollout section describes (n: its samples_per_prompt), drawn with ``seed``: the one
+    place a stage's rollout settings become an engine's, so no stage can drop one of them."""
     return Sampling(
         n=r.samples_per_prompt,
         temperature=r.temperature,
@@ -49,8 +49,14 @@ def sampling(cfg, step: int, rank: int = 0) -> Sampling:
         top_k=r.top_k,
         max_new_tokens=r.max_new_tokens,
         stop=tuple(r.stop),
-        seed=cfg.seed * 100_003 + step + 1_000_003 * rank,
+        seed=seed,
     )
+
+
+def sampling(cfg, step: int, rank: int = 0) -> Sampling:
+    """A step's (or a sample stage's chunk's) sampling settings; each process draws with its own seed
+    (rank 0's is the one-process seed)."""
+    return rollout_sampling(cfg.rollout, cfg.seed * 100_003 + step + 1_000_003 * rank)
 
 
 def score(reward, examples: list[PromptExample], rollouts: list[Rollout]) -> torch.Tensor:

@@ -27,9 +27,8 @@ from align.console import console, print_plan
 from align.data.prompt_data import PromptExample, load_prompts
 from align.models.loading import load_base_model, load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
-from align.rollout.engine import Sampling
 from align.stages.common import elsewhere, prepare_output, process_state, referenced_dirs, source_stage
-from align.stages.rollouts import rollout_engine, score
+from align.stages.rollouts import rollout_engine, sampling, score
 
 CHUNK_PROMPTS = 32  # prompts per saved chunk: what a killed run can lose
 
@@ -269,21 +268,11 @@ def _sample(
     sequences = CHUNK_PROMPTS * cfg.rollout.samples_per_prompt
     engine = rollout_engine(cfg, model, tokenizer, precision, prompts, sequences, alone=True)
     checkpoints.mkdir(parents=True, exist_ok=True)
-    r = cfg.rollout
     try:
         console.print(f"sampling {len(todo)} of {count} chunks from {engine.describe()}")
         for i in todo:
             part = prompts[i * CHUNK_PROMPTS : (i + 1) * CHUNK_PROMPTS]
-            settings = Sampling(
-                n=r.samples_per_prompt,
-                temperature=r.temperature,
-                top_p=r.top_p,
-                top_k=r.top_k,
-                max_new_tokens=r.max_new_tokens,
-                stop=tuple(r.stop),
-                seed=cfg.seed * 100_003 + i,
-            )
-            rollouts = engine.generate([p.messages for p in part], settings)
+            rollouts = engine.generate([p.messages for p in part], sampling(cfg, step=i))  # a seed per chunk
             chunks[i] = [
                 {
                     "prompt_index": i * CHUNK_PROMPTS + ro.prompt_index,
