@@ -137,7 +137,7 @@ def test_value_head_can_start_from_the_reward_models_head(tmp_path, tiny_llama):
     from test_reward import train_toy
 
     from align.config import RecipeError
-    from align.stages.ppo import value_head_for
+    from align.models.reward import value_head_for
 
     rm = train_toy(tmp_path, tiny_llama, steps=2)
     policy = load_tiny(tiny_llama)

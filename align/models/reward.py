@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from align.config import ModelConfig, QuantizationConfig
+from align.config import ModelConfig, QuantizationConfig, RecipeError
 from align.data.batching import mask_for
 from align.models.loading import DTYPES, bnb_config, disable_bnb_cpu_repacking, load_tokenizer, read_stage_manifest
 from align.models.unwrap import inner_model
@@ -148,3 +148,34 @@ def load_reward_model(folder: str | Path, trust_remote_code: bool = False):
         model = PeftModel.from_pretrained(base, artifact)
     model.eval()
     return model, tokenizer
+
+
+def value_head_for(policy, init: str, reward_dir: Path | None) -> torch.nn.Linear:
+    """A linear value head on the final hidden state: zeros, or the learned reward model's head."""
+    hidden = (
+        policy.get_base_model().config.hidden_size if hasattr(policy, "get_base_model") else policy.config.hidden_size
+    )
+    head = torch.nn.Linear(hidden, 1, bias=True)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    if init == "reward":
+        from safetensors.torch import load_file
+
+        if reward_dir is None:
+            raise RecipeError("ppo.value_head_init=reward needs reward: {type: learned, ...}")
+        tensors = load_file(str(reward_dir / "adapter" / "adapter_model.safetensors"))
+        score = next(
+            (
+                v
+                for k, v in tensors.items()
+                if k.endswith(".weight") and any(f".{n}." in k for n in HEAD_NAMES) and v.shape == head.weight.shape
+            ),
+            None,
+        )
+        if score is None:
+            raise RecipeError(
+                f"{reward_dir}: no reward head of shape {tuple(head.weight.shape)} to start the value head from"
+            )
+        with torch.no_grad():
+            head.weight.copy_(score.float())
+    return head.to(next(policy.parameters()).device)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from transformers import get_scheduler, set_seed
 
-from align.config import PPOConfig, RecipeError
+from align.config import PPOConfig
 from align.console import console, print_plan
 from align.data.prompt_data import load_prompts
 from align.faults import fault_point
@@ -49,6 +49,7 @@ from align.losses import (
 from align.models.adapters import trainable_summary
 from align.models.loading import autocast, load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
+from align.models.reward import value_head_for
 from align.rollout.scoring import policy_outputs, rollout_batch
 from align.stages.checkup import checkup_status, raise_if_collapsed, run_checkup, with_training_alarm
 from align.stages.common import adapter_line, prepare_output, process_state, referenced_dirs, resume_line, source_stage
@@ -76,39 +77,6 @@ from align.stages.rl_update import columns, minibatch_updates, rollout_logprobs,
 from align.stages.rollouts import rollout_engine, sampling, score
 
 VALUE_HEAD_FILE = "value_head.safetensors"
-
-
-def value_head_for(policy, init: str, reward_dir: Path | None) -> torch.nn.Linear:
-    """A linear value head on the final hidden state: zeros, or the learned reward model's head."""
-    hidden = (
-        policy.get_base_model().config.hidden_size if hasattr(policy, "get_base_model") else policy.config.hidden_size
-    )
-    head = torch.nn.Linear(hidden, 1, bias=True)
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    if init == "reward":
-        from safetensors.torch import load_file
-
-        if reward_dir is None:
-            raise RecipeError("ppo.value_head_init=reward needs reward: {type: learned, ...}")
-        from align.models.reward import HEAD_NAMES
-
-        tensors = load_file(str(reward_dir / "adapter" / "adapter_model.safetensors"))
-        score = next(
-            (
-                v
-                for k, v in tensors.items()
-                if k.endswith(".weight") and any(f".{n}." in k for n in HEAD_NAMES) and v.shape == head.weight.shape
-            ),
-            None,
-        )
-        if score is None:
-            raise RecipeError(
-                f"{reward_dir}: no reward head of shape {tuple(head.weight.shape)} to start the value head from"
-            )
-        with torch.no_grad():
-            head.weight.copy_(score.float())
-    return head.to(next(policy.parameters()).device)
 
 
 @dataclass
