@@ -314,7 +314,7 @@ def test_shared_prompt_only_for_models_whose_layers_all_attend_through_the_mask(
     import peft
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config
 
-    from align.data.batching import shared_prompt_obstacle
+    from align.models.attention import shared_prompt_obstacle
 
     sizes = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
     assert shared_prompt_obstacle(load_tiny(tiny_llama)) == ""  # eager

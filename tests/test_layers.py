@@ -118,6 +118,20 @@ def test_config_and_registry_import_only_the_bottom():
         assert module == "align.config.rewards" or not {t for t in targets if t.startswith("reward_models")}, module
 
 
+def test_the_middle_packages_point_one_way():
+    """Within rank 2 the arrows go one way: models may read data (a tokenizer's chat template), data never
+    imports models (it pads and masks token ids; what a model's attention accepts is models/attention.py);
+    the maths (losses) imports no model, rollout, data or reward code; reward_models never imports the stages."""
+    table = sources()
+
+    def imports_of(prefix: str) -> set[str]:
+        return {t for m, targets in table.items() if m == prefix or m.startswith(prefix + ".") for t in targets}
+
+    assert not {t for t in imports_of("align.data") if t.startswith("align.models")}
+    assert not {t for t in imports_of("align.losses") if t.startswith(("align.models", "align.rollout", "align.data"))}
+    assert not {t for t in imports_of("reward_models") if t.startswith("align.stages")}
+
+
 def test_rollout_engines_form_no_cycle():
     """engine.py (protocol, shared records) imports no engine; only engines.py knows them all."""
     table = sources()

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from align.config import ModelConfig, QuantizationConfig, RecipeError
-from align.data.batching import mask_for
+from align.models.attention import mask_for
 from align.models.loading import DTYPES, bnb_config, disable_bnb_cpu_repacking, load_tokenizer, read_stage_manifest
 from align.models.unwrap import inner_model
 

@@ -252,7 +252,8 @@ def trial_step(batch: str, advice: str) -> Iterator[None]:
 def pair_layout(cfg: StageConfig, model, pad_token_id: int, unavailable: str = ""):
     """(collator, plan line) of a pair stage: one row a pair sharing its prompt where data.shared_prompt is
     on and the model's attention takes the mask, else two padded rows a pair, saying why."""
-    from align.data.batching import PairCollator, SharedPromptCollator, shared_prompt_obstacle
+    from align.data.batching import PairCollator, SharedPromptCollator
+    from align.models.attention import shared_prompt_obstacle
 
     why = unavailable or shared_prompt_obstacle(model)
     if cfg.data.shared_prompt and not why:

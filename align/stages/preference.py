@@ -14,9 +14,10 @@ import torch
 from transformers import TrainerCallback
 
 from align.config import RecipeError
-from align.data.batching import PairCollator, SharedPromptCollator, mask_for
+from align.data.batching import PairCollator, SharedPromptCollator
 from align.eval.health import preference_drift
 from align.models.adapters import add_adapter, load_adapter_for_training
+from align.models.attention import mask_for
 from align.models.loading import autocast, load_base_model
 from align.models.modes import evaluating
 from align.models.output_layer import next_token_logps
