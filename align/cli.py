@@ -41,10 +41,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from align.models.resolve import ModelNotFound
     from align.rollout.engine import SyncError
     from align.stages.checkup import CollapseAlarm
+    from reward_models.python import RewardFunctionError
     from reward_models.remote import RemoteError
 
     return (
         RemoteError,  # an endpoint down or answering garbage, or max_requests reached (a clean stop)
+        RewardFunctionError,  # the user's Python reward: missing, raising, or returning something unusable
         RecipeError,
         DataError,
         TemplateError,
@@ -138,7 +140,8 @@ def eval_(
         None,
         "--judge",
         help="(no recipe) rule:NAME[,key=value], learned:DIR, judge:MODEL (pairwise), judge-pointwise:MODEL, "
-        "remote:URL, openai:MODEL or openai-pointwise:MODEL (OPENAI_API_KEY, OPENAI_BASE_URL); repeatable",
+        "remote:URL, openai:MODEL, openai-pointwise:MODEL (OPENAI_API_KEY, OPENAI_BASE_URL) or "
+        "python:FILE.py:FUNCTION; repeatable",
     ),
     max_prompts: Optional[int] = typer.Option(
         None, "--max-prompts", min=1, help="(no recipe) evaluate at most this many prompts"

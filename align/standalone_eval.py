@@ -23,7 +23,8 @@ def option_value(text: str) -> int | float | str:
 
 def judge_spec(text: str):
     """rule:NAME[,key=value...] | learned:DIR | judge:MODEL (pairwise) | judge-pointwise:MODEL | remote:URL |
-    openai:MODEL | openai-pointwise:MODEL (key in OPENAI_API_KEY, base URL from OPENAI_BASE_URL if set) -> a typed
+    openai:MODEL | openai-pointwise:MODEL (key in OPENAI_API_KEY, base URL from OPENAI_BASE_URL if set) |
+    python:FILE.py:FUNCTION -> a typed
     reward spec (align.config), checked now: a misspelt rule is a bad --judge, not a failure later."""
     from align.config import parse_reward
 
@@ -40,6 +41,8 @@ def judge_spec(text: str):
         spec = {"type": "judge", "model": rest, "mode": "pointwise" if kind == "judge-pointwise" else "pairwise"}
     elif kind == "remote" and rest:
         spec = {"type": "remote", "url": rest}
+    elif kind == "python" and rest:
+        spec = {"type": "python", "function": rest}
     elif kind in ("openai", "openai-pointwise") and rest:
         mode = "pointwise" if kind == "openai-pointwise" else "pairwise"
         spec = {"type": "openai", "model": rest, "mode": mode}
@@ -47,8 +50,8 @@ def judge_spec(text: str):
             spec["base_url"] = os.environ["OPENAI_BASE_URL"]
     else:
         raise RecipeError(
-            f"--judge {text}: use rule:NAME, learned:DIR, judge:MODEL, judge-pointwise:MODEL, remote:URL, openai:MODEL "
-            "or openai-pointwise:MODEL"
+            f"--judge {text}: use rule:NAME, learned:DIR, judge:MODEL, judge-pointwise:MODEL, remote:URL, "
+            "openai:MODEL, openai-pointwise:MODEL or python:FILE.py:FUNCTION"
         )
     try:
         return parse_reward(spec, f"--judge {text}")

@@ -10,6 +10,7 @@ are extra dataset fields a rule may need (``reference=[...]`` for exact-answer r
     build_reward({"type": "judge", "model": "smollm2-135m-instruct", "mode": "pointwise"})
     build_reward({"type": "remote", "url": "http://localhost:8000/score"})          (reward_models/remote.py)
     build_reward({"type": "openai", "model": "gpt-4o-mini", "api_key_env": "OPENAI_API_KEY"})
+    build_reward({"type": "python", "function": "rewards.py:format_reward"})        (reward_models/python.py)
     build_reward([{"type": "rule", "name": "gsm8k_exact", "weight": 1.0},
                   {"type": "rule", "name": "length_penalty", "weight": 0.1}])
 """
@@ -55,17 +56,28 @@ class RuleReward:
 
 
 class WeightedSum:
-    """Several rewards, each scaled by its weight, added per sample."""
+    """Several rewards, each scaled by its weight, added per sample. A part that gives an answer no
+    score (None: a Python reward function's "not mine", as in TRL) is left out of that answer's sum;
+    an answer no part scores is an error naming it."""
 
     def __init__(self, parts: list[tuple[float, Reward]]):
         self.parts = parts
         self.name = " + ".join(f"{w:g}*{r.name}" for w, r in parts)
 
     def __call__(self, prompts, completions, **columns):
-        totals = [0.0] * len(completions)
+        totals: list[float | None] = [None] * len(completions)
         for weight, reward in self.parts:
             for i, value in enumerate(reward(prompts, completions, **columns)):
-                totals[i] += weight * value
+                if value is not None:
+                    totals[i] = (totals[i] or 0.0) + weight * value
+        unscored = [i for i, total in enumerate(totals) if total is None]
+        if unscored:
+            from reward_models.python import RewardFunctionError
+
+            raise RewardFunctionError(
+                f"no part of the reward {self.name} scored answer {unscored[0]} (every part returned None; "
+                f"{len(unscored)} answer(s) of {len(completions)})"
+            )
         return totals
 
 
@@ -75,7 +87,10 @@ def _plain(spec: Any) -> Any:
 
 
 def build_reward(
-    spec: dict | list[dict], stage_dirs: dict[str, Path] | None = None, trust_remote_code: bool = False
+    spec: dict | list[dict],
+    stage_dirs: dict[str, Path] | None = None,
+    trust_remote_code: bool = False,
+    _in_sum: bool = False,
 ) -> Reward:
     """A reward from a recipe's ``reward:`` section (a spec, or a list of weighted specs).
 
@@ -93,12 +108,18 @@ def build_reward(
             [
                 (
                     float(part.get("weight", 1.0)),
-                    build_reward({k: v for k, v in part.items() if k != "weight"}, stage_dirs, trust_remote_code),
+                    build_reward(
+                        {k: v for k, v in part.items() if k != "weight"}, stage_dirs, trust_remote_code, _in_sum=True
+                    ),
                 )
                 for part in spec
             ]
         )
     kind = spec.get("type")
+    if kind == "python":
+        from reward_models.python import PythonReward
+
+        return PythonReward(spec["function"], spec.get("format", "conversational"), allow_none=_in_sum)
     if kind == "rule":
         return RuleReward(spec["name"], **{k: v for k, v in spec.items() if k not in ("type", "name")})
     if kind == "learned":
@@ -128,4 +149,4 @@ def build_reward(
 
         typed = parse_reward(spec)  # the typed spec carries the defaults (timeout, retries, cache ...)
         return RemoteReward(typed) if kind == "remote" else OpenAIJudge(typed)
-    raise KeyError(f"unknown reward type {kind!r} (rule, learned, judge, remote, openai)")
+    raise KeyError(f"unknown reward type {kind!r} (rule, learned, judge, remote, openai, python)")

@@ -1,7 +1,7 @@
 """The recipe schemas: one pydantic model per stage kind, and the sections they share.
 
   base      strict models (an unknown key is an error), RecipeError, did_you_mean
-  rewards   the typed reward specs (rule, learned, judge, remote, openai) and parse_reward
+  rewards   the typed reward specs (rule, learned, judge, remote, openai, python) and parse_reward
   sections  the shared sections (model, quantization, adapter, lora, data, train, tracking, checkup)
             and the rollout sections
   stages    StageConfig and the offline kinds (sft, dpo, orpo, kto, rm, sample, eval); helpers that
@@ -20,6 +20,7 @@ from align.config.rewards import (
     JudgeSpec,
     LearnedSpec,
     OpenAIJudgeSpec,
+    PythonSpec,
     RemoteSpec,
     RewardSpec,
     RewardSpecs,
@@ -88,6 +89,7 @@ __all__ = [
     "ORPOConfig",
     "ORPOOptions",
     "OpenAIJudgeSpec",
+    "PythonSpec",
     "PPOConfig",
     "PPOOptions",
     "QuantizationConfig",

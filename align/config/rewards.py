@@ -144,15 +144,43 @@ class OpenAIJudgeSpec(_HttpSpec):
     _a_mode = field_validator("mode")(JudgeSpec._a_mode.__func__)
 
 
+class PythonSpec(_RewardSpec):
+    """A Python function of the user's, called as TRL's GRPOTrainer calls its reward_funcs: reward_models/python.py.
+    Reading a recipe imports nothing: the file is imported when the stage that names it builds its rewards."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    type: Literal["python"]
+    function: str = Field(
+        ...,
+        description="FILE.py:NAME (a path from the folder you run align in) or package.module:NAME (importable)",
+    )
+    format: Literal["conversational", "standard"] = Field(
+        "conversational",
+        description="what the function is given: conversational (TRL's form for chat data, the default) - prompts "
+        "as message lists, completions as [{role: assistant, content}]; standard - the prompt's and the answer's text",
+    )
+
+    @field_validator("function")
+    @classmethod
+    def _file_or_module_and_name(cls, value: str) -> str:
+        where, _, name = value.rpartition(":")
+        if not where or not name.isidentifier():
+            raise ValueError(
+                f"function must be FILE.py:NAME or package.module:NAME, got {value!r} (e.g. rewards.py:format_reward)"
+            )
+        return value
+
+
 REWARD_SPECS: dict[str, type[_RewardSpec]] = {
     "rule": RuleSpec,
     "learned": LearnedSpec,
     "judge": JudgeSpec,
     "remote": RemoteSpec,
     "openai": OpenAIJudgeSpec,
+    "python": PythonSpec,
 }
 RewardSpec = Annotated[
-    Union[RuleSpec, LearnedSpec, JudgeSpec, RemoteSpec, OpenAIJudgeSpec], Field(discriminator="type")
+    Union[RuleSpec, LearnedSpec, JudgeSpec, RemoteSpec, OpenAIJudgeSpec, PythonSpec], Field(discriminator="type")
 ]
 RewardSpecs = Union[RewardSpec, list[RewardSpec]]
 
@@ -173,7 +201,8 @@ def parse_reward(value: Any, where: str = "reward") -> Any:
         kind = part.get("type")
         if kind not in REWARD_SPECS:
             raise ValueError(
-                f"{here}: type must be rule, learned or judge, not {kind!r}{did_you_mean(kind, REWARD_SPECS)}"
+                f"{here}: type must be rule, learned, judge, remote, openai or python, not {kind!r}"
+                + did_you_mean(kind, REWARD_SPECS)
             )
         try:
             parts.append(REWARD_SPECS[kind].model_validate(part))

@@ -307,6 +307,8 @@ def check_judge(name: str, spec, stage_dirs: dict[str, Path], prompts: list[Prom
                     raise RecipeError(f"judge '{name}': {folder} is not a reward-model stage")
             elif part.type in ("remote", "openai"):
                 build_reward(part)  # no request yet: its API key's variable must be set
+            elif part.type == "python":
+                build_reward(part)  # imports the user's file now: a missing file or function fails before sampling
             elif Path(part.model).is_dir():
                 check_folder(Path(part.model))
             else:
