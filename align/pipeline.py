@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from align.artifacts import config_changes, file_hash, flatten, stage_folder, write_atomic, written_by_align
-from align.config import RecipeError, StageConfig
+from align.config import RecipeError, StageConfig, reward_specs
 from align.console import console
 from align.recipe import Recipe
 from align.stages.registry import REGISTRY
@@ -256,7 +256,19 @@ def _fingerprint(cfg: StageConfig, inputs: dict[str, str]) -> str:
         for path in [*cfg.data.train, *cfg.data.eval]
         if Path(path).exists() and path not in made
     }
-    blob = json.dumps({"config": config, "data": files, "inputs": inputs}, sort_keys=True, default=str)
+    # A Python reward's file is part of what the stage computes: editing it reruns the stage.
+    code = {
+        where: file_hash(Path(where))
+        for where in (spec.function.rpartition(":")[0] for spec in reward_specs(cfg) if spec.type == "python")
+        if Path(where).is_file()
+    }
+    parts = {
+        "config": config,
+        "data": files,
+        "inputs": inputs,
+        **({"code": code} if code else {}),
+    }  # old runs keep theirs
+    blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -270,7 +282,7 @@ def _config_changes(plan: StagePlan) -> str:
     old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
     changed = config_changes(old, plan.config.model_dump(mode="json", by_alias=True), ignore=NOT_FINGERPRINTED)
     if not changed:
-        return "data files or an input stage changed"
+        return "data files, a Python reward's file or an input stage changed"
     return ", ".join(changed[:4]) + (" ..." if len(changed) > 4 else "")
 
 

@@ -131,9 +131,10 @@ def test_reading_a_config_that_names_a_function_imports_nothing(tmp_path, monkey
 def test_grpo_learns_from_a_python_reward_and_eval_judges_with_one_without_running_the_stages_own(
     tmp_path, yes_no_model
 ):
-    """GRPO trained by a TRL-style function in a file beside the recipe says yes more; `align eval --judge
-    python:...` judges it; the grpo folder's config names its training function, and eval (which reads that
-    config) never imports it - a file that leaves a marker when imported is put in its place."""
+    """`align run` of a GRPO stage trained by a TRL-style function in a file beside the recipe: the policy says
+    yes more; `align eval --judge python:...` judges it; the grpo folder's config names its training function,
+    and eval (which reads that config) and `align run --dry-run` never import it - a file that leaves a marker
+    when imported is put in its place - while the plan sees the edited file and would rerun the stage."""
     from align.models.trained import load_trained
 
     (tmp_path / "rewards.py").write_text(TRL_STYLE)
@@ -151,44 +152,35 @@ def test_grpo_learns_from_a_python_reward_and_eval_judges_with_one_without_runni
             }
         },
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
-    run = [sys.executable, "-m", "align.cli"]
-    proc = subprocess.run(
-        run + ["grpo", "--recipe", str(recipe), "--output-dir", "grpo"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "ALIGN_RUNS": str(tmp_path / "runs")}
+
+    def align(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "align.cli", *args]
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env)
+
+    proc = align("run", str(recipe))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "python rewards.py:async_yes" in proc.stdout  # the plan names the reward
+    grpo = tmp_path / "runs" / "tiny" / "grpo"
     base, tokenizer = load_trained(yes_no_model)
-    before, after = p_yes(base, tokenizer), p_yes(load_trained(tmp_path / "grpo")[0], tokenizer)
+    before, after = p_yes(base, tokenizer), p_yes(load_trained(grpo)[0], tokenizer)
     assert after > before + 0.05, (before, after)
+    assert "up to date" in align("run", str(recipe), "--dry-run").stdout
 
     marker = tmp_path / "imported"
     (tmp_path / "rewards.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
     (tmp_path / "judges.py").write_text(
         "def yes(completions, **kwargs):\n    return [float('yes' in c[0]['content']) for c in completions]\n"
     )
-    proc = subprocess.run(
-        run
-        + ["eval", "--policy", "grpo", "--baseline", str(yes_no_model), "--prompts", str(prompts)]
-        + ["--judge", "python:judges.py:yes", "--max-new-tokens", "2", "--output-dir", "eval"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=env,
+    plan = align("run", str(recipe), "--dry-run")
+    assert plan.returncode == 0 and "a Python reward's file" in plan.stdout, plan.stdout[-2000:]
+    proc = align(
+        *["eval", "--policy", str(grpo), "--baseline", str(yes_no_model), "--prompts", str(prompts)],
+        *["--judge", "python:judges.py:yes", "--max-new-tokens", "2", "--output-dir", "eval"],
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not marker.exists()  # the training function named in grpo/config.yaml was never imported
     result = json.loads((tmp_path / "eval" / "report.json").read_text())["results"][0]
     assert result["judge"] == "python:judges.py:yes" and result["win_rate"] > 0.5, result
-    bad = subprocess.run(
-        run + ["eval", "--policy", "grpo", "--prompts", str(prompts), "--judge", "python:judges.py:no"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    bad = align("eval", "--policy", str(grpo), "--prompts", str(prompts), "--judge", "python:judges.py:no")
     assert bad.returncode == 2 and "judges.py has no function 'no'" in bad.stdout + bad.stderr

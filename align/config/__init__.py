@@ -61,6 +61,7 @@ from align.config.stages import (
     SFTConfig,
     StageConfig,
     dump_config,
+    reward_specs,
     schema_of,
     stage_references,
 )
@@ -114,6 +115,7 @@ __all__ = [
     "has_pairwise",
     "parse_reward",
     "reward_parts",
+    "reward_specs",
     "schema_of",
     "stage_references",
 ]

@@ -344,16 +344,23 @@ class EvalConfig(StageConfig):
 SHARED_SECTIONS = [name for name in StageConfig.model_fields if name != "kind"]
 
 
-def stage_references(config: StageConfig) -> list[tuple[str, str]]:
-    """(key, stage name) for every stage a config names through `from:` (its own, a reward's, a judge's)."""
-    reward = getattr(config, "reward", None)
-    specs = reward_parts(reward)
+def reward_specs(config: StageConfig) -> list:
+    """Every reward spec part a stage's config names: its reward, judges, best-of baselines' and monitors'
+    rewards (not the checkup's: a stage does not depend on the reward its checkup reports)."""
+    specs = reward_parts(getattr(config, "reward", None))
     for judge in (getattr(config, "judges", None) or {}).values():
         specs += reward_parts(judge)
     for baseline in getattr(config, "baselines", None) or []:
         specs += [] if isinstance(baseline, str) else reward_parts(baseline.reward)
     for monitor in getattr(getattr(config, "monitor", None), "rewards", {}).values():
         specs += reward_parts(monitor)
+    return specs
+
+
+def stage_references(config: StageConfig) -> list[tuple[str, str]]:
+    """(key, stage name) for every stage a config names through `from:` (its own, a reward's, a judge's)."""
+    reward = getattr(config, "reward", None)
+    specs = reward_specs(config)
     found = [("from", config.from_stage)] if getattr(config, "from_stage", None) else []
     found += [("data from", config.data.from_stage)] if config.data.from_stage else []
     return found + [
