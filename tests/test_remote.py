@@ -29,8 +29,14 @@ class Endpoint:
 
     def answer(self, path: str, body: dict) -> tuple[int, str]:
         if path == "/score" or path == "/slowish":
-            if path == "/slowish":
-                time.sleep(0.2)
+            if path == "/slowish":  # held until a second request is in flight (2 s at most: the last one alone),
+                deadline = time.time() + 2.0  # so a client that keeps two going is seen with two, however loaded the
+                while time.time() < deadline:  # machine; then a moment more, in which a third would arrive
+                    with self.lock:
+                        if self.in_flight >= 2:
+                            break
+                    time.sleep(0.01)
+                time.sleep(0.05)
             rewards = [float(len(c)) + (1.0 if "yes" in c else 0.0) for c in body["completions"]]
             return 200, json.dumps({"rewards": rewards})
         if path == "/yes":  # 1 when the answer says yes: the contains_marker rule, served
@@ -257,11 +263,11 @@ def test_an_eval_stage_judged_over_http_agrees_with_the_same_verdicts_computed_h
 
 
 def test_the_standalone_evals_judge_flag_reads_remote_and_openai(monkeypatch):
-    from align.cli import _judge_spec
+    from align.standalone_eval import judge_spec
 
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:8000/v1")
-    assert _judge_spec("remote:http://h/score").url == "http://h/score"
-    spec = _judge_spec("openai-pointwise:gpt-x")
+    assert judge_spec("remote:http://h/score").url == "http://h/score"
+    spec = judge_spec("openai-pointwise:gpt-x")
     assert (spec.type, spec.model, spec.mode, spec.base_url, spec.api_key_env) == (
         "openai",
         "gpt-x",
