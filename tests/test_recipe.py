@@ -185,3 +185,13 @@ def test_registry_entries_resolve_and_drive_the_cli():
         assert ("--from-dir" in shown) == entry.starts_from, kind
     assert POLICY_KINDS == ("sft", "dpo", "orpo", "kto", "grpo", "ppo")
     assert default_kind("reward") == "rm" and default_kind("rloo") == "grpo" and default_kind("sft") == "sft"
+
+
+def test_reward_specs_doctests():
+    """reward_specs (what align run fingerprints a Python reward's file from) skips an rm stage's options."""
+    import doctest
+
+    import align.config.stages
+
+    result = doctest.testmod(align.config.stages)
+    assert result.attempted > 0 and result.failed == 0

@@ -9,7 +9,7 @@ import yaml
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from align.config.base import _Strict
-from align.config.rewards import RewardSpecs, has_pairwise, parse_reward, reward_parts
+from align.config.rewards import RewardSpecs, _RewardSpec, has_pairwise, parse_reward, reward_parts
 from align.config.sections import (
     AdapterConfig,
     CheckupConfig,
@@ -346,7 +346,15 @@ SHARED_SECTIONS = [name for name in StageConfig.model_fields if name != "kind"]
 
 def reward_specs(config: StageConfig) -> list:
     """Every reward spec part a stage's config names: its reward, judges, best-of baselines' and monitors'
-    rewards (not the checkup's: a stage does not depend on the reward its checkup reports)."""
+    rewards (not the checkup's: a stage does not depend on the reward its checkup reports).
+
+    >>> from align.config import EvalConfig, RewardConfig
+    >>> judged = EvalConfig(judges={"j": {"type": "rule", "name": "gsm8k_exact"}}, data={"eval": "e.jsonl"})
+    >>> [s.name for s in reward_specs(judged)]
+    ['gsm8k_exact']
+    >>> reward_specs(RewardConfig())
+    []
+    """
     specs = reward_parts(getattr(config, "reward", None))
     for judge in (getattr(config, "judges", None) or {}).values():
         specs += reward_parts(judge)
@@ -354,7 +362,7 @@ def reward_specs(config: StageConfig) -> list:
         specs += [] if isinstance(baseline, str) else reward_parts(baseline.reward)
     for monitor in getattr(getattr(config, "monitor", None), "rewards", {}).values():
         specs += reward_parts(monitor)
-    return specs
+    return [s for s in specs if isinstance(s, _RewardSpec)]  # an rm stage's `reward:` is its options, not a spec
 
 
 def stage_references(config: StageConfig) -> list[tuple[str, str]]:
