@@ -257,11 +257,10 @@ def _fingerprint(cfg: StageConfig, inputs: dict[str, str]) -> str:
         if Path(path).exists() and path not in made
     }
     # A Python reward's file is part of what the stage computes: editing it reruns the stage.
-    code = {
-        where: file_hash(Path(where))
-        for where in (spec.function.rpartition(":")[0] for spec in reward_specs(cfg) if spec.type == "python")
-        if Path(where).is_file()
-    }
+    from reward_models.python import function_file
+
+    files_of_code = [function_file(spec.function) for spec in reward_specs(cfg) if spec.type == "python"]
+    code = {str(path): file_hash(path) for path in files_of_code if path is not None and path.is_file()}
     parts = {
         "config": config,
         "data": files,

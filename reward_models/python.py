@@ -37,11 +37,17 @@ class RewardFunctionError(RuntimeError):
     """The user's reward function could not be loaded, raised, or returned something unusable."""
 
 
+def function_file(reference: str) -> Path | None:
+    """The file of FILE.py:NAME (a path from the current folder); None for package.module:NAME."""
+    where = reference.rpartition(":")[0]
+    return Path(where).expanduser() if where.endswith(".py") or "/" in where or "\\" in where else None
+
+
 def load_function(reference: str) -> Callable:
     """FILE.py:NAME (a path from the current folder) or package.module:NAME -> the function."""
     where, _, name = reference.rpartition(":")
-    if where.endswith(".py") or "/" in where or "\\" in where:
-        path = Path(where).expanduser()
+    path = function_file(reference)
+    if path is not None:
         if not path.is_file():
             raise RewardFunctionError(
                 f"reward function {reference}: no file {path.resolve()} (a path is read from the folder align runs in)"

@@ -197,7 +197,10 @@ def fidelity_sample(rollouts: list[Rollout], most: int = FIDELITY_ANSWERS) -> li
     >>> len(fidelity_sample(drawn)) == 10
     True
     """
-    first = list({r.prompt_index: r for r in reversed(rollouts)}.values())[::-1]
+    firsts: dict[int, Rollout] = {}
+    for rollout in rollouts:
+        firsts.setdefault(rollout.prompt_index, rollout)
+    first = [firsts[i] for i in sorted(firsts)]
     if len(first) <= most:
         return first
     return [first[i * len(first) // most] for i in range(most)]
