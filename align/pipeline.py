@@ -251,9 +251,10 @@ def _fingerprint(cfg: StageConfig, inputs: dict[str, str]) -> str:
         for p in [*cfg.data.train, *cfg.data.eval]
         if cfg.data.from_stage and Path(p).parent.name == cfg.data.from_stage
     ]
+    ptx_files = getattr(getattr(cfg, "ptx", None), "data", [])  # an RL stage's ptx term reads them too
     files = {
         path: file_hash(Path(path))
-        for path in [*cfg.data.train, *cfg.data.eval]
+        for path in [*cfg.data.train, *cfg.data.eval, *ptx_files]
         if Path(path).exists() and path not in made
     }
     # A Python reward's file is part of what the stage computes: editing it reruns the stage.

@@ -83,6 +83,13 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+def ptx_rows(tmp_path: Path) -> Path:
+    """Six short conversations for a ptx term (align/stages/ptx.py): other questions answered "no"."""
+    questions = ["Is snow black?", "Is fire cold?", "Can rocks swim?", "Is 9 even?", "Is the sun blue?", "Hi?"]
+    chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": "no"}] for q in questions]
+    return write_jsonl(tmp_path / "ptx.jsonl", [{"messages": m} for m in chats])
+
+
 def tiny_recipe(path: Path, model_dir: Path, train: str, **sections) -> Path:
     """A recipe for a tiny fp32 model: LoRA without quantization, a few fast steps."""
     recipe = {

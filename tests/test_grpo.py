@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, ShiftedSampler, p_yes, tiny_recipe, write_jsonl
+from conftest import FIXTURES, ShiftedSampler, p_yes, ptx_rows, tiny_recipe, write_jsonl
 
 from align.recipe import load_recipe
 from align.stages.grpo import run_grpo
@@ -316,7 +317,7 @@ def two_processes_and_one(tmp_path, kind: str, recipe: Path, run_one, monkeypatc
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "processes   2: each rolls out" in proc.stdout
+    assert re.search(r"processes +2: each rolls out", proc.stdout)
     namespace: dict = {}
     exec(SEED_BY_PROMPT, namespace)
     seeded = namespace["seeded_by_prompt"](HFEngine.generate_ids, tmp_path / "one-rows")
@@ -367,8 +368,9 @@ def test_grpo_under_torchrun_equals_one_process(tmp_path, yes_no_model, monkeypa
     """torchrun with 2 processes (gloo): each answers half of a step's prompts with its own engine, and the
     run equals one process on the same samples - the same adapter after 2 steps and the same logged
     numbers - with one minibatch a step (the fused old-logprob path) and with 4 (rows of both processes
-    mixed in a minibatch, the denominators the whole minibatch's). The monitors' held-out measurements (5
-    prompts spread unevenly over the processes) give the same numbers, per prompt, as in one process."""
+    mixed in a minibatch, the denominators the whole minibatch's; a ptx term too). The monitors' held-out
+    measurements (5 prompts spread unevenly over the processes) give the same numbers, per prompt, as in one
+    process."""
     prompts = [{"prompt": f"Pick one. ({i})"} for i in range(16)]  # distinct: the two shares differ
     stage = {
         "rollout": {"prompts_per_step": 4, "samples_per_prompt": 4},
@@ -376,12 +378,14 @@ def test_grpo_under_torchrun_equals_one_process(tmp_path, yes_no_model, monkeypa
         "data": {"eval_rows": 5},
         "monitor": {"rewards": {"no": NO}, "every": 1, "select": "last"},  # the output: the trained adapter
     }
-    if minibatch:
+    if minibatch:  # and a ptx term of 3 rows an optimizer step, split 2 + 1 over the processes
         stage["grpo"] = {"minibatch_size": minibatch}
+        stage["ptx"] = {"coef": 0.5, "data": str(ptx_rows(tmp_path)), "rows": 3}
     recipe = grpo_recipe(tmp_path, yes_no_model, prompts, **stage)
     runs = two_processes_and_one(tmp_path, "grpo", recipe, run_grpo, monkeypatch)
     held_out = ("held_out/proxy", "held_out/no", "held_out/proxy_agrees/no")
-    assert_same_training(runs, ("reward_mean", "reward_std", "completion_length", "loss", "grad_norm", *held_out))
+    ptx = ("ptx_nll",) if minibatch else ()
+    assert_same_training(runs, ("reward_mean", "reward_std", "completion_length", "loss", "grad_norm", *held_out, *ptx))
     manifests = {n: json.loads((runs[n] / "manifest.json").read_text()) for n in runs}
     for key in ("held_out_start", "held_out_end", "monitor", "proxy_agreement"):
         assert manifests["two"][key] == manifests["one"][key], key

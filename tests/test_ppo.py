@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ShiftedSampler, p_yes, tiny_recipe, write_jsonl
+from conftest import ShiftedSampler, p_yes, ptx_rows, tiny_recipe, write_jsonl
 
 from align.recipe import load_recipe
 from align.stages.ppo import KLController, RunningScale, explained_variance, run_ppo
@@ -174,7 +174,8 @@ def test_ppo_under_torchrun_equals_one_process(tmp_path, yes_no_model, monkeypat
     of a step's prompts, and what PPO computes over the whole batch - advantage and reward whitening, the
     running reward scale, the KL controller's mean KL - is computed over both halves, so the adapter, the
     value head and the logged numbers match after 2 steps of 2 epochs x 2 minibatches (rows of both
-    processes mixed in each). (Measured without reward whitening and scale too: equal as well.)"""
+    processes mixed in each). (Measured without reward whitening and scale too: equal as well.) With a ptx
+    term of 3 rows an optimizer step, split 2 + 1 over the processes."""
     from test_grpo import assert_same_training, two_processes_and_one
 
     prompts = write_jsonl(tmp_path / "distinct.jsonl", [{"prompt": f"Pick one. ({i})"} for i in range(16)])
@@ -188,10 +189,11 @@ def test_ppo_under_torchrun_equals_one_process(tmp_path, yes_no_model, monkeypat
         # lr 1e-3: at the other tests' 1e-2, PPO's 8 optimizer steps move the policy far (approximate KL 4.5 by
         # step 2) and the runs' rounding differences grow along that trajectory; the losses still agreed to 1e-5
         train={"max_steps": 2, "batch_size": 2, "lr": 1e-3},
+        ptx={"coef": 0.5, "data": str(ptx_rows(tmp_path)), "rows": 3},
     )
     runs = two_processes_and_one(tmp_path, "ppo", recipe, run_ppo, monkeypatch)
     assert_same_training(
         runs,
-        ("reward_mean", "reward_std", "kl", "kl_coef", "loss", "grad_norm"),
+        ("reward_mean", "reward_std", "kl", "kl_coef", "loss", "grad_norm", "ptx_nll"),
         files=("adapter/adapter_model.safetensors", "adapter/value_head.safetensors"),
     )

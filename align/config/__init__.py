@@ -29,7 +29,7 @@ from align.config.rewards import (
     parse_reward,
     reward_parts,
 )
-from align.config.rl import GRPOConfig, GRPOOptions, MonitorConfig, PPOConfig, PPOOptions
+from align.config.rl import GRPOConfig, GRPOOptions, MonitorConfig, PPOConfig, PPOOptions, PtxConfig
 from align.config.sections import (
     AdapterConfig,
     CheckupConfig,
@@ -93,6 +93,7 @@ __all__ = [
     "PythonSpec",
     "PPOConfig",
     "PPOOptions",
+    "PtxConfig",
     "QuantizationConfig",
     "RLRolloutConfig",
     "RecipeError",

@@ -110,6 +110,38 @@ class MonitorConfig(_Strict):
         return {name: parse_reward(spec, f"monitor.rewards.{name}") for name, spec in value.items()}
 
 
+class PtxConfig(_Strict):
+    """InstructGPT's PPO-ptx: the SFT loss on other data, added to every optimizer step of an RL stage, so
+    what that data asks of the policy is kept while RL moves it (the alignment tax, paid less)."""
+
+    coef: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the SFT loss (mean -log p per labelled token) of ptx.data in each optimizer step's "
+        "loss; 0 = off (the update is exactly the one without ptx)",
+    )
+    data: list[str] = Field(
+        default_factory=list,
+        description="SFT files (messages, prompt+completion, instruction+output, chosen+rejected) of general or task "
+        "text, e.g. data/chitchat/train.jsonl; prompts are masked as in sft",
+    )
+    rows: int = Field(8, gt=0, description="ptx rows in each optimizer step (all processes together)")
+    max_length: int | None = Field(None, gt=0, description="tokens per ptx row (none = data.max_length)")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _coef_and_data(self):
+        if self.coef > 0 and not self.data:
+            raise ValueError("ptx.coef > 0 needs ptx.data: the SFT file(s) whose loss is mixed into each update")
+        if self.data and self.coef == 0:
+            raise ValueError("ptx.data is mixed in only with ptx.coef > 0 (e.g. 0.1); set it, or drop ptx.data")
+        return self
+
+
 class _OnlineRLConfig(StageConfig):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
     UNUSED: ClassVar[dict[str, str]] = {
@@ -131,6 +163,7 @@ class _OnlineRLConfig(StageConfig):
     )
     rollout: RLRolloutConfig = Field(default_factory=RLRolloutConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    ptx: PtxConfig = Field(default_factory=PtxConfig)
 
     @field_validator("reward", mode="before")
     @classmethod

@@ -49,6 +49,7 @@ from align.rollout.scoring import policy_outputs, rollout_batch
 from align.stages.checkup import checkup_status, raise_if_collapsed, run_checkup, with_training_alarm
 from align.stages.common import adapter_line, prepare_output, process_state, referenced_dirs, resume_line, source_stage
 from align.stages.monitors import HeldOut, build_monitors
+from align.stages.ptx import ptx_term
 from align.stages.ranks import barrier, share, summed, world
 from align.stages.rl_checkpoints import checkpoint_if_due, load_rl_checkpoint, save_rl_stage
 from align.stages.rl_log import CollapseWatch, DeadRunAlarm, open_step_log, sync_and_gather
@@ -133,6 +134,8 @@ def run_grpo(
     model_path = resolve_model(cfg.model.name, cfg.model.revision)
     tokenizer = load_tokenizer(cfg.model, model_path)
     prompts, held_out, reports = load_prompts(cfg.data, tokenizer, cfg.seed)
+    ptx = ptx_term(cfg, tokenizer)  # None unless ptx.coef > 0
+    reports += [ptx.report] if ptx else []
     reward = build_reward(cfg.reward, referenced_dirs(cfg, recipe_name), cfg.model.trust_remote_code)
     monitors = build_monitors(cfg, recipe_name)  # judged by, never trained on
     source = source_stage(cfg, recipe_name, from_dir)
@@ -178,6 +181,7 @@ def run_grpo(
                 + f", clip {opts.clip}, loss per {opts.loss_aggregation}, kl_coef {opts.kl_coef} ({opts.kl_estimator})",
                 "reward": getattr(reward, "name", str(cfg.reward)),
                 "reference": reference_line,
+                **({"ptx": ptx.describe()} if ptx else {}),
                 "rollouts": f"{engine.describe()}; {cfg.rollout.prompts_per_step} prompts x {k} samples, temperature "
                 f"{cfg.rollout.temperature}, "
                 f"<= {cfg.rollout.max_new_tokens} new tokens",
@@ -249,6 +253,7 @@ def run_grpo(
                     optimizer=optimizer,
                     scheduler=scheduler,
                     log=log,
+                    ptx=partial(ptx.backward, policy, precision=precision) if ptx else None,
                 )
             if ref is not None:  # the rollout policy's KL to the reference, with the loss's estimator
                 log.add(kl=masked_mean(kl_estimate(old, ref, opts.kl_estimator), mask).item())

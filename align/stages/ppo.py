@@ -54,6 +54,7 @@ from align.rollout.scoring import policy_outputs, rollout_batch
 from align.stages.checkup import checkup_status, raise_if_collapsed, run_checkup, with_training_alarm
 from align.stages.common import adapter_line, prepare_output, process_state, referenced_dirs, resume_line, source_stage
 from align.stages.monitors import HeldOut, build_monitors
+from align.stages.ptx import ptx_term
 from align.stages.ranks import (
     barrier,
     gathered,
@@ -150,6 +151,8 @@ def run_ppo(
     model_path = resolve_model(cfg.model.name, cfg.model.revision)
     tokenizer = load_tokenizer(cfg.model, model_path)
     prompts, held_out, reports = load_prompts(cfg.data, tokenizer, cfg.seed)
+    ptx = ptx_term(cfg, tokenizer)  # None unless ptx.coef > 0
+    reports += [ptx.report] if ptx else []
     reward_stages = referenced_dirs(cfg, recipe_name)
     reward = build_reward(cfg.reward, reward_stages, cfg.model.trust_remote_code)
     monitors = build_monitors(cfg, recipe_name)  # judged by, never trained on
@@ -213,6 +216,7 @@ def run_ppo(
                 + (f" adapting to {opts.target_kl}" if opts.target_kl else " (fixed)"),
                 "reward": getattr(reward, "name", str(cfg.reward)),
                 "reference": reference_line,
+                **({"ptx": ptx.describe()} if ptx else {}),
                 "rollouts": f"{engine.describe()}; {cfg.rollout.prompts_per_step} prompts x "
                 f"{cfg.rollout.samples_per_prompt}, "
                 f"temperature {cfg.rollout.temperature}, <= {cfg.rollout.max_new_tokens} new tokens",
@@ -293,6 +297,7 @@ def run_ppo(
                     optimizer=optimizer,
                     scheduler=scheduler,
                     log=log,
+                    ptx=partial(ptx.backward, policy, precision=precision) if ptx else None,
                     early_stop_kl=opts.early_stop_kl,
                 )
             # 7. Sync, adapt the KL coefficient, log; stop a run with no learning signal.

@@ -107,6 +107,7 @@ def minibatch_updates(
     scheduler,
     log,
     early_stop_kl: float | None = None,
+    ptx: Callable[[int], float] | None = None,
 ) -> None:
     """``epochs`` passes over this process's rollout rows (``mask`` [B, C]) in seeded random minibatches
     of ``minibatch`` rows of the whole step, one optimizer step each, its micro-batches of
@@ -115,20 +116,25 @@ def minibatch_updates(
     ``micro_step(rows, tokens, rows_in_minibatch)`` runs one micro-batch: its loss over the minibatch's
     ``tokens`` (every process's) and backward; it returns (the loss, its approximate KL). With
     ``early_stop_kl``, an epoch whose mean approximate KL (over every process) passes it ends the update.
+    ``ptx(update)`` adds the ptx term's gradients (align/stages/ptx.py) to the update-th optimizer step of
+    the stage (numbered as if no epoch stopped early, so the rows it reads depend on the step alone).
     """
     rank, processes = world()
     own = len(mask)
     order, first = list(range(own * processes)), rank * own
+    per_epoch = -(-len(order) // minibatch)
     for epoch in range(epochs):
         random.Random(cfg.seed * 31 + step * 1009 + epoch).shuffle(order)
         epoch_kl = []
-        for whole in micro_batches(order, minibatch):
+        for index, whole in enumerate(micro_batches(order, minibatch)):
             mine = [i - first for i in whole if first <= i < first + own]
             tokens, minibatch_loss = summed(mask[mine].sum().item()), 0.0
             for rows in micro_batches(mine, cfg.train.batch_size, batch):
                 loss, kl_now = micro_step(rows, tokens, len(whole))
                 minibatch_loss += loss
                 epoch_kl.append(kl_now)
+            if ptx is not None:
+                log.add(ptx_nll=ptx(((step - 1) * epochs + epoch) * per_epoch + index))
             sum_gradients(params)  # each process's share of the minibatch loss -> the whole one's
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
             optimizer.step()
