@@ -85,8 +85,12 @@ def test_arithmetic_re_forms_ask_the_held_out_questions_otherwise_and_prepare_ad
     assert (
         sorted(p.name for p in folder.iterdir())
         == sorted(counts)
-        == ["eval.jsonl", "eval_harder.jsonl", "eval_reworded.jsonl", "train.jsonl"]
+        == ["eval.jsonl", "eval_harder.jsonl", "eval_reworded.jsonl", "train.jsonl", "train_varied.jsonl"]
     )
+    # the varied training forms ask the training questions only, never in an eval set's form
+    varied = [json.loads(line) for line in (folder / "train_varied.jsonl").read_text().splitlines()]
+    numbers = lambda rows: sorted(tuple(sorted(map(int, re.findall(r"\d+", r["prompt"])))) for r in rows)  # noqa: E731
+    assert numbers(varied) == numbers(train) and not any(r["prompt"].startswith("Multiply") for r in varied)
     (folder / "eval.jsonl").write_text('{"prompt": "mine", "completion": "#### 1"}\n')
     with pytest.raises(FileExistsError, match="eval.jsonl already exists and differs"):
         prepare("arithmetic", folder)

@@ -155,6 +155,37 @@ def arithmetic_reforms(seed: int = 0, rows: int = 64) -> dict[str, list[dict]]:
     }
 
 
+ARITHMETIC_TRAINING_FORMS = (
+    ARITHMETIC_QUESTION,
+    "Compute {a} times {b}.",
+    "How much is {a} multiplied by {b}?",
+    "{a} x {b} = ?",
+    "A crate holds {a} bottles. How many bottles are in {b} crates?",
+)
+
+
+def arithmetic_varied(seed: int = 0) -> list[dict]:
+    """The training questions of ``arithmetic_rows``, each asked in one of several forms (the task's
+    template among them) with the same worked answer: data that teaches the method rather than one
+    template (issue 33's lever against the alignment tax). The eval sets' forms ("Multiply 67 by 8.",
+    three-digit operands) are never among them, so those sets still measure what carries.
+
+    >>> rows = arithmetic_varied()
+    >>> len(rows), len({r["prompt"].split()[0] for r in rows}) > 3
+    (592, True)
+    >>> sorted(r["completion"] for r in rows) == sorted(r["completion"] for r in arithmetic_rows()[0])
+    True
+    """
+    train, _ = arithmetic_rows(seed=seed)
+    rng = random.Random(seed + 2)
+    varied = []
+    for row in train:
+        a, b = (int(x) for x in row["prompt"].removeprefix("What is ").split("?")[0].split(" * "))
+        form = rng.choice(ARITHMETIC_TRAINING_FORMS)
+        varied.append({"prompt": form.format(a=a, b=b), "completion": row["completion"]})
+    return varied
+
+
 def arithmetic_completion(a: int, b: int) -> str:
     """Tens times b, units times b, their sum, then GSM8K's '#### N' answer line."""
     tens, units = a - a % 10, a % 10
@@ -167,6 +198,7 @@ def prepare_arithmetic(out: Path) -> dict[str, int]:
     return {
         "train.jsonl": _write(out / "train.jsonl", train),
         "eval.jsonl": _write(out / "eval.jsonl", held_out),
+        "train_varied.jsonl": _write(out / "train_varied.jsonl", arithmetic_varied()),
         **{f"eval_{name}.jsonl": _write(out / f"eval_{name}.jsonl", rows) for name, rows in reforms.items()},
     }
 
