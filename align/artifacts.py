@@ -257,9 +257,10 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def file_hash(path: Path) -> str:
+def file_hash(path: Path, skip: tuple[str, ...] = ()) -> str:
+    """sha256 of a file, or of a folder's files (names and contents) less those whose name is in ``skip``."""
     digest = hashlib.sha256()
-    paths = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    paths = sorted(p for p in path.rglob("*") if p.is_file() and p.name not in skip) if path.is_dir() else [path]
     for item in paths:
         digest.update(item.name.encode())
         with item.open("rb") as handle:
@@ -281,6 +282,11 @@ def versions() -> dict[str, str]:
 
 
 def write_manifest(folder: Path, **fields) -> dict:
-    manifest = {"written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions(), **fields}
+    manifest = {
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": versions(),
+        "processes": int(os.environ.get("WORLD_SIZE", "1")),  # torchrun / accelerate launch set it
+        **fields,
+    }
     write_atomic(folder / "manifest.json", json.dumps(manifest, indent=2, default=str) + "\n")
     return manifest

@@ -28,6 +28,7 @@ from pathlib import Path
 from align.artifacts import config_changes, file_hash, flatten, stage_folder, write_atomic, written_by_align
 from align.config import RecipeError, StageConfig, reward_specs
 from align.console import console
+from align.model_card import CARD_FILE
 from align.recipe import Recipe
 from align.stages.registry import REGISTRY
 
@@ -182,7 +183,8 @@ class Pipeline:
         if not manifest or manifest.get("status") != "complete":
             return None
         artifact = folder / manifest.get("artifact", "adapter")
-        return file_hash(artifact) if artifact.exists() else None
+        # the model card is documentation: an eval stage adding its win-rates changes no artifact
+        return file_hash(artifact, skip=(CARD_FILE,)) if artifact.exists() else None
 
     def _attempts(self) -> dict:
         return (

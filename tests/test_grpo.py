@@ -389,6 +389,8 @@ def test_grpo_under_torchrun_equals_one_process(tmp_path, yes_no_model, monkeypa
     manifests = {n: json.loads((runs[n] / "manifest.json").read_text()) for n in runs}
     for key in ("held_out_start", "held_out_end", "monitor", "proxy_agreement"):
         assert manifests["two"][key] == manifests["one"][key], key
+    assert (manifests["two"]["processes"], manifests["one"]["processes"]) == (2, 1)  # and their model cards say so
+    assert "| processes | 2 |" in (runs["two"] / "adapter" / "README.md").read_text()
     # the per-prompt scores a checkpoint keeps (the start's, and the best's) are in the prompts' order in both
     states = {n: json.loads((runs[n] / "checkpoints" / "checkpoint-1" / "loop_state.json").read_text()) for n in runs}
     assert states["two"]["held_out"] == states["one"]["held_out"] and len(states["one"]["held_out"]["start"]["no"]) == 5

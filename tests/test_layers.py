@@ -26,6 +26,7 @@ LAYERS = [  # (module prefix, rank): a module may import its own rank or lower
     ("align.eval", 2),
     ("reward_models", 2),
     ("align.artifacts", 1),
+    ("align.model_card", 1),
     ("align.console", 1),
     ("align.faults", 1),
     ("align.tracking", 1),

@@ -128,6 +128,15 @@ def test_all_stages_run_through_the_cli_and_record_their_inputs(uninterrupted):
     assert found["sft"]["pipeline"]["inputs"] == {}
     for name in ("report.json", "report.md", "winrate.png"):
         assert (runs / "eval" / name).is_file()
+    # a model card beside every adapter; the eval's win-rates in the card of the stage it judged (a second
+    # run still skips everything: the card is not part of an artifact's hash)
+    from huggingface_hub import ModelCard
+
+    cards = {s: ModelCard.load(runs / s / "adapter" / "README.md") for s in STAGES if s != "eval"}
+    assert all(c.data.to_dict()["tags"][:2] == ["align", found[s]["kind"]] for s, c in cards.items())
+    result = json.loads((runs / "eval" / "report.json").read_text())["results"][0]
+    row = f"| {result['set']} | {result['judge']} | {result['baseline']} | {result['wins']}/{result['ties']}/"
+    assert "runs/tiny-pipeline/eval" in cards["grpo"].text and row in cards["grpo"].text
     assert "report: runs/tiny-pipeline/eval/report.md" in proc.stdout
 
 

@@ -69,6 +69,11 @@ def test_cli_end_to_end(tmp_path, tiny_llama):
     assert "assistant:" in gen.stdout and "engine: hf" in gen.stdout
     cli("merge", "--model", out, "--output", tmp_path / "merged")
     merged = load_tiny(tmp_path / "merged")
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "merged" / "README.md")  # the stage's card, as a merged model's
+    assert card.data.library_name == "transformers" and "merged into its base by `align merge`" in card.text
+    assert ModelCard.load(out / "adapter" / "README.md").data.library_name == "peft"
 
     from align.models.trained import load_trained
 

@@ -9,6 +9,7 @@ import yaml
 
 from align.artifacts import atomic_folder
 from align.config import ModelConfig, StageConfig, schema_of
+from align.model_card import CARD_FILE, render_card
 from align.models.loading import DTYPES, load_base_model, load_tokenizer, read_stage_manifest, resolve_precision
 from align.models.resolve import check_has_weights
 
@@ -95,6 +96,8 @@ def merge(folder: str | Path, output: str | Path, precision: str = "fp32") -> Pa
     with atomic_folder(output) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        if (Path(folder) / "manifest.json").is_file():  # a stage folder: its card, as a merged model's
+            (staging / CARD_FILE).write_text(render_card(Path(folder), merged=True), encoding="utf-8")
     return output
 
 

@@ -24,6 +24,7 @@ from align.artifacts import (
 )
 from align.config import RecipeError, StageConfig, dump_config, stage_references
 from align.console import console
+from align.model_card import write_card
 from align.models.loading import read_stage_manifest
 from align.stages.registry import POLICY_KINDS
 from align.tracking import plot_losses, read_metrics, report_to
@@ -204,6 +205,7 @@ def save_stage(trainer, tokenizer, output_dir: Path, artifact: str, started: flo
         seconds=round(time.time() - started, 1),
         **manifest,
     )
+    write_card(output_dir)  # from the manifest just written (align/model_card.py)
     console.print(f"[bold green]done[/] in {time.time() - started:.0f}s: {output_dir}")
     return manifest
 

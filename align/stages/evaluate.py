@@ -30,6 +30,7 @@ from align.data.prompt_data import PromptExample, concatenate, encode_prompt_fil
 from align.data.report import RowReport
 from align.eval.report import print_table, write_report
 from align.eval.winrate import outcomes_from_probabilities, outcomes_from_scores, summarize
+from align.model_card import record_evaluation
 from align.models.loading import load_tokenizer, resolve_precision
 from align.models.resolve import resolve_model
 from align.stages.common import elsewhere, prepare_output, process_state, referenced_dirs
@@ -228,6 +229,7 @@ def run_eval(
         results=results,
         **(provenance or {}),
     )
+    record_evaluation(policy.folder, output_dir, report)  # its win-rates into the judged stage's model card
     print_table(report)
     console.print(f"[bold green]done[/] in {time.time() - started:.0f}s: {output_dir / 'report.md'}")
     return output_dir

@@ -11,6 +11,7 @@ import torch
 from align.artifacts import CHECKPOINT_MARKER, atomic_folder, prune_checkpoints, write_manifest
 from align.console import console
 from align.faults import fault_point
+from align.model_card import write_card
 from align.stages.ranks import is_main
 from align.tracking import plot_losses
 
@@ -41,6 +42,7 @@ def save_rl_stage(
         seconds=round(time.time() - started, 1),
         **manifest,
     )
+    write_card(output_dir)  # from the manifest just written (align/model_card.py)
     console.print(f"[bold green]done[/] in {time.time() - started:.0f}s: {output_dir}")
     return manifest
 
