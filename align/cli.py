@@ -39,6 +39,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from align.data.loading import DataError
     from align.data.templating import TemplateError
     from align.models.resolve import ModelNotFound
+    from align.publish import PushError
     from align.rollout.engine import SyncError
     from align.stages.checkup import CollapseAlarm
     from reward_models.python import RewardFunctionError
@@ -56,6 +57,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
         FileNotFoundError,
         SyncError,
         CollapseAlarm,
+        PushError,
     )
 
 
@@ -389,6 +391,22 @@ def merge(
 
     out = merge_adapter(model, output or model / "merged", precision=precision)
     console.print(f"merged model written to {out}")
+
+
+@app.command()
+def push(
+    model: Path = typer.Option(..., "--model", "-m", help="a finished stage folder (runs/<recipe>/<stage>)"),
+    repo: str = typer.Option(..., "--repo", help="the Hub model repository, OWNER/NAME (created if missing)"),
+    merged: bool = typer.Option(False, "--merged", help="upload the adapter merged into its base (a plain model)"),
+    private: bool = typer.Option(False, "--private", help="create the repository private"),
+    revision: Optional[str] = typer.Option(None, "--revision", help="a branch to push to (created if missing)"),
+):
+    """Publish a finished stage, with its model card, to the Hugging Face Hub (token: HF_TOKEN or
+    `huggingface-cli login`)."""
+    from align.publish import push as push_stage
+
+    url = push_stage(model, repo, merged=merged, private=private, revision=revision)
+    console.print(f"pushed {model} to {repo}: {url}")
 
 
 @data_app.command("prepare")

@@ -18,6 +18,7 @@ LAYERS = [  # (module prefix, rank): a module may import its own rank or lower
     ("align.pipeline", 5),
     ("align.standalone_eval", 5),
     ("align.recipe", 4),
+    ("align.publish", 3),
     ("align.stages", 3),
     ("align.data", 2),
     ("align.models", 2),

@@ -2,12 +2,18 @@
 Hugging Face card, and its numbers are the stage's manifest's; eval stages add their win-rates; a
 folder align did not write is never written into. (test_pipeline: every stage of a chain has one,
 and adding win-rates re-runs nothing; test_sft_stage: `align merge` carries it; torchrun tests: the
-manifest's process count.)"""
+manifest's process count.) `align push` (align/publish.py): every check before the upload, and what
+it hands huggingface_hub - the upload itself cannot run here (no network)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 from huggingface_hub import ModelCard
 from test_checkup import _sft_on_yes
 
@@ -59,3 +65,91 @@ def test_known_bases_are_named_by_their_hub_id_and_license():
     hub_id, license_, text = base_model({"base_model": "smollm2-135m-instruct"})
     assert (hub_id, license_) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0") and "GGUF" in text
     assert base_model({"base_model": "org/model-that-is-not-cached"})[0] == "org/model-that-is-not-cached"
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory, tiny_llama) -> Path:
+    return _sft_on_yes(tmp_path_factory.mktemp("push"), tiny_llama, 2e-2, 2)
+
+
+class FakeHub:
+    """Stands in for huggingface_hub.HfApi: records the calls and what the uploaded folder held."""
+
+    calls: list = []
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, **options):
+        FakeHub.calls.append(("create_repo", repo_id, options))
+
+    def create_branch(self, repo_id, branch, **options):
+        FakeHub.calls.append(("create_branch", repo_id, branch))
+
+    def upload_folder(self, folder_path, repo_id, **options):
+        folder = Path(folder_path)
+        files = sorted(p.name for p in folder.iterdir())
+        card = ModelCard.load(folder / "README.md")
+        FakeHub.calls.append(("upload_folder", repo_id, options["revision"], files, card, self.token))
+        return "https://huggingface.co/me/model/commit/abc"
+
+
+def test_push_hands_the_adapter_and_its_card_to_the_hub(stage, monkeypatch):
+    import huggingface_hub
+
+    from align.publish import push
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    (stage / "adapter" / CARD_FILE).unlink()  # a stage from before cards: the card is written from the manifest
+    FakeHub.calls = []
+    assert push(stage, "me/model", private=True, revision="v1").endswith("/commit/abc")
+    (create, repo, options), branch, (upload, _, revision, files, card, token) = FakeHub.calls
+    assert (create, repo, options["private"], branch) == (
+        "create_repo",
+        "me/model",
+        True,
+        ("create_branch", "me/model", "v1"),
+    )
+    assert (upload, revision, token) == ("upload_folder", "v1", "hf_test")
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    assert card.data.library_name == "peft" and (stage / "adapter" / CARD_FILE).is_file()
+
+    FakeHub.calls = []
+    push(stage, "me/model", merged=True)  # the adapter merged into its base: a plain transformers folder
+    (_, _, _), (_, _, revision, files, card, _) = FakeHub.calls
+    assert revision is None and {"README.md", "config.json", "model.safetensors"} <= set(files)
+    assert card.data.library_name == "transformers"
+
+
+def test_push_refuses_before_any_network_with_a_plain_message(stage, tmp_path, monkeypatch):
+    from align.publish import PushError, push
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(PushError, match="OWNER/NAME"):
+        push(stage, "model-without-owner")
+    with pytest.raises(PushError, match="not a finished align stage"):
+        push(tmp_path, "me/model")
+    for status, words in (("collapsed", "collapse alarm"), ("running", "has not finished")):
+        copy = tmp_path / status
+        copy.mkdir()
+        manifest = json.loads((stage / "manifest.json").read_text())
+        (copy / "manifest.json").write_text(json.dumps({**manifest, "status": status}))
+        with pytest.raises(PushError, match=words):
+            push(copy, "me/model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PushError, match="HF_HUB_OFFLINE"):
+        push(stage, "me/model")
+
+    # on the command line: no token, one line naming what to do, exit 2, no traceback
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_HUB_OFFLINE")}
+    env["HF_HOME"] = str(tmp_path / "no-login")
+    proc = subprocess.run(
+        [sys.executable, "-m", "align.cli", "push", "--model", str(stage), "--repo", "me/model"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 2 and "no Hugging Face token" in proc.stdout and "Traceback" not in proc.stderr
