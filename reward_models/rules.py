@@ -9,6 +9,9 @@ import inspect
 import re
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+# An expression left to evaluate ("453 * 5", "2 + 2"): math-verify would compute it, so an answer that only
+# restates the question's own product would count as right. A fraction (1/2, \frac{3}{4}) is a value.
+_UNEVALUATED = re.compile(r"[\d)}]\s*[-+*×·^]\s*[\d({\\]")
 
 
 def final_number(text: str) -> str | None:
@@ -46,8 +49,13 @@ def same_answer(completion: str, reference: str) -> bool:
     field uses to check math answers. Its timeouts use SIGALRM, which only the main thread may set:
     elsewhere they are off (and its warning that says so is silenced).
 
+    An answer that is an expression, not a value, is not an answer: restating the question ("453 * 5 =
+    2005 ... which is 2005") is wrong although math-verify would evaluate "453 * 5" to the reference.
+
     >>> same_answer("so the half is 1/2", "#### 0.5"), same_answer("#### 12", "#### 13")
     (True, False)
+    >>> same_answer("453 * 5 = 2005, which is 2005.", "#### 2265"), same_answer("It is 453 * 5 = 2265.", "#### 2265")
+    (False, True)
     """
     got, want = final_number(completion), final_number(reference)
     if got is not None and got == want:
@@ -61,6 +69,8 @@ def same_answer(completion: str, reference: str) -> bool:
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     gold = parse(answer_text(reference), parsing_timeout=seconds)
     answer = parse(answer_text(completion), parsing_timeout=seconds)
+    if answer and _UNEVALUATED.search(str(answer[-1])):
+        return False
     return bool(gold and answer and verify(gold, answer, timeout_seconds=seconds))
 
 

@@ -9,5 +9,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-[ -f data/arithmetic/eval_harder.jsonl ] || align data prepare arithmetic   # adds only missing files
+[ -f data/arithmetic/train_varied.jsonl ] || align data prepare arithmetic   # adds only missing files
 align run recipes/smollm2-135m/quickstart.yaml "$@"

@@ -309,6 +309,8 @@ def test_readme_quickstart_command_runs_the_whole_pipeline(tmp_path):
             assert manifest["checkup"]["collapse"] == [], (stage, manifest["checkup"])
             assert manifest["checkup"]["general"]["after"]["mean"] < 0, stage  # the probe ran
     checkups = {s: json.loads((runs / s / "manifest.json").read_text())["checkup"] for s in ("sft", "dpo")}
+    grpo_steps = [json.loads(line) for line in (runs / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["ptx_nll"] > 0 for r in grpo_steps)  # the ptx term trained in every step
     assert checkups["dpo"]["general"]["before"] == checkups["sft"]["general"]["after"]  # the start's end, reused
     report = json.loads((runs / "eval" / "report.json").read_text())
     assert {name: s["n"] for name, s in report["prompts"]["sets"].items()} == {
