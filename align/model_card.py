@@ -18,8 +18,12 @@ import json
 from pathlib import Path
 
 from align.artifacts import write_atomic, written_by_align
+from align.console import console
 
 CARD_FILE = "README.md"
+# The first line of every card align writes: a README.md without it (and not peft's blank template) is the
+# user's own, and align never rewrites it.
+CARD_MARKER = "<!-- model card written by align from this stage's manifest.json; align rewrites it -->"
 EVALUATIONS_FILE = "evaluations.json"
 RESULT_FIGURES = ("wins", "ties", "losses", "win_rate", "ci_low", "ci_high")  # of an eval report's result rows
 
@@ -79,12 +83,13 @@ def render_card(folder: Path, merged: bool = False) -> str:
         pipeline_tag=PIPELINE_TAGS.get(kind, "text-generation"),
         tags=["align", kind, adapter],
     )
-    title = f"{manifest.get('recipe', 'recipe')}/{manifest.get('stage', kind)}"
+    title = f"{manifest.get('recipe', 'recipe')}/{folder.name}"
     what = "a reward model (a scalar head on the base)" if kind == "rm" else "a policy"
     lines = [
         "---",
         data.to_yaml(),
         "---",
+        CARD_MARKER,
         "",
         f"# {title}",
         "",
@@ -104,7 +109,7 @@ def render_card(folder: Path, merged: bool = False) -> str:
     lines += _data_section(manifest.get("data") or {})
     lines += _checkup_section(manifest.get("checkup") or {})
     lines += _evaluation_section(evaluations)
-    lines += _reproduce_section(manifest)
+    lines += _reproduce_section(manifest, folder.name)
     if config:
         lines += ["", "## Recipe section (resolved)", "", "```yaml", config.rstrip(), "```"]
     versions = manifest.get("versions") or {}
@@ -115,7 +120,7 @@ def render_card(folder: Path, merged: bool = False) -> str:
 
 def _how(manifest: dict) -> dict[str, str]:
     rows = {
-        "stage kind": manifest.get("kind")
+        "stage kind": str(manifest.get("kind"))
         + (f" ({manifest['algorithm']})" if manifest.get("algorithm") not in (None, manifest.get("kind")) else ""),
         "started from": manifest.get("from_stage") or "the base model (a fresh adapter)",
         "precision": manifest.get("precision"),
@@ -124,7 +129,7 @@ def _how(manifest: dict) -> dict[str, str]:
         "stopped early": manifest.get("stopped_early"),
         "reward": manifest.get("reward"),
         "rollout engine": manifest.get("engine"),
-        "processes": manifest.get("processes", 1),
+        "processes": manifest.get("processes", "-"),  # not recorded before 2026-12-07
         "time": f"{manifest['seconds']} s" if manifest.get("seconds") is not None else None,
         "status": manifest.get("status"),
         "written": manifest.get("written_at"),
@@ -211,15 +216,14 @@ def _evaluation_section(evaluations: dict) -> list[str]:
     return lines[:-1]
 
 
-def _reproduce_section(manifest: dict) -> list[str]:
+def _reproduce_section(manifest: dict, stage: str) -> list[str]:
+    """``stage``: the recipe's name for it (the folder's name; the manifest's ``stage`` is the kind)."""
     recipe = (manifest.get("pipeline") or {}).get("recipe")
-    stage = manifest.get("stage")
     if recipe:
         command = f"align run {recipe} --only {stage}  # after the stages it builds on"
     else:
-        command = (
-            f"align {manifest.get('kind')} --recipe RECIPE.yaml  # this folder's config.yaml is the stage's section"
-        )
+        kind = manifest.get("kind")
+        command = f"align {'rm train' if kind == 'rm' else kind} --recipe RECIPE.yaml --stage {stage}"
     return ["", "## Reproduce", "", "```", command, "```"]
 
 
@@ -234,14 +238,23 @@ def _evaluations(folder: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
+def is_ours(card: Path) -> bool:
+    """True when ``card`` may be (re)written: missing, written by align, or peft's blank template."""
+    if not card.is_file():
+        return True
+    text = card.read_text(encoding="utf-8", errors="replace")
+    return CARD_MARKER in text or "[More Information Needed]" in text
+
+
 def write_card(folder: Path) -> Path | None:
-    """(Re)writes the card of the stage in ``folder`` into its artifact folder; None when it has none."""
+    """(Re)writes the card of the stage in ``folder`` into its artifact folder; None when it has no
+    artifact, or when the README.md there is the user's own (``is_ours``), which is never replaced."""
     folder = Path(folder)
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         return None
     artifact = folder / json.loads(manifest_path.read_text(encoding="utf-8")).get("artifact", "adapter")
-    if not artifact.is_dir():
+    if not artifact.is_dir() or not is_ours(artifact / CARD_FILE):
         return None
     write_atomic(artifact / CARD_FILE, render_card(folder))
     return artifact / CARD_FILE
@@ -259,5 +272,8 @@ def record_evaluation(policy_folder: Path, eval_folder: Path, report: dict) -> N
         "sampling": report["sampling"],
         "results": [{k: r.get(k) for k in ("set", "judge", "baseline", *RESULT_FIGURES)} for r in report["results"]],
     }
-    write_atomic(policy_folder / EVALUATIONS_FILE, json.dumps(evaluations, indent=2) + "\n")
-    write_card(policy_folder)
+    try:  # the eval is complete either way: a folder it may not write costs only the card's update
+        write_atomic(policy_folder / EVALUATIONS_FILE, json.dumps(evaluations, indent=2) + "\n")
+        write_card(policy_folder)
+    except OSError as error:
+        console.print(f"[yellow]could not add the win-rates to {policy_folder}'s model card: {error}[/]")

@@ -123,7 +123,9 @@ class Pipeline:
                     plan
                 ) if recorded else "finished outside align run; re-run to record its inputs"
             stale = [
-                dep for dep, digest in (recorded.get("inputs") or {}).items() if digest != self._artifact_hash(dep)
+                dep
+                for dep, digest in (recorded.get("inputs") or {}).items()
+                if digest not in (self._artifact_hash(dep), self._artifact_hash(dep, skip=()))  # () : before cards
             ]
             if stale:
                 return "run", f"input stage(s) {', '.join(stale)} were re-made since it ran"
@@ -177,14 +179,15 @@ class Pipeline:
             lock.close()
         console.rule(f"[bold green]align run {self.recipe.name}: done in {time.time() - started:.0f}s[/]")
 
-    def _artifact_hash(self, stage: str) -> str | None:
+    def _artifact_hash(self, stage: str, skip: tuple[str, ...] = (CARD_FILE,)) -> str | None:
         folder = self.folder / stage
         manifest = _manifest(folder)
         if not manifest or manifest.get("status") != "complete":
             return None
         artifact = folder / manifest.get("artifact", "adapter")
-        # the model card is documentation: an eval stage adding its win-rates changes no artifact
-        return file_hash(artifact, skip=(CARD_FILE,)) if artifact.exists() else None
+        # the model card is documentation: an eval stage adding its win-rates changes no artifact (runs made
+        # before cards recorded the hash with peft's README in it: `skip=()` gives that one)
+        return file_hash(artifact, skip=skip) if artifact.exists() else None
 
     def _attempts(self) -> dict:
         return (
@@ -246,6 +249,8 @@ def _fingerprint(cfg: StageConfig, inputs: dict[str, str]) -> str:
         for k, v in flatten(cfg.model_dump(mode="json", by_alias=True)).items()
         if not k.startswith(NOT_FINGERPRINTED)
     }
+    if config.get("ptx.coef") == 0:  # ptx off trains as before the term existed: keep those runs' fingerprints
+        config = {k: v for k, v in config.items() if not k.startswith("ptx.")}
     # Pairs made by an input stage are not hashed as data: its fingerprint and artifact hash cover them
     # (hashing them would change this fingerprint between the plan that makes them and the next run).
     made = [

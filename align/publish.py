@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from align.artifacts import written_by_align
-from align.model_card import CARD_FILE, write_card
+from align.model_card import write_card
 
 
 class PushError(RuntimeError):
@@ -40,8 +40,7 @@ def check_pushable(folder: Path) -> tuple[dict, Path]:
     artifact = folder / manifest.get("artifact", "")
     if manifest.get("artifact") not in ("adapter", "model") or not artifact.is_dir():
         raise PushError(f"{folder}: a {manifest.get('kind')} stage holds no trained model to publish")
-    if not (artifact / CARD_FILE).is_file() or "align" not in (artifact / CARD_FILE).read_text(encoding="utf-8"):
-        write_card(folder)  # a stage from before cards, or peft's blank template: ours, from the manifest
+    write_card(folder)  # from the manifest, unless the README.md there is the user's own (then it goes as it is)
     return manifest, artifact
 
 
@@ -60,22 +59,70 @@ def hub_token() -> str:
 def push(folder: Path, repo_id: str, merged: bool = False, private: bool = False, revision: str | None = None) -> str:
     """Uploads the stage in ``folder`` to ``repo_id`` (created if missing; ``revision``: a branch,
     created from main if missing); returns the commit's URL."""
-    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as error:
+        raise PushError(f"{repo_id!r} is not a Hub repository id: {error}") from None
+    if repo_id.count("/") != 1:
         raise PushError(f"{repo_id!r} is not a Hub repository id: write it as OWNER/NAME")
     manifest, artifact = check_pushable(folder)
+    if merged and manifest.get("kind") == "rm":
+        raise PushError(f"{folder}: a reward model is published as its adapter and score head; drop --merged")
     token = hub_token()
-    import httpx
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi(token=token)
+    network = _network_errors()
     try:
         return _upload(api, folder, repo_id, manifest, artifact, merged, private, revision)
-    except (HfHubHTTPError, httpx.HTTPError, OSError) as error:  # refused, unreachable, or the disk
+    except (HfHubHTTPError, *network, OSError) as error:  # refused, unreachable, or the disk
         raise PushError(f"pushing {folder} to {repo_id} failed: {str(error).splitlines()[0][:300]}") from None
 
 
+def _network_errors() -> tuple[type[Exception], ...]:
+    """The base errors of the HTTP clients huggingface_hub may raise from (httpx2 in recent versions,
+    httpx or requests in older ones): a network failure, said in one line."""
+    import importlib
+
+    found = []
+    for name, error in (("httpx2", "HTTPError"), ("httpx", "HTTPError"), ("requests", "RequestException")):
+        try:
+            found.append(getattr(importlib.import_module(name), error))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+def _existing_files(api, repo_id: str, private: bool, revision: str | None) -> list[str] | None:
+    """The files the repository (or branch) holds now, None when it does not exist; a public repository
+    is refused when a private one was asked for (create_repo would leave it public)."""
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        info = api.repo_info(repo_id, repo_type="model")
+    except RepositoryNotFoundError:
+        return None
+    if private and not info.private:
+        raise PushError(f"{repo_id} exists and is public: --private would not make it private; make it so first")
+    try:
+        return api.list_repo_files(repo_id, repo_type="model", revision=revision)
+    except RevisionNotFoundError:
+        return []
+
+
 def _upload(api, folder: Path, repo_id: str, manifest: dict, artifact: Path, merged, private, revision) -> str:
+    existing = _existing_files(api, repo_id, private, revision)
+    adapter = manifest["artifact"] == "adapter" and not merged  # else a whole model (merged, or full fine-tuning)
+    clash = "config.json" if adapter else "adapter_config.json"
+    if existing and clash in existing:  # an adapter beside a whole model, or back: a repo holding both is no model
+        held, pushing = ("a whole model", "an adapter") if adapter else ("an adapter", "a whole model")
+        raise PushError(
+            f"{repo_id}{'@' + revision if revision else ''} holds {held} already; push {pushing} to another "
+            "repository or branch (--revision)"
+        )
     with tempfile.TemporaryDirectory(prefix="align-push-") as scratch:
         upload = artifact
         if merged and manifest["artifact"] == "adapter":

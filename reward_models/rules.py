@@ -11,7 +11,7 @@ import re
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 # An expression left to evaluate ("453 * 5", "2 + 2"): math-verify would compute it, so an answer that only
 # restates the question's own product would count as right. A fraction (1/2, \frac{3}{4}) is a value.
-_UNEVALUATED = re.compile(r"[\d)}]\s*[-+*×·^]\s*[\d({\\]")
+_UNEVALUATED = re.compile(r"\d\s*(?:[-+*×·]|\\times|\\cdot)\s*(?!10\s*\^)\d")  # 2.3 \times 10^{3} is a value
 
 
 def final_number(text: str) -> str | None:
@@ -56,6 +56,10 @@ def same_answer(completion: str, reference: str) -> bool:
     (True, False)
     >>> same_answer("453 * 5 = 2005, which is 2005.", "#### 2265"), same_answer("It is 453 * 5 = 2265.", "#### 2265")
     (False, True)
+    >>> [same_answer(a, "#### 2265") for a in (r"$\\boxed{453 \\times 5}$", r"$453\\cdot 5$", r"$2.265 \\times 10^{3}$")]
+    [False, False, True]
+    >>> same_answer(r"$1+\\sqrt{2}$", r"$\\sqrt{2}+1$"), same_answer("-3", "#### -3")
+    (True, True)
     """
     got, want = final_number(completion), final_number(reference)
     if got is not None and got == want:

@@ -53,6 +53,12 @@ def test_a_stage_card_parses_and_says_what_its_manifest_says(tmp_path, tiny_llam
     assert "| task | exact | base | 6/1/1 | 0.750 | 0.500-0.938 |" in text and "5/2/1" not in text
     assert list(json.loads((out / EVALUATIONS_FILE).read_text())) == [str(tmp_path / "eval")]
 
+    # a README.md the user wrote in its place is never rewritten; the win-rates still reach evaluations.json
+    (out / "adapter" / CARD_FILE).write_text("# mine\n")
+    record_evaluation(out, tmp_path / "eval-2", report)
+    assert (out / "adapter" / CARD_FILE).read_text() == "# mine\n"
+    assert len(json.loads((out / EVALUATIONS_FILE).read_text())) == 2
+
     # a folder align did not write (no owner marker, no align manifest) is never written into
     theirs = tmp_path / "theirs"
     (theirs / "adapter").mkdir(parents=True)
@@ -73,12 +79,26 @@ def stage(tmp_path_factory, tiny_llama) -> Path:
 
 
 class FakeHub:
-    """Stands in for huggingface_hub.HfApi: records the calls and what the uploaded folder held."""
+    """Stands in for huggingface_hub.HfApi: records the calls and what the uploaded folder held;
+    ``repos`` is what the Hub holds already ({repo id: (private, files)})."""
 
     calls: list = []
+    repos: dict = {}
 
     def __init__(self, token=None):
         self.token = token
+
+    def repo_info(self, repo_id, **options):
+        from types import SimpleNamespace
+
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        if repo_id not in FakeHub.repos:
+            raise RepositoryNotFoundError(repo_id, response=SimpleNamespace(headers={}, status_code=404, request=None))
+        return SimpleNamespace(private=FakeHub.repos[repo_id][0])
+
+    def list_repo_files(self, repo_id, **options):
+        return FakeHub.repos[repo_id][1]
 
     def create_repo(self, repo_id, **options):
         FakeHub.calls.append(("create_repo", repo_id, options))
@@ -97,13 +117,13 @@ class FakeHub:
 def test_push_hands_the_adapter_and_its_card_to_the_hub(stage, monkeypatch):
     import huggingface_hub
 
-    from align.publish import push
+    from align.publish import PushError, push
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
     monkeypatch.setenv("HF_TOKEN", "hf_test")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     (stage / "adapter" / CARD_FILE).unlink()  # a stage from before cards: the card is written from the manifest
-    FakeHub.calls = []
+    FakeHub.calls, FakeHub.repos = [], {}
     assert push(stage, "me/model", private=True, revision="v1").endswith("/commit/abc")
     (create, repo, options), branch, (upload, _, revision, files, card, token) = FakeHub.calls
     assert (create, repo, options["private"], branch) == (
@@ -117,10 +137,24 @@ def test_push_hands_the_adapter_and_its_card_to_the_hub(stage, monkeypatch):
     assert card.data.library_name == "peft" and (stage / "adapter" / CARD_FILE).is_file()
 
     FakeHub.calls = []
-    push(stage, "me/model", merged=True)  # the adapter merged into its base: a plain transformers folder
+    push(stage, "me/merged", merged=True)  # the adapter merged into its base: a plain transformers folder
     (_, _, _), (_, _, revision, files, card, _) = FakeHub.calls
     assert revision is None and {"README.md", "config.json", "model.safetensors"} <= set(files)
     assert card.data.library_name == "transformers"
+
+    # what the Hub holds already: a public repo is not made private by --private, and an adapter never lands
+    # beside a whole model (or back) - both refused before any upload
+    FakeHub.calls, FakeHub.repos = [], {"me/public": (False, []), "me/merged": (False, ["config.json"])}
+    with pytest.raises(PushError, match="exists and is public"):
+        push(stage, "me/public", private=True)
+    with pytest.raises(PushError, match="holds a whole model already"):
+        push(stage, "me/merged")
+    assert FakeHub.calls == []
+    # the user's own card (no align marker) is uploaded as it is, never rewritten
+    (stage / "adapter" / CARD_FILE).write_text("# my own words\n")
+    push(stage, "me/public")
+    assert FakeHub.calls[-1][4].text.strip() == "# my own words"
+    assert (stage / "adapter" / CARD_FILE).read_text() == "# my own words\n"
 
 
 def test_push_refuses_before_any_network_with_a_plain_message(stage, tmp_path, monkeypatch):
@@ -130,6 +164,8 @@ def test_push_refuses_before_any_network_with_a_plain_message(stage, tmp_path, m
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(PushError, match="OWNER/NAME"):
         push(stage, "model-without-owner")
+    with pytest.raises(PushError, match="not a Hub repository id"):
+        push(stage, "me/model name")
     with pytest.raises(PushError, match="not a finished align stage"):
         push(tmp_path, "me/model")
     for status, words in (("collapsed", "collapse alarm"), ("running", "has not finished")):
@@ -144,7 +180,8 @@ def test_push_refuses_before_any_network_with_a_plain_message(stage, tmp_path, m
         push(stage, "me/model")
 
     # on the command line: no token, one line naming what to do, exit 2, no traceback
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_HUB_OFFLINE")}
+    hidden = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_HUB_OFFLINE")
+    env = {k: v for k, v in os.environ.items() if k not in hidden}
     env["HF_HOME"] = str(tmp_path / "no-login")
     proc = subprocess.run(
         [sys.executable, "-m", "align.cli", "push", "--model", str(stage), "--repo", "me/model"],

@@ -128,6 +128,45 @@ def test_ptx_settings_and_rows_are_checked_before_any_model_loads(tmp_path, tiny
             recipe_with_checkup(tmp_path, tiny_llama, {"grpo": {**GRPO, "ptx": ptx}})
     bad = write_jsonl(tmp_path / "bad.jsonl", [TALK[1], {"messages": [{"role": "user", "content": 3}]}])
     cfg = recipe_with_checkup(tmp_path, tiny_llama, {"grpo": {**GRPO, "ptx": {"coef": 0.1, "data": str(bad)}}})
+    # `align run`'s plan reads them too, so a bad ptx file stops a recipe before its earlier stages run
+    from align.models.loading import load_tokenizer
+    from align.stages.rl_setup import plan
+
+    resolved = cfg.resolve("grpo")
+    with pytest.raises(DataError, match="bad.jsonl, row 2"):
+        plan(resolved, load_tokenizer(resolved.model))
     monkeypatch.setattr(grpo, "load_policy", lambda *a, **k: pytest.fail("the policy loaded before the data check"))
     with pytest.raises(DataError, match=r"(?s)ptx.data: 1 bad row.*bad\.jsonl, row 2, field 'messages\[0\]\.content'"):
         grpo.run_grpo(cfg.resolve("grpo"), tmp_path / "out", recipe_name="tiny")
+
+
+def test_each_optimizer_step_hands_ptx_its_own_number():
+    """minibatch_updates numbers a stage's optimizer steps 0, 1, 2, ... for the ptx term across steps,
+    epochs and minibatches, so every optimizer step reads new ptx rows (a constant number would train on
+    the same rows forever and still pass the torchrun and resume tests, which compare runs)."""
+    from types import SimpleNamespace
+
+    from align.stages.rl_update import minibatch_updates
+
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    cfg = SimpleNamespace(seed=0, train=SimpleNamespace(batch_size=2, max_grad_norm=1.0))
+    log = SimpleNamespace(add=lambda **values: None)
+    seen = []
+    for step in (1, 2):  # 2 steps x 2 epochs x 2 minibatches of 4 rows
+        minibatch_updates(
+            torch.ones(8, 3),
+            None,
+            lambda rows, tokens, size: (0.0, 0.0),
+            epochs=2,
+            minibatch=4,
+            cfg=cfg,
+            step=step,
+            params=params,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            log=log,
+            ptx=lambda update: seen.append(update) or 1.0,
+        )
+    assert seen == list(range(8))

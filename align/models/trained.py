@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -9,7 +10,7 @@ import yaml
 
 from align.artifacts import atomic_folder
 from align.config import ModelConfig, StageConfig, schema_of
-from align.model_card import CARD_FILE, render_card
+from align.model_card import CARD_FILE, is_ours, render_card
 from align.models.loading import DTYPES, load_base_model, load_tokenizer, read_stage_manifest, resolve_precision
 from align.models.resolve import check_has_weights
 
@@ -96,7 +97,10 @@ def merge(folder: str | Path, output: str | Path, precision: str = "fp32") -> Pa
     with atomic_folder(output) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if (Path(folder) / "manifest.json").is_file():  # a stage folder: its card, as a merged model's
+        card = Path(folder) / "adapter" / CARD_FILE
+        if not is_ours(card):  # the user's own card goes with the weights as it is
+            shutil.copyfile(card, staging / CARD_FILE)
+        elif (Path(folder) / "manifest.json").is_file():  # a stage folder: its card, as a merged model's
             (staging / CARD_FILE).write_text(render_card(Path(folder), merged=True), encoding="utf-8")
     return output
 

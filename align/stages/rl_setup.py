@@ -35,9 +35,12 @@ def rl_steps(cfg, prompts: int) -> int:
 def plan(cfg, tokenizer) -> tuple[str, str]:
     """(prompts, work) for `align run`'s plan; reading every prompt is the validation."""
     from align.data.prompt_data import load_prompts
+    from align.stages.ptx import ptx_term
 
     train, held_out, _ = load_prompts(cfg.data, tokenizer, cfg.seed)
-    return f"{len(train)} prompts + {len(held_out)} held out", f"{rl_steps(cfg, len(train))} RL steps"
+    ptx = ptx_term(cfg, tokenizer)  # its rows are checked here too, before any earlier stage runs
+    rows = f"{len(train)} prompts + {len(held_out)} held out" + (f" + {ptx.report.used} ptx rows" if ptx else "")
+    return rows, f"{rl_steps(cfg, len(train))} RL steps"
 
 
 def load_policy(cfg, model_path: Path, precision: str, source: Path | None, needs_reference: bool):
