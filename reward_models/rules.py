@@ -56,7 +56,8 @@ def same_answer(completion: str, reference: str) -> bool:
     (True, False)
     >>> same_answer("453 * 5 = 2005, which is 2005.", "#### 2265"), same_answer("It is 453 * 5 = 2265.", "#### 2265")
     (False, True)
-    >>> [same_answer(a, "#### 2265") for a in (r"$\\boxed{453 \\times 5}$", r"$453\\cdot 5$", r"$2.265 \\times 10^{3}$")]
+    >>> restated, value = (r"$\\boxed{453 \\times 5}$", r"$453\\cdot 5$"), r"$2.265 \\times 10^{3}$"
+    >>> [same_answer(a, "#### 2265") for a in (*restated, value)]
     [False, False, True]
     >>> same_answer(r"$1+\\sqrt{2}$", r"$\\sqrt{2}+1$"), same_answer("-3", "#### -3")
     (True, True)
