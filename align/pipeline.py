@@ -125,7 +125,8 @@ class Pipeline:
             stale = [
                 dep
                 for dep, digest in (recorded.get("inputs") or {}).items()
-                if digest not in (self._artifact_hash(dep), self._artifact_hash(dep, skip=()))  # () : before cards
+                # the legacy hash (README inside: runs made before cards) only when the current one differs
+                if digest != self._artifact_hash(dep) and digest != self._artifact_hash(dep, skip=())
             ]
             if stale:
                 return "run", f"input stage(s) {', '.join(stale)} were re-made since it ran"
